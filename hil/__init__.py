@@ -1,0 +1,1 @@
+"""Hardware-in-the-loop: protocols <- transports <- deploy/validate/report (labgrid's layers)."""

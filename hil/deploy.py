@@ -1,0 +1,100 @@
+"""Deploy: upload the runner bundle, kernel library and inputs to a per-run directory on a
+board, verify their sha256 on the board, run the runner with a timeout, fetch its JSON, clean
+up. Uses only hil.protocol interfaces, so it works over any transport."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from hil.protocol import CommandProtocol, FileTransferProtocol
+from kiln.artifacts import sha256_file
+from kiln.errors import KilnError, TransportError, ValidationError
+
+
+class DeployError(KilnError):
+    """A deploy step failed on one board; carries which step, for the report."""
+
+    def __init__(self, step: str, cause: KilnError):
+        super().__init__(f"{step}: {cause}")
+        self.step = step
+        self.cause = cause
+
+
+class Board(CommandProtocol, FileTransferProtocol):  # for type checkers: what deploy needs
+    pass
+
+
+def _step(name: str, timings: dict, fn, *args):
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    except KilnError as e:
+        raise DeployError(name, e) from e
+    finally:
+        timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], timeout: float,
+           board: str) -> dict:
+    """Run one validation on a board. ``files`` maps on-board names to host paths;
+    ``runner_argv`` is the command to run in the run directory. Returns the runner's JSON and
+    per-step timings; raises DeployError naming the failed step."""
+    log = logging.getLogger(f"kiln.board.{board}")
+    timings: dict[str, float] = {}
+    run_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    with transport:
+        try:
+            _step("upload", timings, _upload, transport, files, run_dir, log)
+            _step("verify", timings, _verify, transport, files, run_dir)
+            out = _step("run", timings, _run, transport, runner_argv, run_dir, timeout)
+        finally:
+            try:
+                transport.run(["rm", "-rf", run_dir], timeout=60)
+            except KilnError as e:  # cleanup failure must not hide the real outcome
+                log.warning("cleanup of %s failed: %s", run_dir, e)
+    nbytes = sum(p.stat().st_size for p in files.values())
+    log.info("deployed %d bytes in %.2f s, ran in %.2f s", nbytes, timings["upload"], timings["run"])
+    return {"runner": out, "timings_s": timings, "uploaded_bytes": nbytes}
+
+
+def _upload(t: Board, files: dict[str, Path], run_dir: str, log) -> None:
+    for name, path in files.items():
+        log.debug("upload %s -> %s/%s", path, run_dir, name)
+        t.put(path, f"{run_dir}/{name}")
+    t.run(["chmod", "+x", *[n for n in files if n == "kiln-runner"]], timeout=30, cwd=run_dir)
+
+
+def _verify(t: Board, files: dict[str, Path], run_dir: str) -> None:
+    r = t.run(["sha256sum", "--", *files], timeout=120, cwd=run_dir)
+    if r.returncode != 0:
+        raise TransportError(f"sha256sum failed on the board (exit {r.returncode}): {r.stderr.strip()[:300]}")
+    seen = {}
+    for line in r.stdout.splitlines():
+        digest, _, name = line.partition("  ")
+        seen[name.strip()] = digest
+    for name, path in files.items():
+        if seen.get(name) != sha256_file(path):
+            raise TransportError(f"{name}: sha256 on the board {seen.get(name)} != host {sha256_file(path)}")
+
+
+def _run(t: Board, argv: list[str], run_dir: str, timeout: float) -> dict:
+    r = t.run(argv, timeout=timeout, cwd=run_dir)
+    if r.returncode != 0:
+        raise TransportError(f"runner exited {r.returncode}: {r.stderr.strip()[-500:] or r.stdout.strip()[-500:]}")
+    try:
+        out = json.loads(r.stdout)
+    except json.JSONDecodeError as e:
+        raise ValidationError(f"runner printed no valid JSON ({e}); output began {r.stdout[:200]!r}") from e
+    for key, kind in (("predictions", list), ("latencies_us", list), ("count", int)):
+        if not isinstance(out.get(key), kind):
+            raise ValidationError(f"runner JSON lacks '{key}' ({kind.__name__}); got keys {sorted(out)[:10]}")
+    if not (len(out["predictions"]) == len(out["latencies_us"]) == out["count"]):
+        raise ValidationError(
+            f"runner JSON is inconsistent: count {out['count']}, {len(out['predictions'])} predictions, "
+            f"{len(out['latencies_us'])} latencies"
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Boards emulated on this machine."""

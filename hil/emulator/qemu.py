@@ -1,0 +1,28 @@
+"""qemu-user as the 'CPU' of an emulated aarch64 board.
+
+No binfmt_misc is mounted on these machines, so the board's programs are started through
+qemu explicitly, with the Debian aarch64 sysroot as the board's root for its libc/libstdc++.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from kiln.errors import TransportError
+from kiln.schema import Board
+
+
+def launcher(board: Board) -> list[str]:
+    """argv prefix that runs one of ``board``'s programs on this machine ([] if native)."""
+    emu = board.emulation
+    if emu is None:
+        return []
+    if shutil.which(emu.binary) is None:
+        raise TransportError(
+            f"board type '{board.name}' is emulated with '{emu.binary}', which is not installed "
+            "(Debian package qemu-user; `make deploy` installs it when run as root)"
+        )
+    argv = [emu.binary, "-L", emu.sysroot]
+    if emu.cpu:
+        argv += ["-cpu", emu.cpu]
+    return argv

@@ -1,0 +1,31 @@
+"""The lab: which board instances an app deploys to."""
+
+from __future__ import annotations
+
+import os
+
+from kiln.errors import ManifestError
+from kiln.schema import Instance, Inventory, Project
+
+
+def select(project: Project, inventory: Inventory, only: str | None = None) -> list[Instance]:
+    """Instances whose type the app targets; ``only`` (or $KILN_BOARDS) narrows to a comma list."""
+    only = only if only is not None else os.environ.get("KILN_BOARDS")
+    chosen = [b for b in inventory.boards if b.type in project.targets]
+    if only:
+        wanted = [w.strip() for w in only.split(",") if w.strip()]
+        names = {b.name for b in chosen}
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise ManifestError(
+                f"KILN_BOARDS: no board instance {unknown} in lab '{inventory.name}' for app "
+                f"'{project.name}' (its instances: {sorted(names)})"
+            )
+        chosen = [b for b in chosen if b.name in wanted]
+    missing = [t for t in project.targets if t not in {b.type for b in inventory.boards}]
+    if missing and not only:
+        raise ManifestError(
+            f"lab '{inventory.name}' has no instance of board type(s) {missing} that app "
+            f"'{project.name}' targets (add one to the inventory, or remove it from targets)"
+        )
+    return chosen

@@ -1,0 +1,195 @@
+"""What each doit task does. dodo.py stays a readable list of tasks; the work is here.
+
+Every action imports torch/TVM lazily (``doit list`` must stay instant) and turns a KilnError
+into doit's TaskFailed, so the user sees one clear message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from doit.exceptions import TaskFailed
+
+from kiln.artifacts import ROOT, Layout, read_json, runner_dir, runtime_cache, write_json
+from kiln.config import load_board, load_inventory, load_project
+from kiln.errors import KilnError, ManifestError, ValidationError
+
+log = logging.getLogger("kiln")
+
+
+def action(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except KilnError as e:
+            return TaskFailed(f"{type(e).__name__}: {e}")
+        return True
+
+    return wrapper
+
+
+def dataset_root(app: str) -> tuple[Path, bool]:
+    """(dataset directory, is_synthetic): the manifest's path when it holds GTSRB, else the
+    synthetic set under build/."""
+    project = load_project(app)
+    ds = project.dataset
+    path = Path(ds.path) if Path(ds.path).is_absolute() else ROOT / ds.path
+    if (path / "Final_Training" / "Images").is_dir():
+        return path, False
+    if ds.synthetic is None:
+        raise ManifestError(
+            f"field 'dataset.path': {path} holds no GTSRB tree (Final_Training/Images) and "
+            "dataset.synthetic is off; download GTSRB there or enable synthetic data"
+        )
+    return Layout(app).synthetic, True
+
+
+@action
+def synthesize(app: str) -> None:
+    from passes import data
+
+    syn = load_project(app).dataset.synthetic
+    data.synthesize_gtsrb(Layout(app).synthetic, per_class=syn.per_class, test_per_class=syn.test_per_class, seed=syn.seed)
+
+
+@action
+def prepare_data(app: str) -> None:
+    from passes import data
+
+    ds = load_project(app).dataset
+    root, _ = dataset_root(app)
+    data.prepare(root, Layout(app).data, tuple(ds.image_size), ds.split.val, ds.split.test, ds.split.seed)
+
+
+@action
+def train(app: str) -> None:
+    from passes import train
+
+    lay = Layout(app)
+    train.run(load_project(app), lay.data, lay.model_pt, lay.metrics)
+
+
+@action
+def compress(app: str) -> None:
+    from passes import compress
+
+    lay = Layout(app)
+    compress.run(load_project(app), lay.model_pt, lay.data, lay.compressed_pt, lay.compress_json)
+
+
+@action
+def export(app: str) -> None:
+    from passes import export_onnx
+
+    lay = Layout(app)
+    export_onnx.run(lay.compressed_pt, lay.data, lay.onnx, lay.export_json)
+
+
+@action
+def compile_board(app: str, board_type: str) -> None:
+    from passes import compile_tvm
+
+    lay = Layout(app)
+    shape = read_json(lay.export_json)["input_shape"]
+    compile_tvm.run(load_board(board_type), lay.onnx, shape, lay.library(board_type), lay.compile_json(board_type))
+
+
+@action
+def build_runner(arch: str) -> None:
+    from hil.runner.build import build_runner as build
+
+    build(arch, runner_dir(arch), runtime_cache())
+
+
+def _inputs_for(app: str, samples: int | None, dest: Path) -> Path:
+    """The runner's input file, cut to the manifest's validation.samples when it sets one."""
+    full = Layout(app).data / "test_inputs.bin"
+    info = read_json(Layout(app).data / "data.json")
+    if samples is None:
+        return full
+    h, w = info["image_size"]
+    with open(full, "rb") as f:
+        dest.write_bytes(f.read(samples * 3 * h * w * 4))
+    return dest
+
+
+@action
+def run_on_board(app: str, instance_name: str) -> None:
+    """Deploy to one board instance and record its raw output (or its failure) in run.json.
+    A board failure is recorded, not raised: the other boards and the report go on."""
+    import tempfile
+
+    from hil import deploy
+    from hil.emulator.qemu import launcher
+    from hil.transport import open_transport
+    from kiln.artifacts import build_root
+
+    project, lay = load_project(app), Layout(app)
+    inst = next(b for b in load_inventory().boards if b.name == instance_name)
+    board = load_board(inst.type)
+    blog = logging.getLogger(f"kiln.board.{inst.name}")
+    record = {"instance": inst.name, "type": board.name, "emulated": board.emulation is not None}
+    h, w = read_json(lay.data / "data.json")["image_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            rdir = runner_dir(board.arch)
+            files = {n: rdir / n for n in ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")}
+            files["model.so"] = lay.library(board.name)
+            files["inputs.bin"] = _inputs_for(app, project.validation.samples, Path(tmp) / "inputs.bin")
+            argv = [*launcher(board), "./kiln-runner", "--model", "model.so", "--input", "inputs.bin",
+                    "--shape", f"3,{h},{w}", "--warmup", str(project.validation.warmup), "--threads", str(board.cores)]
+            blog.info("deploying %s to %s (%s%s)", app, inst.name, board.name, ", emulated" if record["emulated"] else "")
+            transport = open_transport(inst, build_root() / "lab")
+            record.update(deploy.deploy(transport, files, argv, project.validation.timeout_s, inst.name))
+        except deploy.DeployError as e:
+            blog.error("%s", e)
+            record["error"] = {"step": e.step, "message": str(e.cause)}
+        except KilnError as e:
+            blog.error("%s", e)
+            record["error"] = {"step": "prepare", "message": str(e)}
+    write_json(lay.run_json(inst.name), record)
+
+
+@action
+def validate(app: str, instance_names: list[str]) -> None:
+    """Turn every board's run.json into result.json and the app's report.json; fail when any
+    requirement is missed on any board, naming board and requirement."""
+    from hil import report, validate as val
+
+    project, lay = load_project(app), Layout(app)
+    labels = read_json(lay.data / "test_labels.json")
+    runs = {n: read_json(lay.run_json(n)) for n in instance_names}
+    ok = [n for n in instance_names if "error" not in runs[n]]
+    ref = next((n for n in ok if not runs[n]["emulated"]), ok[0] if ok else None)
+    results = {}
+    for name in instance_names:
+        run = runs[name]
+        res = {"instance": name, "type": run["type"]}
+        if "error" in run:
+            res["error"] = run["error"]
+        else:
+            lib = read_json(lay.compile_json(run["type"]))["library_bytes"]
+            reference = None if name == ref else runs[ref]["runner"]["predictions"]
+            res.update(val.evaluate(project.requirements, run["runner"], labels, lib, run["emulated"], reference))
+            res["reference_board"] = ref
+            res["timings_s"] = run["timings_s"]
+        write_json(lay.result(name), res)
+        results[name] = res
+    rep = report.build(app, load_inventory().name, results)
+    report.write(lay.report, rep)
+    print(report.table(rep))
+    if not rep["passed"]:
+        raise ValidationError("; ".join(rep["failures"]))
+
+
+@action
+def export_schema(out: Path) -> None:
+    import json
+
+    from kiln.artifacts import write_bytes
+    from kiln.schema import Project
+
+    write_bytes(out, json.dumps(Project.model_json_schema(), indent=2).encode())

@@ -1,0 +1,129 @@
+"""Build layout, atomic writes and content hashes.
+
+Every output is written to a temporary file in the same directory and renamed into place, so a
+crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def build_root() -> Path:
+    """The build directory: ``$KILN_BUILD`` or ``<repo>/build``."""
+    return Path(os.environ.get("KILN_BUILD", ROOT / "build")).resolve()
+
+
+def app_dir(app: str) -> Path:
+    return build_root() / app
+
+
+def board_dir(app: str, board: str) -> Path:
+    return build_root() / app / board
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def tree_fingerprint(root: str | os.PathLike) -> str:
+    """Hash of every file's relative path, size and mtime under ``root`` ('' if absent).
+
+    Cheap enough for tens of thousands of images, and it changes when a file is added,
+    removed or rewritten, which is what an incremental data task needs to know.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return ""
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            rows.append(f"{os.path.relpath(os.path.join(dirpath, name), root)}\0{st.st_size}\0{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+class Layout:
+    """Where every artifact of one app lives under the build directory."""
+
+    def __init__(self, app: str):
+        self.app = app
+        self.root = build_root() / app
+        self.synthetic = self.root / "synthetic_gtsrb"
+        self.data = self.root / "data"
+        self.model_pt = self.root / "model.pt"
+        self.metrics = self.root / "metrics.json"
+        self.compressed_pt = self.root / "compressed.pt"
+        self.compress_json = self.root / "compress.json"
+        self.onnx = self.root / "model.onnx"
+        self.export_json = self.root / "export.json"
+        self.report = self.root / "report.json"
+
+    def library(self, board_type: str) -> Path:
+        return self.root / board_type / "model.so"
+
+    def compile_json(self, board_type: str) -> Path:
+        return self.root / board_type / "compile.json"
+
+    def run_json(self, instance: str) -> Path:
+        return self.root / instance / "run.json"
+
+    def result(self, instance: str) -> Path:
+        return self.root / instance / "result.json"
+
+
+def runner_dir(arch: str) -> Path:
+    return build_root() / "runner" / arch
+
+
+def runtime_cache() -> Path:
+    return build_root() / "runtime"

@@ -1,0 +1,124 @@
+"""Load manifests, board types and lab inventories from YAML, with errors that name the file,
+the field path and what was expected (never a pydantic traceback)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticError
+
+from kiln.artifacts import ROOT
+from kiln.errors import ManifestError
+from kiln.schema import Board, Inventory, Project
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def projects_dir() -> Path:
+    return Path(os.environ.get("KILN_PROJECTS", ROOT / "projects")).resolve()
+
+
+def targets_dir() -> Path:
+    return Path(os.environ.get("KILN_TARGETS", ROOT / "targets")).resolve()
+
+
+def default_inventory() -> Path:
+    return Path(os.environ.get("KILN_LAB", ROOT / "hil" / "emulator" / "lab.yaml")).resolve()
+
+
+def _format(path: Path, err: PydanticError) -> str:
+    lines = [f"{path}: invalid {err.title}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        shown = "" if isinstance(got, (dict, list)) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  field '{where}': {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_model(path: Path, model: type[M]) -> M:
+    """Parse ``path`` as YAML and validate it as ``model``; raise ManifestError on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ManifestError(f"{path}: file not found") from e
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except PydanticError as e:
+        raise ManifestError(_format(path, e)) from e
+
+
+def project_names() -> list[str]:
+    d = projects_dir()
+    return sorted(p.parent.name for p in d.glob("*/project.yaml"))
+
+
+def project_path(app: str) -> Path:
+    return projects_dir() / app / "project.yaml"
+
+
+def board_names() -> list[str]:
+    return sorted(p.stem for p in targets_dir().glob("*.yaml"))
+
+
+def load_board(name: str) -> Board:
+    path = targets_dir() / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(board_names()) or "none"
+        raise ManifestError(f"unknown board type '{name}': no {path} (known: {known})")
+    board = load_model(path, Board)
+    if board.name != name:
+        raise ManifestError(f"{path}: field 'name' is '{board.name}', expected '{name}' (the file name)")
+    return board
+
+
+def load_project(app: str) -> Project:
+    """Load and cross-check a manifest: its name and every board it targets must exist."""
+    path = project_path(app)
+    project = load_model(path, Project)
+    if project.name != app:
+        raise ManifestError(f"{path}: field 'name' is '{project.name}', expected '{app}' (the folder name)")
+    known = board_names()
+    for i, t in enumerate(project.targets):
+        if t not in known:
+            raise ManifestError(
+                f"{path}: field 'targets.{i}': unknown board '{t}' "
+                f"(expected one of {', '.join(known)}; a board type is a file in {targets_dir()})"
+            )
+    _check_budget(path, project)
+    return project
+
+
+def _check_budget(path: Path, project: Project) -> None:
+    """Refuse a model over its MACs budget before any data or training work is done."""
+    from kiln.nets import estimate
+
+    ds, arch = project.dataset, project.architecture
+    c = estimate(arch, ds.image_size, ds.channels, ds.num_classes)
+    if c.macs > arch.max_macs:
+        raise ManifestError(
+            f"{path}: field 'architecture.max_macs': the model needs {c.macs:,} MACs per inference, "
+            f"over its budget of {arch.max_macs:,} (narrow architecture.widths or shrink dataset.image_size)"
+        )
+
+
+def load_inventory(path: Path | None = None) -> Inventory:
+    path = Path(path) if path else default_inventory()
+    inv = load_model(path, Inventory)
+    known = board_names()
+    for i, b in enumerate(inv.boards):
+        if b.type not in known:
+            raise ManifestError(
+                f"{path}: field 'boards.{i}.type': board '{b.name}' has unknown type '{b.type}' "
+                f"(expected one of {', '.join(known)})"
+            )
+    return inv

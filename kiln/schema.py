@@ -1,0 +1,202 @@
+"""Every pydantic model of Kiln: the project manifest, board types and the lab inventory.
+
+YAML files hold instances only; this module is the truth. ``python -m kiln schema`` exports
+the JSON Schema of the manifest so editors can complete ``projects/*/project.yaml``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo in a manifest must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- project manifest -------------------------------------------------------------------------
+
+
+class MinLimit(Strict):
+    min: float = Field(ge=0.0, le=1.0, description="lowest acceptable value")
+
+
+class LatencyLimit(Strict):
+    p50_max: float | None = Field(None, gt=0, description="highest acceptable median, ms")
+    p99_max: float | None = Field(None, gt=0, description="highest acceptable 99th percentile, ms")
+
+
+class SizeLimit(Strict):
+    max: float = Field(gt=0, description="largest acceptable kernel library, KiB")
+
+
+class Requirements(Strict):
+    """Checked on every board, per board, by the host (the board never decides)."""
+
+    accuracy: MinLimit | None = None
+    latency_ms: LatencyLimit | None = None
+    model_kb: SizeLimit | None = None
+    agreement: MinLimit | None = Field(
+        None, description="min share of test predictions equal to the reference board's"
+    )
+
+
+class Synthetic(Strict):
+    per_class: int = Field(200, ge=1, le=10_000)
+    test_per_class: int = Field(40, ge=1, le=10_000)
+    seed: int = 0
+
+
+class Split(Strict):
+    val: float = Field(0.1, gt=0, lt=0.5)
+    test: float = Field(0.1, gt=0, lt=0.5, description="used only when no test set ships")
+    seed: int = 0
+
+
+class Augment(Strict):
+    rotate_deg: float = Field(0.0, ge=0, le=45)
+    brightness: float = Field(0.0, ge=0, le=1)
+    blur: float = Field(0.0, ge=0, le=1, description="probability of a 3x3 blur")
+
+
+class Dataset(Strict):
+    format: Literal["gtsrb"]
+    path: str = Field(description="real data set; relative paths are relative to the repo")
+    synthetic: Synthetic | None = Field(
+        default_factory=Synthetic, description="generated under build/ when path holds no data"
+    )
+    image_size: tuple[int, int] = (32, 32)
+    split: Split = Field(default_factory=Split)
+    augment: Augment = Field(default_factory=Augment)
+
+    @property
+    def num_classes(self) -> int:
+        return {"gtsrb": 43}[self.format]
+
+    @property
+    def channels(self) -> int:
+        return 3
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not all(4 <= s <= 512 for s in v):
+            raise ValueError("each side must be between 4 and 512 pixels")
+        return v
+
+
+class Architecture(Strict):
+    family: Literal["cnn"]
+    widths: list[int] = Field(min_length=1, max_length=8)
+    head: Literal["gap", "flatten"] = "gap"
+    max_macs: int = Field(gt=0, description="complexity budget, checked before training")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if any(w < 1 or w > 1024 for w in v):
+            raise ValueError("each width must be between 1 and 1024 channels")
+        return v
+
+
+class Training(Strict):
+    epochs: int = Field(ge=1, le=1000)
+    batch: int = Field(128, ge=1, le=8192)
+    lr: float = Field(gt=0, le=10)
+    seed: int = 0
+    threads: int = Field(2, ge=1, le=256)
+
+
+class Compression(Strict):
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    passes: list[dict[str, dict[str, Any]]] = Field(
+        default_factory=list, description="ordered compression passes, e.g. - prune: {...}"
+    )
+
+
+class Validation(Strict):
+    samples: int | None = Field(None, ge=1, description="test samples sent to each board")
+    warmup: int = Field(10, ge=0)
+    timeout_s: float = Field(900, gt=0)
+
+
+class Project(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+    requirements: Requirements
+    dataset: Dataset
+    architecture: Architecture
+    training: Training
+    compression: Compression = Field(default_factory=Compression)
+    validation: Validation = Field(default_factory=Validation)
+    targets: list[str] = Field(min_length=1, description="board types from targets/*.yaml")
+
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a board type is listed twice")
+        return v
+
+
+# --- board types ------------------------------------------------------------------------------
+
+
+class Emulation(Strict):
+    kind: Literal["qemu-aarch64"]
+    sysroot: str = "/usr/aarch64-linux-gnu"
+    binary: str = "qemu-aarch64"
+    cpu: str | None = Field(None, description="qemu -cpu model, e.g. cortex-a72")
+
+
+class Board(Strict):
+    """A board *type*: what Kiln compiles for and how its runtime runs."""
+
+    name: str
+    description: str = ""
+    arch: Literal["x86_64", "aarch64"]
+    tvm_target: dict[str, Any] = Field(description="TVM target as a JSON dict")
+    cc: str = Field(description="compiler used to link the kernel library")
+    runtime: Literal["tvm-cpp"] = "tvm-cpp"
+    cores: int = Field(1, ge=1, le=256)
+    memory_mb: int = Field(gt=0)
+    emulation: Emulation | None = None
+
+    @field_validator("tvm_target")
+    @classmethod
+    def _target(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "kind" not in v:
+            raise ValueError("needs a 'kind' key, e.g. {kind: llvm, mtriple: ...}")
+        return v
+
+
+# --- lab inventory ----------------------------------------------------------------------------
+
+
+class LocalTransport(Strict):
+    kind: Literal["local"] = "local"
+
+
+class Instance(Strict):
+    """A board *instance* in a lab: a type, a transport and tags."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    type: str = Field(description="a board type from targets/*.yaml")
+    transport: LocalTransport = Field(default_factory=LocalTransport)
+    tags: list[str] = Field(default_factory=list)
+
+
+class Inventory(Strict):
+    name: str = "lab"
+    boards: list[Instance] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Inventory:
+        names = [b.name for b in self.boards]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"board instance names must be unique, repeated: {sorted(dup)}")
+        return self
