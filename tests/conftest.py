@@ -1,0 +1,56 @@
+"""Shared fixtures. The repository root goes on sys.path so tests import kiln, passes, hil."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def kiln_env(tmp_path, monkeypatch):
+    """An isolated projects/ and build/ for one test (targets/ and the lab stay the repo's)."""
+    projects = tmp_path / "projects"
+    build = tmp_path / "build"
+    projects.mkdir()
+    monkeypatch.setenv("KILN_PROJECTS", str(projects))
+    monkeypatch.setenv("KILN_BUILD", str(build))
+    return {"projects": projects, "build": build, "root": tmp_path}
+
+
+TINY = {
+    "name": "tiny",
+    "requirements": {"accuracy": {"min": 0.0}, "latency_ms": {"p99_max": 1000}, "model_kb": {"max": 4096},
+                     "agreement": {"min": 0.9}},
+    "dataset": {"format": "gtsrb", "path": "no/such/dir", "synthetic": {"per_class": 4, "test_per_class": 2, "seed": 0},
+                "image_size": [16, 16], "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+    "architecture": {"family": "cnn", "widths": [4, 8], "max_macs": 1_000_000},
+    "training": {"epochs": 1, "batch": 64, "lr": 0.01, "seed": 0},
+    "validation": {"samples": 24, "warmup": 1, "timeout_s": 300},
+    "targets": ["x86-host"],
+}
+
+
+def write_project(projects: Path, data: dict) -> Path:
+    """Write a manifest as projects/<name>/project.yaml; returns its path."""
+    import yaml
+
+    path = projects / data["name"] / "project.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny(kiln_env):
+    """A tiny valid project (16x16 synthetic signs, 1 epoch) in the isolated projects dir."""
+    import copy
+
+    data = copy.deepcopy(TINY)
+    write_project(kiln_env["projects"], data)
+    return data

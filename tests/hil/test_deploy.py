@@ -1,0 +1,88 @@
+"""Deploy over the local transport, with faults injected by stand-in runners and a transport
+that corrupts uploads. The real runner on real boards is covered by tests/test_pipeline.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hil import deploy
+from hil.transport.local import LocalTransport
+
+
+def script(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "kiln-runner"
+    p.write_text("#!/bin/sh\n" + body + "\n")
+    p.chmod(0o755)
+    return p
+
+
+def files_with(runner: Path, tmp_path: Path) -> dict[str, Path]:
+    model = tmp_path / "model.so"
+    model.write_bytes(b"\x7fELF-not-really" * 100)
+    return {"kiln-runner": runner, "model.so": model}
+
+
+GOOD = json.dumps({"count": 2, "predictions": [1, 2], "latencies_us": [10.0, 11.0]})
+
+
+def test_deploy_uploads_verifies_runs_and_cleans_up(tmp_path):
+    t = LocalTransport("b1", tmp_path / "lab")
+    # the stand-in runner proves it ran in the run dir next to the uploaded model
+    out = deploy.deploy(t, files_with(script(tmp_path, f"test -f model.so && echo '{GOOD}'"), tmp_path),
+                        ["./kiln-runner"], timeout=30, board="b1")
+    assert out["runner"]["predictions"] == [1, 2]
+    assert set(out["timings_s"]) == {"upload", "verify", "run"}
+    assert not any((tmp_path / "lab" / "b1" / "runs").iterdir())  # per-run dir removed
+
+
+@pytest.mark.parametrize("body, step, seen", [
+    ("sleep 30", "run", "timed out after 1 s"),
+    ("echo 'segfault-ish garbage'", "run", "no valid JSON"),
+    ("echo '{\"count\": 3, \"predictions\": [1], \"latencies_us\": [1]}'", "run", "inconsistent"),
+    ("echo boom >&2; exit 2", "run", "runner exited 2: boom"),
+])
+def test_runner_faults_name_the_step(tmp_path, body, step, seen):
+    t = LocalTransport("b2", tmp_path / "lab")
+    with pytest.raises(deploy.DeployError) as e:
+        deploy.deploy(t, files_with(script(tmp_path, body), tmp_path), ["./kiln-runner"], timeout=1, board="b2")
+    assert e.value.step == step and seen in str(e.value)
+    assert not any((tmp_path / "lab" / "b2" / "runs").iterdir())  # cleaned up even on failure
+
+
+class CorruptingTransport(LocalTransport):
+    """Fault injection: flips one byte of every upload, as a bad link would."""
+
+    def put(self, local, remote):
+        super().put(local, remote)
+        dest = Path(self.workdir()) / remote
+        data = bytearray(dest.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        dest.write_bytes(bytes(data))
+
+
+def test_corrupted_upload_is_caught_before_running(tmp_path):
+    marker = tmp_path / "ran"
+    t = CorruptingTransport("b3", tmp_path / "lab")
+    with pytest.raises(deploy.DeployError) as e:
+        deploy.deploy(t, files_with(script(tmp_path, f"touch {marker}; echo '{GOOD}'"), tmp_path),
+                      ["./kiln-runner"], timeout=10, board="b3")
+    assert e.value.step == "verify" and "sha256 on the board" in str(e.value)
+    assert not marker.exists()  # a corrupted runner never ran
+
+
+def test_missing_program_on_board(tmp_path):
+    t = LocalTransport("b4", tmp_path / "lab")
+    with pytest.raises(deploy.DeployError, match="cannot run './nope'"):
+        deploy.deploy(t, files_with(script(tmp_path, "true"), tmp_path), ["./nope"], timeout=10, board="b4")
+
+
+def test_transport_open_close_idempotent(tmp_path):
+    t = LocalTransport("b5", tmp_path / "lab")
+    t.open(); t.open(); t.close(); t.close()
+    with t:
+        assert t.run(["true"], timeout=5).returncode == 0
+    assert shutil.which("sha256sum")  # the on-board verify step relies on coreutils

@@ -1,0 +1,138 @@
+"""The whole DAG on the real parts (torch, ONNX, TVM, the C++ runner natively and under
+qemu-aarch64) for a tiny project, and what reruns after each kind of change."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import ROOT, TINY, write_project
+
+pytestmark = pytest.mark.slow
+DOIT = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipeline")
+    data = copy.deepcopy(TINY)
+    data["targets"] = ["x86-host", "rpi4"]
+    manifest = write_project(base / "projects", data)
+    e = dict(os.environ, KILN_PROJECTS=str(base / "projects"), KILN_BUILD=str(base / "build"))
+    first = doit(e, "deploy:tiny")
+    assert first.returncode == 0, first.stdout + first.stderr
+    return {"env": e, "manifest": manifest, "build": base / "build" / "tiny", "first": first}
+
+
+def doit(env, *args):
+    return subprocess.run([*DOIT, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def executed(proc) -> set[str]:
+    """Tasks doit ran (lines '.  name'), as opposed to up-to-date ones ('-- name')."""
+    return {m.group(1) for m in re.finditer(r"^\.  (\S+)", proc.stdout, re.M)}
+
+
+def edit(manifest: Path, fn) -> None:
+    data = yaml.safe_load(manifest.read_text())
+    fn(data)
+    manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_first_build_runs_every_stage_and_reports_both_boards(env):
+    assert executed(env["first"]) >= {"synth:tiny", "data:tiny", "train:tiny", "compress:tiny", "export:tiny",
+                                     "compile:tiny@x86-host", "compile:tiny@rpi4", "runner:x86_64",
+                                     "runner:aarch64", "hil:tiny@x86-host", "hil:tiny@rpi4", "deploy:tiny"}
+    report = json.loads((env["build"] / "report.json").read_text())
+    assert report["passed"] and set(report["boards"]) == {"x86-host", "rpi4"}
+    rpi = json.loads((env["build"] / "rpi4" / "result.json").read_text())
+    assert rpi["latency_emulated"] and rpi["samples"] == 24
+    assert {c["name"]: c["verdict"] for c in rpi["requirements"]}["latency_ms.p99"] == "not enforced (emulated)"
+    assert not json.loads((env["build"] / "x86-host" / "result.json").read_text())["latency_emulated"]
+
+
+def test_boards_compute_what_onnxruntime_computes(env):
+    """The kernel libraries run by the C++ runner (native and under qemu) give ONNX Runtime's
+    predictions on the same inputs: the boards really ran the model."""
+    import onnxruntime as ort
+
+    b = env["build"]
+    x = np.fromfile(b / "data" / "test_inputs.bin", dtype="<f4").reshape(-1, 3, 16, 16)[:24]
+    sess = ort.InferenceSession(str(b / "model.onnx"), providers=["CPUExecutionProvider"])
+    want = [int(sess.run(None, {"input": x[i : i + 1]})[0].argmax()) for i in range(len(x))]
+    for board in ("x86-host", "rpi4"):
+        got = json.loads((b / board / "run.json").read_text())["runner"]["predictions"]
+        assert np.mean(np.array(got) == np.array(want)) >= 0.95, board
+
+
+def test_second_run_is_a_no_op(env):
+    p = doit(env["env"], "deploy:tiny")
+    assert p.returncode == 0 and executed(p) == set(), p.stdout
+
+
+def test_training_change_reruns_train_and_after_but_not_data(env):
+    edit(env["manifest"], lambda d: d["training"].update(lr=0.02))
+    p = doit(env["env"], "deploy:tiny")
+    assert p.returncode == 0, p.stdout + p.stderr
+    ran = executed(p)
+    assert {"train:tiny", "compress:tiny", "export:tiny", "compile:tiny@rpi4", "deploy:tiny"} <= ran
+    assert not ran & {"synth:tiny", "data:tiny", "runner:x86_64", "runner:aarch64"}
+
+
+def test_requirement_change_reruns_only_validation(env):
+    edit(env["manifest"], lambda d: d["requirements"]["latency_ms"].update(p99_max=999))
+    p = doit(env["env"], "deploy:tiny")
+    assert p.returncode == 0 and executed(p) == {"deploy:tiny"}, p.stdout
+
+
+def test_dataset_image_added_or_removed_reruns_data_and_after(env):
+    images = env["build"] / "synthetic_gtsrb" / "Final_Training" / "Images" / "00000"
+    victim = sorted(images.glob("*.ppm"))[0]
+    kept = victim.read_bytes()
+    victim.unlink()
+    p = doit(env["env"], "deploy:tiny")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert {"data:tiny", "train:tiny"} <= executed(p) and "synth:tiny" not in executed(p)
+    assert "1 image" in p.stderr or "skipped" in p.stderr  # the missing image is reported, not dropped silently
+    victim.write_bytes(kept)
+    p = doit(env["env"], "deploy:tiny")
+    assert "data:tiny" in executed(p)
+
+
+def test_missed_requirement_fails_naming_board_and_keeps_report(env):
+    edit(env["manifest"], lambda d: d["requirements"]["accuracy"].update(min=1.0))
+    p = doit(env["env"], "deploy:tiny")
+    assert p.returncode != 0
+    assert "board 'x86-host': requirement accuracy not met" in p.stdout + p.stderr
+    report = json.loads((env["build"] / "report.json").read_text())
+    assert not report["passed"] and set(report["boards"]) == {"x86-host", "rpi4"}
+    edit(env["manifest"], lambda d: d["requirements"]["accuracy"].update(min=0.0))
+
+
+def test_doit_list_imports_neither_torch_nor_tvm(env):
+    code = ("import sys, runpy; sys.argv=['doit','list','-f',%r]; "
+            "from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader; "
+            "rc = DoitMain(DodoTaskLoader()).run(sys.argv[1:]); "
+            "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in ('torch','tvm','onnx','onnxruntime')))") % str(ROOT / "dodo.py")
+    p = subprocess.run([sys.executable, "-c", code], env=env["env"], capture_output=True, text=True, cwd=ROOT)
+    assert "deploy" in p.stdout and "HEAVY []" in p.stdout, p.stdout + p.stderr
+
+
+def test_bad_manifest_is_one_clear_message(env):
+    good = env["manifest"].read_text()
+    edit(env["manifest"], lambda d: d["training"].update(batch="big"))
+    try:
+        p = doit(env["env"], "list")
+        assert p.returncode != 0
+        assert "project.yaml" in p.stderr and "field 'training.batch'" in p.stderr and "Traceback" not in p.stderr
+    finally:
+        env["manifest"].write_text(good)
