@@ -126,4 +126,6 @@ def runner_dir(arch: str) -> Path:
 
 
 def runtime_cache() -> Path:
-    return build_root() / "runtime"
+    """Downloaded board runtimes: ``$KILN_CACHE`` or ``<repo>/build/cache``, shared by every
+    build directory (tests build elsewhere but reuse the ~100 MB aarch64 wheel)."""
+    return Path(os.environ.get("KILN_CACHE", ROOT / "build" / "cache")).resolve()
