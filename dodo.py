@@ -84,7 +84,7 @@ def task_runner():
     """Build the on-board C++ runner (+ TVM runtime libraries) for each board architecture."""
     for arch in sorted({b.arch for b in BOARDS.values()}):
         out = runner_dir(arch)
-        yield {"name": arch, "actions": [(actions.build_runner, [arch])],
+        yield {"name": arch, "doc": f"runner bundle for {arch} boards", "actions": [(actions.build_runner, [arch])],
                "file_dep": src("hil/runner/runner.cc", "hil/runner/build.py"),
                "targets": [str(out / "kiln-runner"), str(out / "runner.json")]}
 
@@ -95,7 +95,7 @@ def task_synth():
         _, synthetic = actions.dataset_root(app)
         if synthetic:
             lay = Layout(app)
-            yield {"name": app, "actions": [(actions.synthesize, [app])],
+            yield {"name": app, "doc": f"synthetic data set for {app}", "actions": [(actions.synthesize, [app])],
                    "file_dep": src("passes/data.py"),
                    "targets": [str(lay.synthetic / ".kiln-synthetic.json")],
                    "uptodate": [config_changed(p.dataset.synthetic.model_dump())]}
@@ -106,7 +106,7 @@ def task_data():
     for app, p in APPS.items():
         lay, ds = Layout(app), p.dataset
         _, synthetic = actions.dataset_root(app)
-        yield {"name": app, "actions": [(actions.prepare_data, [app])],
+        yield {"name": app, "doc": f"load and split {app}'s data set", "actions": [(actions.prepare_data, [app])],
                "task_dep": [f"synth:{app}"] if synthetic else [],
                "file_dep": src("passes/data.py"),
                "targets": [str(lay.data / f) for f in ("train.npz", "val.npz", "test.npz", "test_inputs.bin",
@@ -119,7 +119,7 @@ def task_train():
     """Train the app's network with PyTorch; keep the best validation checkpoint."""
     for app, p in APPS.items():
         lay = Layout(app)
-        yield {"name": app, "actions": [(actions.train, [app])],
+        yield {"name": app, "doc": f"train {app}", "actions": [(actions.train, [app])],
                "file_dep": [str(lay.data / "train.npz"), str(lay.data / "val.npz"), str(lay.data / "test.npz"),
                             *src("passes/train.py", "passes/common.py")],
                "targets": [str(lay.model_pt), str(lay.metrics)],
@@ -131,7 +131,7 @@ def task_compress():
     """Run the manifest's compression passes within its accuracy budget."""
     for app, p in APPS.items():
         lay = Layout(app)
-        yield {"name": app, "actions": [(actions.compress, [app])],
+        yield {"name": app, "doc": f"compress {app}", "actions": [(actions.compress, [app])],
                "file_dep": [str(lay.model_pt), str(lay.data / "val.npz"), *src("passes/compress.py", "passes/pipeline.py")],
                "targets": [str(lay.compressed_pt), str(lay.compress_json)],
                "uptodate": [config_changed(p.compression.model_dump())]}
@@ -141,7 +141,7 @@ def task_export():
     """Export the compressed model to ONNX and check its outputs against torch."""
     for app in APPS:
         lay = Layout(app)
-        yield {"name": app, "actions": [(actions.export, [app])],
+        yield {"name": app, "doc": f"export {app} to ONNX", "actions": [(actions.export, [app])],
                "file_dep": [str(lay.compressed_pt), str(lay.data / "val.npz"), *src("passes/export_onnx.py")],
                "targets": [str(lay.onnx), str(lay.export_json)]}
 
@@ -151,7 +151,7 @@ def task_compile():
     for app, p in APPS.items():
         lay = Layout(app)
         for board in p.targets:
-            yield {"name": f"{app}@{board}", "actions": [(actions.compile_board, [app, board])],
+            yield {"name": f"{app}@{board}", "doc": f"kernel library of {app} for board type {board}", "actions": [(actions.compile_board, [app, board])],
                    "file_dep": [str(lay.onnx), str(lay.export_json), *src("passes/compile_tvm.py")],
                    "targets": [str(lay.library(board)), str(lay.compile_json(board))],
                    "uptodate": [config_changed(BOARDS[board].model_dump())]}
@@ -163,7 +163,7 @@ def task_hil():
         lay = Layout(app)
         for inst in instances(app):
             board = BOARDS[inst.type]
-            yield {"name": f"{app}@{inst.name}", "actions": [(actions.run_on_board, [app, inst.name])],
+            yield {"name": f"{app}@{inst.name}", "doc": f"run {app} on lab board {inst.name} ({inst.type})", "actions": [(actions.run_on_board, [app, inst.name])],
                    "file_dep": [str(lay.library(board.name)), str(lay.data / "test_inputs.bin"),
                                 str(runner_dir(board.arch) / "kiln-runner"),
                                 *src("hil/deploy.py", "hil/transport/local.py", "hil/emulator/qemu.py")],
@@ -178,7 +178,7 @@ def task_deploy():
     for app, p in APPS.items():
         lay = Layout(app)
         names = [i.name for i in instances(app)]
-        yield {"name": app, "actions": [(actions.validate, [app, names])],
+        yield {"name": app, "doc": f"deploy {app} to {', '.join(names)}, validate, report", "actions": [(actions.validate, [app, names])],
                "file_dep": [*(str(lay.run_json(n)) for n in names), str(lay.data / "test_labels.json"),
                             *src("hil/validate.py", "hil/report.py")],
                "targets": [str(lay.report), *(str(lay.result(n)) for n in names)],
