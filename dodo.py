@@ -25,11 +25,13 @@ DOIT_CONFIG = {
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
 
 try:  # a bad manifest, board or inventory: one clear message, no traceback
-    APPS = {app: load_project(app) for app in project_names()}
     BOARDS = {name: load_board(name) for name in board_names()}
     LAB = load_inventory()
+    APPS = {app: load_project(app) for app in project_names()}
 except KilnError as e:
-    sys.exit(f"kiln: {e}")
+    if not any(a.startswith("check_targets") for a in sys.argv[1:]):
+        sys.exit(f"kiln: {e}\n(`doit check_targets` lists every problem in the board files, lab and manifests)")
+    BOARDS, LAB, APPS = {}, None, {}  # check_targets reports every problem itself
 
 KILN_SRC = [str(p) for p in sorted((ROOT / "kiln").glob("*.py"))]
 
@@ -43,7 +45,7 @@ def instances(app):
     from hil.lab import select
 
     try:
-        return select(APPS[app], LAB)
+        return select(APPS[app], LAB, BOARDS)
     except KilnError as e:
         sys.exit(f"kiln: {e}")
 
@@ -71,6 +73,11 @@ def last_run_ok(path):
             return False
 
     return check
+
+
+def task_check_targets():
+    """Validate every board type (targets/*.yaml), the lab inventory and every manifest."""
+    return {"actions": [actions.check_targets], "uptodate": [False], "verbosity": 2}
 
 
 def task_schema():
@@ -175,11 +182,16 @@ def task_hil():
 
 def task_deploy():
     """Build everything an app needs, run it on every lab board it targets, validate, report."""
+    from hil.lab import compile_only
+
     for app, p in APPS.items():
         lay = Layout(app)
         names = [i.name for i in instances(app)]
-        yield {"name": app, "doc": f"deploy {app} to {', '.join(names)}, validate, report", "actions": [(actions.validate, [app, names])],
+        built_only = compile_only(p, BOARDS)
+        yield {"name": app, "doc": f"deploy {app} to {', '.join(names)}, validate, report",
+               "actions": [(actions.validate, [app, names, built_only])],
                "file_dep": [*(str(lay.run_json(n)) for n in names), str(lay.data / "test_labels.json"),
+                            *(str(lay.compile_json(t)) for t in built_only),
                             *src("hil/validate.py", "hil/report.py")],
                "targets": [str(lay.report), *(str(lay.result(n)) for n in names)],
                "uptodate": [config_changed(p.requirements.model_dump())]}

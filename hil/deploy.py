@@ -15,6 +15,13 @@ from kiln.artifacts import sha256_file
 from kiln.errors import KilnError, TransportError, ValidationError
 
 
+SIGNALS = {
+    4: " (SIGILL: the kernel library uses an instruction this board's CPU lacks; check its tvm_target mcpu/mattr)",
+    9: " (SIGKILL: out of memory?)",
+    11: " (SIGSEGV)",
+}
+
+
 class DeployError(KilnError):
     """A deploy step failed on one board; carries which step, for the report."""
 
@@ -83,6 +90,10 @@ def _verify(t: Board, files: dict[str, Path], run_dir: str) -> None:
 
 def _run(t: Board, argv: list[str], run_dir: str, timeout: float) -> dict:
     r = t.run(argv, timeout=timeout, cwd=run_dir)
+    if r.returncode < 0 or r.returncode > 128:  # killed by a signal (directly, or via qemu/shell)
+        sig = -r.returncode if r.returncode < 0 else r.returncode - 128
+        why = SIGNALS.get(sig, "")
+        raise TransportError(f"runner killed by signal {sig}{why}: {r.stderr.strip()[-300:]}")
     if r.returncode != 0:
         raise TransportError(f"runner exited {r.returncode}: {r.stderr.strip()[-500:] or r.stdout.strip()[-500:]}")
     try:

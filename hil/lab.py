@@ -5,13 +5,20 @@ from __future__ import annotations
 import os
 
 from kiln.errors import ManifestError
-from kiln.schema import Instance, Inventory, Project
+from kiln.schema import Board, Instance, Inventory, Project
 
 
-def select(project: Project, inventory: Inventory, only: str | None = None) -> list[Instance]:
-    """Instances whose type the app targets; ``only`` (or $KILN_BOARDS) narrows to a comma list."""
+def compile_only(project: Project, boards: dict[str, Board]) -> list[str]:
+    """The app's target types that are compiled for but cannot run in a lab."""
+    return [t for t in project.targets if boards[t].runtime == "compile-only"]
+
+
+def select(project: Project, inventory: Inventory, boards: dict[str, Board], only: str | None = None) -> list[Instance]:
+    """Instances whose type the app targets and can run; ``only`` (or $KILN_BOARDS) narrows
+    them to a comma-separated list of instance names."""
     only = only if only is not None else os.environ.get("KILN_BOARDS")
-    chosen = [b for b in inventory.boards if b.type in project.targets]
+    runnable = [t for t in project.targets if t not in compile_only(project, boards)]
+    chosen = [b for b in inventory.boards if b.type in runnable]
     if only:
         wanted = [w.strip() for w in only.split(",") if w.strip()]
         names = {b.name for b in chosen}
@@ -21,9 +28,9 @@ def select(project: Project, inventory: Inventory, only: str | None = None) -> l
                 f"KILN_BOARDS: no board instance {unknown} in lab '{inventory.name}' for app "
                 f"'{project.name}' (its instances: {sorted(names)})"
             )
-        chosen = [b for b in chosen if b.name in wanted]
-    missing = [t for t in project.targets if t not in {b.type for b in inventory.boards}]
-    if missing and not only:
+        return [b for b in chosen if b.name in wanted]
+    missing = [t for t in runnable if t not in {b.type for b in inventory.boards}]
+    if missing:
         raise ManifestError(
             f"lab '{inventory.name}' has no instance of board type(s) {missing} that app "
             f"'{project.name}' targets (add one to the inventory, or remove it from targets)"

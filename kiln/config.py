@@ -122,3 +122,35 @@ def load_inventory(path: Path | None = None) -> Inventory:
                 f"(expected one of {', '.join(known)})"
             )
     return inv
+
+
+def check_all(inventory: Path | None = None) -> tuple[list[str], list[str]]:
+    """Load every board type, the lab inventory and every manifest; return (ok lines, problems).
+    Unlike the loaders above it does not stop at the first problem."""
+    ok, problems = [], []
+    boards = {}
+    for name in board_names():
+        try:
+            boards[name] = load_board(name)
+            b = boards[name]
+            how = "compile-only" if b.runtime == "compile-only" else (f"emulated ({b.emulation.binary})" if b.emulation else "native")
+            ok.append(f"board type {name}: {b.arch}, {how}")
+        except ManifestError as e:
+            problems.append(str(e))
+    try:
+        inv = load_inventory(inventory)
+        for b in inv.boards:
+            ok.append(f"lab '{inv.name}' instance {b.name}: type {b.type}, transport {b.transport.kind}")
+        for name, b in boards.items():
+            if b.runtime != "compile-only" and name not in {i.type for i in inv.boards}:
+                problems.append(f"board type '{name}' ({targets_dir() / (name + '.yaml')}) has no instance in lab "
+                                f"'{inv.name}' ({Path(inventory) if inventory else default_inventory()}): add one to validate on it")
+    except ManifestError as e:
+        problems.append(str(e))
+    for app in project_names():
+        try:
+            load_project(app)
+            ok.append(f"project {app}: ok")
+        except ManifestError as e:
+            problems.append(str(e))
+    return ok, problems

@@ -146,10 +146,12 @@ class Project(Strict):
 
 
 class Emulation(Strict):
-    kind: Literal["qemu-aarch64"]
-    sysroot: str = "/usr/aarch64-linux-gnu"
-    binary: str = "qemu-aarch64"
-    cpu: str | None = Field(None, description="qemu -cpu model, e.g. cortex-a72")
+    """How this machine stands in for the board: its programs run under qemu-user."""
+
+    kind: Literal["qemu-user"]
+    binary: str = Field(description="qemu-user binary, e.g. qemu-aarch64 or qemu-x86_64")
+    sysroot: str = Field("/", description="the board's root for its libc/libstdc++ (qemu -L)")
+    cpu: str | None = Field(None, description="qemu -cpu model, e.g. cortex-a53 or Haswell")
 
 
 class Board(Strict):
@@ -160,7 +162,11 @@ class Board(Strict):
     arch: Literal["x86_64", "aarch64"]
     tvm_target: dict[str, Any] = Field(description="TVM target as a JSON dict")
     cc: str = Field(description="compiler used to link the kernel library")
-    runtime: Literal["tvm-cpp"] = "tvm-cpp"
+    runtime: Literal["tvm-cpp", "compile-only"] = Field(
+        "tvm-cpp",
+        description="tvm-cpp: validated with the C++ runner; compile-only: its kernel library is "
+        "built but it cannot run in this lab, so it is reported as not validated, never as passed",
+    )
     cores: int = Field(1, ge=1, le=256)
     memory_mb: int = Field(gt=0)
     emulation: Emulation | None = None

@@ -1,7 +1,8 @@
-"""qemu-user as the 'CPU' of an emulated aarch64 board.
+"""qemu-user as the CPU of an emulated board (aarch64 Cortex-A53/A72, x86_64 Haswell, ...).
 
-No binfmt_misc is mounted on these machines, so the board's programs are started through
-qemu explicitly, with the Debian aarch64 sysroot as the board's root for its libc/libstdc++.
+No binfmt_misc is mounted on these machines, so the board's programs are started through qemu
+explicitly, with the board's sysroot (e.g. Debian's aarch64 one) for its libc/libstdc++, and
+the board's CPU model, so an instruction the real CPU lacks stops the program (SIGILL).
 """
 
 from __future__ import annotations
