@@ -189,7 +189,7 @@ def task_deploy():
         names = [i.name for i in instances(app)]
         built_only = compile_only(p, BOARDS)
         yield {"name": app, "doc": f"deploy {app} to {', '.join(names)}, validate, report",
-               "actions": [(actions.validate, [app, names, built_only])],
+               "actions": [(actions.validate, [app, names, built_only])], "task_dep": ["schema"],
                "file_dep": [*(str(lay.run_json(n)) for n in names), str(lay.data / "test_labels.json"),
                             *(str(lay.compile_json(t)) for t in built_only),
                             *src("hil/validate.py", "hil/report.py")],

@@ -36,6 +36,13 @@ def dataset_root(app: str) -> tuple[Path, bool]:
     synthetic set under build/."""
     project = load_project(app)
     ds = project.dataset
+    if ds.format == "digits":
+        from passes.digits import resolve
+
+        path = resolve(ds.path, ROOT)
+        if not path.is_file():
+            raise ManifestError(f"field 'dataset.path': no digits file at {path} (expected 'sklearn' or a digits.csv(.gz))")
+        return path, False
     path = Path(ds.path) if Path(ds.path).is_absolute() else ROOT / ds.path
     if (path / "Final_Training" / "Images").is_dir():
         return path, False
@@ -104,16 +111,16 @@ def build_runner(arch: str) -> None:
     build(arch, runner_dir(arch), runtime_cache())
 
 
-def _inputs_for(app: str, samples: int | None, dest: Path) -> Path:
-    """The runner's input file, cut to the manifest's validation.samples when it sets one."""
+def _inputs_for(app: str, samples: int | None, dest: Path) -> tuple[Path, list[int]]:
+    """The runner's input file, cut to the manifest's validation.samples when it sets one, and
+    the shape of one sample (C, H, W)."""
     full = Layout(app).data / "test_inputs.bin"
-    info = read_json(Layout(app).data / "data.json")
+    shape = read_json(Layout(app).data / "data.json")["test_inputs"]["shape"][1:]
     if samples is None:
-        return full
-    h, w = info["image_size"]
+        return full, shape
     with open(full, "rb") as f:
-        dest.write_bytes(f.read(samples * 3 * h * w * 4))
-    return dest
+        dest.write_bytes(f.read(samples * shape[0] * shape[1] * shape[2] * 4))
+    return dest, shape
 
 
 @action
@@ -132,15 +139,14 @@ def run_on_board(app: str, instance_name: str) -> None:
     board = load_board(inst.type)
     blog = logging.getLogger(f"kiln.board.{inst.name}")
     record = {"instance": inst.name, "type": board.name, "emulated": board.emulation is not None}
-    h, w = read_json(lay.data / "data.json")["image_size"]
     with tempfile.TemporaryDirectory() as tmp:
         try:
             rdir = runner_dir(board.arch)
             files = {n: rdir / n for n in ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")}
             files["model.so"] = lay.library(board.name)
-            files["inputs.bin"] = _inputs_for(app, project.validation.samples, Path(tmp) / "inputs.bin")
+            files["inputs.bin"], shape = _inputs_for(app, project.validation.samples, Path(tmp) / "inputs.bin")
             argv = [*launcher(board), "./kiln-runner", "--model", "model.so", "--input", "inputs.bin",
-                    "--shape", f"3,{h},{w}", "--warmup", str(project.validation.warmup), "--threads", str(board.cores)]
+                    "--shape", ",".join(map(str, shape)), "--warmup", str(project.validation.warmup), "--threads", str(board.cores)]
             blog.info("deploying %s to %s (%s%s)", app, inst.name, board.name, ", emulated" if record["emulated"] else "")
             transport = open_transport(inst, build_root() / "lab")
             record.update(deploy.deploy(transport, files, argv, project.validation.timeout_s, inst.name))

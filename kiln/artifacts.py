@@ -81,6 +81,9 @@ def tree_fingerprint(root: str | os.PathLike) -> str:
     removed or rewritten, which is what an incremental data task needs to know.
     """
     root = Path(root)
+    if root.is_file():  # a data set that is one file (e.g. digits.csv.gz)
+        st = root.stat()
+        return hashlib.sha256(f"{root.name}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
     if not root.is_dir():
         return ""
     rows = []

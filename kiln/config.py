@@ -133,6 +133,8 @@ def check_all(inventory: Path | None = None) -> tuple[list[str], list[str]]:
         try:
             boards[name] = load_board(name)
             b = boards[name]
+            if b.emulation:
+                problems += _check_emulator(b)
             how = "compile-only" if b.runtime == "compile-only" else (f"emulated ({b.emulation.binary})" if b.emulation else "native")
             ok.append(f"board type {name}: {b.arch}, {how}")
         except ManifestError as e:
@@ -154,3 +156,18 @@ def check_all(inventory: Path | None = None) -> tuple[list[str], list[str]]:
         except ManifestError as e:
             problems.append(str(e))
     return ok, problems
+
+
+def _check_emulator(board: Board) -> list[str]:
+    """The board's qemu binary is installed and knows its CPU model (else a deploy fails late)."""
+    import shutil
+    import subprocess
+
+    emu, path = board.emulation, targets_dir() / f"{board.name}.yaml"
+    if shutil.which(emu.binary) is None:
+        return [f"{path}: field 'emulation.binary': '{emu.binary}' is not installed (Debian package qemu-user)"]
+    if emu.cpu:
+        models = subprocess.run([emu.binary, "-cpu", "help"], capture_output=True, text=True).stdout.split()
+        if emu.cpu not in models:
+            return [f"{path}: field 'emulation.cpu': {emu.binary} has no CPU model '{emu.cpu}' (see `{emu.binary} -cpu help`)"]
+    return []

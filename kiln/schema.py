@@ -63,8 +63,14 @@ class Augment(Strict):
 
 
 class Dataset(Strict):
-    format: Literal["gtsrb"]
-    path: str = Field(description="real data set; relative paths are relative to the repo")
+    format: Literal["gtsrb", "digits"] = Field(
+        description="gtsrb: the GTSRB on-disk layout (RGB); digits: scikit-learn's digits.csv.gz "
+        "format (8x8 grayscale, 10 classes)"
+    )
+    path: str = Field(
+        description="real data set; relative paths are relative to the repo; for digits, "
+        "'sklearn' is the real set scikit-learn ships"
+    )
     synthetic: Synthetic | None = Field(
         default_factory=Synthetic, description="generated under build/ when path holds no data"
     )
@@ -74,11 +80,11 @@ class Dataset(Strict):
 
     @property
     def num_classes(self) -> int:
-        return {"gtsrb": 43}[self.format]
+        return {"gtsrb": 43, "digits": 10}[self.format]
 
     @property
     def channels(self) -> int:
-        return 3
+        return {"gtsrb": 3, "digits": 1}[self.format]
 
     @field_validator("image_size")
     @classmethod

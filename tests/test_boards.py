@@ -1,0 +1,88 @@
+"""Boards added by data alone: a new board type (one YAML file) plus one inventory entry is
+listed, compiled for and validated on its emulated instance; compile-only boards are built
+and reported as not validated; `doit check_targets` names what is wrong and where."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, TINY, write_project
+
+pytestmark = pytest.mark.slow
+DOIT = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT)]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A copy of the repo's board types and a lab inventory in tmp, plus an isolated build."""
+    targets = tmp_path / "targets"
+    shutil.copytree(ROOT / "targets", targets)
+    inv = tmp_path / "lab.yaml"
+    inv.write_text((ROOT / "hil" / "emulator" / "lab.yaml").read_text())
+    env = dict(os.environ, KILN_TARGETS=str(targets), KILN_LAB=str(inv), KILN_PROJECTS=str(tmp_path / "projects"),
+               KILN_BUILD=str(tmp_path / "build"))
+    return {"targets": targets, "inv": inv, "env": env, "tmp": tmp_path}
+
+
+def doit(env, *args):
+    return subprocess.run([*DOIT, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_board_added_as_yaml_alone_is_compiled_and_validated(lab):
+    # a Cortex-A55 board nobody wrote code for: one YAML file and one inventory entry
+    (lab["targets"] / "rock-a55.yaml").write_text(yaml.safe_dump({
+        "name": "rock-a55", "arch": "aarch64", "cc": "aarch64-linux-gnu-g++", "cores": 4, "memory_mb": 2048,
+        "tvm_target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55", "mattr": ["+neon"]},
+        "emulation": {"kind": "qemu-user", "binary": "qemu-aarch64", "sysroot": "/usr/aarch64-linux-gnu", "cpu": "max"},
+    }))
+    inv = yaml.safe_load(lab["inv"].read_text())
+    inv["boards"].append({"name": "rock-1", "type": "rock-a55", "transport": {"kind": "local"}})
+    lab["inv"].write_text(yaml.safe_dump(inv))
+    data = copy.deepcopy(TINY)
+    data["targets"] = ["x86-host", "rock-a55", "jetson-nano"]
+    write_project(lab["tmp"] / "projects", data)
+
+    listed = doit(lab["env"], "list", "--all")
+    assert "compile:tiny@rock-a55" in listed.stdout and "hil:tiny@rock-1" in listed.stdout, listed.stdout + listed.stderr
+    assert "compile:tiny@jetson-nano" in listed.stdout and "hil:tiny@jetson" not in listed.stdout
+
+    p = doit(lab["env"], "deploy:tiny")
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads((lab["tmp"] / "build" / "tiny" / "report.json").read_text())
+    assert report["passed"] and report["validated"] == ["x86-host", "rock-1"]
+    rock = report["boards"]["rock-1"]
+    assert rock["type"] == "rock-a55" and rock["latency_emulated"] and rock["agreement_with_reference"] >= 0.9
+    # compile-only: its kernel library exists, and it is reported as not validated, never passed
+    jet = report["boards"]["jetson-nano"]
+    assert report["not_validated"] == ["jetson-nano"] and "passed" not in jet and "not_validated" in jet
+    assert (lab["tmp"] / "build" / "tiny" / "jetson-nano" / "model.so").stat().st_size > 0
+    assert "NOT VALIDATED" in p.stdout
+
+
+def test_check_targets_names_file_and_field(lab):
+    ok = doit(lab["env"], "check_targets")
+    assert ok.returncode == 0 and "board type x86-avx2" in ok.stdout, ok.stdout + ok.stderr
+    t = yaml.safe_load((lab["targets"] / "rpi3.yaml").read_text())
+    t["emulation"]["cpu"] = "cortex-z9"
+    (lab["targets"] / "rpi3.yaml").write_text(yaml.safe_dump(t))
+    (lab["targets"] / "broken.yaml").write_text("name: broken\narch: riscv\ncc: gcc\nmemory_mb: 1\ntvm_target: {kind: llvm}\n")
+    inv = yaml.safe_load(lab["inv"].read_text())
+    inv["boards"].append({"name": "ghost", "type": "nonexistent"})
+    lab["inv"].write_text(yaml.safe_dump(inv))
+    bad = doit(lab["env"], "check_targets")
+    out = bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "Traceback" not in out
+    assert f"{lab['targets'] / 'broken.yaml'}" in out and "field 'arch'" in out
+    assert "rpi3.yaml: field 'emulation.cpu'" in out and "no CPU model 'cortex-z9'" in out
+    assert "boards.4.type" in out and "unknown type 'nonexistent'" in out
+    # every other task refuses to start, and points at check_targets
+    listed = doit(lab["env"], "list")
+    assert listed.returncode != 0 and "check_targets" in listed.stderr and "Traceback" not in listed.stderr
