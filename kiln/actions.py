@@ -138,14 +138,14 @@ def run_on_board(app: str, instance_name: str) -> None:
     inst = next(b for b in load_inventory().boards if b.name == instance_name)
     board = load_board(inst.type)
     blog = logging.getLogger(f"kiln.board.{inst.name}")
-    record = {"instance": inst.name, "type": board.name, "emulated": board.emulation is not None}
+    record = {"instance": inst.name, "type": board.name, "emulated": inst.emulated}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             rdir = runner_dir(board.arch)
             files = {n: rdir / n for n in ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")}
             files["model.so"] = lay.library(board.name)
             files["inputs.bin"], shape = _inputs_for(app, project.validation.samples, Path(tmp) / "inputs.bin")
-            argv = [*launcher(board), "./kiln-runner", "--model", "model.so", "--input", "inputs.bin",
+            argv = [*(launcher(board) if inst.emulated else []), "./kiln-runner", "--model", "model.so", "--input", "inputs.bin",
                     "--shape", ",".join(map(str, shape)), "--warmup", str(project.validation.warmup), "--threads", str(board.cores)]
             blog.info("deploying %s to %s (%s%s)", app, inst.name, board.name, ", emulated" if record["emulated"] else "")
             transport = open_transport(inst, build_root() / "lab")

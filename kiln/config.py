@@ -121,6 +121,11 @@ def load_inventory(path: Path | None = None) -> Inventory:
                 f"{path}: field 'boards.{i}.type': board '{b.name}' has unknown type '{b.type}' "
                 f"(expected one of {', '.join(known)})"
             )
+        if b.emulated and load_board(b.type).emulation is None:
+            raise ManifestError(
+                f"{path}: field 'boards.{i}.emulated': board '{b.name}' is marked emulated but its type "
+                f"'{b.type}' has no 'emulation' section in {targets_dir() / (b.type + '.yaml')}"
+            )
     return inv
 
 

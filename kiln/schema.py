@@ -198,6 +198,10 @@ class Instance(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     type: str = Field(description="a board type from targets/*.yaml")
     transport: LocalTransport = Field(default_factory=LocalTransport)
+    emulated: bool = Field(
+        False, description="runs on this machine under its type's emulation (e.g. qemu-user); "
+        "its latency is reported, not enforced"
+    )
     tags: list[str] = Field(default_factory=list)
 
 

@@ -44,7 +44,7 @@ def test_board_added_as_yaml_alone_is_compiled_and_validated(lab):
         "emulation": {"kind": "qemu-user", "binary": "qemu-aarch64", "sysroot": "/usr/aarch64-linux-gnu", "cpu": "max"},
     }))
     inv = yaml.safe_load(lab["inv"].read_text())
-    inv["boards"].append({"name": "rock-1", "type": "rock-a55", "transport": {"kind": "local"}})
+    inv["boards"].append({"name": "rock-1", "type": "rock-a55", "transport": {"kind": "local"}, "emulated": True})
     lab["inv"].write_text(yaml.safe_dump(inv))
     data = copy.deepcopy(TINY)
     data["targets"] = ["x86-host", "rock-a55", "jetson-nano"]
