@@ -115,7 +115,7 @@ def task_data():
         _, synthetic = actions.dataset_root(app)
         yield {"name": app, "doc": f"load and split {app}'s data set", "actions": [(actions.prepare_data, [app])],
                "task_dep": [f"synth:{app}"] if synthetic else [],
-               "file_dep": src("passes/data.py"),
+               "file_dep": src("passes/data.py", "passes/digits.py"),
                "targets": [str(lay.data / f) for f in ("train.npz", "val.npz", "test.npz", "test_inputs.bin",
                                                         "test_labels.json", "data.json")],
                "uptodate": [config_changed({"format": ds.format, "path": ds.path, "image_size": ds.image_size,

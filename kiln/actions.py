@@ -56,10 +56,10 @@ def dataset_root(app: str) -> tuple[Path, bool]:
 
 @action
 def synthesize(app: str) -> None:
-    from passes import data
+    from passes import synth_gtsrb
 
     syn = load_project(app).dataset.synthetic
-    data.synthesize_gtsrb(Layout(app).synthetic, per_class=syn.per_class, test_per_class=syn.test_per_class, seed=syn.seed)
+    synth_gtsrb.synthesize_gtsrb(Layout(app).synthetic, per_class=syn.per_class, test_per_class=syn.test_per_class, seed=syn.seed)
 
 
 @action
@@ -68,7 +68,7 @@ def prepare_data(app: str) -> None:
 
     ds = load_project(app).dataset
     root, _ = dataset_root(app)
-    data.prepare(root, Layout(app).data, tuple(ds.image_size), ds.split.val, ds.split.test, ds.split.seed)
+    data.prepare(root, Layout(app).data, tuple(ds.image_size), ds.split.val, ds.split.test, ds.split.seed, ds.format)
 
 
 @action

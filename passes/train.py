@@ -8,7 +8,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 
 from kiln.artifacts import sha256_file, write_json
 from kiln.errors import ManifestError
