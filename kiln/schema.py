@@ -6,7 +6,7 @@ the JSON Schema of the manifest so editors can complete ``projects/*/project.yam
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -189,7 +189,41 @@ class Board(Strict):
 
 
 class LocalTransport(Strict):
+    """The board is this machine: commands are subprocesses, files are copies."""
+
     kind: Literal["local"] = "local"
+
+
+class SSHTransport(Strict):
+    """A Linux board on a network, reached with OpenSSH (fabric/paramiko)."""
+
+    kind: Literal["ssh"]
+    host: str
+    port: int = Field(22, ge=1, le=65535)
+    user: str
+    key: str = Field(description="private key file; relative paths are relative to the inventory file")
+    known_hosts: str = Field(description="known_hosts file the lab provides; the board's host key must be in it")
+    accept_unknown_host_key: bool = Field(
+        False, description="trust a host key not in known_hosts (first contact only); off by default"
+    )
+    workdir: str = Field("kiln", description="work directory on the board (relative to the login's home)")
+    connect_timeout_s: float = Field(10, gt=0)
+    retries: int = Field(3, ge=0, le=20, description="retries of a failed step where a retry is safe")
+
+
+class SerialTransport(Strict):
+    """A board reached only through a serial console (a UART, or a pty in the emulated lab)."""
+
+    kind: Literal["serial"]
+    port: str = Field(description="serial device, e.g. /dev/ttyUSB0")
+    baud: int = Field(115200, gt=0)
+    workdir: str = Field("/tmp/kiln", description="work directory on the board")
+    chunk_bytes: int = Field(4096, ge=64, le=65536, description="payload bytes per upload frame")
+    retries: int = Field(5, ge=0, le=50, description="retransmissions of one frame before giving up")
+    timeout_s: float = Field(10, gt=0, description="how long to wait for the board to answer one frame or prompt")
+
+
+Transport = Annotated[LocalTransport | SSHTransport | SerialTransport, Field(discriminator="kind")]
 
 
 class Instance(Strict):
@@ -197,7 +231,7 @@ class Instance(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     type: str = Field(description="a board type from targets/*.yaml")
-    transport: LocalTransport = Field(default_factory=LocalTransport)
+    transport: Transport = Field(default_factory=LocalTransport)
     emulated: bool = Field(
         False, description="runs on this machine under its type's emulation (e.g. qemu-user); "
         "its latency is reported, not enforced"
