@@ -45,34 +45,59 @@ def _step(name: str, timings: dict, fn, *args):
         timings[name] = round(time.perf_counter() - t0, 3)
 
 
+CACHE = "cache"  # on the board: artifacts by sha256, so an unchanged file is never sent twice
+
+
 def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], timeout: float,
            board: str) -> dict:
     """Run one validation on a board. ``files`` maps on-board names to host paths;
-    ``runner_argv`` is the command to run in the run directory. Returns the runner's JSON and
-    per-step timings; raises DeployError naming the failed step."""
+    ``runner_argv`` is the command to run in the run directory. Returns the runner's JSON,
+    per-step timings and upload figures; raises DeployError naming the failed step."""
     log = logging.getLogger(f"kiln.board.{board}")
     timings: dict[str, float] = {}
     run_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    with transport:
+    _step("connect", timings, transport.open)
+    try:
+        sent = _step("upload", timings, _upload, transport, files, run_dir, log)
+        _step("verify", timings, _verify, transport, files, run_dir)
+        out = _step("run", timings, _run, transport, runner_argv, run_dir, timeout)
+    finally:
         try:
-            _step("upload", timings, _upload, transport, files, run_dir, log)
-            _step("verify", timings, _verify, transport, files, run_dir)
-            out = _step("run", timings, _run, transport, runner_argv, run_dir, timeout)
-        finally:
-            try:
-                transport.run(["rm", "-rf", run_dir], timeout=60)
-            except KilnError as e:  # cleanup failure must not hide the real outcome
-                log.warning("cleanup of %s failed: %s", run_dir, e)
-    nbytes = sum(p.stat().st_size for p in files.values())
-    log.info("deployed %d bytes in %.2f s, ran in %.2f s", nbytes, timings["upload"], timings["run"])
-    return {"runner": out, "timings_s": timings, "uploaded_bytes": nbytes}
+            transport.run(["rm", "-rf", run_dir], timeout=60)
+        except KilnError as e:  # cleanup failure must not hide the real outcome
+            log.warning("cleanup of %s failed: %s", run_dir, e)
+        transport.close()
+    total = sum(p.stat().st_size for p in files.values())
+    log.info("uploaded %d of %d bytes (rest cached on the board) in %.2f s, ran in %.2f s",
+             sent, total, timings["upload"], timings["run"])
+    return {"runner": out, "timings_s": timings, "uploaded_bytes": sent, "cached_bytes": total - sent}
 
 
-def _upload(t: Board, files: dict[str, Path], run_dir: str, log) -> None:
+def _upload(t: Board, files: dict[str, Path], run_dir: str, log) -> int:
+    """Send what the board's cache lacks, then link every file into the run directory."""
+    hashes = {name: sha256_file(path) for name, path in files.items()}
+    t.run(["mkdir", "-p", CACHE, run_dir], timeout=30)
+    r = t.run(["sha256sum", "--", *sorted({f"{CACHE}/{h}" for h in hashes.values()})], timeout=300)
+    cached = set()
+    for line in r.stdout.splitlines():  # missing files only print errors: they are not cached
+        digest, _, name = line.partition("  ")
+        if name.strip() == f"{CACHE}/{digest}":
+            cached.add(digest)
+    sent = 0
     for name, path in files.items():
-        log.debug("upload %s -> %s/%s", path, run_dir, name)
-        t.put(path, f"{run_dir}/{name}")
+        h = hashes[name]
+        if h in cached:
+            log.info("%s: already on the board (sha256 %s), not sent again", name, h[:12])
+        else:
+            log.info("%s: uploading %d bytes", name, path.stat().st_size)
+            t.put(path, f"{CACHE}/{h}")
+            cached.add(h)
+            sent += path.stat().st_size
+        r = t.run(["ln", "-f", f"{CACHE}/{h}", f"{run_dir}/{name}"], timeout=30)
+        if r.returncode != 0:
+            raise TransportError(f"cannot place {name} in {run_dir}: {r.stderr.strip()[:200]}")
     t.run(["chmod", "+x", *[n for n in files if n == "kiln-runner"]], timeout=30, cwd=run_dir)
+    return sent
 
 
 def _verify(t: Board, files: dict[str, Path], run_dir: str) -> None:
@@ -83,9 +108,14 @@ def _verify(t: Board, files: dict[str, Path], run_dir: str) -> None:
     for line in r.stdout.splitlines():
         digest, _, name = line.partition("  ")
         seen[name.strip()] = digest
-    for name, path in files.items():
-        if seen.get(name) != sha256_file(path):
-            raise TransportError(f"{name}: sha256 on the board {seen.get(name)} != host {sha256_file(path)}")
+    bad = {name: sha256_file(path) for name, path in files.items()}
+    bad = {name: want for name, want in bad.items() if seen.get(name) != want}
+    if bad:
+        # drop the bad cached copies so the next deploy sends them again
+        t.run(["rm", "-f", *[f"{CACHE}/{want}" for want in bad.values()]], timeout=30)
+        name, want = next(iter(bad.items()))
+        raise TransportError(f"{name}: sha256 on the board {seen.get(name)} != host {want}"
+                             + (f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""))
 
 
 def _run(t: Board, argv: list[str], run_dir: str, timeout: float) -> dict:

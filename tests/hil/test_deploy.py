@@ -35,8 +35,20 @@ def test_deploy_uploads_verifies_runs_and_cleans_up(tmp_path):
     out = deploy.deploy(t, files_with(script(tmp_path, f"test -f model.so && echo '{GOOD}'"), tmp_path),
                         ["./kiln-runner"], timeout=30, board="b1")
     assert out["runner"]["predictions"] == [1, 2]
-    assert set(out["timings_s"]) == {"upload", "verify", "run"}
+    assert set(out["timings_s"]) == {"connect", "upload", "verify", "run"}
     assert not any((tmp_path / "lab" / "b1" / "runs").iterdir())  # per-run dir removed
+    assert out["uploaded_bytes"] > 0 and out["cached_bytes"] == 0
+
+
+def test_artifacts_with_the_same_hash_are_not_sent_again(tmp_path):
+    files = files_with(script(tmp_path, f"echo '{GOOD}'"), tmp_path)
+    t = LocalTransport("b6", tmp_path / "lab")
+    first = deploy.deploy(t, files, ["./kiln-runner"], timeout=30, board="b6")
+    files["model.so"].write_bytes(b"a new model")
+    again = deploy.deploy(t, files, ["./kiln-runner"], timeout=30, board="b6")
+    assert again["uploaded_bytes"] == len(b"a new model")  # only the changed file went up
+    assert again["cached_bytes"] == files["kiln-runner"].stat().st_size
+    assert first["uploaded_bytes"] == files["kiln-runner"].stat().st_size + len(b"\x7fELF-not-really" * 100)
 
 
 @pytest.mark.parametrize("body, step, seen", [
@@ -72,6 +84,7 @@ def test_corrupted_upload_is_caught_before_running(tmp_path):
                       ["./kiln-runner"], timeout=10, board="b3")
     assert e.value.step == "verify" and "sha256 on the board" in str(e.value)
     assert not marker.exists()  # a corrupted runner never ran
+    assert not any((tmp_path / "lab" / "b3" / "cache").iterdir())  # bad copies evicted: resent next time
 
 
 def test_missing_program_on_board(tmp_path):
