@@ -11,7 +11,9 @@ from doit.tools import config_changed
 
 from kiln import actions
 from kiln.artifacts import ROOT, Layout, build_root, read_json, runner_dir, tree_fingerprint
-from kiln.config import board_names, load_board, load_inventory, load_project, project_names
+from hil.emulator import lab as emulated_lab
+from hil.lab import lab_boards
+from kiln.config import board_names, default_inventory, load_board, load_project, project_names
 from kiln.errors import KilnError
 
 build_root().mkdir(parents=True, exist_ok=True)
@@ -26,7 +28,7 @@ logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=s
 
 try:  # a bad manifest, board or inventory: one clear message, no traceback
     BOARDS = {name: load_board(name) for name in board_names()}
-    LAB = load_inventory()
+    LAB = lab_boards()  # (name, file, instances)
     APPS = {app: load_project(app) for app in project_names()}
 except KilnError as e:
     if not any(a.startswith("check_targets") for a in sys.argv[1:]):
@@ -78,6 +80,16 @@ def last_run_ok(path):
 def task_check_targets():
     """Validate every board type (targets/*.yaml), the lab inventory and every manifest."""
     return {"actions": [actions.check_targets], "uptodate": [False], "verbosity": 2}
+
+
+def task_lab_up():
+    """Start the emulated lab (sshd and serial boards); deploys start it on demand anyway."""
+    return {"actions": [emulated_lab.up], "uptodate": [lambda: emulated_lab.is_up()], "verbosity": 2}
+
+
+def task_lab_down():
+    """Stop the emulated lab's boards."""
+    return {"actions": [emulated_lab.down], "uptodate": [False]}
 
 
 def task_schema():
@@ -170,14 +182,15 @@ def task_hil():
         lay = Layout(app)
         for inst in instances(app):
             board = BOARDS[inst.type]
-            yield {"name": f"{app}@{inst.name}", "doc": f"run {app} on lab board {inst.name} ({inst.type})", "actions": [(actions.run_on_board, [app, inst.name])],
+            yield {"name": f"{app}@{inst.name}", "doc": f"run {app} on lab board {inst.name} ({inst.type})", "actions": [(actions.run_on_board, [app, inst.name, inst.type, inst.emulated])],
                    "file_dep": [str(lay.library(board.name)), str(lay.data / "test_inputs.bin"),
                                 str(runner_dir(board.arch) / "kiln-runner"),
                                 *src("hil/deploy.py", "hil/transport/local.py", "hil/emulator/qemu.py")],
                    "targets": [str(lay.run_json(inst.name))],
                    "uptodate": [config_changed({"instance": inst.model_dump(), "board": board.model_dump(),
                                                 "validation": p.validation.model_dump()}),
-                                last_run_ok(lay.run_json(inst.name))]}
+                                last_run_ok(lay.run_json(inst.name))],
+                   "teardown": [emulated_lab.down_if_started_here]}
 
 
 def task_deploy():
@@ -194,4 +207,5 @@ def task_deploy():
                             *(str(lay.compile_json(t)) for t in built_only),
                             *src("hil/validate.py", "hil/report.py")],
                "targets": [str(lay.report), *(str(lay.result(n)) for n in names)],
-               "uptodate": [config_changed(p.requirements.model_dump())]}
+               "uptodate": [config_changed(p.requirements.model_dump())],
+               "teardown": [emulated_lab.down_if_started_here]}

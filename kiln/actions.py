@@ -13,7 +13,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 
 from kiln.artifacts import ROOT, Layout, read_json, runner_dir, runtime_cache, write_json
-from kiln.config import load_board, load_inventory, load_project
+from kiln.config import default_inventory, load_board, load_inventory, load_project
 from kiln.errors import KilnError, ManifestError, ValidationError
 
 log = logging.getLogger("kiln")
@@ -124,31 +124,35 @@ def _inputs_for(app: str, samples: int | None, dest: Path) -> tuple[Path, list[i
 
 
 @action
-def run_on_board(app: str, instance_name: str) -> None:
+def run_on_board(app: str, instance_name: str, board_type: str, emulated: bool) -> None:
     """Deploy to one board instance and record its raw output (or its failure) in run.json.
     A board failure is recorded, not raised: the other boards and the report go on."""
     import tempfile
 
     from hil import deploy
+    from hil.emulator import lab as emulated_lab
     from hil.emulator.qemu import launcher
     from hil.transport import open_transport
     from kiln.artifacts import build_root
 
-    project, lay = load_project(app), Layout(app)
-    inst = next(b for b in load_inventory().boards if b.name == instance_name)
-    board = load_board(inst.type)
-    blog = logging.getLogger(f"kiln.board.{inst.name}")
-    record = {"instance": inst.name, "type": board.name, "emulated": inst.emulated}
+    project, lay, board = load_project(app), Layout(app), load_board(board_type)
+    blog = logging.getLogger(f"kiln.board.{instance_name}")
+    record = {"instance": instance_name, "type": board.name, "emulated": emulated}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             rdir = runner_dir(board.arch)
             files = {n: rdir / n for n in ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")}
             files["model.so"] = lay.library(board.name)
             files["inputs.bin"], shape = _inputs_for(app, project.validation.samples, Path(tmp) / "inputs.bin")
-            argv = [*(launcher(board) if inst.emulated else []), "./kiln-runner", "--model", "model.so", "--input", "inputs.bin",
-                    "--shape", ",".join(map(str, shape)), "--warmup", str(project.validation.warmup), "--threads", str(board.cores)]
-            blog.info("deploying %s to %s (%s%s)", app, inst.name, board.name, ", emulated" if record["emulated"] else "")
-            transport = open_transport(inst, build_root() / "lab")
+            argv = [*(launcher(board) if emulated else []), "./kiln-runner", "--model", "model.so", "--input",
+                    "inputs.bin", "--shape", ",".join(map(str, shape)), "--warmup", str(project.validation.warmup),
+                    "--threads", str(board.cores)]
+            inv_path = default_inventory() or emulated_lab.up()  # the emulated lab starts on demand
+            inst = next(b for b in load_inventory(inv_path).boards if b.name == instance_name)
+            record["transport"] = inst.transport.kind
+            blog.info("deploying %s to %s (%s over %s%s)", app, inst.name, board.name, inst.transport.kind,
+                      ", emulated" if emulated else "")
+            transport = open_transport(inst, inv_path.parent, build_root() / "lab" / "local")
             record.update(deploy.deploy(transport, files, argv, project.validation.timeout_s, inst.name))
         except deploy.DeployError as e:
             blog.error("%s", e)
@@ -156,7 +160,7 @@ def run_on_board(app: str, instance_name: str) -> None:
         except KilnError as e:
             blog.error("%s", e)
             record["error"] = {"step": "prepare", "message": str(e)}
-    write_json(lay.run_json(inst.name), record)
+    write_json(lay.run_json(instance_name), record)
 
 
 @action
@@ -189,7 +193,9 @@ def validate(app: str, instance_names: list[str], compile_only: list[str] = ()) 
         lib = read_json(lay.compile_json(t))
         results[t] = {"type": t, "not_validated": "compile-only board: its runtime cannot run in this lab",
                       "model_bytes": lib["library_bytes"], "library": str(lay.library(t)), "target": lib["target"]}
-    rep = report.build(app, load_inventory().name, results)
+    from hil.lab import lab_boards
+
+    rep = report.build(app, lab_boards()[0], results)
     report.write(lay.report, rep)
     print(report.table(rep))
     if not rep["passed"]:

@@ -26,8 +26,10 @@ def targets_dir() -> Path:
     return Path(os.environ.get("KILN_TARGETS", ROOT / "targets")).resolve()
 
 
-def default_inventory() -> Path:
-    return Path(os.environ.get("KILN_LAB", ROOT / "hil" / "emulator" / "lab.yaml")).resolve()
+def default_inventory() -> Path | None:
+    """The user's lab inventory ($KILN_LAB), or None for the emulated lab (hil/emulator)."""
+    lab = os.environ.get("KILN_LAB")
+    return Path(lab).resolve() if lab else None
 
 
 def _format(path: Path, err: PydanticError) -> str:
@@ -111,8 +113,8 @@ def _check_budget(path: Path, project: Project) -> None:
         )
 
 
-def load_inventory(path: Path | None = None) -> Inventory:
-    path = Path(path) if path else default_inventory()
+def load_inventory(path: Path) -> Inventory:
+    path = Path(path)
     inv = load_model(path, Inventory)
     known = board_names()
     for i, b in enumerate(inv.boards):
@@ -145,13 +147,16 @@ def check_all(inventory: Path | None = None) -> tuple[list[str], list[str]]:
         except ManifestError as e:
             problems.append(str(e))
     try:
-        inv = load_inventory(inventory)
-        for b in inv.boards:
-            ok.append(f"lab '{inv.name}' instance {b.name}: type {b.type}, transport {b.transport.kind}")
+        from hil.lab import lab_boards
+
+        lab_name, lab_file, instances = lab_boards(inventory)
+        for b in instances:
+            how = b.transport.kind if hasattr(b, "transport") else f"{b.link} (emulated lab)"
+            ok.append(f"lab '{lab_name}' instance {b.name}: type {b.type}, {how}")
         for name, b in boards.items():
-            if b.runtime != "compile-only" and name not in {i.type for i in inv.boards}:
+            if b.runtime != "compile-only" and name not in {i.type for i in instances}:
                 problems.append(f"board type '{name}' ({targets_dir() / (name + '.yaml')}) has no instance in lab "
-                                f"'{inv.name}' ({Path(inventory) if inventory else default_inventory()}): add one to validate on it")
+                                f"'{lab_name}' ({lab_file}): add one to validate on it")
     except ManifestError as e:
         problems.append(str(e))
     for app in project_names():

@@ -250,3 +250,32 @@ class Inventory(Strict):
         if dup:
             raise ValueError(f"board instance names must be unique, repeated: {sorted(dup)}")
         return self
+
+
+# --- the emulated lab -------------------------------------------------------------------------
+
+
+class EmulatedBoard(Strict):
+    """A board of the emulated lab: Kiln starts its sshd or serial console itself."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    type: str = Field(description="a board type from targets/*.yaml")
+    link: Literal["local", "ssh", "serial"] = Field(description="how the host reaches it")
+    emulated: bool = Field(False, description="its programs run under the type's emulation (qemu-user)")
+    tags: list[str] = Field(default_factory=list)
+
+
+class EmulatedLab(Strict):
+    """hil/emulator/lab.yaml: the default lab, started on this machine by `doit lab_up`;
+    it becomes an Inventory (build/lab/inventory.yaml) once its boards are up."""
+
+    name: str = "emulated"
+    boards: list[EmulatedBoard] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> EmulatedLab:
+        names = [b.name for b in self.boards]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"board names must be unique, repeated: {sorted(dup)}")
+        return self

@@ -25,8 +25,12 @@ def lab(tmp_path):
     """A copy of the repo's board types and a lab inventory in tmp, plus an isolated build."""
     targets = tmp_path / "targets"
     shutil.copytree(ROOT / "targets", targets)
-    inv = tmp_path / "lab.yaml"
-    inv.write_text((ROOT / "hil" / "emulator" / "lab.yaml").read_text())
+    inv = tmp_path / "lab.yaml"  # a lab of local boards: these tests are about board types, not links
+    inv.write_text(yaml.safe_dump({"name": "desk", "boards": [
+        {"name": "x86-host", "type": "x86-host", "transport": {"kind": "local"}},
+        {"name": "rpi4", "type": "rpi4", "transport": {"kind": "local"}, "emulated": True},
+        {"name": "rpi3", "type": "rpi3", "transport": {"kind": "local"}, "emulated": True},
+        {"name": "x86-avx2", "type": "x86-avx2", "transport": {"kind": "local"}, "emulated": True}]}))
     env = dict(os.environ, KILN_TARGETS=str(targets), KILN_LAB=str(inv), KILN_PROJECTS=str(tmp_path / "projects"),
                KILN_BUILD=str(tmp_path / "build"))
     return {"targets": targets, "inv": inv, "env": env, "tmp": tmp_path}

@@ -19,8 +19,11 @@ def test_repo_manifests_and_boards_load():
         assert p.name == app and set(p.targets) <= set(config.board_names())
     for b in config.board_names():
         assert config.load_board(b).name == b
-    inv = config.load_inventory()
-    assert {b.type for b in inv.boards} >= {"x86-host", "rpi4"}
+    from hil.lab import lab_boards
+
+    name, _, boards = lab_boards()
+    assert name == "emulated" and {b.type for b in boards} >= {"x86-host", "rpi4", "rpi3", "x86-avx2"}
+    assert {b.link for b in boards} == {"ssh", "serial", "local"}
 
 
 def test_tiny_project_loads(tiny):
