@@ -96,11 +96,11 @@ def up(spec_path: Path = SPEC) -> Path:
                 entry = {"name": b.name, "type": b.type, "emulated": b.emulated, "tags": b.tags}
                 if b.link == "ssh":
                     h = sshd.start_sshd(b.name, state_dir())
-                    handles[b.name] = {"link": "ssh", "handle": dataclasses.asdict(h), "pids": [h.pid]}
+                    handles[b.name] = {"link": "ssh", "handle": _plain(h), "pids": [h.pid]}
                     entry["transport"] = h.transport_spec()
                 elif b.link == "serial":
                     h = serial_board.start_serial_board(b.name, state_dir())
-                    handles[b.name] = {"link": "serial", "handle": dataclasses.asdict(h), "pids": list(h.pids)}
+                    handles[b.name] = {"link": "serial", "handle": _plain(h), "pids": list(h.pids)}
                     entry["transport"] = h.transport_spec()
                 else:
                     entry["transport"] = {"kind": "local"}
@@ -116,13 +116,25 @@ def up(spec_path: Path = SPEC) -> Path:
         return inventory_path()
 
 
+def _plain(handle) -> dict:
+    """A board handle as JSON-ready data (paths as strings), to stop it from another process."""
+    return json.loads(json.dumps(dataclasses.asdict(handle), default=str))
+
+
+def _ssh_handle(data: dict):
+    from hil.emulator import sshd
+
+    paths = {f.name for f in dataclasses.fields(sshd.SSHBoard) if f.type in ("Path", Path)}
+    return sshd.SSHBoard(**{k: Path(v) if k in paths else v for k, v in data.items()})
+
+
 def _stop(state: dict) -> None:
     from hil.emulator import serial_board, sshd
 
     for name, b in state.get("boards", {}).items():
         try:
             if b["link"] == "ssh":
-                sshd.stop_sshd(sshd.SSHBoard(**b["handle"]))
+                sshd.stop_sshd(_ssh_handle(b["handle"]))
             else:
                 serial_board.stop_serial_board(serial_board.SerialBoard(**b["handle"]))
         except (KilnError, OSError, TypeError) as e:  # keep stopping the others
