@@ -124,8 +124,8 @@ def _plain(handle) -> dict:
 def _ssh_handle(data: dict):
     from hil.emulator import sshd
 
-    paths = {f.name for f in dataclasses.fields(sshd.SSHBoard) if f.type in ("Path", Path)}
-    return sshd.SSHBoard(**{k: Path(v) if k in paths else v for k, v in data.items()})
+    paths = {f.name for f in dataclasses.fields(sshd.SSHBoard) if "Path" in str(f.type)}
+    return sshd.SSHBoard(**{k: Path(v) if k in paths and v is not None else v for k, v in data.items()})
 
 
 def _stop(state: dict) -> None:
