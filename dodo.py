@@ -25,6 +25,7 @@ DOIT_CONFIG = {
     "action_string_formatting": "new",
 }
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 try:  # a bad manifest, board or inventory: one clear message, no traceback
     BOARDS = {name: load_board(name) for name in board_names()}

@@ -34,19 +34,19 @@ def write(path, report: dict) -> None:
 
 
 def table(report: dict) -> str:
-    head = f"{'board':<14} {'type':<12} {'verdict':<8} {'acc':>7} {'p50 ms':>8} {'p99 ms':>8} {'KiB':>7} {'agree':>7}"
+    head = f"{'board':<14} {'type':<12} {'link':<7} {'verdict':<8} {'acc':>7} {'p50 ms':>8} {'p99 ms':>8} {'KiB':>7} {'agree':>7}"
     lines = [f"Kiln report: {report['app']} on lab '{report['lab']}'", head, "-" * len(head)]
     for name, r in report["boards"].items():
         if "not_validated" in r:
-            lines.append(f"{name:<14} {r['type']:<12} {'NOT VALIDATED (compile-only)':<37} {r['model_bytes'] / 1024:>7.1f}")
+            lines.append(f"{name:<14} {r['type']:<12} {'-':<7} {'NOT VALIDATED (compile-only)':<37} {r['model_bytes'] / 1024:>7.1f}")
             continue
         if "error" in r:
-            lines.append(f"{name:<14} {r.get('type', '?'):<12} {'ERROR':<8} {r['error']['step']}: {r['error']['message'][:60]}")
+            lines.append(f"{name:<14} {r.get('type', '?'):<12} {r.get('transport') or '?':<7} {'ERROR':<8} {r['error']['step']}: {r['error']['message'][:60]}")
             continue
         lat = r["latency_ms"]
         emu = "*" if r["latency_emulated"] else " "
         lines.append(
-            f"{name:<14} {r['type']:<12} {'PASS' if r['passed'] else 'FAIL':<8} {r['accuracy']:>7.4f} "
+            f"{name:<14} {r['type']:<12} {r.get('transport') or '?':<7} {'PASS' if r['passed'] else 'FAIL':<8} {r['accuracy']:>7.4f} "
             f"{lat['p50']:>7.3f}{emu} {lat['p99']:>7.3f}{emu} {r['model_bytes'] / 1024:>7.1f} {r['agreement_with_reference']:>7.4f}"
         )
     if any(r.get("latency_emulated") for r in report["boards"].values()):

@@ -143,7 +143,12 @@ def run_on_board(app: str, instance_name: str, board_type: str, emulated: bool) 
             rdir = runner_dir(board.arch)
             files = {n: rdir / n for n in ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")}
             files["model.so"] = lay.library(board.name)
-            files["inputs.bin"], shape = _inputs_for(app, project.validation.samples, Path(tmp) / "inputs.bin")
+            samples = project.validation.samples
+            cap = board.emulation.max_samples if emulated and board.emulation else None
+            if cap and (samples is None or samples > cap):
+                blog.info("emulated board: validating on the first %d test samples (emulation.max_samples)", cap)
+                samples = cap
+            files["inputs.bin"], shape = _inputs_for(app, samples, Path(tmp) / "inputs.bin")
             argv = [*(launcher(board) if emulated else []), "./kiln-runner", "--model", "model.so", "--input",
                     "inputs.bin", "--shape", ",".join(map(str, shape)), "--warmup", str(project.validation.warmup),
                     "--threads", str(board.cores)]
@@ -178,7 +183,7 @@ def validate(app: str, instance_names: list[str], compile_only: list[str] = ()) 
     results = {}
     for name in instance_names:
         run = runs[name]
-        res = {"instance": name, "type": run["type"]}
+        res = {"instance": name, "type": run["type"], "transport": run.get("transport")}
         if "error" in run:
             res["error"] = run["error"]
         else:
@@ -187,6 +192,7 @@ def validate(app: str, instance_names: list[str], compile_only: list[str] = ()) 
             res.update(val.evaluate(project.requirements, run["runner"], labels, lib, run["emulated"], reference))
             res["reference_board"] = ref
             res["timings_s"] = run["timings_s"]
+            res["upload"] = {"sent_bytes": run["uploaded_bytes"], "cached_bytes": run["cached_bytes"]}
         write_json(lay.result(name), res)
         results[name] = res
     for t in compile_only:

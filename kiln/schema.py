@@ -158,6 +158,10 @@ class Emulation(Strict):
     binary: str = Field(description="qemu-user binary, e.g. qemu-aarch64 or qemu-x86_64")
     sysroot: str = Field("/", description="the board's root for its libc/libstdc++ (qemu -L)")
     cpu: str | None = Field(None, description="qemu -cpu model, e.g. cortex-a53 or Haswell")
+    max_samples: int | None = Field(
+        None, ge=1, description="emulated instances validate on at most this many test samples "
+        "(the first ones), for emulators too slow for a whole test set"
+    )
 
 
 class Board(Strict):
