@@ -57,7 +57,11 @@ def test_first_build_runs_every_stage_and_reports_both_boards(env):
     rpi = json.loads((env["build"] / "rpi4" / "result.json").read_text())
     assert rpi["latency_emulated"] and rpi["samples"] == 24
     assert {c["name"]: c["verdict"] for c in rpi["requirements"]}["latency_ms.p99"] == "not enforced (emulated)"
-    assert not json.loads((env["build"] / "x86-host" / "result.json").read_text())["latency_emulated"]
+    x86 = json.loads((env["build"] / "x86-host" / "result.json").read_text())
+    assert not x86["latency_emulated"]
+    # the default lab reaches both boards over SSH (real sshd), and stops it when the deploy ends
+    assert x86["transport"] == rpi["transport"] == "ssh"
+    assert not (env["build"].parent / "lab" / "state.json").exists()
 
 
 def test_boards_compute_what_onnxruntime_computes(env):
