@@ -54,3 +54,13 @@ def tiny(kiln_env):
     data = copy.deepcopy(TINY)
     write_project(kiln_env["projects"], data)
     return data
+
+
+DOIT = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT)]
+
+
+def run_doit(env: dict, *args: str, timeout: float = 900):
+    """Run doit on the repo's dodo.py in a subprocess (a fresh process, as a user would)."""
+    import subprocess
+
+    return subprocess.run([*DOIT, *args], env=env, capture_output=True, text=True, timeout=timeout)

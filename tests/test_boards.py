@@ -8,16 +8,13 @@ import copy
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY, write_project
+from tests.conftest import ROOT, TINY, run_doit, write_project
 
 pytestmark = pytest.mark.slow
-DOIT = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT)]
 
 
 @pytest.fixture
@@ -36,8 +33,6 @@ def lab(tmp_path):
     return {"targets": targets, "inv": inv, "env": env, "tmp": tmp_path}
 
 
-def doit(env, *args):
-    return subprocess.run([*DOIT, *args], env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_board_added_as_yaml_alone_is_compiled_and_validated(lab):
@@ -54,11 +49,11 @@ def test_board_added_as_yaml_alone_is_compiled_and_validated(lab):
     data["targets"] = ["x86-host", "rock-a55", "jetson-nano"]
     write_project(lab["tmp"] / "projects", data)
 
-    listed = doit(lab["env"], "list", "--all")
+    listed = run_doit(lab["env"], "list", "--all")
     assert "compile:tiny@rock-a55" in listed.stdout and "hil:tiny@rock-1" in listed.stdout, listed.stdout + listed.stderr
     assert "compile:tiny@jetson-nano" in listed.stdout and "hil:tiny@jetson" not in listed.stdout
 
-    p = doit(lab["env"], "deploy:tiny")
+    p = run_doit(lab["env"], "deploy:tiny")
     assert p.returncode == 0, p.stdout + p.stderr
     report = json.loads((lab["tmp"] / "build" / "tiny" / "report.json").read_text())
     assert report["passed"] and report["validated"] == ["x86-host", "rock-1"]
@@ -72,7 +67,7 @@ def test_board_added_as_yaml_alone_is_compiled_and_validated(lab):
 
 
 def test_check_targets_names_file_and_field(lab):
-    ok = doit(lab["env"], "check_targets")
+    ok = run_doit(lab["env"], "check_targets")
     assert ok.returncode == 0 and "board type x86-avx2" in ok.stdout, ok.stdout + ok.stderr
     t = yaml.safe_load((lab["targets"] / "rpi3.yaml").read_text())
     t["emulation"]["cpu"] = "cortex-z9"
@@ -81,12 +76,12 @@ def test_check_targets_names_file_and_field(lab):
     inv = yaml.safe_load(lab["inv"].read_text())
     inv["boards"].append({"name": "ghost", "type": "nonexistent"})
     lab["inv"].write_text(yaml.safe_dump(inv))
-    bad = doit(lab["env"], "check_targets")
+    bad = run_doit(lab["env"], "check_targets")
     out = bad.stdout + bad.stderr
     assert bad.returncode != 0 and "Traceback" not in out
     assert f"{lab['targets'] / 'broken.yaml'}" in out and "field 'arch'" in out
     assert "rpi3.yaml: field 'emulation.cpu'" in out and "no CPU model 'cortex-z9'" in out
     assert "boards.4.type" in out and "unknown type 'nonexistent'" in out
     # every other task refuses to start, and points at check_targets
-    listed = doit(lab["env"], "list")
+    listed = run_doit(lab["env"], "list")
     assert listed.returncode != 0 and "check_targets" in listed.stderr and "Traceback" not in listed.stderr

@@ -7,17 +7,15 @@ import copy
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from hil.emulator.faults import closed_port
 from kiln.artifacts import sha256_file
-from tests.conftest import ROOT, TINY, write_project
+from tests.conftest import TINY, run_doit, write_project
 
 pytestmark = pytest.mark.slow
-DOIT = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT)]
 
 
 def test_unreachable_board_fails_alone_and_is_retried(tmp_path):
@@ -36,7 +34,7 @@ def test_unreachable_board_fails_alone_and_is_retried(tmp_path):
     write_project(tmp_path / "projects", data)
     env = dict(os.environ, KILN_PROJECTS=str(tmp_path / "projects"), KILN_BUILD=str(tmp_path / "build"),
                KILN_LAB=str(lab))
-    p = subprocess.run([*DOIT, "deploy:tiny"], env=env, capture_output=True, text=True, timeout=600)
+    p = run_doit(env, "deploy:tiny")
     out = p.stdout + p.stderr
     assert p.returncode != 0 and "Traceback" not in out
     assert "board 'pi-down': connect failed" in out and f"127.0.0.1:{port}" in out
@@ -48,7 +46,7 @@ def test_unreachable_board_fails_alone_and_is_retried(tmp_path):
     assert err["step"] == "connect" and "2 attempts" in err["message"]
     # the build is intact, and the failed board is retried (only it) on the next run
     libs = {b: sha256_file(build / b / "model.so") for b in ("x86-host", "rpi4")}
-    again = subprocess.run([*DOIT, "deploy:tiny"], env=env, capture_output=True, text=True, timeout=600)
+    again = run_doit(env, "deploy:tiny")
     ran = {line.split()[1] for line in again.stdout.splitlines() if line.startswith(".  ")}
     assert ran == {"hil:tiny@pi-down", "deploy:tiny"}, again.stdout
     assert libs == {b: sha256_file(build / b / "model.so") for b in ("x86-host", "rpi4")}

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY, write_project
+from tests.conftest import ROOT, TINY, run_doit, write_project
 
 pytestmark = pytest.mark.slow
-DOIT = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT)]
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +27,11 @@ def env(tmp_path_factory):
     data["targets"] = ["x86-host", "rpi4"]
     manifest = write_project(base / "projects", data)
     e = dict(os.environ, KILN_PROJECTS=str(base / "projects"), KILN_BUILD=str(base / "build"))
-    first = doit(e, "deploy:tiny")
+    first = run_doit(e, "deploy:tiny")
     assert first.returncode == 0, first.stdout + first.stderr
     return {"env": e, "manifest": manifest, "build": base / "build" / "tiny", "first": first}
 
 
-def doit(env, *args):
-    return subprocess.run([*DOIT, *args], env=env, capture_output=True, text=True, timeout=900)
 
 
 def executed(proc) -> set[str]:
@@ -79,13 +76,13 @@ def test_boards_compute_what_onnxruntime_computes(env):
 
 
 def test_second_run_is_a_no_op(env):
-    p = doit(env["env"], "deploy:tiny")
+    p = run_doit(env["env"], "deploy:tiny")
     assert p.returncode == 0 and executed(p) == set(), p.stdout
 
 
 def test_training_change_reruns_train_and_after_but_not_data(env):
     edit(env["manifest"], lambda d: d["training"].update(lr=0.02))
-    p = doit(env["env"], "deploy:tiny")
+    p = run_doit(env["env"], "deploy:tiny")
     assert p.returncode == 0, p.stdout + p.stderr
     ran = executed(p)
     assert {"train:tiny", "compress:tiny", "export:tiny", "compile:tiny@rpi4", "deploy:tiny"} <= ran
@@ -94,7 +91,7 @@ def test_training_change_reruns_train_and_after_but_not_data(env):
 
 def test_requirement_change_reruns_only_validation(env):
     edit(env["manifest"], lambda d: d["requirements"]["latency_ms"].update(p99_max=999))
-    p = doit(env["env"], "deploy:tiny")
+    p = run_doit(env["env"], "deploy:tiny")
     assert p.returncode == 0 and executed(p) == {"deploy:tiny"}, p.stdout
 
 
@@ -103,18 +100,18 @@ def test_dataset_image_added_or_removed_reruns_data_and_after(env):
     victim = sorted(images.glob("*.ppm"))[0]
     kept = victim.read_bytes()
     victim.unlink()
-    p = doit(env["env"], "deploy:tiny")
+    p = run_doit(env["env"], "deploy:tiny")
     assert p.returncode == 0, p.stdout + p.stderr
     assert {"data:tiny", "train:tiny"} <= executed(p) and "synth:tiny" not in executed(p)
     assert "1 image" in p.stderr or "skipped" in p.stderr  # the missing image is reported, not dropped silently
     victim.write_bytes(kept)
-    p = doit(env["env"], "deploy:tiny")
+    p = run_doit(env["env"], "deploy:tiny")
     assert "data:tiny" in executed(p)
 
 
 def test_missed_requirement_fails_naming_board_and_keeps_report(env):
     edit(env["manifest"], lambda d: d["requirements"]["accuracy"].update(min=1.0))
-    p = doit(env["env"], "deploy:tiny")
+    p = run_doit(env["env"], "deploy:tiny")
     assert p.returncode != 0
     assert "board 'x86-host': requirement accuracy not met" in p.stdout + p.stderr
     report = json.loads((env["build"] / "report.json").read_text())
@@ -135,7 +132,7 @@ def test_bad_manifest_is_one_clear_message(env):
     good = env["manifest"].read_text()
     edit(env["manifest"], lambda d: d["training"].update(batch="big"))
     try:
-        p = doit(env["env"], "list")
+        p = run_doit(env["env"], "list")
         assert p.returncode != 0
         assert "project.yaml" in p.stderr and "field 'training.batch'" in p.stderr and "Traceback" not in p.stderr
     finally:
