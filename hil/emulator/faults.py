@@ -109,6 +109,11 @@ class TCPProxy:
         self.host, self.port = self._server.getsockname()[:2]
         self._stop = threading.Event()
 
+    @property
+    def passed(self) -> int:
+        """Bytes forwarded so far, all connections and both directions (the wire's traffic)."""
+        return sum(link.passed for link in self._links)
+
     def start(self) -> "TCPProxy":
         self._spawn(self._accept_loop)
         return self
