@@ -32,13 +32,13 @@ class Retrying:
     retry_on: tuple[type[BaseException], ...] = (OSError, EOFError)
 
     def _retry(self, what: str, fn: Callable[[], T], *, attempts: int, safe: bool = True,
-               base_delay: float = 0.2, max_delay: float = 3.0) -> T:
+               base_delay: float = 0.2, max_delay: float = 3.0, level: int = logging.WARNING) -> T:
         """Return ``fn()``, trying up to ``attempts`` times (once if not ``safe``).
 
         ``what`` names the step for messages ("connect to 10.0.0.2:22", "upload of a.bin").
         Between tries it sleeps base_delay * 2**i, capped at max_delay, times a random factor
         in [0.5, 1] so that boards failing together do not retry in lockstep. Each retry is
-        logged at WARNING; when the tries run out the last error is raised as a TransportError
+        logged at ``level`` (WARNING; frame resends pass DEBUG); when the tries run out the last error is raised as a TransportError
         naming the board, the step and the number of attempts (``from`` the last error).
         """
         attempts = max(1, attempts) if safe else 1
@@ -49,8 +49,8 @@ class Retrying:
                 last = e
                 if i + 1 < attempts:
                     delay = min(max_delay, base_delay * 2 ** i) * random.uniform(0.5, 1.0)
-                    self.log.warning("%s failed (attempt %d of %d): %s; retrying in %.2f s",
-                                     what, i + 1, attempts, _describe(e), delay)
+                    self.log.log(level, "%s failed (attempt %d of %d): %s; retrying in %.2f s",
+                                 what, i + 1, attempts, _describe(e), delay)
                     time.sleep(delay)
         if safe:
             tries = f"after {attempts} attempt{'s' if attempts > 1 else ''}"

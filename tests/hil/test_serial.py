@@ -65,6 +65,17 @@ def sha256_on_board(tr: SerialTransport, remote: str) -> str:
     return r.stdout.split()[0]
 
 
+@pytest.mark.parametrize("shell", ["dash", "bash"])
+def test_board_script_parses(shell):
+    import subprocess
+
+    from hil.transport.serial import BOARD_SH
+
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    subprocess.run([shell, "-n"], input=BOARD_SH.encode(), check=True)
+
+
 def test_cksum_matches_posix_cksum(tmp_path):
     import subprocess
 
@@ -171,6 +182,18 @@ def test_open_close_idempotent_and_port_exclusive(fault_board):
         a.close()
     with pytest.raises(TransportError, match="before open"):
         a.run(["true"], timeout=5)
+    sent = a.stats["wire_bytes_out"]
+    with a:  # the shell still has the functions: no second install
+        assert a.run(["true"], timeout=5).returncode == 0
+    assert a.stats["wire_bytes_out"] - sent < 1500
+
+
+def test_board_gone_is_a_transport_error(fault_board):
+    b = fault_board({}, name="unplugged")
+    with transport(b, timeout_s=1, retries=1) as tr:
+        stop_serial_board(b)  # the console's far end disappears (socat and the shell die)
+        with pytest.raises(TransportError, match=r"board 'unplugged': command 'true'"):
+            tr.run(["true"], timeout=5)
 
 
 def test_garbage_on_the_console_before_open(fault_board):
@@ -198,7 +221,7 @@ def test_bash_console(fault_board, tmp_path):
                          ids=["corrupt-1e-4", "drop-1e-4"])
 def test_noisy_line_uploads_correctly_with_retransmissions(fault_board, tmp_path, impair):
     b = fault_board({**impair, "after": 8000})  # a clean set-up, then noise both ways
-    data = os.urandom(300_000)
+    data = os.urandom(200_000)
     (tmp_path / "f").write_bytes(data)
     with transport(b, timeout_s=1, retries=8) as tr:
         tr.put(tmp_path / "f", "f")
