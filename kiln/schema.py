@@ -189,6 +189,13 @@ class Board(Strict):
         return v
 
 
+def _unique_names(boards: list) -> None:
+    names = [b.name for b in boards]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"board instance names must be unique, repeated: {sorted(dup)}")
+
+
 # --- lab inventory ----------------------------------------------------------------------------
 
 
@@ -249,10 +256,7 @@ class Inventory(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> Inventory:
-        names = [b.name for b in self.boards]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"board instance names must be unique, repeated: {sorted(dup)}")
+        _unique_names(self.boards)
         return self
 
 
@@ -278,8 +282,5 @@ class EmulatedLab(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> EmulatedLab:
-        names = [b.name for b in self.boards]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"board names must be unique, repeated: {sorted(dup)}")
+        _unique_names(self.boards)
         return self

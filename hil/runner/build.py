@@ -72,6 +72,16 @@ def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _check_call(cmd: list[str], what: str, timeout: float) -> None:
+    """Run a build command; a failure is a PassError quoting the command and its stderr tail."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise PassError(f"runner: `{' '.join(cmd)}` failed: {exc}") from exc
+    if proc.returncode != 0:
+        raise PassError(f"runner: {what} failed: `{' '.join(cmd)}` exited {proc.returncode}:\n{_tail(proc.stderr)}")
+
+
 def _layout(roots: dict[str, Path]) -> dict:
     """The runtime_libs() dict given the directory holding each package (site-packages-like)."""
     def at(rel: str) -> Path:
@@ -104,13 +114,7 @@ def _download_wheels(arch: str, versions: dict[str, str], wheel_dir: Path) -> di
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--platform", WHEEL_PLATFORMS[arch], "--python-version", py_version,
            "--dest", str(wheel_dir)] + [f"{dist}=={ver}" for dist, ver in versions.items()]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PassError(f"runner: `{' '.join(cmd)}` failed: {exc}") from exc
-    if proc.returncode != 0:
-        raise PassError(f"runner: downloading the TVM runtime wheels for {arch} failed: "
-                        f"`{' '.join(cmd)}` exited {proc.returncode}:\n{_tail(proc.stderr)}")
+    _check_call(cmd, f"downloading the TVM runtime wheels for {arch}", timeout=900)
     wheels = {}
     for dist, ver in versions.items():
         # Wheel file names normalise '-' to '_' in the project name.
@@ -191,13 +195,7 @@ def _compile(arch: str, libs: dict, bundle: Path) -> str:
     cmd += [str(RUNNER_SOURCE), "-o", str(bundle / RUNNER_NAME),
             # Link against the copies in the bundle; $ORIGIN makes the bundle relocatable.
             "-L", str(bundle), "-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise PassError(f"runner: `{' '.join(cmd)}` failed: {exc}") from exc
-    if proc.returncode != 0:
-        raise PassError(f"runner: compiling {RUNNER_SOURCE.name} for {arch} failed: "
-                        f"`{' '.join(cmd)}` exited {proc.returncode}:\n{_tail(proc.stderr)}")
+    _check_call(cmd, f"compiling {RUNNER_SOURCE.name} for {arch}", timeout=600)
     return cxx
 
 
