@@ -13,7 +13,7 @@ from kiln import actions
 from kiln.artifacts import ROOT, Layout, build_root, read_json, runner_dir, tree_fingerprint
 from hil.emulator import lab as emulated_lab
 from hil.lab import lab_boards
-from kiln.config import board_names, default_inventory, load_board, load_project, project_names
+from kiln.config import board_names, load_board, load_project, project_names
 from kiln.errors import KilnError
 
 build_root().mkdir(parents=True, exist_ok=True)
@@ -42,6 +42,16 @@ KILN_SRC = [str(p) for p in sorted((ROOT / "kiln").glob("*.py"))]
 def src(*names):
     """Source files a task's action runs: editing them reruns the task."""
     return KILN_SRC + [str(ROOT / n) for n in names]
+
+
+TRANSPORT_SRC = {"local": ["hil/transport/local.py"],
+                 "ssh": ["hil/transport/ssh.py", "hil/transport/retry.py"],
+                 "serial": ["hil/transport/serial.py", "hil/transport/serial_board.sh", "hil/transport/retry.py"]}
+
+
+def link(inst):
+    """How an instance is reached: its transport (user's lab) or its link (emulated lab)."""
+    return inst.transport.kind if hasattr(inst, "transport") else inst.link
 
 
 def instances(app):
@@ -116,7 +126,7 @@ def task_synth():
         if synthetic:
             lay = Layout(app)
             yield {"name": app, "doc": f"synthetic data set for {app}", "actions": [(actions.synthesize, [app])],
-                   "file_dep": src("passes/data.py"),
+                   "file_dep": src("passes/synth_gtsrb.py"),
                    "targets": [str(lay.synthetic / ".kiln-synthetic.json")],
                    "uptodate": [config_changed(p.dataset.synthetic.model_dump())]}
 
@@ -186,7 +196,7 @@ def task_hil():
             yield {"name": f"{app}@{inst.name}", "doc": f"run {app} on lab board {inst.name} ({inst.type})", "actions": [(actions.run_on_board, [app, inst.name, inst.type, inst.emulated])],
                    "file_dep": [str(lay.library(board.name)), str(lay.data / "test_inputs.bin"),
                                 str(runner_dir(board.arch) / "kiln-runner"),
-                                *src("hil/deploy.py", "hil/transport/local.py", "hil/emulator/qemu.py")],
+                                *src("hil/deploy.py", *TRANSPORT_SRC[link(inst)], "hil/emulator/qemu.py")],
                    "targets": [str(lay.run_json(inst.name))],
                    "uptodate": [config_changed({"instance": inst.model_dump(), "board": board.model_dump(),
                                                 "validation": p.validation.model_dump()}),

@@ -6,7 +6,8 @@ import os
 
 from pathlib import Path
 
-from kiln.config import default_inventory, load_inventory
+from kiln.config import (board_names, default_inventory, load_board, load_inventory, load_project,
+                         project_names, targets_dir)
 from kiln.errors import ManifestError
 from kiln.schema import Board, EmulatedBoard, Instance, Project
 
@@ -53,3 +54,39 @@ def select(project: Project, lab: tuple[str, Path, list], boards: dict[str, Boar
             f"'{project.name}' targets (add one to the inventory, or remove it from targets)"
         )
     return chosen
+
+
+def check_all(inventory: Path | None = None) -> tuple[list[str], list[str]]:
+    """Load every board type, the lab and every manifest; return (ok lines, problems). Unlike
+    the loaders it does not stop at the first problem (`doit check_targets`)."""
+    from hil.emulator import qemu
+
+    ok, problems = [], []
+    boards = {}
+    for name in board_names():
+        try:
+            b = boards[name] = load_board(name)
+        except ManifestError as e:
+            problems.append(str(e))
+            continue
+        problems += qemu.check(b, targets_dir() / f"{name}.yaml")
+        how = "compile-only" if b.runtime == "compile-only" else (f"emulated ({b.emulation.binary})" if b.emulation else "native")
+        ok.append(f"board type {name}: {b.arch}, {how}")
+    try:
+        lab_name, lab_file, instances = lab_boards(inventory)
+        for b in instances:
+            how = b.transport.kind if hasattr(b, "transport") else f"{b.link} (emulated lab)"
+            ok.append(f"lab '{lab_name}' instance {b.name}: type {b.type}, {how}")
+        for name, b in boards.items():
+            if b.runtime != "compile-only" and name not in {i.type for i in instances}:
+                problems.append(f"board type '{name}' ({targets_dir() / (name + '.yaml')}) has no instance in lab "
+                                f"'{lab_name}' ({lab_file}): add one to validate on it")
+    except ManifestError as e:
+        problems.append(str(e))
+    for app in project_names():
+        try:
+            load_project(app)
+            ok.append(f"project {app}: ok")
+        except ManifestError as e:
+            problems.append(str(e))
+    return ok, problems

@@ -153,7 +153,10 @@ def run_on_board(app: str, instance_name: str, board_type: str, emulated: bool) 
                     "inputs.bin", "--shape", ",".join(map(str, shape)), "--warmup", str(project.validation.warmup),
                     "--threads", str(board.cores)]
             inv_path = default_inventory() or emulated_lab.up()  # the emulated lab starts on demand
-            inst = next(b for b in load_inventory(inv_path).boards if b.name == instance_name)
+            inst = next((b for b in load_inventory(inv_path).boards if b.name == instance_name), None)
+            if inst is None:
+                raise ManifestError(f"{inv_path}: no board instance '{instance_name}' (the lab changed since "
+                                    "the task list was made; run doit again)")
             record["transport"] = inst.transport.kind
             blog.info("deploying %s to %s (%s over %s%s)", app, inst.name, board.name, inst.transport.kind,
                       ", emulated" if emulated else "")
@@ -219,7 +222,7 @@ def export_schema(out: Path) -> None:
 
 
 def check_targets():
-    from kiln.config import check_all
+    from hil.lab import check_all
 
     ok, problems = check_all()
     for line in ok:

@@ -27,3 +27,20 @@ def launcher(board: Board) -> list[str]:
     if emu.cpu:
         argv += ["-cpu", emu.cpu]
     return argv
+
+
+def check(board: Board, path) -> list[str]:
+    """Problems with a board type's emulator: its qemu binary is missing or lacks its CPU model
+    (found here by `doit check_targets`, not late in a deploy). ``path`` is the board's file."""
+    import subprocess
+
+    emu = board.emulation
+    if emu is None:
+        return []
+    if shutil.which(emu.binary) is None:
+        return [f"{path}: field 'emulation.binary': '{emu.binary}' is not installed (Debian package qemu-user)"]
+    if emu.cpu:
+        models = subprocess.run([emu.binary, "-cpu", "help"], capture_output=True, text=True).stdout.split()
+        if emu.cpu not in models:
+            return [f"{path}: field 'emulation.cpu': {emu.binary} has no CPU model '{emu.cpu}' (see `{emu.binary} -cpu help`)"]
+    return []
