@@ -51,20 +51,79 @@ def load_checkpoint(path: Path):
     """Rebuild the model a checkpoint describes; return (model, checkpoint dict)."""
     import torch
 
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model = rebuild(ckpt)
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        raise PassError(f"{path}: not a usable Kiln checkpoint ({e}); rerun the train task") from e
+    return model, ckpt
+
+
+def rebuild(ckpt: dict[str, Any]):
+    """The model a checkpoint dict describes (its architecture, widths included, and weights)."""
     from kiln.nets import build
     from kiln.schema import Architecture
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        arch = Architecture.model_validate(ckpt["architecture"])
-        model = build(arch, ckpt["channels"], ckpt["num_classes"], tuple(ckpt["image_size"]))
-        model.load_state_dict(ckpt["state_dict"])
-    except (OSError, KeyError, RuntimeError, ValueError) as e:
-        raise PassError(f"{path}: not a usable Kiln checkpoint ({e}); rerun the train task") from e
+    arch = Architecture.model_validate(ckpt["architecture"])
+    model = build(arch, ckpt["channels"], ckpt["num_classes"], tuple(ckpt["image_size"]))
+    model.load_state_dict(ckpt["state_dict"])
     model.eval()
-    return model, ckpt
+    return model
 
 
 def weight_bytes(model) -> int:
     """Bytes of the parameters as stored (fp32 here; compression passes change this)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def weight_layers(model) -> list[tuple[str, Any]]:
+    """(name, module) of every conv and linear layer, in forward order: the layers compression
+    passes prune, share and quantize (BatchNorm folds into the conv before it at export)."""
+    import torch.nn as nn
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def stored_weight_bytes(model, ckpt: dict[str, Any]) -> int:
+    """Bytes of the weights as the deployed model stores them, BatchNorm folded into the conv
+    before it, so each conv/linear layer holds its weight tensor and one bias per output.
+
+    fp32 (no ``ckpt["quantization"]``): 4 B per weight and per bias. When
+    ``ckpt["quantization"]`` is set (passes/quantize.py), each quantized layer stores 1 B per
+    weight, 4 B per bias (int32) and 4 B per scale: one per output channel, or one per layer
+    when ``ckpt["quantization"].get("per_channel", True)`` is false. The quantized layers are
+    ``ckpt["quantization"]["layers"]`` (module names) when given, else every conv/linear layer;
+    the others stay fp32. Dense storage: exact zeros cost as much as any weight (the weight
+    coding pass reports the sparse, entropy-coded size separately)."""
+    q = ckpt.get("quantization")
+    info = q if isinstance(q, dict) else {}
+    quantized = set(info.get("layers") or [])
+    total = 0
+    for name, m in weight_layers(model):
+        out = m.weight.shape[0]
+        if q and (not quantized or name in quantized):
+            scales = out if info.get("per_channel", True) else 1
+            total += m.weight.numel() + 4 * out + 4 * scales
+        else:
+            total += 4 * (m.weight.numel() + out)
+    return total
+
+
+def sparsity(model) -> float:
+    """Share of exactly-zero weights over every conv/linear weight tensor."""
+    n = z = 0
+    for _, m in weight_layers(model):
+        n += m.weight.numel()
+        z += int((m.weight == 0).sum())
+    return z / n if n else 0.0
+
+
+def weights_sha256(model) -> str:
+    """Hash of every conv/linear weight tensor: tells whether a later pass changed them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, m in weight_layers(model):
+        h.update(name.encode())
+        h.update(m.weight.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,56 +1,305 @@
-"""Compress stage: runs the manifest's compression passes in order and records, per pass,
-parameters, MACs, weight bytes and accuracy. With no passes listed it is a pass-through that
-still measures the baseline, so later stages always read ``compressed.pt``."""
+"""Compress stage: runs the manifest's compression passes in order and records, per pass, its
+settings, parameters, MACs, weight bytes (as stored, and entropy-coded when weight coding ran),
+kernel library bytes and val accuracy; then checks the budgets of the manifest's
+``compression`` section. With no passes listed it is a pass-through that still measures the
+baseline, so later stages always read ``compressed.pt``.
+
+The pass interface
+------------------
+A compression pass is a module named in ``passes/pipeline.py`` ``COMPRESSION_PASSES`` (manifest
+name -> module path) with one entry point::
+
+    run(model, ckpt: dict, params: dict, ctx: PassContext) -> (model, ckpt)
+
+* ``model``: the torch module so far (eval mode); ``ckpt``: the checkpoint dict that becomes
+  ``compressed.pt`` (``architecture``, ``channels``, ``num_classes``, ``image_size``, ...; no
+  ``state_dict``). A pass may change both in place or return new ones. It may change
+  ``ckpt["architecture"]["widths"]`` when it removes channels, and add its own keys
+  (``ckpt["pruning"]``, ``ckpt["weight_coding"]``, ``ckpt["quantization"]``). The weights saved
+  for the pass are ``model.state_dict()``, or the ``state_dict`` the pass put in the returned
+  ckpt (when its module is a stand-in, e.g. a fake-quant twin); ``passes.common.rebuild`` must
+  rebuild the model from them. The next pass gets the ckpt without that ``state_dict``.
+* ``params``: the pass's settings from the manifest, unvalidated. The pass validates them,
+  usually with ``ctx.settings(<its pydantic model in kiln.schema>, params)``, which raises a
+  ManifestError naming ``compression.passes.<i>.<pass>.<field>`` and what was expected
+  (unknown keys too). A module may also expose that model as ``Params``: the stage then
+  validates every pass's settings before running any of them.
+* ``ctx``: ``project`` (kiln.schema.Project), ``data_dir`` (the split .npz files), ``seed``
+  (training.seed: passes that train or sample must be deterministic given it), ``index`` and
+  ``name`` (the pass's place in ``compression.passes``).
+
+Each row's accuracy is the returned model's val top-1; its weight bytes are
+``passes.common.stored_weight_bytes(model, ckpt)`` (fp32, or int8 when ``ckpt["quantization"]``
+is set); ``coded_bytes`` is ``ckpt["weight_coding"]["coded_bytes"]`` while the weights are still
+the ones weight coding coded.
+"""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kiln.artifacts import write_json
 from kiln.errors import ManifestError, PassError
 from kiln.schema import Project
-from passes.common import accuracy, load_checkpoint, load_split, save_checkpoint, weight_bytes
-from passes.pipeline import COMPRESSION_PASSES
+from passes.common import (accuracy, load_checkpoint, load_split, rebuild, save_checkpoint, sparsity,
+                           stored_weight_bytes, weights_sha256)
+from passes.pipeline import COMPRESSION_PASSES, LIBRARY_BOARD
 
 log = logging.getLogger("kiln.compress")
 
 
-def _row(name: str, model, ckpt, x, y) -> dict:
-    from kiln.nets import measure
+@dataclass(frozen=True)
+class PassContext:
+    project: Project
+    data_dir: Path
+    seed: int
+    index: int
+    name: str
 
-    acc, _ = accuracy(model, x, y)
-    cx = measure(model, (ckpt["channels"], *ckpt["image_size"]))
-    return {"pass": name, "params": cx.params, "macs": cx.macs, "weight_bytes": weight_bytes(model), "val_accuracy": acc}
+    def field(self, name: str | None = None) -> str:
+        """The manifest path of this pass's settings, or of one of them."""
+        return f"compression.passes.{self.index}.{self.name}" + (f".{name}" if name else "")
+
+    def settings(self, model_cls, params: dict[str, Any]):
+        """``params`` validated as ``model_cls``; a ManifestError naming each bad field otherwise."""
+        from pydantic import ValidationError as PydanticError
+
+        try:
+            return model_cls.model_validate(params)
+        except PydanticError as e:
+            lines = [f"{_manifest(self.project)}invalid settings of compression pass '{self.name}':"]
+            for err in e.errors():
+                where = ".".join([self.field(), *(str(p) for p in err["loc"])])
+                msg = err["msg"]
+                if err["type"] == "extra_forbidden":
+                    msg = f"unknown setting (expected one of: {', '.join(model_cls.model_fields)})"
+                got = err.get("input")
+                shown = "" if isinstance(got, (dict, list)) or err["type"] == "missing" else f" (got {got!r})"
+                lines.append(f"  field '{where}': {msg}{shown}")
+            raise ManifestError("\n".join(lines)) from e
 
 
-def run(project: Project, model_pt: Path, data_dir: Path, out_pt: Path, out_json: Path) -> dict:
-    model, ckpt = load_checkpoint(model_pt)
-    xva, yva = load_split(data_dir, "val")
-    rows = [_row("baseline", model, ckpt, xva, yva)]
+@dataclass
+class Step:
+    """One row of the table and the model state it measured (for its kernel library)."""
+
+    row: dict[str, Any]
+    snapshot: dict[str, Any]
+
+
+def _manifest(project: Project) -> str:
+    from kiln.config import project_path
+
+    path = project_path(project.name)
+    return f"{path}: " if path.exists() else f"project '{project.name}': "
+
+
+def _specs(project: Project, data_dir: Path) -> list[tuple[Any, dict, PassContext]]:
+    """(module, settings, context) per listed pass; names and (where a module exposes
+    ``Params``) settings checked before anything runs."""
+    out = []
     for i, spec in enumerate(project.compression.passes):
         if len(spec) != 1:
-            raise ManifestError(f"compression.passes.{i}: expected one pass name mapped to its settings, got {list(spec)}")
+            raise ManifestError(f"{_manifest(project)}field 'compression.passes.{i}': expected one pass name mapped "
+                                f"to its settings, got {list(spec)}")
         (name, params), = spec.items()
         if name not in COMPRESSION_PASSES:
             raise ManifestError(
-                f"compression.passes.{i}: unknown compression pass '{name}' "
+                f"{_manifest(project)}field 'compression.passes.{i}': unknown compression pass '{name}' "
                 f"(available: {', '.join(COMPRESSION_PASSES) or 'none in this version'})"
             )
         module = importlib.import_module(COMPRESSION_PASSES[name])
-        model = module.run(model, params, data_dir)
-        rows.append(_row(name, model, ckpt, xva, yva))
-        log.info("compress %s: %s -> %d weight bytes, val %.4f", project.name, name, rows[-1]["weight_bytes"], rows[-1]["val_accuracy"])
-    drop = rows[0]["val_accuracy"] - rows[-1]["val_accuracy"]
+        ctx = PassContext(project, Path(data_dir), project.training.seed, i, name)
+        if hasattr(module, "Params"):
+            ctx.settings(module.Params, params)
+        out.append((module, params, ctx))
+    return out
+
+
+def _snapshot(model, ckpt: dict) -> tuple[dict, dict]:
+    """(ckpt without its state_dict, ckpt with the weights to save: its own or the model's)."""
+    rest = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    state = ckpt.get("state_dict") or model.state_dict()
+    return rest, dict(rest, state_dict={k: v.detach().clone() for k, v in state.items()})
+
+
+def coded_bytes(model, ckpt: dict) -> int | None:
+    """The weight coding pass's coded size, if the weights are still those it coded."""
+    wc = ckpt.get("weight_coding")
+    if not wc:
+        return None
+    return wc["coded_bytes"] if wc.get("weights_sha256") == weights_sha256(model) else None
+
+
+def _row(name: str, settings: dict, model, ckpt: dict, xva, yva, seconds: float) -> dict:
+    from kiln.nets import measure
+
+    acc, _ = accuracy(model, xva, yva)
+    cx = measure(model, (ckpt["channels"], *ckpt["image_size"]))
+    stored = stored_weight_bytes(model, ckpt)
+    coded = coded_bytes(model, ckpt)
+    return {"pass": name, "settings": settings, "params": cx.params, "macs": cx.macs,
+            "widths": list(ckpt["architecture"]["widths"]), "sparsity": round(sparsity(model), 6),
+            "weight_bytes": stored, "coded_bytes": coded, "size_bytes": coded if coded is not None else stored,
+            "val_accuracy": acc, "seconds": round(seconds, 2)}
+
+
+def _run_passes(specs, model, ckpt: dict, xva, yva) -> tuple[list[Step], Any, dict]:
+    steps = []
+    for module, params, ctx in specs:
+        t0 = time.perf_counter()
+        model, ckpt = module.run(model, ckpt, params, ctx)
+        if ckpt.get("weight_coding") and coded_bytes(model, ckpt) is None:
+            log.warning("compress %s: %s changed the weights weight_coding coded; its coded size is dropped",
+                        ctx.project.name, ctx.name)
+            ckpt = {k: v for k, v in ckpt.items() if k != "weight_coding"}
+        ckpt, snapshot = _snapshot(model, ckpt)
+        row = _row(ctx.name, params, model, ckpt, xva, yva, time.perf_counter() - t0)
+        log.info("compress %s: %s -> %d params, %d MACs, %d weight bytes%s, val %.4f (%.1f s)", ctx.project.name,
+                 ctx.name, row["params"], row["macs"], row["weight_bytes"],
+                 f" ({row['coded_bytes']} coded)" if row["coded_bytes"] is not None else "", row["val_accuracy"],
+                 row["seconds"])
+        steps.append(Step(row, snapshot))
+    return steps, model, ckpt
+
+
+def _search(project: Project, specs, model, ckpt, xva, yva, base: dict) -> tuple[list[Step], dict]:
+    """Run the passes once per value of compression.search; keep the smallest result within
+    the accuracy budget. The passes before the searched one run once."""
+    search = project.compression.search
+    at = next((i for i, (_, _, ctx) in enumerate(specs) if ctx.name == search.pass_), None)
+    if at is None:
+        raise ManifestError(f"{_manifest(project)}field 'compression.search.pass': '{search.pass_}' is not one of "
+                            f"the listed compression.passes ({', '.join(c.name for _, _, c in specs) or 'none'})")
+    module, params, ctx = specs[at]
+    variants = []
+    for j, value in enumerate(search.values):
+        p = dict(params, **{search.field: value})
+        try:
+            if hasattr(module, "Params"):
+                ctx.settings(module.Params, p)
+        except ManifestError as e:
+            raise ManifestError(f"field 'compression.search.values.{j}' ({search.field}: {value!r}): {e}") from e
+        variants.append(p)
+    prefix, model, ckpt = _run_passes(specs[:at], model, ckpt, xva, yva)
     budget = project.compression.max_accuracy_drop
-    if drop > budget:
-        raise PassError(
-            f"compress {project.name}: accuracy dropped {drop:.4f} (val {rows[0]['val_accuracy']:.4f} -> "
-            f"{rows[-1]['val_accuracy']:.4f}), over compression.max_accuracy_drop {budget}"
-        )
-    ckpt = dict(ckpt, state_dict=model.state_dict())
-    save_checkpoint(out_pt, ckpt)
-    summary = {"passes": rows, "accuracy_drop": drop, "max_accuracy_drop": budget}
+    candidates, best = [], None
+    for value, p in zip(search.values, variants):
+        log.info("compress %s: search %s.%s = %r", project.name, search.pass_, search.field, value)
+        steps, _, _ = _run_passes([(module, p, ctx), *specs[at + 1:]], copy.deepcopy(model), copy.deepcopy(ckpt), xva, yva)
+        run = prefix + steps
+        last = run[-1].row
+        drop = base["val_accuracy"] - last["val_accuracy"]
+        cand = {"value": value, "passes": [s.row for s in run], "accuracy_drop": drop,
+                "size_bytes": last["size_bytes"], "macs": last["macs"], "within_accuracy_budget": drop <= budget}
+        candidates.append(cand)
+        if cand["within_accuracy_budget"] and (best is None or (last["size_bytes"], last["macs"]) < best[0]):
+            best = ((last["size_bytes"], last["macs"]), value, run)
+    info = {"pass": search.pass_, "field": search.field, "candidates": candidates,
+            "chosen": best[1] if best else None}
+    if best is None:
+        tried = ", ".join(f"{c['value']!r}: drop {c['accuracy_drop']:.4f}" for c in candidates)
+        raise _BudgetMissed(info, f"no value of compression.search ({search.pass_}.{search.field}) keeps the val "
+                                  f"accuracy drop within compression.max_accuracy_drop {budget} ({tried})")
+    log.info("compress %s: search keeps %s.%s = %r", project.name, search.pass_, search.field, best[1])
+    return best[2], info
+
+
+class _BudgetMissed(Exception):
+    def __init__(self, search: dict, message: str):
+        super().__init__(message)
+        self.search = search
+
+
+def _budget_failures(project: Project, base: dict, final: dict) -> list[str]:
+    c = project.compression
+    drop = base["val_accuracy"] - final["val_accuracy"]
+    size, kind = final["size_bytes"], "coded" if final["coded_bytes"] is not None else "as stored"
+    ratio = base["weight_bytes"] / size
+    out = []
+    if drop > c.max_accuracy_drop:
+        out.append(f"val accuracy dropped {drop:.4f} ({base['val_accuracy']:.4f} -> {final['val_accuracy']:.4f}), "
+                   f"over compression.max_accuracy_drop {c.max_accuracy_drop}")
+    if c.max_weight_bytes is not None and size > c.max_weight_bytes:
+        out.append(f"final weights are {size:,} bytes ({kind}), over compression.max_weight_bytes {c.max_weight_bytes:,}")
+    if c.min_weight_ratio is not None and ratio < c.min_weight_ratio:
+        out.append(f"weight size ratio {ratio:.2f}x (baseline {base['weight_bytes']:,} bytes / final {size:,} bytes "
+                   f"{kind}) is under compression.min_weight_ratio {c.min_weight_ratio}")
+    return out
+
+
+def library_bytes(snapshot: dict, data_dir: Path, board) -> int:
+    """Kernel library bytes of a checkpoint dict: exported (passes/export_onnx.py, parity
+    checked) and compiled (passes/compile_tvm.py) for ``board`` in a temporary directory."""
+    from passes import compile_tvm, export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="kiln-compress-") as tmp:
+        t = Path(tmp)
+        save_checkpoint(t / "model.pt", snapshot)
+        info = export_onnx.run(t / "model.pt", data_dir, t / "model.onnx", t / "export.json")
+        return compile_tvm.run(board, t / "model.onnx", info["input_shape"], t / "model.so", t / "compile.json")["library_bytes"]
+
+
+def _library_board(project: Project):
+    from kiln.config import load_board
+
+    try:
+        return load_board(LIBRARY_BOARD)
+    except ManifestError as e:
+        raise ManifestError(f"{_manifest(project)}field 'compression.library_bytes': needs the board type "
+                            f"'{LIBRARY_BOARD}' ({e}); set it to false to skip kernel library sizes") from e
+
+
+def run(project: Project, model_pt: Path, data_dir: Path, out_pt: Path, out_json: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(project.training.threads)
+    comp = project.compression
+    specs = _specs(project, data_dir)
+    board = _library_board(project) if comp.library_bytes else None
+    model, ckpt = load_checkpoint(model_pt)
+    xva, yva = load_split(data_dir, "val")
+    ckpt, snapshot = _snapshot(model, ckpt)
+    base = Step(_row("baseline", {}, model, ckpt, xva, yva, 0.0), snapshot)
+    summary: dict[str, Any] = {"max_accuracy_drop": comp.max_accuracy_drop, "min_weight_ratio": comp.min_weight_ratio,
+                               "max_weight_bytes": comp.max_weight_bytes}
+    try:
+        if comp.search is None:
+            steps, _, _ = _run_passes(specs, model, ckpt, xva, yva)
+        else:
+            steps, summary["search"] = _search(project, specs, model, ckpt, xva, yva, base.row)
+    except _BudgetMissed as e:
+        summary.update(search=e.search, error=str(e))
+        write_json(out_json, summary)
+        raise PassError(f"compress {project.name}: {e} (every candidate: {out_json})") from e
+    steps = [base, *steps]
+    for s in steps:
+        s.row["size_ratio"] = round(base.row["weight_bytes"] / s.row["size_bytes"], 4)
+        if board is not None:
+            s.row["library_bytes"] = library_bytes(s.snapshot, data_dir, board)
+    rows = [s.row for s in steps]
+    final = rows[-1]
+    summary.update(passes=rows, accuracy_drop=base.row["val_accuracy"] - final["val_accuracy"],
+                   size_ratio=final["size_ratio"])
+    failures = _budget_failures(project, base.row, final)
+    if failures:
+        summary["error"] = "; ".join(failures)
+        write_json(out_json, summary)
+        raise PassError(f"compress {project.name}: {summary['error']} (every row: {out_json})")
+    out = dict(steps[-1].snapshot, compression={k: v for k, v in summary.items() if k != "search"})
+    try:
+        rebuild(out)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise PassError(f"compress {project.name}: the last pass left a checkpoint that does not rebuild ({e})") from e
+    save_checkpoint(out_pt, out)
     write_json(out_json, summary)
+    log.info("compress %s: %d -> %d weight bytes (%.2fx), val %.4f -> %.4f", project.name, base.row["weight_bytes"],
+             final["size_bytes"], final["size_ratio"], base.row["val_accuracy"], final["val_accuracy"])
     return summary

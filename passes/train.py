@@ -16,7 +16,6 @@ from passes.common import accuracy, load_split, save_checkpoint, to_tensor
 
 log = logging.getLogger("kiln.train")
 
-
 def augment(x, aug, gen):
     """Random rotation, brightness and blur on a float NCHW batch (seeded by ``gen``)."""
     import torch
@@ -40,6 +39,51 @@ def augment(x, aug, gen):
     return x.clamp_(0, 1)
 
 
+def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, yva=None,
+        after_step=None, keep_best: bool = False, tag: str = "train") -> list[dict]:
+    """Adam with a one-cycle schedule on uint8 NHWC images ``x``/``y`` with online augmentation
+    ``aug``; batches and augmentation drawn from ``gen``. ``after_step(model)`` runs after each
+    optimizer step (compression passes keep pruning masks applied with it). With ``keep_best``
+    the model ends with the weights of its best validation epoch. Returns one row per epoch."""
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = max(1, epochs * math.ceil(len(y) / batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x_t, y_t = to_tensor(x), torch.from_numpy(y)
+    best, history = {"val_accuracy": -1.0}, []
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(y), generator=gen)
+        total = 0.0
+        for i in range(0, len(order), batch):
+            idx = order[i : i + batch]
+            loss = loss_fn(model(augment(x_t[idx], aug, gen)), y_t[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step(model)
+            total += loss.item() * len(idx)
+        row = {"epoch": epoch, "loss": total / max(1, len(y))}
+        if xva is not None:
+            row["val_accuracy"], _ = accuracy(model, xva, yva)
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        log.info("%s: epoch %d/%d loss %.4f val_acc %.4f (%.1f s)", tag, epoch, epochs, row["loss"],
+                 row.get("val_accuracy", float("nan")), row["seconds"])
+        if keep_best and row.get("val_accuracy", 0.0) > best["val_accuracy"]:
+            best = {"val_accuracy": row["val_accuracy"],
+                    "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    if keep_best and "state_dict" in best:
+        model.load_state_dict(best["state_dict"])
+    model.eval()
+    return history
+
+
 def run(project: Project, data_dir: Path, out_pt: Path, out_metrics: Path) -> dict:
     import torch
 
@@ -61,49 +105,23 @@ def run(project: Project, data_dir: Path, out_pt: Path, out_metrics: Path) -> di
     log.info("train %s: %d params, %d MACs, %d train / %d val images, %d epochs",
              project.name, cx.params, cx.macs, len(ytr), len(yva), cfg.epochs)
 
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    steps = cfg.epochs * math.ceil(len(ytr) / cfg.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    xtr_t, ytr_t = to_tensor(xtr), torch.from_numpy(ytr)
-    best = {"val_accuracy": -1.0}
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(ytr), generator=gen)
-        total = 0.0
-        for i in range(0, len(order), cfg.batch):
-            idx = order[i : i + cfg.batch]
-            xb = augment(xtr_t[idx], ds.augment, gen)
-            loss = loss_fn(model(xb), ytr_t[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        val_acc, _ = accuracy(model, xva, yva)
-        row = {"epoch": epoch, "loss": total / len(ytr), "val_accuracy": val_acc, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        log.info("train %s: epoch %d/%d loss %.4f val_acc %.4f (%.1f s)",
-                 project.name, epoch, cfg.epochs, row["loss"], val_acc, row["seconds"])
-        if val_acc > best["val_accuracy"]:
-            best = {"val_accuracy": val_acc, "epoch": epoch,
-                    "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-
-    model.load_state_dict(best["state_dict"])
+    history = fit(model, xtr, ytr, epochs=cfg.epochs, batch=cfg.batch, lr=cfg.lr, aug=ds.augment, gen=gen,
+                  xva=xva, yva=yva, keep_best=True, tag=f"train {project.name}")
+    best_epoch = max(history, key=lambda r: r["val_accuracy"])  # first of the best, as fit keeps it
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     test_acc, _ = accuracy(model, xte, yte)
     metrics = {
-        "params": cx.params, "macs": cx.macs, "best_epoch": best["epoch"],
-        "val_accuracy": best["val_accuracy"], "test_accuracy": test_acc, "history": history,
+        "params": cx.params, "macs": cx.macs, "best_epoch": best_epoch["epoch"],
+        "val_accuracy": best_epoch["val_accuracy"], "test_accuracy": test_acc, "history": history,
         "training": cfg.model_dump(), "augment": ds.augment.model_dump(),
         "data_sha256": sha256_file(Path(data_dir) / "train.npz"),
     }
     ckpt = {
-        "state_dict": best["state_dict"], "architecture": arch.model_dump(), "channels": ds.channels,
+        "state_dict": best_state, "architecture": arch.model_dump(), "channels": ds.channels,
         "num_classes": ds.num_classes, "image_size": list(ds.image_size), "metrics": metrics,
     }
     save_checkpoint(out_pt, ckpt)
     write_json(out_metrics, metrics)
-    log.info("train %s: best epoch %d, val %.4f, test %.4f", project.name, best["epoch"], best["val_accuracy"], test_acc)
+    log.info("train %s: best epoch %d, val %.4f, test %.4f", project.name, best_epoch["epoch"],
+             best_epoch["val_accuracy"], test_acc)
     return metrics

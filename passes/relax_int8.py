@@ -1,0 +1,471 @@
+"""Relax pass: lower the int8 QDQ patterns of an imported ONNX model to integer kernels.
+
+The ONNX frontend turns a QDQ model (passes/export_onnx.py) into float ops between
+``R.dequantize`` and ``R.quantize``. Left alone, the default pipeline would run them in float,
+and FoldConstant would fold ``dequantize(int8 weight)`` into fp32 constants: the library would
+hold fp32 weights again. :func:`lower` rewrites, with Relax's dataflow pattern language:
+
+Activations are 8-bit per tensor (passes/quantize.py): ``uint8`` with zero point 0 where the
+tensor cannot be negative (the input image, every ReLU output, what pools them), else ``int8``
+asymmetric; weights are symmetric ``int8`` per output channel.
+
+* conv:  ``quantize(relu?(conv2d(dequantize(xq), dequantize(Wq)) + dequantize(Bq)?))`` ->
+  ``conv2d(xq, Wq, padding, out_dtype=int32) + B'`` (uint8/int8 x int8 -> int32), then
+  requantize: ``astype(float32) * M``, ``round``, ``+ zp_out``, ``clip`` to the output dtype's
+  range (the ReLU is the lower clip bound), ``astype(uint8 | int8)``, with one float32
+  multiplier ``M = s_x * s_w / s_out`` per output channel. With zero point 0 (uint8), padding
+  with 0 is exact: the conv's own padding is used, and legalization puts it inside the conv
+  kernel. An input with a nonzero zero point (int8) is first padded explicitly with it (a
+  separate pad kernel) and ``B'`` is the int32 bias minus ``zp_x * sum(Wq)``;
+* dense: ``matmul(dequantize(xq), permute_dims(dequantize(Wq))) + bias`` -> ``matmul(xq, Wq^T,
+  out_dtype=int32) + B'``, requantized to 8 bits, or to float logits (``* s_x * s_w``);
+* ``quantize(max_pool2d | reshape (dequantize(xq)))`` with the same parameters -> the op on
+  the 8-bit codes; ``quantize(mean(dequantize(xq)))`` -> an integer sum and one multiply;
+  ``quantize(dequantize(xq))`` with the same parameters -> ``xq``;
+* weight-only: ``relu?(conv2d | matmul (x, dequantize(Wq)) + bias?)`` with float ``x`` -> one
+  TE kernel (``call_tir``) that dequantizes the int8 weight inside it, so the library keeps
+  int8 weights.
+
+What the rewrite leaves is ordinary Relax (conv2d/matmul with ``out_dtype="int32"``,
+elementwise ops, plain TE kernels): legalization, fusion and MetaSchedule treat it like any
+other model. Kiln's torch twin (passes/quantize.py) computes with the same formulas and the
+same float32 multipliers (:func:`requant_multiplier`), so it predicts this library's outputs.
+A module without QDQ ops is returned as is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QMIN, QMAX = -128, 127  # int8 activations (asymmetric: tensors that can be negative)
+WMAX = 127  # int8 weights are symmetric: [-127, 127]
+ACT_RANGE = {"int8": (QMIN, QMAX), "uint8": (0, 255)}  # code range of each activation dtype
+
+
+def act_range(dtype: str) -> tuple[int, int]:
+    """(min, max) code of an 8-bit activation dtype."""
+    if dtype not in ACT_RANGE:
+        raise ValueError(f"activation dtype {dtype!r}: expected one of {sorted(ACT_RANGE)}")
+    return ACT_RANGE[dtype]
+
+
+def requant_multiplier(in_scale, w_scale, out_scale, n: int = 1) -> np.ndarray:
+    """float32 multipliers taking an int32 accumulator (input scale x weight scale, summed over
+    ``n`` terms for an average) to the output scale. Kiln's torch twin and this lowering both
+    call this, so both round with the very same float32 numbers."""
+    s_in = np.float64(np.float32(in_scale))
+    s_w = np.asarray(w_scale, dtype=np.float32).astype(np.float64)
+    s_out = np.float64(np.float32(out_scale))
+    return (s_in * s_w / (s_out * n)).astype(np.float32)
+
+
+class _Skip(Exception):
+    """A matched pattern this lowering does not handle: leave the expression as it is."""
+
+
+def _np(expr) -> np.ndarray:
+    from tvm.ir.expr import Constant
+
+    if not isinstance(expr, Constant):
+        raise _Skip
+    return expr.value.numpy()
+
+
+def _qparams(call) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scale, zero point, axis) of a quantize/dequantize call with constant parameters."""
+    return _np(call.args[1]).astype(np.float32), _np(call.args[2]), int(call.attrs.axis)
+
+
+def _per_tensor(call) -> tuple[float, int]:
+    scale, zp, _ = _qparams(call)
+    if scale.size != 1 or zp.size != 1:
+        raise _Skip
+    return float(scale.reshape(())), int(zp.reshape(()))
+
+
+def _dtype(expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def _weight(dq_call, out_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weight, per-output-channel scale) of ``dequantize(Wq)`` with symmetric int8 weights,
+    the scales along ``out_axis`` (or one per tensor)."""
+    wq = _np(dq_call.args[0])
+    scale, zp, axis = _qparams(dq_call)
+    if wq.dtype != np.int8 or np.any(zp != 0) or (scale.size != 1 and (axis % wq.ndim) != out_axis):
+        raise _Skip
+    out = wq.shape[out_axis]
+    return wq, np.broadcast_to(scale.reshape(-1), (out,)).astype(np.float32).copy()
+
+
+def _bias(expr, matched_dq, acc_scale: np.ndarray) -> np.ndarray:
+    """int32 bias per output channel on the accumulator scale: an int32 ``dequantize`` whose
+    scale is the accumulator's is taken as it is, a float constant is rounded onto it."""
+    out = acc_scale.size
+    if matched_dq is not None:
+        bq = _np(matched_dq.args[0])
+        scale, zp, _ = _qparams(matched_dq)
+        if bq.dtype == np.int32 and np.all(zp == 0) and np.allclose(scale.reshape(-1), acc_scale, rtol=1e-6, atol=0):
+            values = bq.astype(np.int64)
+        else:
+            values = np.round((bq.astype(np.float64) - zp) * scale.astype(np.float64) / acc_scale)
+    else:
+        values = np.round(_np(expr).astype(np.float64) / acc_scale) if expr is not None else np.zeros(out)
+    values = np.asarray(values).reshape(-1)
+    if values.size == 1:
+        values = np.broadcast_to(values, (out,))
+    if values.size != out:
+        raise _Skip
+    return values.astype(np.int64)
+
+
+def _int32(values: np.ndarray) -> np.ndarray:
+    if np.abs(values).max(initial=0) >= 2**31:
+        raise _Skip
+    return values.astype(np.int32)
+
+
+def _requantize(acc, mult: np.ndarray, shape: tuple[int, ...], zp_out: int | None, relu: bool,
+                dtype: str = "int8"):
+    """int32 accumulator -> ``dtype`` (uint8/int8, ``zp_out`` given) or float32: astype,
+    multiply, round, + zero point, clip to the dtype's range (the ReLU raises the lower bound)."""
+    from tvm import relax
+
+    y = relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(mult.reshape(shape), "float32"))
+    if zp_out is None:
+        return relax.op.nn.relu(y) if relu else y
+    qmin, qmax = act_range(dtype)
+    y = relax.op.round(y)
+    if zp_out:
+        y = relax.op.add(y, relax.const(np.float32(zp_out)))
+    lo = max(qmin, zp_out) if relu else qmin
+    y = relax.op.clip(y, float(lo), float(qmax))
+    return relax.op.astype(y, dtype)
+
+
+def _act_dtype(expr) -> str:
+    """The 8-bit activation dtype of ``expr`` (uint8 or int8); _Skip for any other."""
+    dtype = _dtype(expr)
+    if dtype not in ACT_RANGE:
+        raise _Skip
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# patterns
+
+
+def _dq(x=None):
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    return is_op("relax.dequantize")(x if x is not None else wildcard(), is_const(), is_const())
+
+
+def _const_dq():
+    from tvm.relax.dpl import is_const
+
+    return _dq(is_const())
+
+
+class _Rewrites:
+    """The patterns and their rewriters (each returns the pattern and its rewriter)."""
+
+    def __init__(self, bb):
+        self.bb = bb  # a BlockBuilder on the module: it adds the new kernels under unique names
+
+    # -- conv2d + bias + relu + quantize ------------------------------------------------------
+    def conv_int8(self):
+        from tvm import relax
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        xq, w = wildcard(), _const_dq()
+        x = _dq(xq)
+        conv = is_op("relax.nn.conv2d")(x, w)
+        b_dq = _const_dq()
+        b_val = b_dq | is_const()
+        b = is_op("relax.reshape")(b_val, wildcard()) | b_val
+        add = is_op("relax.add")(conv, b)
+        relu = is_op("relax.nn.relu")(add | conv)
+        root = is_op("relax.quantize")(relu | add | conv, is_const(), is_const())
+
+        def rewrite(orig, m):
+            try:
+                attrs = m[conv].attrs
+                if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW":
+                    raise _Skip
+                _act_dtype(m[xq])
+                out_dtype = str(orig.attrs.out_dtype)
+                if out_dtype not in ACT_RANGE:
+                    raise _Skip
+                s_x, zp_x = _per_tensor(m[x])
+                s_out, zp_out = _per_tensor(orig)
+                wq, s_w = _weight(m[w], 0)
+                acc_scale = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)
+                bias = np.zeros(len(s_w), np.int64)
+                if add in m:
+                    bias = _bias(m[b_val] if b_dq not in m else None, m.get(b_dq), acc_scale)
+                bias = _int32(bias - zp_x * wq.reshape(len(s_w), -1).astype(np.int64).sum(1))
+                data, padding = m[xq], [int(p) for p in attrs.padding]
+                if zp_x != 0 and any(padding):  # pad with the zero point, the code of 0.0 (int8 only)
+                    top, left, bottom, right = padding
+                    data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zp_x))
+                    padding = [0, 0, 0, 0]
+                acc = relax.op.nn.conv2d(data, relax.const(wq, "int8"), strides=attrs.strides, padding=padding,
+                                         dilation=attrs.dilation, groups=attrs.groups, out_dtype="int32")
+                acc = relax.op.add(acc, relax.const(bias.reshape(1, -1, 1, 1), "int32"))
+                mult = requant_multiplier(s_x, s_w, s_out)
+                return _requantize(acc, mult, (1, -1, 1, 1), zp_out, relu in m, out_dtype)
+            except _Skip:
+                return orig
+
+        return root, rewrite
+
+    # -- dense ---------------------------------------------------------------------------------
+    def _dense_parts(self):
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        xq = wildcard()
+        x = _dq(xq)
+        w = _const_dq()
+        wt = is_op("relax.permute_dims")(w)
+        mm = is_op("relax.matmul")(x, wt | w)
+        b_dq = _const_dq()
+        b_val = b_dq | is_const()
+        add = is_op("relax.add")(mm, b_val)
+        return xq, x, w, wt, mm, b_dq, b_val, add
+
+    def _dense(self, orig, m, parts, relu: bool, out_q):
+        from tvm import relax
+
+        xq, x, w, wt, mm, b_dq, b_val, add = parts
+        _act_dtype(m[xq])
+        if len(m[xq].ty.shape) != 2:
+            raise _Skip
+        s_x, zp_x = _per_tensor(m[x])
+        if wt in m:
+            axes = m[wt].attrs.axes
+            if axes is not None and [int(a) for a in axes] != [1, 0]:
+                raise _Skip
+            wq, s_w = _weight(m[w], 0)
+            wq = np.ascontiguousarray(wq.T)  # [in, out]
+        else:
+            wq, s_w = _weight(m[w], 1)
+        if wq.ndim != 2:
+            raise _Skip
+        acc_scale = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)
+        bias = np.zeros(len(s_w), np.int64)
+        if add in m:
+            bias = _bias(m[b_val] if b_dq not in m else None, m.get(b_dq), acc_scale)
+        bias = _int32(bias - zp_x * wq.astype(np.int64).sum(0))
+        acc = relax.op.matmul(m[xq], relax.const(wq, "int8"), out_dtype="int32")
+        acc = relax.op.add(acc, relax.const(bias.reshape(1, -1), "int32"))
+        if out_q is None:
+            return _requantize(acc, acc_scale, (1, -1), None, relu)
+        s_out, zp_out = _per_tensor(out_q)
+        out_dtype = str(out_q.attrs.out_dtype)
+        return _requantize(acc, requant_multiplier(s_x, s_w, s_out), (1, -1), zp_out, relu, out_dtype)
+
+    def dense_int8(self):
+        from tvm.relax.dpl import is_const, is_op
+
+        parts = self._dense_parts()
+        mm, add = parts[4], parts[7]
+        relu = is_op("relax.nn.relu")(add | mm)
+        root = is_op("relax.quantize")(relu | add | mm, is_const(), is_const())
+
+        def rewrite(orig, m):
+            try:
+                if str(orig.attrs.out_dtype) not in ACT_RANGE:
+                    raise _Skip
+                return self._dense(orig, m, parts, relu in m, orig)
+            except _Skip:
+                return orig
+
+        return root, rewrite
+
+    def dense_float_out(self, with_bias: bool):
+        parts = self._dense_parts()
+        root = parts[7] if with_bias else parts[4]
+
+        def rewrite(orig, m):
+            try:
+                return self._dense(orig, m, parts, False, None)
+            except _Skip:
+                return orig
+
+        return root, rewrite
+
+    # -- int8 data movement and pooling ---------------------------------------------------------
+    def same_params(self):
+        """quantize(max_pool2d | reshape | flatten (dequantize(xq))) with unchanged parameters."""
+        from tvm import relax
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        xq = wildcard()
+        x = _dq(xq)
+        pool = is_op("relax.nn.max_pool2d")(x)
+        reshape = is_op("relax.reshape")(x, wildcard())
+        root = is_op("relax.quantize")(pool | reshape | x, is_const(), is_const())
+
+        def rewrite(orig, m):
+            try:
+                if _dtype(m[xq]) != orig.attrs.out_dtype or _per_tensor(m[x]) != _per_tensor(orig):
+                    raise _Skip
+                if pool in m:
+                    a = m[pool].attrs
+                    return relax.op.nn.max_pool2d(m[xq], a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode,
+                                                  a.count_include_pad, a.layout, a.out_layout)
+                if reshape in m:
+                    return relax.op.reshape(m[xq], m[reshape].args[1])
+                return m[xq]
+            except _Skip:
+                return orig
+
+        return root, rewrite
+
+    def mean_int8(self):
+        from tvm import relax
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        xq = wildcard()
+        x = _dq(xq)
+        mean = is_op("relax.mean")(x)
+        root = is_op("relax.quantize")(mean, is_const(), is_const())
+
+        def rewrite(orig, m):
+            try:
+                _act_dtype(m[xq])
+                out_dtype = str(orig.attrs.out_dtype)
+                if out_dtype not in ACT_RANGE:
+                    raise _Skip
+                s_x, zp_x = _per_tensor(m[x])
+                s_out, zp_out = _per_tensor(orig)
+                a = m[mean].attrs
+                shape = [int(d) for d in m[xq].ty.shape]
+                axes = [int(i) % len(shape) for i in a.axis] if a.axis is not None else list(range(len(shape)))
+                n = int(np.prod([shape[i] for i in axes]))
+                total = relax.op.sum(relax.op.astype(m[xq], "int32"), axes, a.keepdims)
+                if zp_x:
+                    total = relax.op.subtract(total, relax.const(n * zp_x, "int32"))
+                return _requantize(total, requant_multiplier(s_x, [1.0], s_out, n), (), zp_out, False, out_dtype)
+            except _Skip:
+                return orig
+
+        return root, rewrite
+
+    # -- weight-only ------------------------------------------------------------------------------
+    def weight_only(self, kind: str):
+        """relu?(op(x, dequantize(Wq)) + bias?) with float x: one kernel, int8 weight inside."""
+        from tvm import relax, te, topi
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        x, w = wildcard(), _const_dq()
+        wt = is_op("relax.permute_dims")(w)
+        if kind == "conv":
+            op = is_op("relax.nn.conv2d")(x, w)
+        else:
+            op = is_op("relax.matmul")(x, wt | w)
+        b_val = is_const()
+        b = is_op("relax.reshape")(b_val, wildcard()) | b_val
+        add = is_op("relax.add")(op, b)
+        relu = is_op("relax.nn.relu")(add)
+        root = relu | add | op
+
+        def rewrite(orig, m):
+            try:
+                if _dtype(m[x]) != "float32" or _dtype(m[w]) != "float32":
+                    raise _Skip
+                wq = _np(m[w].args[0])
+                scale, zp, axis = _qparams(m[w])
+                if wq.dtype != np.int8:
+                    raise _Skip
+                out_axis = (0 if kind == "conv" or wt in m else 1)
+                out = wq.shape[out_axis]
+                if scale.size not in (1, out) or zp.size not in (1, out) or (scale.size == out and axis % wq.ndim != out_axis and out != 1):
+                    raise _Skip
+                if kind == "conv":
+                    a = m[op].attrs
+                    if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW":
+                        raise _Skip
+                    bshape = (1, out, 1, 1)
+                else:
+                    if len(m[x].ty.shape) != 2 or (wt in m and m[wt].attrs.axes is not None
+                                                            and [int(i) for i in m[wt].attrs.axes] != [1, 0]):
+                        raise _Skip
+                    bshape = (1, out)
+                bias = None
+                if add in m:
+                    bias = _np(m[b_val]).astype(np.float32)
+                    if bias.size != out:
+                        raise _Skip
+                    bias = bias.reshape(bshape)
+                has_relu = relu in m
+                s = scale.reshape(-1).astype(np.float32)
+                z = zp.reshape(-1).astype(np.int32)
+
+                def kernel(data, wq_t, s_t, z_t, *rest):
+                    def deq(*i):
+                        c = i[out_axis]
+                        sc = s_t[c if s.size > 1 else 0]
+                        zc = z_t[c if z.size > 1 else 0]
+                        return (wq_t[i].astype("int32") - zc).astype("float32") * sc
+
+                    wf = te.compute(wq_t.shape, deq, name="weight_dequantized")
+                    if kind == "conv":
+                        y = topi.nn.conv(data, wf, [int(v) for v in a.strides], [int(v) for v in a.padding],
+                                         [int(v) for v in a.dilation], int(a.groups), "NCHW", "OIHW", out_dtype="float32")
+                    else:
+                        k = te.reduce_axis((0, wq_t.shape[1 - out_axis]), name="k")
+                        if out_axis == 0:
+                            y = te.compute((data.shape[0], out), lambda i, j: te.sum(data[i, k] * wf[j, k], axis=k), name="dense")
+                        else:
+                            y = te.compute((data.shape[0], out), lambda i, j: te.sum(data[i, k] * wf[k, j], axis=k), name="dense")
+                    if rest:
+                        bt = rest[0]
+                        y = te.compute(y.shape, lambda *i: y[i] + bt[(0, i[1]) + (0,) * (len(i) - 2)], name="bias_add")
+                    if has_relu:
+                        y = te.compute(y.shape, lambda *i: te.max(y[i], te.const(0, "float32")), name="relu")
+                    return y
+
+                args = [m[x], relax.const(wq, "int8"), relax.const(s, "float32"), relax.const(z, "int32")]
+                if bias is not None:
+                    args.append(relax.const(bias, "float32"))
+                prim, call_args, out_ty = relax.utils.gen_call_tir_inputs(kernel, *args)
+                gv = self.bb.add_func(prim, f"{kind}_int8_weights")
+                return relax.call_tir(gv, call_args, out_ty)
+            except _Skip:
+                return orig
+
+        return root, rewrite
+
+
+def _uses_qdq(func) -> bool:
+    from tvm import relax
+
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", None) in ("relax.quantize", "relax.dequantize"):
+            found.append(e)
+
+    relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
+def lower(mod):
+    """Return ``mod`` with its int8 QDQ patterns lowered to integer ops (as is without QDQ)."""
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
+
+    funcs = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function) and _uses_qdq(f)]
+    if not funcs:
+        return mod
+    bb = relax.BlockBuilder(mod)
+    rw = _Rewrites(bb)
+    order = [rw.conv_int8(), rw.dense_int8(), rw.dense_float_out(True), rw.dense_float_out(False),
+             rw.mean_int8(), rw.same_params(), rw.weight_only("conv"), rw.weight_only("dense")]
+    for gv, func in funcs:
+        for pattern, rewriter in order:
+            func = rewrite_call(pattern, rewriter, func)
+        bb.update_func(gv, func)
+    return relax.transform.DeadCodeElimination()(bb.get())

@@ -1,0 +1,133 @@
+"""The compress stage: its rows, its budgets (accuracy drop, size targets) and their messages,
+the search mode, and a pruned checkpoint that still exports."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+
+from kiln.errors import ManifestError, PassError
+from passes import compress
+from passes.common import load_checkpoint
+from passes.pipeline import COMPRESSION_PASSES
+from tests.conftest import TINY, run_doit, write_project
+from tests.passes.conftest import small_project
+
+
+def run(model, ckpt, params, ctx):
+    """A 'wreck' pass for these tests: zeroes every parameter (accuracy falls to chance)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model, ckpt
+
+
+@pytest.fixture
+def wreck(monkeypatch):
+    monkeypatch.setitem(COMPRESSION_PASSES, "wreck", __name__)
+
+
+def compress_run(small_trained, tmp_path, **compression):
+    _, data, model_pt = small_trained
+    return compress.run(small_project(**compression), model_pt, data, tmp_path / "c.pt", tmp_path / "c.json")
+
+
+def test_accuracy_budget_failure_names_field_and_numbers(small_trained, tmp_path, wreck):
+    with pytest.raises(PassError) as e:
+        compress_run(small_trained, tmp_path, passes=[{"wreck": {}}], max_accuracy_drop=0.05)
+    msg = str(e.value)
+    summary = json.loads((tmp_path / "c.json").read_text())
+    base, final = (r["val_accuracy"] for r in (summary["passes"][0], summary["passes"][-1]))
+    assert "compression.max_accuracy_drop 0.05" in msg and f"{base:.4f} -> {final:.4f}" in msg
+    assert f"dropped {base - final:.4f}" in msg and summary["error"] in msg
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_size_targets_failures_name_field_and_numbers(small_trained, tmp_path):
+    with pytest.raises(PassError) as e:
+        compress_run(small_trained, tmp_path, passes=[{"weight_coding": {"finetune_epochs": 0}}], max_accuracy_drop=1.0,
+                     max_weight_bytes=100, min_weight_ratio=50.0)
+    msg = str(e.value)
+    rows = json.loads((tmp_path / "c.json").read_text())["passes"]
+    coded, base = rows[-1]["coded_bytes"], rows[0]["weight_bytes"]
+    assert f"final weights are {coded:,} bytes (coded), over compression.max_weight_bytes 100" in msg
+    assert f"weight size ratio {base / coded:.2f}x (baseline {base:,} bytes / final {coded:,} bytes coded)" in msg
+    assert "under compression.min_weight_ratio 50.0" in msg
+
+
+def test_rows_and_a_pruned_checkpoint_that_exports(small_trained, tmp_path):
+    from passes import export_onnx
+
+    _, data, _ = small_trained
+    summary = compress_run(small_trained, tmp_path, library_bytes=True, min_weight_ratio=4.0, max_accuracy_drop=0.5,
+                           passes=[{"prune": {"method": "structured", "amount": 0.5, "finetune_epochs": 1}},
+                                   {"weight_coding": {"finetune_epochs": 1}}])
+    base, pruned, coded = summary["passes"]
+    assert [r["pass"] for r in summary["passes"]] == ["baseline", "prune", "weight_coding"]
+    assert pruned["settings"] == {"method": "structured", "amount": 0.5, "finetune_epochs": 1}
+    assert pruned["widths"] == [4, 8] and pruned["params"] < base["params"] and pruned["macs"] < base["macs"]
+    assert pruned["weight_bytes"] == 4 * pruned["params"] and pruned["coded_bytes"] is None
+    assert coded["coded_bytes"] == coded["size_bytes"] < coded["weight_bytes"] == pruned["weight_bytes"]
+    assert coded["size_ratio"] == pytest.approx(base["weight_bytes"] / coded["coded_bytes"], rel=1e-3)
+    assert all(r["library_bytes"] > 0 for r in summary["passes"])
+    assert pruned["library_bytes"] <= base["library_bytes"]
+    model, ckpt = load_checkpoint(tmp_path / "c.pt")  # widths changed: still rebuilds and exports
+    assert ckpt["architecture"]["widths"] == [4, 8] and ckpt["weight_coding"]["coded_bytes"] == coded["coded_bytes"]
+    info = export_onnx.run(tmp_path / "c.pt", data, tmp_path / "m.onnx", tmp_path / "e.json")
+    assert info["parity_max_abs_diff"] < 1e-4
+
+
+def test_search_keeps_the_smallest_model_within_budget(small_trained, tmp_path):
+    summary = compress_run(small_trained, tmp_path, max_accuracy_drop=0.1,
+                           passes=[{"prune": {"method": "structured", "amount": 0.5, "finetune_epochs": 1}}],
+                           search={"pass": "prune", "field": "amount", "values": [0.25, 0.5, 0.95]})
+    cands = summary["search"]["candidates"]
+    assert [c["value"] for c in cands] == [0.25, 0.5, 0.95]
+    ok = [c for c in cands if c["within_accuracy_budget"]]
+    assert ok and not cands[2]["within_accuracy_budget"]  # one filter per conv is too few
+    chosen = min(ok, key=lambda c: c["size_bytes"])
+    assert summary["search"]["chosen"] == chosen["value"]
+    assert summary["passes"][-1]["settings"]["amount"] == chosen["value"]
+    assert load_checkpoint(tmp_path / "c.pt")[0] is not None
+
+
+def test_search_with_no_candidate_within_budget_fails_listing_them(small_trained, tmp_path, wreck):
+    with pytest.raises(PassError) as e:
+        compress_run(small_trained, tmp_path, passes=[{"prune": {"method": "magnitude", "amount": 0.5, "finetune_epochs": 0}},
+                                                     {"wreck": {}}],
+                     search={"pass": "prune", "field": "amount", "values": [0.1, 0.2]})
+    assert "compression.max_accuracy_drop 0.01" in str(e.value) and "0.1: drop" in str(e.value)
+    assert len(json.loads((tmp_path / "c.json").read_text())["search"]["candidates"]) == 2
+
+
+@pytest.mark.parametrize("compression, field, expect", [
+    ({"passes": [{"squash": {}}]}, "compression.passes.0", "unknown compression pass 'squash' (available: prune"),
+    ({"passes": [{"prune": {"method": "magnitude", "amount": 0.5}}], "search": {"pass": "quantize", "field": "bits", "values": [4]}},
+     "compression.search.pass", "not one of the listed compression.passes (prune)"),
+    ({"passes": [{"prune": {"method": "magnitude", "amount": 0.5}}], "search": {"pass": "prune", "field": "amount", "values": [0.5, 2]}},
+     "compression.search.values.1", "compression.passes.0.prune.amount"),
+])
+def test_bad_compression_sections(small_trained, tmp_path, compression, field, expect):
+    with pytest.raises(ManifestError) as e:
+        compress_run(small_trained, tmp_path, **compression)
+    assert field in str(e.value) and expect in str(e.value)
+
+
+@pytest.mark.slow
+def test_doit_exports_a_pruned_and_coded_model(kiln_env):
+    data = copy.deepcopy(TINY)
+    data["compression"] = {"max_accuracy_drop": 1.0, "library_bytes": False,
+                           "passes": [{"prune": {"method": "structured", "amount": 0.5, "finetune_epochs": 1}},
+                                      {"weight_coding": {"bits": 4}}]}
+    write_project(kiln_env["projects"], data)
+    env = dict(os.environ, KILN_PROJECTS=str(kiln_env["projects"]), KILN_BUILD=str(kiln_env["build"]))
+    p = run_doit(env, "export:tiny")
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads((kiln_env["build"] / "tiny" / "compress.json").read_text())["passes"]
+    assert rows[-1]["widths"] == [2, 4] and rows[-1]["coded_bytes"] < rows[0]["weight_bytes"]
+    assert json.loads((kiln_env["build"] / "tiny" / "export.json").read_text())["parity_max_abs_diff"] < 1e-4

@@ -1,0 +1,137 @@
+"""The prune pass: structured pruning removes channels for real, magnitude pruning leaves exact
+zeros at the requested sparsity, runs repeat exactly, bad settings name their field."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kiln.errors import ManifestError
+from kiln.nets import build, measure
+from kiln.schema import Architecture
+from passes import compress, prune
+from passes.common import load_checkpoint, rebuild, save_checkpoint, weight_layers
+from tests.passes.conftest import small_project
+
+
+def ctx(project, data):
+    return compress.PassContext(project, data, project.training.seed, 0, "prune")
+
+
+@pytest.mark.parametrize("head", ["gap", "flatten"])
+def test_shrink_computes_what_the_masked_model_computes(head):
+    torch.manual_seed(0)
+    arch = {"family": "cnn", "widths": [6, 10, 12], "head": head, "max_macs": 10**9}
+    ckpt = {"architecture": arch, "channels": 3, "num_classes": 5, "image_size": [16, 16]}
+    model = build(Architecture.model_validate(arch), 3, 5, (16, 16))
+    with torch.no_grad():  # BN statistics and affine terms as after training, not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.2, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    model.eval()
+    keep = prune.filters_to_keep(model, [3, 5, 7])
+    masked = copy.deepcopy(model)
+    prune.mask_filters(masked, keep)
+    small = prune.shrink(model, ckpt, keep).eval()
+
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(small(x), masked(x), atol=1e-5)
+        assert not torch.allclose(model(x), masked(x), atol=1e-3)  # something was removed
+    big, little = measure(model, (3, 16, 16)), measure(small, (3, 16, 16))
+    assert little.params < big.params and little.macs < big.macs
+    assert [m.out_channels for m in small.modules() if isinstance(m, torch.nn.Conv2d)] == [3, 5, 7]
+    # the checkpoint with the new widths rebuilds the same model
+    again = rebuild(dict(ckpt, architecture=dict(arch, widths=[3, 5, 7]), state_dict=small.state_dict()))
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+
+
+def test_filters_kept_are_those_of_largest_folded_l1_norm():
+    arch = Architecture.model_validate({"family": "cnn", "widths": [4], "max_macs": 10**9})
+    model = build(arch, 1, 2, (4, 4)).eval()
+    with torch.no_grad():
+        conv = model[0]
+        conv.weight.copy_(torch.tensor([1.0, 4.0, 2.0, 3.0])[:, None, None, None].expand_as(conv.weight))
+        model[1].weight.copy_(torch.tensor([1.0, 1.0, 4.0, 1.0]))  # BN scale: filter 2 counts 8
+    keep = prune.filters_to_keep(model, [2])
+    assert keep[0].tolist() == [1, 2]
+
+
+def test_structured_pass_removes_channels_and_the_checkpoint_round_trips(small_trained, tmp_path):
+    project, data, model_pt = small_trained
+    model, ckpt = load_checkpoint(model_pt)
+    before = measure(model, (1, 8, 8))
+    pruned, out = prune.run(model, ckpt, {"method": "structured", "amount": 0.5, "steps": 2, "finetune_epochs": 1},
+                            ctx(project, data))
+    assert out["architecture"]["widths"] == [4, 8] and ckpt["architecture"]["widths"] == [8, 16]
+    after = measure(pruned, (1, 8, 8))
+    assert after.params < before.params / 2 and after.macs < before.macs / 2
+    assert [r["widths"] for r in out["pruning"][0]["rounds"]] == [[6, 12], [4, 8]]
+    save_checkpoint(tmp_path / "c.pt", dict(out, state_dict=pruned.state_dict()))
+    loaded, _ = load_checkpoint(tmp_path / "c.pt")
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_magnitude_pruning_leaves_exact_zeros_at_the_requested_sparsity(small_trained, scope):
+    project, data, model_pt = small_trained
+    model, ckpt = load_checkpoint(model_pt)
+    pruned, out = prune.run(model, ckpt, {"method": "magnitude", "scope": scope, "amount": 0.7, "steps": 2,
+                                          "finetune_epochs": 1}, ctx(project, data))
+    assert out["architecture"]["widths"] == [8, 16]  # same shape, zeros inside
+    layers = [m.weight for _, m in weight_layers(pruned)]
+    zeros = [int((w == 0).sum()) for w in layers]
+    if scope == "layer":
+        assert zeros == [round(0.7 * w.numel()) for w in layers]
+    else:
+        total = sum(w.numel() for w in layers)
+        assert sum(zeros) == round(0.7 * total) and len(set(z / w.numel() for z, w in zip(zeros, layers))) > 1
+    assert out["pruning"][0]["rounds"][-1]["sparsity"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_pruning_is_deterministic(small_trained):
+    project, data, model_pt = small_trained
+    runs = []
+    for _ in range(2):
+        model, ckpt = load_checkpoint(model_pt)
+        pruned, _ = prune.run(model, ckpt, {"method": "structured", "amount": 0.4, "finetune_epochs": 1}, ctx(project, data))
+        runs.append(pruned.state_dict())
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_earlier_zeros_survive_a_structured_pass(small_trained):
+    project, data, model_pt = small_trained
+    model, ckpt = load_checkpoint(model_pt)
+    model, ckpt = prune.run(model, ckpt, {"method": "magnitude", "amount": 0.5, "finetune_epochs": 0}, ctx(project, data))
+    model, ckpt = prune.run(model, ckpt, {"method": "structured", "amount": 0.5, "finetune_epochs": 1}, ctx(project, data))
+    conv = next(m for _, m in weight_layers(model))
+    assert ckpt["architecture"]["widths"] == [4, 8] and float((conv.weight == 0).float().mean()) > 0.3
+
+
+@pytest.mark.parametrize("params, field, expect", [
+    ({"method": "structured", "amount": 1.5}, "amount", "less than 1"),
+    ({"method": "magnitude", "amount": 0.5, "sopce": "global"}, "sopce", "unknown setting (expected one of: method, amount"),
+    ({"method": "structured", "amount": 0.5, "scope": "global"}, "scope", "magnitude only"),
+    ({"amount": 0.5}, "method", "Field required"),
+    ({"method": "random", "amount": 0.5}, "method", "'magnitude'"),
+    ({"method": "magnitude", "amount": 0.5, "steps": 0}, "steps", "greater than or equal to 1"),
+])
+def test_bad_settings_name_the_field(small_trained, tmp_path, params, field, expect):
+    _, data, model_pt = small_trained
+    project = small_project(passes=[{"weight_coding": {}}, {"prune": params}])
+    with pytest.raises(ManifestError) as e:  # checked before any pass runs
+        compress.run(project, model_pt, data, tmp_path / "c.pt", tmp_path / "c.json")
+    assert f"field 'compression.passes.1.prune.{field}'" in str(e.value) and expect in str(e.value)
+    assert not (tmp_path / "c.pt").exists()
+    with pytest.raises(ManifestError, match=rf"compression\.passes\.0\.prune\.{field}"):  # the pass checks too
+        model, ckpt = load_checkpoint(model_pt)
+        prune.run(model, ckpt, params, ctx(project, data))
