@@ -13,8 +13,9 @@ from kiln import actions
 from kiln.artifacts import ROOT, Layout, build_root, read_json, runner_dir, tree_fingerprint
 from hil.emulator import lab as emulated_lab
 from hil.lab import lab_boards
-from kiln.config import board_names, load_board, load_project, project_names
+from kiln.config import board_names, load_board, load_project, project_names, trial_budget
 from kiln.errors import KilnError
+from passes.pipeline import COMPRESSION_PASSES, LIBRARY_BOARD
 
 build_root().mkdir(parents=True, exist_ok=True)
 DOIT_CONFIG = {
@@ -158,13 +159,22 @@ def task_train():
 
 
 def task_compress():
-    """Run the manifest's compression passes within its accuracy budget."""
+    """Run the manifest's compression passes within its accuracy and size budgets."""
     for app, p in APPS.items():
-        lay = Layout(app)
+        lay, comp = Layout(app), p.compression
+        # the modules of the passes this manifest lists (fine-tuning reuses train.py's loop);
+        # library_bytes exports and compiles every row for LIBRARY_BOARD
+        passes = sorted({COMPRESSION_PASSES[n].replace(".", "/") + ".py"
+                         for spec in comp.passes for n in spec if n in COMPRESSION_PASSES})
+        library = ["passes/export_onnx.py", "passes/compile_tvm.py", "passes/relax_int8.py"] if comp.library_bytes else []
+        board = BOARDS.get(LIBRARY_BOARD) if comp.library_bytes else None
         yield {"name": app, "doc": f"compress {app}", "actions": [(actions.compress, [app])],
-               "file_dep": [str(lay.model_pt), str(lay.data / "val.npz"), *src("passes/compress.py", "passes/pipeline.py")],
+               "file_dep": [str(lay.model_pt), str(lay.data / "train.npz"), str(lay.data / "val.npz"),
+                            *src("passes/compress.py", "passes/pipeline.py", "passes/common.py", "passes/train.py",
+                                 *passes, *library)],
                "targets": [str(lay.compressed_pt), str(lay.compress_json)],
-               "uptodate": [config_changed(p.compression.model_dump())]}
+               "uptodate": [config_changed({"compression": comp.model_dump(),
+                                            "board": board.model_dump() if board else None})]}
 
 
 def task_export():
@@ -172,8 +182,19 @@ def task_export():
     for app in APPS:
         lay = Layout(app)
         yield {"name": app, "doc": f"export {app} to ONNX", "actions": [(actions.export, [app])],
-               "file_dep": [str(lay.compressed_pt), str(lay.data / "val.npz"), *src("passes/export_onnx.py")],
+               "file_dep": [str(lay.compressed_pt), str(lay.data / "val.npz"), *src("passes/export_onnx.py", "passes/quantize.py", "passes/relax_int8.py")],
                "targets": [str(lay.onnx), str(lay.export_json)]}
+
+
+def task_tune():
+    """MetaSchedule-tune the model's kernels per board type into build/tune/ (reused across rebuilds)."""
+    for app, p in APPS.items():
+        lay = Layout(app)
+        for board in p.targets:
+            yield {"name": f"{app}@{board}", "doc": f"tune {app}'s kernels for board type {board}", "actions": [(actions.tune_board, [app, board])],
+                   "file_dep": [str(lay.onnx), str(lay.export_json), *src("passes/tune.py", "passes/compile_tvm.py", "passes/relax_int8.py")],
+                   "targets": [str(lay.tune_json(board))],
+                   "uptodate": [config_changed({"board": BOARDS[board].model_dump(), "trials": trial_budget(p, BOARDS[board])})]}
 
 
 def task_compile():
@@ -182,7 +203,8 @@ def task_compile():
         lay = Layout(app)
         for board in p.targets:
             yield {"name": f"{app}@{board}", "doc": f"kernel library of {app} for board type {board}", "actions": [(actions.compile_board, [app, board])],
-                   "file_dep": [str(lay.onnx), str(lay.export_json), *src("passes/compile_tvm.py")],
+                   "file_dep": [str(lay.onnx), str(lay.export_json), str(lay.tune_json(board)),
+                                *src("passes/compile_tvm.py", "passes/relax_int8.py", "passes/tune.py")],
                    "targets": [str(lay.library(board)), str(lay.compile_json(board))],
                    "uptodate": [config_changed(BOARDS[board].model_dump())]}
 

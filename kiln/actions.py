@@ -12,8 +12,8 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
-from kiln.artifacts import ROOT, Layout, read_json, runner_dir, runtime_cache, write_json
-from kiln.config import default_inventory, load_board, load_inventory, load_project
+from kiln.artifacts import ROOT, Layout, read_json, runner_dir, runtime_cache, tuning_root, write_json
+from kiln.config import default_inventory, load_board, load_inventory, load_project, trial_budget
 from kiln.errors import KilnError, ManifestError, ValidationError
 
 log = logging.getLogger("kiln")
@@ -96,12 +96,24 @@ def export(app: str) -> None:
 
 
 @action
+def tune_board(app: str, board_type: str) -> None:
+    from passes import tune
+
+    lay = Layout(app)
+    shape = read_json(lay.export_json)["input_shape"]
+    board = load_board(board_type)
+    tune.run(board, lay.onnx, shape, tuning_root(), trial_budget(load_project(app), board), lay.tune_json(board_type))
+
+
+@action
 def compile_board(app: str, board_type: str) -> None:
     from passes import compile_tvm
 
     lay = Layout(app)
     shape = read_json(lay.export_json)["input_shape"]
-    compile_tvm.run(load_board(board_type), lay.onnx, shape, lay.library(board_type), lay.compile_json(board_type))
+    tuning = read_json(lay.tune_json(board_type))
+    compile_tvm.run(load_board(board_type), lay.onnx, shape, lay.library(board_type), lay.compile_json(board_type),
+                    tuning=tuning)
 
 
 @action

@@ -117,11 +117,19 @@ class Layout:
     def compile_json(self, board_type: str) -> Path:
         return self.root / board_type / "compile.json"
 
+    def tune_json(self, board_type: str) -> Path:
+        return self.root / board_type / "tune.json"
+
     def run_json(self, instance: str) -> Path:
         return self.root / instance / "run.json"
 
     def result(self, instance: str) -> Path:
         return self.root / instance / "result.json"
+
+
+def tuning_root() -> Path:
+    """MetaSchedule tuning databases, one per board type and target, shared by every app."""
+    return build_root() / "tune"
 
 
 def runner_dir(arch: str) -> Path:

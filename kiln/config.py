@@ -72,6 +72,12 @@ def board_names() -> list[str]:
     return sorted(p.stem for p in targets_dir().glob("*.yaml"))
 
 
+def trial_budget(project: Project, board: Board) -> int:
+    """MetaSchedule trials for ``project`` on ``board``: the manifest's tuning.trials, else the
+    board type's tune_trials."""
+    return board.tune_trials if project.tuning.trials is None else project.tuning.trials
+
+
 def load_board(name: str) -> Board:
     path = targets_dir() / f"{name}.yaml"
     if not path.exists():

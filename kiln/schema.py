@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -116,17 +116,108 @@ class Training(Strict):
     threads: int = Field(2, ge=1, le=256)
 
 
+class CompressionSearch(Strict):
+    """Try several values of one pass setting; keep the smallest model inside the budgets."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    pass_: str = Field(alias="pass", description="a pass listed in compression.passes (its first occurrence)")
+    field: str = Field(description="one of that pass's settings, e.g. amount")
+    values: list[Any] = Field(min_length=1, description="values to try, each a valid setting")
+
+
 class Compression(Strict):
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="largest val top-1 drop vs the trained model")
     passes: list[dict[str, dict[str, Any]]] = Field(
-        default_factory=list, description="ordered compression passes, e.g. - prune: {...}"
+        default_factory=list, description="ordered compression passes, e.g. - prune: {...}; "
+        "each pass's settings: PruneSettings, WeightCodingSettings, ..."
     )
+    min_weight_ratio: float | None = Field(
+        None, gt=0, description="smallest acceptable baseline weight bytes / final weight bytes "
+        "(coded bytes when weight_coding ran, else as stored)"
+    )
+    max_weight_bytes: int | None = Field(
+        None, gt=0, description="largest acceptable final weight bytes (coded when weight_coding ran, else as stored)"
+    )
+    library_bytes: bool = Field(
+        True, description="also compile each row's model for x86-host and report its kernel library size"
+    )
+    search: CompressionSearch | None = None
+
+
+# --- compression pass settings (validated by each pass, named compression.passes.<i>.<pass>) ---
+
+
+class PruneSettings(Strict):
+    """passes/prune.py: magnitude (unstructured) or L1-norm filter (structured) pruning."""
+
+    method: Literal["magnitude", "structured", "l1_structured"] = Field(
+        description="magnitude: zero the smallest weights; structured (= l1_structured): remove whole "
+        "conv filters with the smallest L1 norm, shrinking architecture.widths"
+    )
+    amount: float = Field(
+        gt=0, lt=1, description="share of weights (magnitude) or of each conv's filters (structured) removed in the end"
+    )
+    scope: Literal["global", "layer"] | None = Field(
+        None, description="magnitude only: one threshold over all layers (global) or the same share per layer "
+        "(layer, the default)"
+    )
+    steps: int = Field(1, ge=1, le=20, description="prune in this many equal rounds, fine-tuning after each")
+    finetune_epochs: int = Field(1, ge=0, le=1000, description="epochs of fine-tuning on the training split after each round")
+    finetune_lr: float | None = Field(None, gt=0, le=10, description="peak (one-cycle) learning rate of fine-tuning "
+                                      "(default: training.lr)")
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, v: str | None, info: ValidationInfo) -> str | None:
+        method = info.data.get("method")
+        if v is not None and method not in (None, "magnitude"):
+            raise ValueError(f"applies to method magnitude only, not {method}")
+        return v
+
+
+class WeightCodingSettings(Strict):
+    """passes/weight_coding.py: per-layer k-means weight sharing + Huffman coding (Deep Compression)."""
+
+    bits: int = Field(4, ge=1, le=8, description="cluster index bits: at most 2**bits shared values per layer")
+    first_bits: int | None = Field(8, ge=1, le=8, description="bits for the first conv, which sees the input: small "
+                                   "and the most sensitive to sharing (null: bits)")
+    linear_bits: int | None = Field(None, ge=1, le=8, description="bits for linear layers (default: bits)")
+    index_bits: int = Field(5, ge=1, le=12, description="sparse layers: zero-run symbols 0..2**index_bits-1 (the last "
+                            "one means 'that many zeros, go on')")
+    iterations: int = Field(30, ge=1, le=1000, description="k-means (Lloyd) iterations at most")
+    finetune_epochs: int = Field(1, ge=0, le=1000, description="epochs fine-tuning the shared values (cluster "
+                                 "assignments fixed) on the training split")
+    finetune_lr: float | None = Field(None, gt=0, le=10, description="peak learning rate of that fine-tuning "
+                                      "(default: training.lr / 3)")
+
+
+class QuantizeSettings(Strict):
+    """passes/quantize.py: int8 post-training quantization (per-channel weights, per-tensor activations)."""
+
+    mode: Literal["int8", "weight_only"] = Field(
+        "int8", description="int8: 8-bit activations too (uint8 where non-negative, else int8), integer "
+        "conv/dense with int32 accumulation in the kernel library; weight_only: int8 weights dequantized inside float kernels"
+    )
+    calibration_samples: int = Field(512, ge=1, le=100_000, description="training-split images that calibrate activation ranges (int8)")
+    calibration: Literal["minmax", "percentile"] = Field(
+        "percentile", description="activation range per tensor: observed min/max, or the percentiles below"
+    )
+    percentile: float = Field(99.99, gt=50, le=100, description="calibration percentile: upper percentile kept (lower: 100 - it)")
 
 
 class Validation(Strict):
     samples: int | None = Field(None, ge=1, description="test samples sent to each board")
     warmup: int = Field(10, ge=0)
     timeout_s: float = Field(900, gt=0)
+
+
+class Tuning(Strict):
+    """MetaSchedule tuning of the kernel libraries (passes/tune.py)."""
+
+    trials: int | None = Field(
+        None, ge=0, description="trial budget per board type for this model; unset: the board type's tune_trials"
+    )
 
 
 class Project(Strict):
@@ -138,6 +229,7 @@ class Project(Strict):
     training: Training
     compression: Compression = Field(default_factory=Compression)
     validation: Validation = Field(default_factory=Validation)
+    tuning: Tuning = Field(default_factory=Tuning)
     targets: list[str] = Field(min_length=1, description="board types from targets/*.yaml")
 
     @field_validator("targets")
@@ -180,6 +272,10 @@ class Board(Strict):
     cores: int = Field(1, ge=1, le=256)
     memory_mb: int = Field(gt=0)
     emulation: Emulation | None = None
+    tune_trials: int = Field(
+        0, ge=0, description="default MetaSchedule trial budget per model for this board type "
+        "(a manifest's tuning.trials overrides it); 0 compiles untuned"
+    )
 
     @field_validator("tvm_target")
     @classmethod

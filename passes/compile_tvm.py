@@ -30,11 +30,31 @@ def resolve_target(board: Board) -> dict[str, Any]:
     return target
 
 
-def run(board: Board, onnx_path: Path, input_shape: list[int], out_so: Path, out_json: Path) -> dict:
+def import_onnx(onnx_path: Path, input_shape: list[int]):
+    """The Relax module Kiln compiles and tunes for an exported model: ONNX import with the
+    weights bound as constants, inference-only ops decomposed, and int8 QDQ patterns lowered to
+    integer kernels (passes/relax_int8.py; a no-op for float models)."""
     import onnx
-    import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
+
+    from passes import relax_int8
+
+    model = onnx.load(str(onnx_path))
+    name = model.graph.input[0].name
+    mod = from_onnx(model, shape_dict={name: input_shape}, keep_params_in_input=False)
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    return relax_int8.lower(mod)
+
+
+def run(board: Board, onnx_path: Path, input_shape: list[int], out_so: Path, out_json: Path,
+        tuning: dict | None = None) -> dict:
+    """Compile ``onnx_path`` for ``board``; ``tuning`` is the tune pass's report (tune.json):
+    when it tuned, the schedules in its database are applied, others stay untuned."""
+    import tvm
+    from tvm import relax
+
+    from passes import tune
 
     if shutil.which(board.cc) is None:
         raise PassError(f"compile for board '{board.name}': compiler '{board.cc}' (field 'cc' of its board file) not found on PATH")
@@ -45,16 +65,22 @@ def run(board: Board, onnx_path: Path, input_shape: list[int], out_so: Path, out
         raise PassError(f"compile for board '{board.name}': invalid tvm_target {target_dict}: {e}") from e
 
     t0 = time.perf_counter()
-    model = onnx.load(str(onnx_path))
-    name = model.graph.input[0].name
-    mod = from_onnx(model, shape_dict={name: input_shape}, keep_params_in_input=False)
-    mod = relax.transform.DecomposeOpsForInference()(mod)
+    mod = import_onnx(onnx_path, input_shape)
+    tuned = None
+    if tuning and tuning.get("measured"):
+        if tuning.get("target") != target_dict:
+            raise PassError(f"compile for board '{board.name}': its tuning report is for target {tuning.get('target')}, "
+                            f"not {target_dict}; rerun the tune task")
+        mod, tuned = tune.apply(mod, target, Path(tuning["database"]))
+    else:
+        mod = tune.prepare(mod, target)  # fusion: without it each op is its own kernel
     try:
         ex = relax.build(mod, target=target)
         with atomic_path(out_so) as tmp:
             # export_library picks the compiler from the name; the temp name must end in .so
             so_tmp = tmp.with_suffix(".so")
-            ex.export_library(str(so_tmp), cc=board.cc)
+            # the kernels' debug info is ~40% of the file and no board uses it
+            ex.export_library(str(so_tmp), cc=board.cc, options=["-Wl,--strip-debug"])
             so_tmp.replace(tmp)
     except Exception as e:  # TVM's build and linker errors carry their own types
         raise PassError(f"compile for board '{board.name}' (target {target_dict}): {e}") from e
@@ -62,6 +88,7 @@ def run(board: Board, onnx_path: Path, input_shape: list[int], out_so: Path, out
         "board": board.name, "target": target_dict, "cc": board.cc, "tvm_version": tvm.__version__,
         "input_shape": input_shape, "library_bytes": out_so.stat().st_size, "sha256": sha256_file(out_so),
         "onnx_sha256": sha256_file(onnx_path), "seconds": round(time.perf_counter() - t0, 2),
+        "tuned_kernels": tuned, "tuning": (tuning or {}).get("why", "not tuned"),
     }
     write_json(out_json, info)
     log.info("compile %s: %s (%d bytes) in %.1f s", board.name, out_so, info["library_bytes"], info["seconds"])

@@ -1,0 +1,116 @@
+"""Deep compression, pass by pass, measured in one run: for an app's trained fp32 model and the
+model after each of its manifest's compression passes, the weight size (as stored, and
+entropy-coded where weight coding ran) and its ratio to fp32, the kernel library size, top-1 on
+the held-out test set as computed by the compiled library, and x86-host latency measured by
+the on-board runner (build/runner/x86_64/kiln-runner, run locally) for the untuned and the
+tuned library. Runner runs are interleaved over the rows, so machine noise lands on every row.
+
+Run after a build (``make deploy``): .venv/bin/python bench/compression.py [--app traffic_signs]
+[--trials N] [--rounds 3]. Tuning reuses build/tune/ (kernels already tuned run no trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from kiln.artifacts import Layout, read_json, runner_dir, tuning_root  # noqa: E402
+from kiln.config import load_board, load_project  # noqa: E402
+
+
+def runner(lib: Path, inputs: Path, shape: list[int], threads: int) -> dict:
+    """Run the on-board runner on this machine; its JSON (predictions, latencies_us)."""
+    rdir = runner_dir("x86_64")
+    env = dict(os.environ, LD_LIBRARY_PATH=str(rdir))
+    out = subprocess.run([str(rdir / "kiln-runner"), "--model", str(lib.resolve()), "--input", str(inputs), "--shape",
+                          ",".join(map(str, shape)), "--warmup", "20", "--threads", str(threads)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"kiln-runner failed on {lib}: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--app", default="traffic_signs")
+    ap.add_argument("--trials", type=int, default=None, help="MetaSchedule trials per row (default: x86-host's tune_trials)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved runner rounds per library")
+    args = ap.parse_args()
+
+    from passes import compile_tvm, compress, export_onnx, tune
+    from passes.common import load_checkpoint, load_split, save_checkpoint
+
+    project, lay, board = load_project(args.app), Layout(args.app), load_board("x86-host")
+    needed = [lay.model_pt, lay.data / "val.npz", lay.data / "test_inputs.bin", runner_dir("x86_64") / "kiln-runner"]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        print(f"error: missing {', '.join(missing)}; build first: .venv/bin/doit deploy:{args.app}", file=sys.stderr)
+        return 2
+    trials = board.tune_trials if args.trials is None else args.trials
+    shape = read_json(lay.data / "data.json")["test_inputs"]["shape"][1:]
+    y_test = np.asarray(read_json(lay.data / "test_labels.json"))
+
+    t0 = time.perf_counter()
+    model, ckpt = load_checkpoint(lay.model_pt)
+    xva, yva = load_split(lay.data, "val")
+    rest, snap = compress._snapshot(model, ckpt)
+    steps = [compress.Step(compress._row("fp32 baseline", {}, model, rest, xva, yva, 0.0), snap)]
+    passes, _, _ = compress._run_passes(compress._specs(project, lay.data), model, rest, xva, yva)
+    steps += passes
+    print(f"# {args.app}: {len(steps) - 1} passes run in {time.perf_counter() - t0:.0f} s; "
+          f"tuning budget {trials} trials per row on x86-host")
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        for i, step in enumerate(steps):
+            d = Path(tmp) / str(i)
+            d.mkdir()
+            save_checkpoint(d / "model.pt", step.snapshot)
+            info = export_onnx.run(d / "model.pt", lay.data, d / "model.onnx", d / "export.json")
+            tinfo = tune.run(board, d / "model.onnx", info["input_shape"], tuning_root(), trials, d / "tune.json")
+            libs = {"untuned": compile_tvm.run(board, d / "model.onnx", info["input_shape"], d / "untuned.so", d / "u.json")}
+            libs["tuned"] = compile_tvm.run(board, d / "model.onnx", info["input_shape"], d / "tuned.so", d / "t.json",
+                                            tuning=tinfo)
+            rows.append({"step": step, "dir": d, "tune": tinfo, "lib_bytes": libs["tuned"]["library_bytes"],
+                         "lat": {"untuned": [], "tuned": []}})
+        for _ in range(args.rounds):
+            for r in rows:
+                for kind in ("untuned", "tuned"):
+                    out = runner(r["dir"] / f"{kind}.so", lay.data / "test_inputs.bin", shape, board.cores)
+                    r["lat"][kind].append(float(np.median(out["latencies_us"])))
+                    r.setdefault("p99", {})[kind] = float(np.percentile(out["latencies_us"], 99))
+                    preds = np.asarray(out["predictions"])
+                    r.setdefault("acc", {})[kind] = float((preds == y_test[: len(preds)]).mean())
+
+    base = rows[0]
+    print("\n| step | widths | params | MACs | weight bytes | coded bytes | size ratio | library bytes | "
+          "test top-1 (library) | Δ top-1 | untuned p50 µs | tuned p50 µs | tuned p99 µs | tuned vs fp32 baseline |")
+    print("|" + "---|" * 14)
+    for r in rows:
+        row = r["step"].row
+        size = row["coded_bytes"] if row["coded_bytes"] is not None else row["weight_bytes"]
+        un, tu = np.median(r["lat"]["untuned"]), np.median(r["lat"]["tuned"])
+        print(f"| {row['pass']} | {row['widths']} | {row['params']:,} | {row['macs']:,} | {row['weight_bytes']:,} | "
+              f"{row['coded_bytes'] if row['coded_bytes'] is not None else '-'} | "
+              f"{base['step'].row['weight_bytes'] / size:.1f}x | {r['lib_bytes']:,} | {100 * r['acc']['tuned']:.2f}% | "
+              f"{100 * (r['acc']['tuned'] - base['acc']['tuned']):+.2f} | {un:.1f} | {tu:.1f} | {r['p99']['tuned']:.1f} | "
+              f"{tu / np.median(base['lat']['tuned']):.2f}x |")
+    print("\n# tuning per row: " + "; ".join(
+        f"{r['step'].row['pass']}: {r['tune']['trials_run']} trials, {r['tune']['seconds']:.0f} s" for r in rows))
+    print(f"# runner: --threads {board.cores}, median over {args.rounds} interleaved rounds of "
+          f"{len(y_test)} test images each (p99 from the last round)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

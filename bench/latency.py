@@ -1,0 +1,189 @@
+"""Per-inference latency on this machine (x86-host), side by side in one run: TVM untuned
+(generic x86-64, then the board's mcpu), TVM tuned (the build's MetaSchedule database), ONNX
+Runtime and PyTorch eager, at batch 1 with the same thread count.
+
+For each app it benchmarks the trained fp32 network (model.pt, exported here to a temporary
+ONNX file) and the deployed model (model.onnx: the compressed one the boards run). Every
+engine is timed by the same Python loop (perf_counter around one call), in interleaved rounds
+so that machine noise lands on all of them alike. Kernels the tuning database lacks are tuned
+first with --trials trials (0: report them untuned).
+
+Run after a build (``make deploy`` or ``doit deploy:<app>``):
+    .venv/bin/python bench/latency.py [--apps traffic_signs check_digits] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--apps", nargs="+", default=["traffic_signs", "check_digits"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per engine")
+    ap.add_argument("--calls", type=int, default=200, help="timed calls per engine per round")
+    ap.add_argument("--trials", type=int, default=None,
+                    help="MetaSchedule trials for kernels the database lacks (default: the x86-host board's tune_trials)")
+    return ap.parse_args()
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None:  # thread pools read these when they start
+    os.environ["TVM_NUM_THREADS"] = str(ARGS.threads)
+    os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+
+from kiln.artifacts import Layout, tuning_root  # noqa: E402
+from kiln.config import load_board  # noqa: E402
+
+
+def peak_gflops(cores: int) -> tuple[float, str]:
+    """Theoretical fp32 peak: cores x GHz x FLOP/cycle (2 FMA pipes x vector lanes x 2)."""
+    flags, mhz = set(), 0.0
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+        if line.startswith("cpu MHz") and not mhz:
+            mhz = float(line.split(":", 1)[1])
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    per_cycle = 2 * lanes * (2 if "fma" in flags else 1)
+    return cores * mhz / 1000 * per_cycle, f"{cores} cores x {mhz / 1000:.2f} GHz x {per_cycle} FLOP/cycle"
+
+
+def timed(fn, calls: int) -> list[float]:
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def tvm_engine(onnx_path: Path, shape: list[int], target_dict: dict, database: Path | None):
+    import tvm
+    from tvm import relax
+
+    from passes import compile_tvm, tune
+
+    target = tvm.target.Target(target_dict)
+    mod = compile_tvm.import_onnx(onnx_path, shape)
+    if database is not None:
+        mod, _ = tune.apply(mod, target, database)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    x = tvm.runtime.tensor(np.random.default_rng(0).random(shape, dtype=np.float32))
+    f = vm["main"]
+    return lambda: f(x)
+
+
+def ort_engine(onnx_path: Path, shape: list[int], threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    s = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    feed = {s.get_inputs()[0].name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+    return lambda: s.run(None, feed)
+
+
+def torch_engine(model, shape: list[int], threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.from_numpy(np.random.default_rng(0).random(shape, dtype=np.float32))
+    model.eval()
+
+    def call():
+        with torch.no_grad():
+            model(x)
+
+    return call
+
+
+def bench_model(label: str, onnx_path: Path, shape: list[int], macs: int, torch_model, args, board, tune_root: Path):
+    from passes import compile_tvm, tune
+
+    target = compile_tvm.resolve_target(board)
+    generic = {k: v for k, v in target.items() if k not in ("mcpu", "mattr")}
+    trials = board.tune_trials if args.trials is None else args.trials
+    tune_info = tune.run(board, onnx_path, shape, tune_root, trials, tune_root / f"bench-{label}.json")
+    db = Path(tune_info["database"]) if tune_info["measured"] else None
+    engines = {
+        "TVM untuned (generic x86-64)": tvm_engine(onnx_path, shape, generic, None),
+        f"TVM untuned (mcpu {target.get('mcpu')})": tvm_engine(onnx_path, shape, target, None),
+        "TVM tuned": tvm_engine(onnx_path, shape, target, db) if db else None,
+        "ONNX Runtime": ort_engine(onnx_path, shape, args.threads),
+        "PyTorch eager": torch_engine(torch_model, shape, args.threads) if torch_model is not None else None,
+    }
+    engines = {k: v for k, v in engines.items() if v is not None}
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    for fn in engines.values():  # warm up: thread pools, caches, lazy init
+        timed(fn, 50)
+    for _ in range(args.rounds):
+        for name, fn in engines.items():
+            times[name] += timed(fn, args.calls)
+    return tune_info, {k: (float(np.median(v)), float(np.percentile(v, 99))) for k, v in times.items()}
+
+
+def main() -> int:
+    import torch
+
+    from passes.common import load_checkpoint
+    from passes.export_onnx import export_float
+    from kiln.nets import measure
+
+    args = ARGS
+    board = load_board("x86-host")
+    peak, peak_how = peak_gflops(args.threads)
+    print(f"# bench/latency.py: batch 1, {args.threads} threads, x86-host; peak {peak:.0f} GFLOP/s ({peak_how})")
+    print("# same Python timing loop for every engine; medians over "
+          f"{args.rounds} interleaved rounds x {args.calls} calls")
+    summary = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for app in args.apps:
+            lay = Layout(app)
+            for p in (lay.model_pt, lay.compressed_pt, lay.onnx, lay.export_json):
+                if not p.exists():
+                    print(f"error: {p} is missing; build the app first: .venv/bin/doit deploy:{app}", file=sys.stderr)
+                    return 2
+            fp32, ckpt = load_checkpoint(lay.model_pt)
+            shape = [1, ckpt["channels"], *ckpt["image_size"]]
+            fp32_onnx = Path(tmp) / f"{app}-fp32.onnx"
+            export_float(fp32, tuple(shape), fp32_onnx)
+            deployed, dckpt = load_checkpoint(lay.compressed_pt)
+            models = [("fp32 trained", fp32_onnx, fp32, measure(fp32, tuple(shape[1:])).macs)]
+            quantized = bool(dckpt.get("quantization"))
+            models.append(("deployed" + (" int8" if quantized else ""), lay.onnx, None if quantized else deployed,
+                           measure(deployed, tuple(shape[1:])).macs))
+            for label, onnx_path, tmodel, macs in models:
+                tune_info, res = bench_model(f"{app}-{label.replace(' ', '-')}", onnx_path, shape, macs, tmodel,
+                                             args, board, tuning_root())
+                print(f"\n## {app}, {label}: {macs:,} MACs; tuning: {tune_info['trials_run']} trials run now, "
+                      f"{tune_info.get('tasks_reused', 0)}/{len(tune_info['tasks'])} kernels from the database, "
+                      f"{tune_info['seconds']:.0f} s ({tune_info['why']})")
+                print("| engine | median µs | p99 µs | GFLOP/s | % of peak | vs ONNX Runtime |")
+                print("|---|---|---|---|---|---|")
+                ort_med = res["ONNX Runtime"][0]
+                for name, (med, p99) in res.items():
+                    gflops = 2 * macs / med / 1e9
+                    print(f"| {name} | {med * 1e6:.1f} | {p99 * 1e6:.1f} | {gflops:.1f} | {100 * gflops / peak:.1f} | "
+                          f"{med / ort_med:.2f}x |")
+                if "TVM tuned" in res:
+                    summary.append((app, label, res["TVM tuned"][0] / ort_med))
+    print("\n# TVM tuned / ONNX Runtime, median:")
+    for app, label, ratio in summary:
+        print(f"#   {app} {label}: {ratio:.2f}x")
+    del torch
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

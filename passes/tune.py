@@ -1,0 +1,280 @@
+"""Tune pass: MetaSchedule search for a model's kernels on one board type, into a persistent
+tuning database that the compile pass applies.
+
+The database lives under ``build/tune/<board>-<target hash>/`` (MetaSchedule's JSON workload and
+record files), keyed by the resolved TVM target, and is shared by every app compiled for that
+board type. Tasks are keyed by their TIR workload (layer shapes and dtypes, not weight values),
+so retraining a model whose layer shapes are unchanged finds every task already tuned and runs
+no trials.
+
+Where it measures (issue #5): only a board whose code runs natively on this machine gives a
+cost signal — the host board itself, or another x86_64 board type whose ISA the host CPU
+implements (an AVX2 board on an AVX2 host): candidates are built for the *board's* target and
+timed here, and the report says so. qemu-user timings are never used as a cost signal; a board
+that can be neither measured natively nor reached over TVM RPC is not tuned and the report
+gives the reason.
+
+Two things make MetaSchedule usable on a 2-core build machine (see README, "Tuning"):
+- candidates are built in this process, one after another; MetaSchedule's default builder
+  starts fresh worker processes for every batch, each of which imports every tensor-intrinsic
+  table (CUDA's takes 15-50 s here), so its 30 s build timeout failed every candidate;
+- only the CPU tensor-intrinsic tables are imported (x86, arm), for the same reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+from kiln.artifacts import write_json
+from kiln.errors import PassError
+from kiln.schema import Board
+
+log = logging.getLogger("kiln.tune")
+
+
+def target_key(board: Board, target: dict[str, Any]) -> str:
+    """Directory name of a board type's tuning database: its name plus a hash of the target."""
+    digest = hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{board.name}-{digest}"
+
+
+def host_isa_flags() -> set[str]:
+    """CPU feature flags of this machine (/proc/cpuinfo), lower case."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# ISA flags (as /proc/cpuinfo names them) an x86 mcpu needs; a board type whose mcpu is listed
+# here runs natively on a host that has them all
+_MCPU_FLAGS = {
+    "haswell": {"avx2", "fma", "bmi2"},
+    "broadwell": {"avx2", "fma", "bmi2", "adx"},
+    "skylake": {"avx2", "fma", "bmi2", "adx"},
+    "znver2": {"avx2", "fma", "bmi2"},
+    "znver3": {"avx2", "fma", "bmi2", "vaes"},
+    "skylake-avx512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "cascadelake": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+    "icelake-server": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+}
+
+
+def where_to_measure(board: Board, target: dict[str, Any]) -> tuple[str | None, str]:
+    """(mode, why): mode ``native`` when candidates built for this board's target can be timed on
+    this machine, else None with the reason it is not tuned."""
+    import platform
+
+    if board.arch != platform.machine():
+        return None, (
+            f"{board.arch} board: its code cannot run natively here, qemu-user timings are not a cost "
+            "signal, and the lab has no TVM RPC server for it; compiled untuned"
+        )
+    if board.emulation is None and board.tvm_target.get("mcpu") == "host":
+        return "native", "the host itself"
+    mcpu = str(target.get("mcpu", ""))
+    needed = _MCPU_FLAGS.get(mcpu)
+    if needed is None:
+        return None, f"no known ISA for mcpu '{mcpu}' to check against this CPU; compiled untuned"
+    missing = needed - host_isa_flags()
+    if missing:
+        return None, f"this CPU lacks {sorted(missing)} needed by mcpu '{mcpu}'; compiled untuned"
+    return "native", f"tuned on this machine for the board's target (mcpu {mcpu}); this CPU implements its ISA"
+
+
+def _import_cpu_tensor_intrinsics() -> None:
+    """Register the x86 and arm tensor intrinsics without importing the GPU tables.
+
+    ``import tvm.s_tir.tensor_intrin`` (done by MetaSchedule's TuneContext) imports the CUDA and
+    ROCm tables too, which takes 15-50 s on this machine; CPU targets only use x86 and arm ones.
+    """
+    import importlib
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    import tvm.s_tir as s_tir
+
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [str(Path(s_tir.__file__).parent / "tensor_intrin")]
+    pkg.__package__ = name
+    sys.modules[name] = pkg
+    try:
+        for sub in ("x86", "arm_cpu"):
+            setattr(pkg, sub, importlib.import_module(f"{name}.{sub}"))
+    except Exception:
+        del sys.modules[name]
+        raise
+
+
+def _in_process_builder():
+    """A MetaSchedule builder that compiles candidates in this process (see module doc)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for bi in build_inputs:
+                try:
+                    results.append(BuilderResult(default_export(default_build(bi.mod, bi.target, None)), None))
+                except Exception as e:  # a candidate that fails to build is skipped by the search
+                    results.append(BuilderResult(None, f"build failed: {e}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def prepare(mod, target):
+    """Legalize and fuse ``mod`` the way MetaSchedule extracts tasks and the compile pass applies
+    the database (relax's zero pipeline)."""
+    from tvm import relax
+
+    with target:
+        return relax.get_pipeline("zero")(mod)
+
+
+def open_database(db_dir: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    db_dir.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(
+        path_workload=str(db_dir / "database_workload.json"),
+        path_tuning_record=str(db_dir / "database_tuning_record.json"),
+        module_equality="structural",
+    )
+
+
+def run(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, trials: int, out_json: Path) -> dict:
+    """Tune ``onnx_path``'s untuned tasks for ``board`` with up to ``trials`` trials in all."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    from passes.compile_tvm import import_onnx, resolve_target
+
+    t0 = time.perf_counter()
+    target_dict = resolve_target(board)
+    db_dir = db_root / target_key(board, target_dict)
+    mode, why = where_to_measure(board, target_dict)
+    info: dict[str, Any] = {"board": board.name, "target": target_dict, "database": str(db_dir), "measured": mode,
+                            "why": why, "trial_budget": trials, "tasks": [], "trials_run": 0}
+    if mode is None or trials == 0:
+        if trials == 0:
+            info["why"] = "trial budget is 0; compiled untuned"
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json(out_json, info)
+        log.info("tune %s: not tuned (%s)", board.name, info["why"])
+        return info
+    target = tvm.target.Target(target_dict)
+    _import_cpu_tensor_intrinsics()
+    mod = prepare(import_onnx(onnx_path, input_shape), target)
+    db = open_database(db_dir)
+    extracted = ms.relax_integration.extract_tasks(mod, target)
+    todo = []
+    for task in extracted:
+        tuned = db.has_workload(task.dispatched[0])
+        flops = float(estimate_tir_flops(task.dispatched[0])) * task.weight
+        info["tasks"].append({"name": task.task_name, "weight": task.weight, "flops": flops, "reused": tuned})
+        if not tuned:
+            todo.append((task, flops))
+    info["tasks_reused"] = sum(t["reused"] for t in info["tasks"])
+    if todo:
+        plan = allocate(todo, trials)
+        log.info("tune %s: %d of %d kernels to tune with %d trials (%s), measured %s", board.name, len(todo),
+                 len(extracted), trials, ", ".join(f"{t.task_name}: {n}" for t, n in plan), mode)
+        for group in _groups(plan):
+            _tune_group(group, db, db_dir, ms)
+        info["trials_run"] = _count_trials(db, [t for t, _ in todo])
+        info["plan"] = {t.task_name: n for t, n in plan}
+    else:
+        log.info("tune %s: all %d kernels already in %s; no trials", board.name, len(extracted), db_dir)
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(out_json, info)
+    return info
+
+
+LIGHT_SHARE = 0.05  # kernels under 5% of the model's FLOPs (pooling, reshapes, the head) ...
+LIGHT_TRIALS = 8  # ... get this many trials; the heavy ones (convolutions) share the rest
+SEARCH_ROUND = 16  # candidates measured per search round
+
+
+def allocate(todo: list[tuple[Any, float]], trials: int) -> list[tuple[Any, int]]:
+    """Trials per task: a few for light kernels, the rest split over the heavy ones by FLOPs."""
+    total = sum(f for _, f in todo) or 1.0
+    light = [t for t, f in todo if f < LIGHT_SHARE * total]
+    heavy = [(t, f) for t, f in todo if f >= LIGHT_SHARE * total]
+    per_light = min(LIGHT_TRIALS, trials // max(1, len(todo)))
+    left = max(0, trials - per_light * len(light))
+    heavy_total = sum(f for _, f in heavy) or 1.0
+    plan = [(t, per_light) for t in light]
+    for t, f in heavy:
+        n = max(1, int(left * f / heavy_total))
+        # whole search rounds: a last round of a few candidates costs a full search
+        plan.append((t, n - n % SEARCH_ROUND if n >= SEARCH_ROUND else n))
+    return [(t, n) for t, n in plan if n > 0]
+
+
+def _groups(plan: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
+    """Tasks with the same trial count tune together (MetaSchedule takes one per-task cap)."""
+    by_n: dict[int, list] = {}
+    for t, n in plan:
+        by_n.setdefault(n, []).append((t, n))
+    return list(by_n.values())
+
+
+def _tune_group(group: list[tuple[Any, int]], db, db_dir: Path, ms) -> None:
+    per_task = group[0][1]
+    # more than one search round per task: an xgboost cost model steers the later rounds;
+    # a single round is random sampling, where training the model would only cost time
+    per_iter = min(SEARCH_ROUND, per_task)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        extracted_tasks=[t for t, _ in group], work_dir=str(db_dir / "logs"), space="post-order-apply",
+        # a smaller population than MetaSchedule's 512: the search itself, not the
+        # measurements, dominated tuning time on 2 cores
+        strategy=ms.search_strategy.EvolutionarySearch(population_size=128, genetic_num_iters=3),
+        num_threads=2, seed=0,
+    )
+    ms.tune.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(db_dir / "logs"), max_trials_global=per_task * len(group),
+        max_trials_per_task=per_task, num_trials_per_iter=per_iter, builder=_in_process_builder(),
+        runner=ms.runner.LocalRunner(timeout_sec=30), database=db,
+        cost_model="xgb" if per_task > per_iter else "random",
+    )
+
+
+def _count_trials(db, tasks) -> int:
+    n = 0
+    for task in tasks:
+        wl = db.commit_workload(task.dispatched[0])
+        n += len(db.get_top_k(wl, 100000))
+    return n
+
+
+def apply(mod, target, db_dir: Path):
+    """``(mod with the tuned schedules from db_dir applied, {"tuned": n, "untuned": [names]})``;
+    kernels without a record stay as they are."""
+    from tvm import relax, tirx
+
+    if not (db_dir / "database_tuning_record.json").exists():
+        raise PassError(f"tuning database {db_dir} is missing; rerun the tune task")
+    _import_cpu_tensor_intrinsics()
+    mod = prepare(mod, target)
+    before = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+    with target, open_database(db_dir):
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    after = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+    tuned = sorted(n for n in before if n in after and not after[n].same_as(before[n]))
+    return mod, {"tuned": len(tuned), "untuned": sorted(set(before) - set(tuned))}
