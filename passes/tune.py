@@ -172,7 +172,7 @@ def run(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, tr
     info: dict[str, Any] = {"board": board.name, "target": target_dict, "database": str(db_dir), "measured": mode,
                             "why": why, "trial_budget": trials, "tasks": [], "trials_run": 0}
     if mode is None or trials == 0:
-        if trials == 0:
+        if mode is not None:
             info["why"] = "trial budget is 0; compiled untuned"
         info["seconds"] = round(time.perf_counter() - t0, 2)
         write_json(out_json, info)
@@ -212,18 +212,21 @@ SEARCH_ROUND = 16  # candidates measured per search round
 
 
 def allocate(todo: list[tuple[Any, float]], trials: int) -> list[tuple[Any, int]]:
-    """Trials per task: a few for light kernels, the rest split over the heavy ones by FLOPs."""
+    """Trials per task: a few for light kernels; the rest in whole search rounds to the heavy
+    ones by FLOPs (largest remainder), any last partial round to the heaviest."""
     total = sum(f for _, f in todo) or 1.0
     light = [t for t, f in todo if f < LIGHT_SHARE * total]
-    heavy = [(t, f) for t, f in todo if f >= LIGHT_SHARE * total]
+    heavy = sorted(((t, f) for t, f in todo if f >= LIGHT_SHARE * total), key=lambda tf: -tf[1])
     per_light = min(LIGHT_TRIALS, trials // max(1, len(todo)))
     left = max(0, trials - per_light * len(light))
+    rounds, partial = divmod(left, SEARCH_ROUND)
     heavy_total = sum(f for _, f in heavy) or 1.0
+    shares = [rounds * f / heavy_total for _, f in heavy]
+    counts = [int(s) for s in shares]
+    for i in sorted(range(len(heavy)), key=lambda i: counts[i] - shares[i])[: rounds - sum(counts)]:
+        counts[i] += 1
     plan = [(t, per_light) for t in light]
-    for t, f in heavy:
-        n = max(1, int(left * f / heavy_total))
-        # whole search rounds: a last round of a few candidates costs a full search
-        plan.append((t, n - n % SEARCH_ROUND if n >= SEARCH_ROUND else n))
+    plan += [(t, n * SEARCH_ROUND + (partial if i == 0 else 0)) for i, ((t, _), n) in enumerate(zip(heavy, counts))]
     return [(t, n) for t, n in plan if n > 0]
 
 
