@@ -150,10 +150,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for app in args.apps:
             lay = Layout(app)
-            for p in (lay.model_pt, lay.compressed_pt, lay.onnx, lay.export_json):
-                if not p.exists():
-                    print(f"error: {p} is missing; build the app first: .venv/bin/doit deploy:{app}", file=sys.stderr)
-                    return 2
+            missing = [str(p) for p in (lay.model_pt, lay.compressed_pt, lay.onnx, lay.export_json) if not p.exists()]
+            if missing:
+                print(f"\n## {app}: skipped, {', '.join(missing)} missing; build it first: .venv/bin/doit deploy:{app}")
+                continue
             fp32, ckpt = load_checkpoint(lay.model_pt)
             shape = [1, ckpt["channels"], *ckpt["image_size"]]
             fp32_onnx = Path(tmp) / f"{app}-fp32.onnx"

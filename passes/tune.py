@@ -183,24 +183,30 @@ def run(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, tr
     mod = prepare(import_onnx(onnx_path, input_shape), target)
     db = open_database(db_dir)
     extracted = ms.relax_integration.extract_tasks(mod, target)
-    todo = []
-    for task in extracted:
-        tuned = db.has_workload(task.dispatched[0])
-        flops = float(estimate_tir_flops(task.dispatched[0])) * task.weight
-        info["tasks"].append({"name": task.task_name, "weight": task.weight, "flops": flops, "reused": tuned})
-        if not tuned:
-            todo.append((task, flops))
+    flops = [float(estimate_tir_flops(t.dispatched[0])) * t.weight for t in extracted]
+    spent = _spent(db_dir)
+    records_before = [_records(db, t) for t in extracted]
+    have = [max(_records(db, t), spent.get(_key(t), 0)) for t in extracted]
+    # the budget is per model: kernels already measured as often as the plan gives them (the
+    # same layer shapes, from an earlier build of any app) are reused and not tuned again
+    plan = allocate(list(zip(extracted, flops)), trials)
+    todo = [(t, n - have[extracted.index(t)]) for t, n in plan if n - have[extracted.index(t)] > 0]
+    for t, f, h in zip(extracted, flops, have):
+        info["tasks"].append({"name": t.task_name, "weight": t.weight, "flops": f, "records": h,
+                              "reused": h > 0 and all(t is not u for u, _ in todo)})
     info["tasks_reused"] = sum(t["reused"] for t in info["tasks"])
+    info["plan"] = {t.task_name: n for t, n in plan}
     if todo:
-        plan = allocate(todo, trials)
-        log.info("tune %s: %d of %d kernels to tune with %d trials (%s), measured %s", board.name, len(todo),
-                 len(extracted), trials, ", ".join(f"{t.task_name}: {n}" for t, n in plan), mode)
-        for group in _groups(plan):
+        log.info("tune %s: %d of %d kernels to tune, %d trials (%s), measured %s", board.name, len(todo),
+                 len(extracted), sum(n for _, n in todo), ", ".join(f"{t.task_name}: {n}" for t, n in todo), mode)
+        for group in _groups(todo):
             _tune_group(group, db, db_dir, ms)
-        info["trials_run"] = _count_trials(db, [t for t, _ in todo])
-        info["plan"] = {t.task_name: n for t, n in plan}
+            for t, n in group:
+                spent[_key(t)] = have[extracted.index(t)] + n
+            write_json(db_dir / SPENT, spent)
+        info["trials_run"] = sum(_records(db, t) for t in extracted) - sum(records_before)
     else:
-        log.info("tune %s: all %d kernels already in %s; no trials", board.name, len(extracted), db_dir)
+        log.info("tune %s: all %d kernels already tuned in %s; no trials", board.name, len(extracted), db_dir)
     info["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(out_json, info)
     return info
@@ -258,12 +264,27 @@ def _tune_group(group: list[tuple[Any, int]], db, db_dir: Path, ms) -> None:
     )
 
 
-def _count_trials(db, tasks) -> int:
-    n = 0
-    for task in tasks:
-        wl = db.commit_workload(task.dispatched[0])
-        n += len(db.get_top_k(wl, 100000))
-    return n
+SPENT = "kiln-trials.json"  # trials spent per kernel: a small search space may yield fewer records
+
+
+def _key(task) -> str:
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(task.dispatched[0]))
+
+
+def _spent(db_dir: Path) -> dict[str, int]:
+    try:
+        return json.loads((db_dir / SPENT).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _records(db, task) -> int:
+    """Measured candidates of ``task``'s kernel in the database."""
+    if not db.has_workload(task.dispatched[0]):
+        return 0
+    return len(db.get_top_k(db.commit_workload(task.dispatched[0]), 1_000_000))
 
 
 def apply(mod, target, db_dir: Path):

@@ -25,6 +25,10 @@ def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipeline")
     data = copy.deepcopy(TINY)
     data["targets"] = ["x86-host", "rpi4"]
+    # the whole chain: prune, int8 quantization, a short MetaSchedule tuning for x86-host
+    data["compression"] = {"max_accuracy_drop": 1.0, "passes": [
+        {"prune": {"method": "structured", "amount": 0.5}}, {"quantize": {"mode": "int8", "calibration_samples": 64}}]}
+    data["tuning"] = {"trials": 12}
     manifest = write_project(base / "projects", data)
     e = dict(os.environ, KILN_PROJECTS=str(base / "projects"), KILN_BUILD=str(base / "build"))
     first = run_doit(e, "deploy:tiny")
@@ -47,6 +51,7 @@ def edit(manifest: Path, fn) -> None:
 
 def test_first_build_runs_every_stage_and_reports_both_boards(env):
     assert executed(env["first"]) >= {"synth:tiny", "data:tiny", "train:tiny", "compress:tiny", "export:tiny",
+                                     "tune:tiny@x86-host", "tune:tiny@rpi4",
                                      "compile:tiny@x86-host", "compile:tiny@rpi4", "runner:x86_64",
                                      "runner:aarch64", "hil:tiny@x86-host", "hil:tiny@rpi4", "deploy:tiny"}
     report = json.loads((env["build"] / "report.json").read_text())
@@ -61,6 +66,20 @@ def test_first_build_runs_every_stage_and_reports_both_boards(env):
     assert not (env["build"].parent / "lab" / "state.json").exists()
 
 
+def test_int8_pruned_model_is_tuned_for_x86_and_not_for_the_emulated_arm_board(env):
+    b = env["build"]
+    comp = json.loads((b / "compress.json").read_text())
+    assert [r["pass"] for r in comp["passes"]] == ["baseline", "prune", "quantize"]
+    assert comp["passes"][-1]["widths"] == [2, 4] and comp["size_ratio"] > 4
+    assert json.loads((b / "export.json").read_text())["quantization"] == "int8"
+    x86 = json.loads((b / "x86-host" / "tune.json").read_text())
+    assert x86["measured"] == "native" and 0 < x86["trials_run"] <= 12
+    assert json.loads((b / "x86-host" / "compile.json").read_text())["tuned_kernels"]["tuned"] > 0
+    arm = json.loads((b / "rpi4" / "tune.json").read_text())
+    assert arm["measured"] is None and "qemu-user timings are not a cost signal" in arm["why"]
+    assert json.loads((b / "rpi4" / "compile.json").read_text())["tuned_kernels"] is None
+
+
 def test_boards_compute_what_onnxruntime_computes(env):
     """The kernel libraries run by the C++ runner (native and under qemu) give ONNX Runtime's
     predictions on the same inputs: the boards really ran the model."""
@@ -68,7 +87,9 @@ def test_boards_compute_what_onnxruntime_computes(env):
 
     b = env["build"]
     x = np.fromfile(b / "data" / "test_inputs.bin", dtype="<f4").reshape(-1, 3, 16, 16)[:24]
-    sess = ort.InferenceSession(str(b / "model.onnx"), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()  # the QDQ graph's own meaning: ORT's fused x86 int8 kernels saturate
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(str(b / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     want = [int(sess.run(None, {"input": x[i : i + 1]})[0].argmax()) for i in range(len(x))]
     for board in ("x86-host", "rpi4"):
         got = json.loads((b / board / "run.json").read_text())["runner"]["predictions"]
@@ -87,6 +108,10 @@ def test_training_change_reruns_train_and_after_but_not_data(env):
     ran = executed(p)
     assert {"train:tiny", "compress:tiny", "export:tiny", "compile:tiny@rpi4", "deploy:tiny"} <= ran
     assert not ran & {"synth:tiny", "data:tiny", "runner:x86_64", "runner:aarch64"}
+    # retrained, same layer shapes: every kernel is found in the tuning database, no trials
+    tune = json.loads((env["build"] / "x86-host" / "tune.json").read_text())
+    assert "tune:tiny@x86-host" in ran and tune["trials_run"] == 0
+    assert tune["tasks_reused"] == len([t for t in tune["tasks"] if tune["plan"].get(t["name"])]) > 0
 
 
 def test_requirement_change_reruns_only_validation(env):
