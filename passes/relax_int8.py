@@ -63,6 +63,28 @@ class _Skip(Exception):
     """A matched pattern this lowering does not handle: leave the expression as it is."""
 
 
+def _in_out(orig, xq, x):
+    """(8-bit output dtype, (scale, zero point) of the input, of the output) of a matched
+    ``quantize(op(dequantize(xq)))``; _Skip unless both sides are 8-bit per-tensor."""
+    _act_dtype(xq)
+    out_dtype = str(orig.attrs.out_dtype)
+    if out_dtype not in ACT_RANGE:
+        raise _Skip
+    return out_dtype, _per_tensor(x), _per_tensor(orig)
+
+
+def _or_original(rewriter):
+    """``rewriter`` that returns the matched expression unchanged when it raises _Skip."""
+
+    def rewrite(orig, m):
+        try:
+            return rewriter(orig, m)
+        except _Skip:
+            return orig
+
+    return rewrite
+
+
 def _np(expr) -> np.ndarray:
     from tvm.ir.expr import Constant
 
@@ -189,34 +211,26 @@ class _Rewrites:
         root = is_op("relax.quantize")(relu | add | conv, is_const(), is_const())
 
         def rewrite(orig, m):
-            try:
-                attrs = m[conv].attrs
-                if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW":
-                    raise _Skip
-                _act_dtype(m[xq])
-                out_dtype = str(orig.attrs.out_dtype)
-                if out_dtype not in ACT_RANGE:
-                    raise _Skip
-                s_x, zp_x = _per_tensor(m[x])
-                s_out, zp_out = _per_tensor(orig)
-                wq, s_w = _weight(m[w], 0)
-                acc_scale = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)
-                bias = np.zeros(len(s_w), np.int64)
-                if add in m:
-                    bias = _bias(m[b_val] if b_dq not in m else None, m.get(b_dq), acc_scale)
-                bias = _int32(bias - zp_x * wq.reshape(len(s_w), -1).astype(np.int64).sum(1))
-                data, padding = m[xq], [int(p) for p in attrs.padding]
-                if zp_x != 0 and any(padding):  # pad with the zero point, the code of 0.0 (int8 only)
-                    top, left, bottom, right = padding
-                    data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zp_x))
-                    padding = [0, 0, 0, 0]
-                acc = relax.op.nn.conv2d(data, relax.const(wq, "int8"), strides=attrs.strides, padding=padding,
-                                         dilation=attrs.dilation, groups=attrs.groups, out_dtype="int32")
-                acc = relax.op.add(acc, relax.const(bias.reshape(1, -1, 1, 1), "int32"))
-                mult = requant_multiplier(s_x, s_w, s_out)
-                return _requantize(acc, mult, (1, -1, 1, 1), zp_out, relu in m, out_dtype)
-            except _Skip:
-                return orig
+            attrs = m[conv].attrs
+            if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or attrs.out_layout != "NCHW":
+                raise _Skip
+            out_dtype, (s_x, zp_x), (s_out, zp_out) = _in_out(orig, m[xq], m[x])
+            wq, s_w = _weight(m[w], 0)
+            acc_scale = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)
+            bias = np.zeros(len(s_w), np.int64)
+            if add in m:
+                bias = _bias(m[b_val] if b_dq not in m else None, m.get(b_dq), acc_scale)
+            bias = _int32(bias - zp_x * wq.reshape(len(s_w), -1).astype(np.int64).sum(1))
+            data, padding = m[xq], [int(p) for p in attrs.padding]
+            if zp_x != 0 and any(padding):  # pad with the zero point, the code of 0.0 (int8 only)
+                top, left, bottom, right = padding
+                data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zp_x))
+                padding = [0, 0, 0, 0]
+            acc = relax.op.nn.conv2d(data, relax.const(wq, "int8"), strides=attrs.strides, padding=padding,
+                                     dilation=attrs.dilation, groups=attrs.groups, out_dtype="int32")
+            acc = relax.op.add(acc, relax.const(bias.reshape(1, -1, 1, 1), "int32"))
+            mult = requant_multiplier(s_x, s_w, s_out)
+            return _requantize(acc, mult, (1, -1, 1, 1), zp_out, relu in m, out_dtype)
 
         return root, rewrite
 
@@ -274,12 +288,9 @@ class _Rewrites:
         root = is_op("relax.quantize")(relu | add | mm, is_const(), is_const())
 
         def rewrite(orig, m):
-            try:
-                if str(orig.attrs.out_dtype) not in ACT_RANGE:
-                    raise _Skip
-                return self._dense(orig, m, parts, relu in m, orig)
-            except _Skip:
-                return orig
+            if str(orig.attrs.out_dtype) not in ACT_RANGE:
+                raise _Skip
+            return self._dense(orig, m, parts, relu in m, orig)
 
         return root, rewrite
 
@@ -288,10 +299,7 @@ class _Rewrites:
         root = parts[7] if with_bias else parts[4]
 
         def rewrite(orig, m):
-            try:
-                return self._dense(orig, m, parts, False, None)
-            except _Skip:
-                return orig
+            return self._dense(orig, m, parts, False, None)
 
         return root, rewrite
 
@@ -308,18 +316,15 @@ class _Rewrites:
         root = is_op("relax.quantize")(pool | reshape | x, is_const(), is_const())
 
         def rewrite(orig, m):
-            try:
-                if _dtype(m[xq]) != orig.attrs.out_dtype or _per_tensor(m[x]) != _per_tensor(orig):
-                    raise _Skip
-                if pool in m:
-                    a = m[pool].attrs
-                    return relax.op.nn.max_pool2d(m[xq], a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode,
-                                                  a.count_include_pad, a.layout, a.out_layout)
-                if reshape in m:
-                    return relax.op.reshape(m[xq], m[reshape].args[1])
-                return m[xq]
-            except _Skip:
-                return orig
+            if _dtype(m[xq]) != orig.attrs.out_dtype or _per_tensor(m[x]) != _per_tensor(orig):
+                raise _Skip
+            if pool in m:
+                a = m[pool].attrs
+                return relax.op.nn.max_pool2d(m[xq], a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode,
+                                              a.count_include_pad, a.layout, a.out_layout)
+            if reshape in m:
+                return relax.op.reshape(m[xq], m[reshape].args[1])
+            return m[xq]
 
         return root, rewrite
 
@@ -333,23 +338,15 @@ class _Rewrites:
         root = is_op("relax.quantize")(mean, is_const(), is_const())
 
         def rewrite(orig, m):
-            try:
-                _act_dtype(m[xq])
-                out_dtype = str(orig.attrs.out_dtype)
-                if out_dtype not in ACT_RANGE:
-                    raise _Skip
-                s_x, zp_x = _per_tensor(m[x])
-                s_out, zp_out = _per_tensor(orig)
-                a = m[mean].attrs
-                shape = [int(d) for d in m[xq].ty.shape]
-                axes = [int(i) % len(shape) for i in a.axis] if a.axis is not None else list(range(len(shape)))
-                n = int(np.prod([shape[i] for i in axes]))
-                total = relax.op.sum(relax.op.astype(m[xq], "int32"), axes, a.keepdims)
-                if zp_x:
-                    total = relax.op.subtract(total, relax.const(n * zp_x, "int32"))
-                return _requantize(total, requant_multiplier(s_x, [1.0], s_out, n), (), zp_out, False, out_dtype)
-            except _Skip:
-                return orig
+            out_dtype, (s_x, zp_x), (s_out, zp_out) = _in_out(orig, m[xq], m[x])
+            a = m[mean].attrs
+            shape = [int(d) for d in m[xq].ty.shape]
+            axes = [int(i) % len(shape) for i in a.axis] if a.axis is not None else list(range(len(shape)))
+            n = int(np.prod([shape[i] for i in axes]))
+            total = relax.op.sum(relax.op.astype(m[xq], "int32"), axes, a.keepdims)
+            if zp_x:
+                total = relax.op.subtract(total, relax.const(n * zp_x, "int32"))
+            return _requantize(total, requant_multiplier(s_x, [1.0], s_out, n), (), zp_out, False, out_dtype)
 
         return root, rewrite
 
@@ -372,69 +369,66 @@ class _Rewrites:
         root = relu | add | op
 
         def rewrite(orig, m):
-            try:
-                if _dtype(m[x]) != "float32" or _dtype(m[w]) != "float32":
+            if _dtype(m[x]) != "float32" or _dtype(m[w]) != "float32":
+                raise _Skip
+            wq = _np(m[w].args[0])
+            scale, zp, axis = _qparams(m[w])
+            if wq.dtype != np.int8:
+                raise _Skip
+            out_axis = (0 if kind == "conv" or wt in m else 1)
+            out = wq.shape[out_axis]
+            if scale.size not in (1, out) or zp.size not in (1, out) or (scale.size == out and axis % wq.ndim != out_axis and out != 1):
+                raise _Skip
+            if kind == "conv":
+                a = m[op].attrs
+                if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW":
                     raise _Skip
-                wq = _np(m[w].args[0])
-                scale, zp, axis = _qparams(m[w])
-                if wq.dtype != np.int8:
+                bshape = (1, out, 1, 1)
+            else:
+                if len(m[x].ty.shape) != 2 or (wt in m and m[wt].attrs.axes is not None
+                                                        and [int(i) for i in m[wt].attrs.axes] != [1, 0]):
                     raise _Skip
-                out_axis = (0 if kind == "conv" or wt in m else 1)
-                out = wq.shape[out_axis]
-                if scale.size not in (1, out) or zp.size not in (1, out) or (scale.size == out and axis % wq.ndim != out_axis and out != 1):
+                bshape = (1, out)
+            bias = None
+            if add in m:
+                bias = _np(m[b_val]).astype(np.float32)
+                if bias.size != out:
                     raise _Skip
+                bias = bias.reshape(bshape)
+            has_relu = relu in m
+            s = scale.reshape(-1).astype(np.float32)
+            z = zp.reshape(-1).astype(np.int32)
+
+            def kernel(data, wq_t, s_t, z_t, *rest):
+                def deq(*i):
+                    c = i[out_axis]
+                    sc = s_t[c if s.size > 1 else 0]
+                    zc = z_t[c if z.size > 1 else 0]
+                    return (wq_t[i].astype("int32") - zc).astype("float32") * sc
+
+                wf = te.compute(wq_t.shape, deq, name="weight_dequantized")
                 if kind == "conv":
-                    a = m[op].attrs
-                    if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW":
-                        raise _Skip
-                    bshape = (1, out, 1, 1)
+                    y = topi.nn.conv(data, wf, [int(v) for v in a.strides], [int(v) for v in a.padding],
+                                     [int(v) for v in a.dilation], int(a.groups), "NCHW", "OIHW", out_dtype="float32")
                 else:
-                    if len(m[x].ty.shape) != 2 or (wt in m and m[wt].attrs.axes is not None
-                                                            and [int(i) for i in m[wt].attrs.axes] != [1, 0]):
-                        raise _Skip
-                    bshape = (1, out)
-                bias = None
-                if add in m:
-                    bias = _np(m[b_val]).astype(np.float32)
-                    if bias.size != out:
-                        raise _Skip
-                    bias = bias.reshape(bshape)
-                has_relu = relu in m
-                s = scale.reshape(-1).astype(np.float32)
-                z = zp.reshape(-1).astype(np.int32)
-
-                def kernel(data, wq_t, s_t, z_t, *rest):
-                    def deq(*i):
-                        c = i[out_axis]
-                        sc = s_t[c if s.size > 1 else 0]
-                        zc = z_t[c if z.size > 1 else 0]
-                        return (wq_t[i].astype("int32") - zc).astype("float32") * sc
-
-                    wf = te.compute(wq_t.shape, deq, name="weight_dequantized")
-                    if kind == "conv":
-                        y = topi.nn.conv(data, wf, [int(v) for v in a.strides], [int(v) for v in a.padding],
-                                         [int(v) for v in a.dilation], int(a.groups), "NCHW", "OIHW", out_dtype="float32")
+                    k = te.reduce_axis((0, wq_t.shape[1 - out_axis]), name="k")
+                    if out_axis == 0:
+                        y = te.compute((data.shape[0], out), lambda i, j: te.sum(data[i, k] * wf[j, k], axis=k), name="dense")
                     else:
-                        k = te.reduce_axis((0, wq_t.shape[1 - out_axis]), name="k")
-                        if out_axis == 0:
-                            y = te.compute((data.shape[0], out), lambda i, j: te.sum(data[i, k] * wf[j, k], axis=k), name="dense")
-                        else:
-                            y = te.compute((data.shape[0], out), lambda i, j: te.sum(data[i, k] * wf[k, j], axis=k), name="dense")
-                    if rest:
-                        bt = rest[0]
-                        y = te.compute(y.shape, lambda *i: y[i] + bt[(0, i[1]) + (0,) * (len(i) - 2)], name="bias_add")
-                    if has_relu:
-                        y = te.compute(y.shape, lambda *i: te.max(y[i], te.const(0, "float32")), name="relu")
-                    return y
+                        y = te.compute((data.shape[0], out), lambda i, j: te.sum(data[i, k] * wf[k, j], axis=k), name="dense")
+                if rest:
+                    bt = rest[0]
+                    y = te.compute(y.shape, lambda *i: y[i] + bt[(0, i[1]) + (0,) * (len(i) - 2)], name="bias_add")
+                if has_relu:
+                    y = te.compute(y.shape, lambda *i: te.max(y[i], te.const(0, "float32")), name="relu")
+                return y
 
-                args = [m[x], relax.const(wq, "int8"), relax.const(s, "float32"), relax.const(z, "int32")]
-                if bias is not None:
-                    args.append(relax.const(bias, "float32"))
-                prim, call_args, out_ty = relax.utils.gen_call_tir_inputs(kernel, *args)
-                gv = self.bb.add_func(prim, f"{kind}_int8_weights")
-                return relax.call_tir(gv, call_args, out_ty)
-            except _Skip:
-                return orig
+            args = [m[x], relax.const(wq, "int8"), relax.const(s, "float32"), relax.const(z, "int32")]
+            if bias is not None:
+                args.append(relax.const(bias, "float32"))
+            prim, call_args, out_ty = relax.utils.gen_call_tir_inputs(kernel, *args)
+            gv = self.bb.add_func(prim, f"{kind}_int8_weights")
+            return relax.call_tir(gv, call_args, out_ty)
 
         return root, rewrite
 
@@ -466,6 +460,6 @@ def lower(mod):
              rw.mean_int8(), rw.same_params(), rw.weight_only("conv"), rw.weight_only("dense")]
     for gv, func in funcs:
         for pattern, rewriter in order:
-            func = rewrite_call(pattern, rewriter, func)
+            func = rewrite_call(pattern, _or_original(rewriter), func)
         bb.update_func(gv, func)
     return relax.transform.DeadCodeElimination()(bb.get())

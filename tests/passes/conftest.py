@@ -51,3 +51,16 @@ def small_trained(tmp_path_factory):
     metrics = train.run(project, data, root / "model.pt", root / "metrics.json")
     assert metrics["val_accuracy"] > 0.6, metrics  # learnable: something for pruning to keep
     return project, data, root / "model.pt"
+
+
+def randomize_bn(model) -> None:
+    """BatchNorm statistics and affine terms as after training, not the identity."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.2, 1.5)
+                m.bias.uniform_(-0.3, 0.3)

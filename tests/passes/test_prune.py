@@ -13,7 +13,7 @@ from kiln.nets import build, measure
 from kiln.schema import Architecture
 from passes import compress, prune
 from passes.common import load_checkpoint, rebuild, save_checkpoint, weight_layers
-from tests.passes.conftest import small_project
+from tests.passes.conftest import randomize_bn, small_project
 
 
 def ctx(project, data):
@@ -26,13 +26,7 @@ def test_shrink_computes_what_the_masked_model_computes(head):
     arch = {"family": "cnn", "widths": [6, 10, 12], "head": head, "max_macs": 10**9}
     ckpt = {"architecture": arch, "channels": 3, "num_classes": 5, "image_size": [16, 16]}
     model = build(Architecture.model_validate(arch), 3, 5, (16, 16))
-    with torch.no_grad():  # BN statistics and affine terms as after training, not the identity
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.2, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
+    randomize_bn(model)
     model.eval()
     keep = prune.filters_to_keep(model, [3, 5, 7])
     masked = copy.deepcopy(model)

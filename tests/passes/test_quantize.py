@@ -17,7 +17,7 @@ from kiln.nets import build
 from kiln.schema import Architecture
 from passes import compress, quantize
 from passes.common import load_checkpoint, load_split, rebuild, save_checkpoint, to_tensor
-from tests.passes.conftest import small_project, write_splits
+from tests.passes.conftest import randomize_bn, small_project, write_splits
 
 TARGET = {"kind": "llvm", "num-cores": 2}
 
@@ -282,13 +282,7 @@ def test_int8_flatten_head_and_unfolded_bn(tmp_path):
     data = write_splits(tmp_path, n=64)
     arch = dict(project.architecture.model_dump(), head="flatten")
     model = build(Architecture.model_validate(arch), 1, 10, (8, 8)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.2, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
+    randomize_bn(model)
     ckpt = {"architecture": arch, "channels": 1, "num_classes": 10, "image_size": [8, 8]}
     twin, ckpt = quantize.run(model, ckpt, {"calibration": "minmax"}, ctx(project, data))
     save_checkpoint(tmp_path / "f.pt", dict(ckpt, state_dict=twin.state_dict()))
