@@ -213,7 +213,8 @@ def run(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, tr
 
 
 LIGHT_SHARE = 0.05  # kernels under 5% of the model's FLOPs (pooling, reshapes, the head) ...
-LIGHT_TRIALS = 8  # ... get this many trials; the heavy ones (convolutions) share the rest
+LIGHT_TRIALS = 8  # ... get up to this many trials (a third of the budget at most); the heavy ones
+# (convolutions) share the rest
 SEARCH_ROUND = 16  # candidates measured per search round
 
 
@@ -223,16 +224,21 @@ def allocate(todo: list[tuple[Any, float]], trials: int) -> list[tuple[Any, int]
     total = sum(f for _, f in todo) or 1.0
     light = [t for t, f in todo if f < LIGHT_SHARE * total]
     heavy = sorted(((t, f) for t, f in todo if f >= LIGHT_SHARE * total), key=lambda tf: -tf[1])
-    per_light = min(LIGHT_TRIALS, trials // max(1, len(todo)))
+    per_light = min(LIGHT_TRIALS, trials // max(1, 3 * len(light)))  # light kernels: at most a third
     left = max(0, trials - per_light * len(light))
-    rounds, partial = divmod(left, SEARCH_ROUND)
-    heavy_total = sum(f for _, f in heavy) or 1.0
-    shares = [rounds * f / heavy_total for _, f in heavy]
-    counts = [int(s) for s in shares]
-    for i in sorted(range(len(heavy)), key=lambda i: counts[i] - shares[i])[: rounds - sum(counts)]:
-        counts[i] += 1
     plan = [(t, per_light) for t in light]
-    plan += [(t, n * SEARCH_ROUND + (partial if i == 0 else 0)) for i, ((t, _), n) in enumerate(zip(heavy, counts))]
+    rounds, partial = divmod(left, SEARCH_ROUND)
+    if rounds < len(heavy):  # too little for a round each: an even share each
+        each, extra = divmod(left, max(1, len(heavy)))
+        plan += [(t, each + (extra if i == 0 else 0)) for i, (t, _) in enumerate(heavy)]
+        return [(t, n) for t, n in plan if n > 0]
+    # a round each, the other rounds by FLOPs (largest remainder), a last partial round to the heaviest
+    heavy_total = sum(f for _, f in heavy) or 1.0
+    shares = [(rounds - len(heavy)) * f / heavy_total for _, f in heavy]
+    counts = [int(s) for s in shares]
+    for i in sorted(range(len(heavy)), key=lambda i: counts[i] - shares[i])[: rounds - len(heavy) - sum(counts)]:
+        counts[i] += 1
+    plan += [(t, (n + 1) * SEARCH_ROUND + (partial if i == 0 else 0)) for i, ((t, _), n) in enumerate(zip(heavy, counts))]
     return [(t, n) for t, n in plan if n > 0]
 
 

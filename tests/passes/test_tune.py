@@ -97,3 +97,15 @@ def test_compile_refuses_a_tuning_report_for_another_target(tmp_path):
     report = {"measured": "native", "target": {"kind": "llvm", "mcpu": "other"}, "database": str(tmp_path), "why": "x"}
     with pytest.raises(PassError, match="rerun the tune task"):
         compile_tvm.run(board, tiny_onnx(tmp_path / "m.onnx", 0), SHAPE, tmp_path / "m.so", tmp_path / "m.json", tuning=report)
+
+
+@pytest.mark.parametrize("trials", [12, 64, 128, 256])
+def test_budget_goes_mostly_to_the_heavy_kernels_and_none_is_left_out(trials):
+    light = [(f"pool{i}", 1.0) for i in range(7)]
+    heavy = [("conv1", 221.0), ("conv2", 295.0), ("conv3", 295.0)]
+    plan = dict(tune.allocate(light + heavy, trials))
+    assert sum(plan.values()) <= trials
+    assert all(plan.get(t, 0) > 0 for t, _ in heavy), plan  # every convolution is tuned
+    assert sum(plan.get(t, 0) for t, _ in light) <= trials // 3
+    if trials - trials // 3 >= 3 * tune.SEARCH_ROUND:  # a whole search round each
+        assert all(plan[t] >= tune.SEARCH_ROUND for t, _ in heavy)
