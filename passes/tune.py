@@ -199,7 +199,12 @@ def run(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, tr
     if todo:
         log.info("tune %s: %d of %d kernels to tune, %d trials (%s), measured %s", board.name, len(todo),
                  len(extracted), sum(n for _, n in todo), ", ".join(f"{t.task_name}: {n}" for t, n in todo), mode)
-        for group in _groups(todo):
+        # MetaSchedule's own log goes to files under the database's logs/; the console gets
+        # its warnings and Kiln's progress lines
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        for k, group in enumerate(_groups(todo), 1):
+            log.info("tune %s: group %d: %s, %d trials each", board.name, k, ", ".join(t.task_name for t, _ in group),
+                     group[0][1])
             _tune_group(group, db, db_dir, ms)
             for t, n in group:
                 spent[_key(t)] = have[extracted.index(t)] + n
