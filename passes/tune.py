@@ -205,7 +205,12 @@ def run(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, tr
         for k, group in enumerate(_groups(todo), 1):
             log.info("tune %s: group %d: %s, %d trials each", board.name, k, ", ".join(t.task_name for t, _ in group),
                      group[0][1])
-            _tune_group(group, db, db_dir, ms)
+            try:
+                _tune_group(group, db, db_dir, ms)
+            except Exception as e:  # MetaSchedule raises TVM's own error types
+                raise PassError(f"tune for board '{board.name}' (target {target_dict}): MetaSchedule failed on "
+                                f"{', '.join(t.task_name for t, _ in group)}: {e} (its log: {db_dir / 'logs'}; records so "
+                                "far are kept; set tuning.trials: 0 in the manifest to compile untuned)") from e
             for t, n in group:
                 spent[_key(t)] = have[extracted.index(t)] + n
             write_json(db_dir / SPENT, spent)

@@ -109,3 +109,16 @@ def test_budget_goes_mostly_to_the_heavy_kernels_and_none_is_left_out(trials):
     assert sum(plan.get(t, 0) for t, _ in light) <= trials // 3
     if trials - trials // 3 >= 3 * tune.SEARCH_ROUND:  # a whole search round each
         assert all(plan[t] >= tune.SEARCH_ROUND for t, _ in heavy)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="tunes for the x86 host")
+def test_a_search_failure_is_one_clear_error_naming_the_board(tmp_path, monkeypatch):
+    from kiln.errors import PassError
+
+    def broken(*a, **k):  # a fault injected into MetaSchedule's search
+        raise RuntimeError("search exploded")
+
+    monkeypatch.setattr(tune, "_tune_group", broken)
+    with pytest.raises(PassError, match=r"tune for board 'x86-host'.*search exploded.*tuning.trials: 0"):
+        tune.run(load_board("x86-host"), tiny_onnx(tmp_path / "m.onnx", 0), SHAPE, tmp_path / "tune", 12, tmp_path / "t.json")
+    assert not (tmp_path / "t.json").exists()
