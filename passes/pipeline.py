@@ -7,7 +7,7 @@ compression passes in the order the manifest lists them, looked up here.
 from __future__ import annotations
 
 # build stages, in order; each is a module in passes/ with a ``run`` entry point
-BUILD_STAGES = ("data", "train", "compress", "export_onnx", "compile_tvm")
+BUILD_STAGES = ("data", "train", "compress", "export_onnx", "tune", "compile_tvm")
 
 # compression passes a manifest may list under compression.passes, by name -> module; each
 # module's entry point is ``run(model, ckpt, params, ctx) -> (model, ckpt)`` (passes/compress.py)
