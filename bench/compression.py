@@ -48,7 +48,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from passes import compile_tvm, compress, export_onnx, tune
-    from passes.common import load_checkpoint, load_split, save_checkpoint
+    from passes.common import save_checkpoint
 
     project, lay, board = load_project(args.app), Layout(args.app), load_board("x86-host")
     needed = [lay.model_pt, lay.data / "val.npz", lay.data / "test_inputs.bin", runner_dir("x86_64") / "kiln-runner"]
@@ -61,12 +61,8 @@ def main() -> int:
     y_test = np.asarray(read_json(lay.data / "test_labels.json"))
 
     t0 = time.perf_counter()
-    model, ckpt = load_checkpoint(lay.model_pt)
-    xva, yva = load_split(lay.data, "val")
-    rest, snap = compress._snapshot(model, ckpt)
-    steps = [compress.Step(compress._row("fp32 baseline", {}, model, rest, xva, yva, 0.0), snap)]
-    passes, _, _ = compress._run_passes(compress._specs(project, lay.data), model, rest, xva, yva)
-    steps += passes
+    steps = compress.steps(project, lay.model_pt, lay.data)
+    steps[0].row["pass"] = "fp32 baseline"
     print(f"# {args.app}: {len(steps) - 1} passes run in {time.perf_counter() - t0:.0f} s; "
           f"tuning budget {trials} trials per row on x86-host")
 

@@ -108,13 +108,13 @@ def torch_engine(model, shape: list[int], threads: int):
     return call
 
 
-def bench_model(label: str, onnx_path: Path, shape: list[int], macs: int, torch_model, args, board, tune_root: Path):
+def bench_model(onnx_path: Path, shape: list[int], torch_model, args, board, tune_json: Path):
     from passes import compile_tvm, tune
 
     target = compile_tvm.resolve_target(board)
     generic = {k: v for k, v in target.items() if k not in ("mcpu", "mattr")}
     trials = board.tune_trials if args.trials is None else args.trials
-    tune_info = tune.run(board, onnx_path, shape, tune_root, trials, tune_root / f"bench-{label}.json")
+    tune_info = tune.run(board, onnx_path, shape, tuning_root(), trials, tune_json)
     db = Path(tune_info["database"]) if tune_info["measured"] else None
     engines = {
         "TVM untuned (generic x86-64)": tvm_engine(onnx_path, shape, generic, None),
@@ -134,8 +134,6 @@ def bench_model(label: str, onnx_path: Path, shape: list[int], macs: int, torch_
 
 
 def main() -> int:
-    import torch
-
     from passes.common import load_checkpoint
     from passes.export_onnx import export_float
     from kiln.nets import measure
@@ -164,8 +162,8 @@ def main() -> int:
             models.append(("deployed" + (" int8" if quantized else ""), lay.onnx, None if quantized else deployed,
                            measure(deployed, tuple(shape[1:])).macs))
             for label, onnx_path, tmodel, macs in models:
-                tune_info, res = bench_model(f"{app}-{label.replace(' ', '-')}", onnx_path, shape, macs, tmodel,
-                                             args, board, tuning_root())
+                tune_info, res = bench_model(onnx_path, shape, tmodel, args, board,
+                                             Path(tmp) / f"{app}-{label.replace(' ', '-')}-tune.json")
                 print(f"\n## {app}, {label}: {macs:,} MACs; tuning: {tune_info['trials_run']} trials run now, "
                       f"{tune_info.get('tasks_reused', 0)}/{len(tune_info['tasks'])} kernels from the database, "
                       f"{tune_info['seconds']:.0f} s ({tune_info['why']})")
@@ -181,7 +179,6 @@ def main() -> int:
     print("\n# TVM tuned / ONNX Runtime, median:")
     for app, label, ratio in summary:
         print(f"#   {app} {label}: {ratio:.2f}x")
-    del torch
     return 0
 
 

@@ -257,6 +257,22 @@ def _library_board(project: Project):
                             f"'{LIBRARY_BOARD}' ({e}); set it to false to skip kernel library sizes") from e
 
 
+def _baseline(model_pt: Path, data_dir: Path):
+    """(model, ckpt without weights, val images, val labels, the baseline Step) of a trained model."""
+    model, ckpt = load_checkpoint(model_pt)
+    xva, yva = load_split(data_dir, "val")
+    ckpt, snapshot = _snapshot(model, ckpt)
+    return model, ckpt, xva, yva, Step(_row("baseline", {}, model, ckpt, xva, yva, 0.0), snapshot)
+
+
+def steps(project: Project, model_pt: Path, data_dir: Path) -> list[Step]:
+    """The baseline and one Step per listed pass, without search or budget checks: what
+    bench/compression.py measures; each Step's ``snapshot`` is a checkpoint dict."""
+    model, ckpt, xva, yva, base = _baseline(model_pt, data_dir)
+    passes, _, _ = _run_passes(_specs(project, data_dir), model, ckpt, xva, yva)
+    return [base, *passes]
+
+
 def run(project: Project, model_pt: Path, data_dir: Path, out_pt: Path, out_json: Path) -> dict:
     import torch
 
@@ -264,10 +280,7 @@ def run(project: Project, model_pt: Path, data_dir: Path, out_pt: Path, out_json
     comp = project.compression
     specs = _specs(project, data_dir)
     board = _library_board(project) if comp.library_bytes else None
-    model, ckpt = load_checkpoint(model_pt)
-    xva, yva = load_split(data_dir, "val")
-    ckpt, snapshot = _snapshot(model, ckpt)
-    base = Step(_row("baseline", {}, model, ckpt, xva, yva, 0.0), snapshot)
+    model, ckpt, xva, yva, base = _baseline(model_pt, data_dir)
     summary: dict[str, Any] = {"max_accuracy_drop": comp.max_accuracy_drop, "min_weight_ratio": comp.min_weight_ratio,
                                "max_weight_bytes": comp.max_weight_bytes}
     try:
