@@ -47,8 +47,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runner rounds per library")
     args = ap.parse_args()
 
-    from passes import compile_tvm, compress, export_onnx, tune
-    from passes.common import save_checkpoint
+    from passes import compress, tune
+    from passes.support.common import save_checkpoint
+    from passes.support.onnx_export import export_checkpoint
+    from passes.support.tvm_build import compile_onnx
 
     project, lay, board = load_project(args.app), Layout(args.app), load_board("x86-host")
     needed = [lay.model_pt, lay.data / "val.npz", lay.data / "test_inputs.bin", runner_dir("x86_64") / "kiln-runner"]
@@ -61,7 +63,7 @@ def main() -> int:
     y_test = np.asarray(read_json(lay.data / "test_labels.json"))
 
     t0 = time.perf_counter()
-    steps = compress.steps(project, lay.model_pt, lay.data)
+    steps = compress.steps(project, lay)
     steps[0].row["pass"] = "fp32 baseline"
     print(f"# {args.app}: {len(steps) - 1} passes run in {time.perf_counter() - t0:.0f} s; "
           f"tuning budget {trials} trials per row on x86-host")
@@ -72,11 +74,11 @@ def main() -> int:
             d = Path(tmp) / str(i)
             d.mkdir()
             save_checkpoint(d / "model.pt", step.snapshot)
-            info = export_onnx.run(d / "model.pt", lay.data, d / "model.onnx", d / "export.json")
-            tinfo = tune.run(board, d / "model.onnx", info["input_shape"], tuning_root(), trials, d / "tune.json")
-            libs = {"untuned": compile_tvm.run(board, d / "model.onnx", info["input_shape"], d / "untuned.so", d / "u.json")}
-            libs["tuned"] = compile_tvm.run(board, d / "model.onnx", info["input_shape"], d / "tuned.so", d / "t.json",
-                                            tuning=tinfo)
+            info = export_checkpoint(d / "model.pt", lay.data, d / "model.onnx", d / "export.json")
+            tinfo = tune.tune_onnx(board, d / "model.onnx", info["input_shape"], tuning_root(), trials, d / "tune.json")
+            libs = {"untuned": compile_onnx(board, d / "model.onnx", info["input_shape"], d / "untuned.so", d / "u.json")}
+            libs["tuned"] = compile_onnx(board, d / "model.onnx", info["input_shape"], d / "tuned.so", d / "t.json",
+                                         tuning=tinfo)
             rows.append({"step": step, "dir": d, "tune": tinfo, "lib_bytes": libs["tuned"]["library_bytes"],
                          "lat": {"untuned": [], "tuned": []}})
         for _ in range(args.rounds):

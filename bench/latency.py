@@ -72,12 +72,12 @@ def tvm_engine(onnx_path: Path, shape: list[int], target_dict: dict, database: P
     import tvm
     from tvm import relax
 
-    from passes import compile_tvm, tune
+    from passes.support import tvm_build
 
     target = tvm.target.Target(target_dict)
-    mod = compile_tvm.import_onnx(onnx_path, shape)
+    mod = tvm_build.import_onnx(onnx_path, shape)
     if database is not None:
-        mod, _ = tune.apply(mod, target, database)
+        mod, _ = tvm_build.apply(mod, target, database)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     x = tvm.runtime.tensor(np.random.default_rng(0).random(shape, dtype=np.float32))
     f = vm["main"]
@@ -109,12 +109,13 @@ def torch_engine(model, shape: list[int], threads: int):
 
 
 def bench_model(onnx_path: Path, shape: list[int], torch_model, args, board, tune_json: Path):
-    from passes import compile_tvm, tune
+    from passes import tune
+    from passes.support import tvm_build
 
-    target = compile_tvm.resolve_target(board)
+    target = tvm_build.resolve_target(board)
     generic = {k: v for k, v in target.items() if k not in ("mcpu", "mattr")}
     trials = board.tune_trials if args.trials is None else args.trials
-    tune_info = tune.run(board, onnx_path, shape, tuning_root(), trials, tune_json)
+    tune_info = tune.tune_onnx(board, onnx_path, shape, tuning_root(), trials, tune_json)
     db = Path(tune_info["database"]) if tune_info["measured"] else None
     engines = {
         "TVM untuned (generic x86-64)": tvm_engine(onnx_path, shape, generic, None),
@@ -134,9 +135,9 @@ def bench_model(onnx_path: Path, shape: list[int], torch_model, args, board, tun
 
 
 def main() -> int:
-    from passes.common import load_checkpoint
-    from passes.export_onnx import export_float
     from kiln.nets import measure
+    from passes.support.common import load_checkpoint
+    from passes.support.onnx_export import export_float
 
     args = ARGS
     board = load_board("x86-host")

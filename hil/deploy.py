@@ -139,3 +139,72 @@ def _run(t: Board, argv: list[str], run_dir: str, timeout: float) -> dict:
             f"{len(out['latencies_us'])} latencies"
         )
     return out
+
+
+# -- the hil stage: one app on one lab board ---------------------------------------------------
+
+def _inputs_for(layout, samples: int | None, dest: Path) -> tuple[Path, list[int]]:
+    """The runner's input file, cut to ``samples`` when set, and the shape of one sample."""
+    from kiln.artifacts import read_json
+
+    full = layout.data / "test_inputs.bin"
+    shape = read_json(layout.data / "data.json")["test_inputs"]["shape"][1:]
+    if samples is None:
+        return full, shape
+    size = 4
+    for s in shape:
+        size *= s
+    with open(full, "rb") as f:
+        dest.write_bytes(f.read(samples * size))
+    return dest, shape
+
+
+def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
+    """The hil stage: deploy ``project``'s kernel library for ``board`` to lab instance
+    ``instance`` (as the lab describes it), run the runner and record its raw output (or its
+    failure) in runs/<run id>/<instance>/run.json and last/<instance>.json. A board failure is
+    recorded, not raised: the other boards and the report go on."""
+    import tempfile
+
+    from hil.emulation import launcher
+    from hil.lab import open_lab
+    from hil.transport import open_transport
+    from kiln.artifacts import build_root, runner_dir, write_json
+    from kiln.config import load_inventory
+    from kiln.errors import ManifestError
+
+    blog = logging.getLogger(f"kiln.board.{instance.name}")
+    record = {"instance": instance.name, "type": board.name, "emulated": instance.emulated, "run_id": run_id,
+              "transport": instance.link}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            rdir = runner_dir(board.arch)
+            files = {n: rdir / n for n in ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")}
+            files["model.so"] = layout.library(board.name)
+            samples = project.validation.samples
+            cap = board.emulation.max_samples if instance.emulated and board.emulation else None
+            if cap and (samples is None or samples > cap):
+                blog.info("emulated board: validating on the first %d test samples (emulation.max_samples)", cap)
+                samples = cap
+            files["inputs.bin"], shape = _inputs_for(layout, samples, Path(tmp) / "inputs.bin")
+            argv = [*(launcher(board) if instance.emulated else []), "./kiln-runner", "--model", "model.so",
+                    "--input", "inputs.bin", "--shape", ",".join(map(str, shape)),
+                    "--warmup", str(project.validation.warmup), "--threads", str(board.cores)]
+            inv_path = open_lab(lab_path)  # the emulated lab starts on demand
+            live = next((b for b in load_inventory(inv_path).boards if b.name == instance.name), None)
+            if live is None:
+                raise ManifestError(f"{inv_path}: no board instance '{instance.name}' (the lab changed since "
+                                    "the task list was made; run doit again)")
+            blog.info("deploying %s to %s (%s over %s%s)", project.name, live.name, board.name, live.link,
+                      ", emulated" if instance.emulated else "")
+            transport = open_transport(live, inv_path.parent, build_root() / "lab" / "local")
+            record.update(deploy(transport, files, argv, project.validation.timeout_s, live.name))
+        except DeployError as e:
+            blog.error("%s", e)
+            record["error"] = {"step": e.step, "message": str(e.cause)}
+        except KilnError as e:
+            blog.error("%s", e)
+            record["error"] = {"step": "prepare", "message": str(e)}
+    write_json(layout.run_json(run_id, instance.name), record)
+    write_json(layout.last_run(instance.name), record)  # last: the doit target says the run is complete
+    return record

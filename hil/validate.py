@@ -55,3 +55,46 @@ def evaluate(req: Requirements, runner: dict, labels: list[int], library_bytes: 
         "peak_rss_kb": runner.get("peak_rss_kb"), "requirements": checks,
         "passed": all(c["verdict"] != FAIL for c in checks),
     }
+
+
+# -- the deploy stage's last step: every board's run -> results and the app's report -----------
+
+def run(project, layout, instance_names: list[str], compile_only: list[str], lab_name: str, run_id: str) -> dict:
+    """Turn every board's last run into its result and the app's report (runs/<run id>/ and
+    build/<app>/report.json); raise ValidationError naming board and requirement when any
+    requirement is missed. Compile-only board types are listed with their kernel library as
+    not validated."""
+    from hil import report
+    from kiln.artifacts import read_json, write_json
+
+    labels = read_json(layout.data / "test_labels.json")
+    runs = {n: read_json(layout.last_run(n)) for n in instance_names}
+    ok = [n for n in instance_names if "error" not in runs[n]]
+    ref = next((n for n in ok if not runs[n]["emulated"]), ok[0] if ok else None)
+    results = {}
+    for name in instance_names:
+        r = runs[name]
+        res = {"instance": name, "type": r["type"], "transport": r.get("transport"), "run_id": r.get("run_id")}
+        if "error" in r:
+            res["error"] = r["error"]
+        else:
+            lib = read_json(layout.compile_json(r["type"]))["library_bytes"]
+            reference = None if name == ref else runs[ref]["runner"]["predictions"]
+            res.update(evaluate(project.requirements, r["runner"], labels, lib, r["emulated"], reference))
+            res["reference_board"] = ref
+            res["timings_s"] = r["timings_s"]
+            res["upload"] = {"sent_bytes": r["uploaded_bytes"], "cached_bytes": r["cached_bytes"]}
+        write_json(layout.result(run_id, name), res)
+        results[name] = res
+    for t in compile_only:
+        lib = read_json(layout.compile_json(t))
+        results[t] = {"type": t, "not_validated": "compile-only board: its runtime cannot run in this lab",
+                      "model_bytes": lib["library_bytes"], "library": str(layout.library(t)), "target": lib["target"]}
+    rep = report.build(project.name, lab_name, results)
+    rep["run_id"] = run_id
+    report.write(layout.run_report(run_id), rep)
+    report.write(layout.report, rep)
+    print(report.table(rep))
+    if not rep["passed"]:
+        raise ValidationError("; ".join(rep["failures"]))
+    return rep

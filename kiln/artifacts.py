@@ -24,14 +24,6 @@ def build_root() -> Path:
     return Path(os.environ.get("KILN_BUILD", ROOT / "build")).resolve()
 
 
-def app_dir(app: str) -> Path:
-    return build_root() / app
-
-
-def board_dir(app: str, board: str) -> Path:
-    return build_root() / app / board
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
@@ -96,12 +88,20 @@ def tree_fingerprint(root: str | os.PathLike) -> str:
 
 
 class Layout:
-    """Where every artifact of one app lives under the build directory."""
+    """Where every artifact of one app lives under the build directory.
+
+    build/<app>/                        app-level outputs: data/, model.pt, compressed.pt, model.onnx, ...
+    build/<app>/type/<board type>/      per board type: tune.json, model.so, compile.json
+    build/<app>/runs/<run id>/<inst>/   what one deploy saw on one board instance: run.json, result.json
+    build/<app>/runs/<run id>/report.json   that run's report
+    build/<app>/last/<inst>.json        the last run on each instance (the hil task's doit target)
+    build/<app>/report.json             the last report (the deploy task's doit target)
+    """
 
     def __init__(self, app: str):
         self.app = app
         self.root = build_root() / app
-        self.synthetic = self.root / "synthetic_gtsrb"
+        self.synthetic = self.root / "synthetic"
         self.data = self.root / "data"
         self.model_pt = self.root / "model.pt"
         self.metrics = self.root / "metrics.json"
@@ -111,20 +111,42 @@ class Layout:
         self.export_json = self.root / "export.json"
         self.report = self.root / "report.json"
 
+    # per board type
+    def board_type(self, board_type: str) -> Path:
+        return self.root / "type" / board_type
+
     def library(self, board_type: str) -> Path:
-        return self.root / board_type / "model.so"
+        return self.board_type(board_type) / "model.so"
 
     def compile_json(self, board_type: str) -> Path:
-        return self.root / board_type / "compile.json"
+        return self.board_type(board_type) / "compile.json"
 
     def tune_json(self, board_type: str) -> Path:
-        return self.root / board_type / "tune.json"
+        return self.board_type(board_type) / "tune.json"
 
-    def run_json(self, instance: str) -> Path:
-        return self.root / instance / "run.json"
+    # per run and instance
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
 
-    def result(self, instance: str) -> Path:
-        return self.root / instance / "result.json"
+    def run_json(self, run_id: str, instance: str) -> Path:
+        return self.run_dir(run_id) / instance / "run.json"
+
+    def result(self, run_id: str, instance: str) -> Path:
+        return self.run_dir(run_id) / instance / "result.json"
+
+    def run_report(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "report.json"
+
+    def last_run(self, instance: str) -> Path:
+        """The hil task's target: a copy of the last run.json on ``instance``, with its run id."""
+        return self.root / "last" / f"{instance}.json"
+
+
+def new_run_id() -> str:
+    """A run id: ``$KILN_RUN_ID``, else UTC time and pid (two runs at once never share one)."""
+    import time
+
+    return os.environ.get("KILN_RUN_ID") or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
 
 
 def tuning_root() -> Path:

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticError
 
 from kiln.artifacts import ROOT
 from kiln.errors import ManifestError
-from kiln.schema import Board, Inventory, Project
-
-M = TypeVar("M", bound=BaseModel)
+from kiln.schema import Board, Inventory, Lab, Project
 
 
 def projects_dir() -> Path:
@@ -27,23 +25,47 @@ def targets_dir() -> Path:
 
 
 def default_inventory() -> Path | None:
-    """The user's lab inventory ($KILN_LAB), or None for the emulated lab (hil/emulator)."""
+    """The user's lab inventory ($KILN_LAB), or None for the default (emulated) lab."""
     lab = os.environ.get("KILN_LAB")
     return Path(lab).resolve() if lab else None
 
 
-def _format(path: Path, err: PydanticError) -> str:
+def _field_path(loc: tuple, raw: Any) -> str:
+    """The manifest's own field path of an error: pydantic puts a discriminated union's tag
+    into ``loc`` (``dataset.gtsrb.path``); drop every element that is not a key of the data."""
+    out, node = [], raw
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict):
+            if part in node or last:
+                out.append(str(part))
+                node = node.get(part)
+            continue  # a union tag
+        if isinstance(node, list) and isinstance(part, int):
+            out.append(str(part))
+            node = node[part] if part < len(node) else None
+            continue
+        out.append(str(part))
+        node = None
+    return ".".join(out) or "(top level)"
+
+
+def _format(path: Path, err: PydanticError, raw: Any) -> str:
     lines = [f"{path}: invalid {err.title}:"]
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = _field_path(e["loc"], raw)
         got = e.get("input")
         shown = "" if isinstance(got, (dict, list)) or e["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"  field '{where}': {e['msg']}{shown}")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (a typo? every field is listed in kiln/schema.py and `doit schema`)"
+        lines.append(f"  field '{where}': {msg}{shown}")
     return "\n".join(lines)
 
 
-def load_model(path: Path, model: type[M]) -> M:
-    """Parse ``path`` as YAML and validate it as ``model``; raise ManifestError on any problem."""
+def load_model(path: Path, model: Any):
+    """Parse ``path`` as YAML and validate it as ``model`` (a model class or an Annotated union);
+    raise ManifestError naming the file, the field path and what was expected."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -54,9 +76,9 @@ def load_model(path: Path, model: type[M]) -> M:
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
     try:
-        return model.model_validate(raw)
+        return TypeAdapter(model).validate_python(raw)
     except PydanticError as e:
-        raise ManifestError(_format(path, e)) from e
+        raise ManifestError(_format(path, e, raw)) from e
 
 
 def project_names() -> list[str]:
@@ -111,7 +133,7 @@ def _check_budget(path: Path, project: Project) -> None:
     from kiln.nets import estimate
 
     ds, arch = project.dataset, project.architecture
-    c = estimate(arch, ds.image_size, ds.channels, ds.num_classes)
+    c = estimate(arch, tuple(ds.image_size), ds.channels, ds.num_classes)
     if c.macs > arch.max_macs:
         raise ManifestError(
             f"{path}: field 'architecture.max_macs': the model needs {c.macs:,} MACs per inference, "
@@ -119,11 +141,13 @@ def _check_budget(path: Path, project: Project) -> None:
         )
 
 
-def load_inventory(path: Path) -> Inventory:
+def load_lab(path: Path):
+    """Load a lab file (any backend: a static inventory, the emulated lab, ...) and check that
+    every instance names a known board type, and that an emulated one's type can be emulated."""
     path = Path(path)
-    inv = load_model(path, Inventory)
+    lab = load_model(path, Lab)
     known = board_names()
-    for i, b in enumerate(inv.boards):
+    for i, b in enumerate(lab.boards):
         if b.type not in known:
             raise ManifestError(
                 f"{path}: field 'boards.{i}.type': board '{b.name}' has unknown type '{b.type}' "
@@ -134,5 +158,12 @@ def load_inventory(path: Path) -> Inventory:
                 f"{path}: field 'boards.{i}.emulated': board '{b.name}' is marked emulated but its type "
                 f"'{b.type}' has no 'emulation' section in {targets_dir() / (b.type + '.yaml')}"
             )
-    return inv
+    return lab
 
+
+def load_inventory(path: Path) -> Inventory:
+    """A lab whose boards are up, every transport given in full (what each backend hands back)."""
+    lab = load_lab(path)
+    if not isinstance(lab, Inventory):
+        raise ManifestError(f"{path}: field 'backend': a '{lab.backend}' lab must be opened first (hil.lab.open_lab)")
+    return lab

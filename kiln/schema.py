@@ -1,14 +1,22 @@
 """Every pydantic model of Kiln: the project manifest, board types and the lab inventory.
 
-YAML files hold instances only; this module is the truth. ``python -m kiln schema`` exports
-the JSON Schema of the manifest so editors can complete ``projects/*/project.yaml``.
+YAML files hold instances only; this module is the truth. ``doit schema`` exports the JSON
+Schema of the manifest, board files and lab inventories so editors complete every field.
+
+Extension axes are discriminated unions: dataset formats (``Dataset``, by ``format``), net
+families (``Architecture``, by ``family``), compression passes (``CompressionStep``, by the
+pass's name), transports (``Transport``, by ``kind``) and lab backends (``Lab``, by
+``backend``). Each member is one registry entry: its ``implementation`` names the module that
+does the work, which ``kiln.registry`` imports when the work runs. The core names those modules
+and never imports them, so layers stay one-way and ``doit list`` imports no torch or TVM.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class Strict(BaseModel):
@@ -62,29 +70,17 @@ class Augment(Strict):
     blur: float = Field(0.0, ge=0, le=1, description="probability of a 3x3 blur")
 
 
-class Dataset(Strict):
-    format: Literal["gtsrb", "digits"] = Field(
-        description="gtsrb: the GTSRB on-disk layout (RGB); digits: scikit-learn's digits.csv.gz "
-        "format (8x8 grayscale, 10 classes)"
-    )
-    path: str = Field(
-        description="real data set; relative paths are relative to the repo; for digits, "
-        "'sklearn' is the real set scikit-learn ships"
-    )
-    synthetic: Synthetic | None = Field(
-        default_factory=Synthetic, description="generated under build/ when path holds no data"
-    )
+class _DatasetBase(Strict):
+    """What every dataset format has: where the data is, the model's input size, the split
+    and the online augmentation."""
+
+    implementation: ClassVar[str]
+    channels: ClassVar[int]
+    num_classes: ClassVar[int]
+
     image_size: tuple[int, int] = (32, 32)
     split: Split = Field(default_factory=Split)
     augment: Augment = Field(default_factory=Augment)
-
-    @property
-    def num_classes(self) -> int:
-        return {"gtsrb": 43, "digits": 10}[self.format]
-
-    @property
-    def channels(self) -> int:
-        return {"gtsrb": 3, "digits": 1}[self.format]
 
     @field_validator("image_size")
     @classmethod
@@ -94,7 +90,40 @@ class Dataset(Strict):
         return v
 
 
-class Architecture(Strict):
+class GtsrbDataset(_DatasetBase):
+    """The GTSRB on-disk layout (RGB, 43 classes): passes/formats/gtsrb.py."""
+
+    implementation: ClassVar[str] = "passes.formats.gtsrb"
+    channels: ClassVar[int] = 3
+    num_classes: ClassVar[int] = 43
+
+    format: Literal["gtsrb"]
+    path: str = Field(description="the GTSRB tree (Final_Training/Images/...); relative paths are relative to the repo")
+    synthetic: Synthetic | None = Field(
+        default_factory=Synthetic, description="generated under build/ when path holds no GTSRB tree; null: never"
+    )
+
+
+class DigitsDataset(_DatasetBase):
+    """scikit-learn's digits.csv.gz format (8x8 grayscale, 10 classes): passes/formats/digits.py."""
+
+    implementation: ClassVar[str] = "passes.formats.digits"
+    channels: ClassVar[int] = 1
+    num_classes: ClassVar[int] = 10
+
+    format: Literal["digits"]
+    path: str = Field("sklearn", description="'sklearn' (the real set scikit-learn ships) or a digits.csv(.gz) file; "
+                      "relative paths are relative to the repo")
+
+
+Dataset = Annotated[Union[GtsrbDataset, DigitsDataset], Field(discriminator="format")]
+
+
+class CnnArchitecture(Strict):
+    """Conv3x3-BN-ReLU-maxpool stages, then a linear head: kiln/nets/cnn.py."""
+
+    implementation: ClassVar[str] = "kiln.nets.cnn"
+
     family: Literal["cnn"]
     widths: list[int] = Field(min_length=1, max_length=8)
     head: Literal["gap", "flatten"] = "gap"
@@ -108,6 +137,15 @@ class Architecture(Strict):
         return v
 
 
+Architecture = Annotated[Union[CnnArchitecture], Field(discriminator="family")]
+_ARCHITECTURE: TypeAdapter = TypeAdapter(Architecture)
+
+
+def parse_architecture(data: dict[str, Any]):
+    """An architecture dict (as a checkpoint stores it) as its family's model."""
+    return _ARCHITECTURE.validate_python(data)
+
+
 class Training(Strict):
     epochs: int = Field(ge=1, le=1000)
     batch: int = Field(128, ge=1, le=8192)
@@ -116,40 +154,13 @@ class Training(Strict):
     threads: int = Field(2, ge=1, le=256)
 
 
-class CompressionSearch(Strict):
-    """Try several values of one pass setting; keep the smallest model inside the budgets."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    pass_: str = Field(alias="pass", description="a pass listed in compression.passes (its first occurrence)")
-    field: str = Field(description="one of that pass's settings, e.g. amount")
-    values: list[Any] = Field(min_length=1, description="values to try, each a valid setting")
-
-
-class Compression(Strict):
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="largest val top-1 drop vs the trained model")
-    passes: list[dict[str, dict[str, Any]]] = Field(
-        default_factory=list, description="ordered compression passes, e.g. - prune: {...}; "
-        "each pass's settings: PruneSettings, WeightCodingSettings, ..."
-    )
-    min_weight_ratio: float | None = Field(
-        None, gt=0, description="smallest acceptable baseline weight bytes / final weight bytes "
-        "(coded bytes when weight_coding ran, else as stored)"
-    )
-    max_weight_bytes: int | None = Field(
-        None, gt=0, description="largest acceptable final weight bytes (coded when weight_coding ran, else as stored)"
-    )
-    library_bytes: bool = Field(
-        True, description="also compile each row's model for x86-host and report its kernel library size"
-    )
-    search: CompressionSearch | None = None
-
-
-# --- compression pass settings (validated by each pass, named compression.passes.<i>.<pass>) ---
+# --- compression passes: settings per pass (a manifest's compression.passes.<i>.<pass>) -------
 
 
 class PruneSettings(Strict):
     """passes/prune.py: magnitude (unstructured) or L1-norm filter (structured) pruning."""
+
+    implementation: ClassVar[str] = "passes.prune"
 
     method: Literal["magnitude", "structured", "l1_structured"] = Field(
         description="magnitude: zero the smallest weights; structured (= l1_structured): remove whole "
@@ -179,6 +190,8 @@ class PruneSettings(Strict):
 class WeightCodingSettings(Strict):
     """passes/weight_coding.py: per-layer k-means weight sharing + Huffman coding (Deep Compression)."""
 
+    implementation: ClassVar[str] = "passes.weight_coding"
+
     bits: int = Field(4, ge=1, le=8, description="cluster index bits: at most 2**bits shared values per layer")
     first_bits: int | None = Field(8, ge=1, le=8, description="bits for the first conv, which sees the input: small "
                                    "and the most sensitive to sharing (null: bits)")
@@ -195,6 +208,8 @@ class WeightCodingSettings(Strict):
 class QuantizeSettings(Strict):
     """passes/quantize.py: int8 post-training quantization (per-channel weights, per-tensor activations)."""
 
+    implementation: ClassVar[str] = "passes.quantize"
+
     mode: Literal["int8", "weight_only"] = Field(
         "int8", description="int8: 8-bit activations too (uint8 where non-negative, else int8), integer "
         "conv/dense with int32 accumulation in the kernel library; weight_only: int8 weights dequantized inside float kernels"
@@ -204,6 +219,108 @@ class QuantizeSettings(Strict):
         "percentile", description="activation range per tensor: observed min/max, or the percentiles below"
     )
     percentile: float = Field(99.99, gt=50, le=100, description="calibration percentile: upper percentile kept (lower: 100 - it)")
+
+class _Step(Strict):
+    """One entry of compression.passes: ``- <pass name>: {settings}``."""
+
+    @property
+    def name(self) -> str:
+        return next(iter(type(self).model_fields))
+
+    @property
+    def settings(self):
+        return getattr(self, self.name)
+
+
+class PruneStep(_Step):
+    prune: PruneSettings
+
+
+class WeightCodingStep(_Step):
+    weight_coding: WeightCodingSettings
+
+
+class QuantizeStep(_Step):
+    quantize: QuantizeSettings
+
+
+# the registry of compression passes: one step model per pass, tagged by the pass's name
+_STEPS: tuple[type[_Step], ...] = (PruneStep, WeightCodingStep, QuantizeStep)
+PASS_SETTINGS: dict[str, type[Strict]] = {
+    name: f.annotation for m in _STEPS for name, f in m.model_fields.items()}
+
+
+def _step_name(v: Any) -> str | None:
+    if isinstance(v, _Step):
+        return v.name
+    if isinstance(v, dict) and len(v) == 1:
+        return str(next(iter(v)))
+    return None
+
+
+CompressionStep = Annotated[
+    Union[tuple(Annotated[m, Tag(next(iter(m.model_fields)))] for m in _STEPS)],
+    Discriminator(_step_name, custom_error_type="compression_pass",
+                  custom_error_message="expected one compression pass name mapped to its settings, one of: "
+                  + ", ".join(PASS_SETTINGS)),
+]
+
+
+class CompressionSearch(Strict):
+    """Try several values of one pass setting; keep the smallest model inside the budgets."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    pass_: str = Field(alias="pass", description="a pass listed in compression.passes (its first occurrence)")
+    field: str = Field(description="one of that pass's settings, e.g. amount")
+    values: list[Any] = Field(min_length=1, description="values to try, each a valid setting")
+
+
+class Compression(Strict):
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="largest val top-1 drop vs the trained model")
+    passes: list[CompressionStep] = Field(
+        default_factory=list, description="ordered compression passes, each one pass name mapped to its settings, "
+        "e.g. - prune: {method: structured, amount: 0.5}"
+    )
+    min_weight_ratio: float | None = Field(
+        None, gt=0, description="smallest acceptable baseline weight bytes / final weight bytes "
+        "(coded bytes when weight_coding ran, else as stored)"
+    )
+    max_weight_bytes: int | None = Field(
+        None, gt=0, description="largest acceptable final weight bytes (coded when weight_coding ran, else as stored)"
+    )
+    library_bytes: bool = Field(
+        True, description="also compile each row's model for x86-host and report its kernel library size"
+    )
+    search: CompressionSearch | None = None
+
+    @model_validator(mode="after")
+    def _search_names_a_pass(self) -> Compression:
+        """compression.search: its pass is listed, its field is a setting of that pass and each
+        value is a valid setting; checked when the manifest loads, before any pass runs."""
+        if self.search is None:
+            return self
+        names = [p.name for p in self.passes]
+        if self.search.pass_ not in names:
+            raise ValueError(f"search.pass '{self.search.pass_}' is not one of the listed passes ({', '.join(names) or 'none'})")
+        step = self.passes[names.index(self.search.pass_)]
+        model = type(step.settings)
+        if self.search.field not in model.model_fields:
+            raise ValueError(f"search.field '{self.search.field}' is not a setting of pass '{step.name}' "
+                             f"(expected one of: {', '.join(model.model_fields)})")
+        for j, value in enumerate(self.search.values):
+            try:
+                model.model_validate({**step.settings.model_dump(exclude_unset=True), self.search.field: value})
+            except ValueError as e:
+                first = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+                raise ValueError(f"search.values.{j} ({self.search.field}: {value!r}): {first}") from e
+        return self
+
+    def variant(self, index: int, field: str, value: Any):
+        """The step at ``index`` with one setting changed (validated): what search tries."""
+        step = self.passes[index]
+        settings = type(step.settings).model_validate({**step.settings.model_dump(exclude_unset=True), field: value})
+        return type(step)(**{step.name: settings})
 
 
 class Validation(Strict):
@@ -292,11 +409,16 @@ def _unique_names(boards: list) -> None:
         raise ValueError(f"board instance names must be unique, repeated: {sorted(dup)}")
 
 
-# --- lab inventory ----------------------------------------------------------------------------
+# --- lab inventory: transports (by kind) and lab backends (by backend) ------------------------
+# A transport's connection fields may be left out only where the lab's backend provides them
+# (the emulated lab starts the board and fills them in); a static inventory must give them.
 
 
 class LocalTransport(Strict):
     """The board is this machine: commands are subprocesses, files are copies."""
+
+    implementation: ClassVar[str] = "hil.transport.local"
+    provided: ClassVar[tuple[str, ...]] = ()
 
     kind: Literal["local"] = "local"
 
@@ -304,12 +426,15 @@ class LocalTransport(Strict):
 class SSHTransport(Strict):
     """A Linux board on a network, reached with OpenSSH (fabric/paramiko)."""
 
+    implementation: ClassVar[str] = "hil.transport.ssh"
+    provided: ClassVar[tuple[str, ...]] = ("host", "user", "key", "known_hosts")
+
     kind: Literal["ssh"]
-    host: str
+    host: str | None = Field(None, description="address of the board (required unless the lab backend provides it)")
     port: int = Field(22, ge=1, le=65535)
-    user: str
-    key: str = Field(description="private key file; relative paths are relative to the inventory file")
-    known_hosts: str = Field(description="known_hosts file the lab provides; the board's host key must be in it")
+    user: str | None = Field(None, description="login on the board (required unless the lab backend provides it)")
+    key: str | None = Field(None, description="private key file; relative paths are relative to the inventory file")
+    known_hosts: str | None = Field(None, description="known_hosts file the lab provides; the board's host key must be in it")
     accept_unknown_host_key: bool = Field(
         False, description="trust a host key not in known_hosts (first contact only); off by default"
     )
@@ -321,8 +446,11 @@ class SSHTransport(Strict):
 class SerialTransport(Strict):
     """A board reached only through a serial console (a UART, or a pty in the emulated lab)."""
 
+    implementation: ClassVar[str] = "hil.transport.serial"
+    provided: ClassVar[tuple[str, ...]] = ("port",)
+
     kind: Literal["serial"]
-    port: str = Field(description="serial device, e.g. /dev/ttyUSB0")
+    port: str | None = Field(None, description="serial device, e.g. /dev/ttyUSB0 (required unless the lab backend provides it)")
     baud: int = Field(115200, gt=0)
     workdir: str = Field("/tmp/kiln", description="work directory on the board")
     chunk_bytes: int = Field(4096, ge=64, le=65536, description="payload bytes per upload frame")
@@ -330,11 +458,12 @@ class SerialTransport(Strict):
     timeout_s: float = Field(10, gt=0, description="how long to wait for the board to answer one frame or prompt")
 
 
-Transport = Annotated[LocalTransport | SSHTransport | SerialTransport, Field(discriminator="kind")]
+Transport = Annotated[Union[LocalTransport, SSHTransport, SerialTransport], Field(discriminator="kind")]
 
 
 class Instance(Strict):
-    """A board *instance* in a lab: a type, a transport and tags."""
+    """A board *instance* in a lab: a type, a transport and tags; one model whatever started
+    the board (a static inventory, the emulated lab, ...)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     type: str = Field(description="a board type from targets/*.yaml")
@@ -345,38 +474,57 @@ class Instance(Strict):
     )
     tags: list[str] = Field(default_factory=list)
 
+    @property
+    def link(self) -> str:
+        return self.transport.kind
 
-class Inventory(Strict):
+
+class _LabBase(Strict):
+    implementation: ClassVar[str]
+    provides_transports: ClassVar[bool] = False
+
     name: str = "lab"
     boards: list[Instance] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique(self) -> Inventory:
+    def _check(self):
         _unique_names(self.boards)
+        if not self.provides_transports:
+            for i, b in enumerate(self.boards):
+                missing = [f for f in type(b.transport).provided if getattr(b.transport, f) is None]
+                if missing:
+                    raise ValueError(f"boards.{i}.transport ({b.name}, {b.transport.kind}): missing "
+                                     f"{', '.join(missing)} (only a lab backend that starts its boards provides them)")
         return self
 
 
-# --- the emulated lab -------------------------------------------------------------------------
+class StaticLab(_LabBase):
+    """A lab of boards that are already there: every transport is given in full (hil/lab/static.py)."""
+
+    implementation: ClassVar[str] = "hil.lab.static"
+
+    backend: Literal["static"] = "static"
 
 
-class EmulatedBoard(Strict):
-    """A board of the emulated lab: Kiln starts its sshd or serial console itself."""
+class EmulatedLab(_LabBase):
+    """The default lab (hil/emulator/lab.yaml): Kiln starts each board on this machine (a real
+    sshd per SSH board, a real pty per serial board) and fills in its transport; once up it is
+    a static inventory (build/lab/inventory.yaml). Provider: hil/emulator/lab.py."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    type: str = Field(description="a board type from targets/*.yaml")
-    link: Literal["local", "ssh", "serial"] = Field(description="how the host reaches it")
-    emulated: bool = Field(False, description="its programs run under the type's emulation (qemu-user)")
-    tags: list[str] = Field(default_factory=list)
+    implementation: ClassVar[str] = "hil.emulator.lab"
+    provides_transports: ClassVar[bool] = True
 
-
-class EmulatedLab(Strict):
-    """hil/emulator/lab.yaml: the default lab, started on this machine by `doit lab_up`;
-    it becomes an Inventory (build/lab/inventory.yaml) once its boards are up."""
-
+    backend: Literal["emulated"]
     name: str = "emulated"
-    boards: list[EmulatedBoard] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique(self) -> EmulatedLab:
-        _unique_names(self.boards)
-        return self
+
+def _backend(v: Any) -> str:
+    if isinstance(v, dict):
+        return v.get("backend", "static")
+    return getattr(v, "backend", "static")
+
+
+Lab = Annotated[Union[Annotated[StaticLab, Tag("static")], Annotated[EmulatedLab, Tag("emulated")]],
+                Discriminator(_backend, custom_error_type="lab_backend",
+                              custom_error_message="unknown lab backend (expected 'static' or 'emulated')")]
+Inventory = StaticLab  # what every backend hands back once its boards are up

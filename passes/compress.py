@@ -6,10 +6,12 @@ baseline, so later stages always read ``compressed.pt``.
 
 The pass interface
 ------------------
-A compression pass is a module named in ``passes/pipeline.py`` ``COMPRESSION_PASSES`` (manifest
-name -> module path) with one entry point::
+A compression pass is one member of ``kiln.schema.CompressionStep``: a step model tagged by the
+pass's name, whose settings model (e.g. ``PruneSettings``) names the module implementing it in
+its ``implementation``; the stage imports that module with ``kiln.registry.implementation(step)``
+and calls its one entry point::
 
-    run(model, ckpt: dict, params: dict, ctx: PassContext) -> (model, ckpt)
+    run(model, ckpt: dict, settings, ctx: PassContext) -> (model, ckpt)
 
 * ``model``: the torch module so far (eval mode); ``ckpt``: the checkpoint dict that becomes
   ``compressed.pt`` (``architecture``, ``channels``, ``num_classes``, ``image_size``, ...; no
@@ -17,27 +19,27 @@ name -> module path) with one entry point::
   ``ckpt["architecture"]["widths"]`` when it removes channels, and add its own keys
   (``ckpt["pruning"]``, ``ckpt["weight_coding"]``, ``ckpt["quantization"]``). The weights saved
   for the pass are ``model.state_dict()``, or the ``state_dict`` the pass put in the returned
-  ckpt (when its module is a stand-in, e.g. a fake-quant twin); ``passes.common.rebuild`` must
-  rebuild the model from them. The next pass gets the ckpt without that ``state_dict``.
-* ``params``: the pass's settings from the manifest, unvalidated. The pass validates them,
-  usually with ``ctx.settings(<its pydantic model in kiln.schema>, params)``, which raises a
-  ManifestError naming ``compression.passes.<i>.<pass>.<field>`` and what was expected
-  (unknown keys too). A module may also expose that model as ``Params``: the stage then
-  validates every pass's settings before running any of them.
+  ckpt (when its module is a stand-in, e.g. a fake-quant twin); ``passes.support.common.rebuild``
+  must rebuild the model from them. The next pass gets the ckpt without that ``state_dict``.
+* ``settings``: the pass's settings model, already validated when the manifest loaded (a bad
+  setting is a ManifestError naming ``compression.passes.<i>.<pass>.<field>`` before any work).
+  A ``compression.search`` variant is ``project.compression.variant(i, field, value)``'s settings,
+  validated the same way.
 * ``ctx``: ``project`` (kiln.schema.Project), ``data_dir`` (the split .npz files), ``seed``
   (training.seed: passes that train or sample must be deterministic given it), ``index`` and
-  ``name`` (the pass's place in ``compression.passes``).
+  ``name`` (the pass's place in ``compression.passes``; ``ctx.field()`` names it in errors).
 
 Each row's accuracy is the returned model's val top-1; its weight bytes are
-``passes.common.stored_weight_bytes(model, ckpt)`` (fp32, or int8 when ``ckpt["quantization"]``
-is set); ``coded_bytes`` is ``ckpt["weight_coding"]["coded_bytes"]`` while the weights are still
-the ones weight coding coded.
+``passes.support.common.stored_weight_bytes(model, ckpt)`` (fp32, or int8 when
+``ckpt["quantization"]`` is set); ``coded_bytes`` is ``ckpt["weight_coding"]["coded_bytes"]``
+while the weights are still the ones weight coding coded. Its ``library_bytes`` is the size of
+the kernel library compiled for the board type the caller gives (``library_board``; dodo.py
+gives x86-host), measured in a temporary directory with passes/support's export and build.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import tempfile
 import time
@@ -45,12 +47,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import write_json
-from kiln.errors import ManifestError, PassError
-from kiln.schema import Project
-from passes.common import (accuracy, load_checkpoint, load_split, rebuild, save_checkpoint, sparsity,
-                           stored_weight_bytes, weights_sha256)
-from passes.pipeline import COMPRESSION_PASSES, LIBRARY_BOARD
+from kiln.artifacts import Layout, write_json
+from kiln.errors import PassError
+from kiln.registry import implementation
+from kiln.schema import Board, Project
+from passes.support.common import (accuracy, load_checkpoint, load_split, rebuild, save_checkpoint, sparsity,
+                                   stored_weight_bytes, weights_sha256)
 
 log = logging.getLogger("kiln.compress")
 
@@ -67,24 +69,6 @@ class PassContext:
         """The manifest path of this pass's settings, or of one of them."""
         return f"compression.passes.{self.index}.{self.name}" + (f".{name}" if name else "")
 
-    def settings(self, model_cls, params: dict[str, Any]):
-        """``params`` validated as ``model_cls``; a ManifestError naming each bad field otherwise."""
-        from pydantic import ValidationError as PydanticError
-
-        try:
-            return model_cls.model_validate(params)
-        except PydanticError as e:
-            lines = [f"{_manifest(self.project)}invalid settings of compression pass '{self.name}':"]
-            for err in e.errors():
-                where = ".".join([self.field(), *(str(p) for p in err["loc"])])
-                msg = err["msg"]
-                if err["type"] == "extra_forbidden":
-                    msg = f"unknown setting (expected one of: {', '.join(model_cls.model_fields)})"
-                got = err.get("input")
-                shown = "" if isinstance(got, (dict, list)) or err["type"] == "missing" else f" (got {got!r})"
-                lines.append(f"  field '{where}': {msg}{shown}")
-            raise ManifestError("\n".join(lines)) from e
-
 
 @dataclass
 class Step:
@@ -94,33 +78,18 @@ class Step:
     snapshot: dict[str, Any]
 
 
-def _manifest(project: Project) -> str:
-    from kiln.config import project_path
-
-    path = project_path(project.name)
-    return f"{path}: " if path.exists() else f"project '{project.name}': "
-
-
-def _specs(project: Project, data_dir: Path) -> list[tuple[Any, dict, PassContext]]:
-    """(module, settings, context) per listed pass; names and (where a module exposes
-    ``Params``) settings checked before anything runs."""
+def _specs(project: Project, data_dir: Path) -> list[tuple[Any, Any, PassContext]]:
+    """(module, settings, context) per listed pass (settings validated at manifest load)."""
     out = []
-    for i, spec in enumerate(project.compression.passes):
-        if len(spec) != 1:
-            raise ManifestError(f"{_manifest(project)}field 'compression.passes.{i}': expected one pass name mapped "
-                                f"to its settings, got {list(spec)}")
-        (name, params), = spec.items()
-        if name not in COMPRESSION_PASSES:
-            raise ManifestError(
-                f"{_manifest(project)}field 'compression.passes.{i}': unknown compression pass '{name}' "
-                f"(available: {', '.join(COMPRESSION_PASSES) or 'none in this version'})"
-            )
-        module = importlib.import_module(COMPRESSION_PASSES[name])
-        ctx = PassContext(project, Path(data_dir), project.training.seed, i, name)
-        if hasattr(module, "Params"):
-            ctx.settings(module.Params, params)
-        out.append((module, params, ctx))
+    for i, step in enumerate(project.compression.passes):
+        ctx = PassContext(project, Path(data_dir), project.training.seed, i, step.name)
+        out.append((implementation(step), step.settings, ctx))
     return out
+
+
+def _shown(settings) -> dict:
+    """A pass's settings as the manifest gave them (defaults left out), for its row."""
+    return settings.model_dump(mode="json", exclude_unset=True)
 
 
 def _snapshot(model, ckpt: dict) -> tuple[dict, dict]:
@@ -153,15 +122,15 @@ def _row(name: str, settings: dict, model, ckpt: dict, xva, yva, seconds: float)
 
 def _run_passes(specs, model, ckpt: dict, xva, yva) -> tuple[list[Step], Any, dict]:
     steps = []
-    for module, params, ctx in specs:
+    for module, settings, ctx in specs:
         t0 = time.perf_counter()
-        model, ckpt = module.run(model, ckpt, params, ctx)
+        model, ckpt = module.run(model, ckpt, settings, ctx)
         if ckpt.get("weight_coding") and coded_bytes(model, ckpt) is None:
             log.warning("compress %s: %s changed the weights weight_coding coded; its coded size is dropped",
                         ctx.project.name, ctx.name)
             ckpt = {k: v for k, v in ckpt.items() if k != "weight_coding"}
         ckpt, snapshot = _snapshot(model, ckpt)
-        row = _row(ctx.name, params, model, ckpt, xva, yva, time.perf_counter() - t0)
+        row = _row(ctx.name, _shown(settings), model, ckpt, xva, yva, time.perf_counter() - t0)
         log.info("compress %s: %s -> %d params, %d MACs, %d weight bytes%s, val %.4f (%.1f s)", ctx.project.name,
                  ctx.name, row["params"], row["macs"], row["weight_bytes"],
                  f" ({row['coded_bytes']} coded)" if row["coded_bytes"] is not None else "", row["val_accuracy"],
@@ -172,28 +141,19 @@ def _run_passes(specs, model, ckpt: dict, xva, yva) -> tuple[list[Step], Any, di
 
 def _search(project: Project, specs, model, ckpt, xva, yva, base: dict) -> tuple[list[Step], dict]:
     """Run the passes once per value of compression.search; keep the smallest result within
-    the accuracy budget. The passes before the searched one run once."""
-    search = project.compression.search
-    at = next((i for i, (_, _, ctx) in enumerate(specs) if ctx.name == search.pass_), None)
-    if at is None:
-        raise ManifestError(f"{_manifest(project)}field 'compression.search.pass': '{search.pass_}' is not one of "
-                            f"the listed compression.passes ({', '.join(c.name for _, _, c in specs) or 'none'})")
-    module, params, ctx = specs[at]
-    variants = []
-    for j, value in enumerate(search.values):
-        p = dict(params, **{search.field: value})
-        try:
-            if hasattr(module, "Params"):
-                ctx.settings(module.Params, p)
-        except ManifestError as e:
-            raise ManifestError(f"field 'compression.search.values.{j}' ({search.field}: {value!r}): {e}") from e
-        variants.append(p)
+    the accuracy budget. The passes before the searched one run once. (The manifest's loading
+    checked that the searched pass is listed and that every value is a valid setting.)"""
+    comp = project.compression
+    search = comp.search
+    at = next(i for i, (_, _, ctx) in enumerate(specs) if ctx.name == search.pass_)
+    module, _, ctx = specs[at]
+    variants = [comp.variant(at, search.field, value).settings for value in search.values]
     prefix, model, ckpt = _run_passes(specs[:at], model, ckpt, xva, yva)
-    budget = project.compression.max_accuracy_drop
+    budget = comp.max_accuracy_drop
     candidates, best = [], None
-    for value, p in zip(search.values, variants):
+    for value, settings in zip(search.values, variants):
         log.info("compress %s: search %s.%s = %r", project.name, search.pass_, search.field, value)
-        steps, _, _ = _run_passes([(module, p, ctx), *specs[at + 1:]], copy.deepcopy(model), copy.deepcopy(ckpt), xva, yva)
+        steps, _, _ = _run_passes([(module, settings, ctx), *specs[at + 1:]], copy.deepcopy(model), copy.deepcopy(ckpt), xva, yva)
         run = prefix + steps
         last = run[-1].row
         drop = base["val_accuracy"] - last["val_accuracy"]
@@ -235,26 +195,17 @@ def _budget_failures(project: Project, base: dict, final: dict) -> list[str]:
     return out
 
 
-def library_bytes(snapshot: dict, data_dir: Path, board) -> int:
-    """Kernel library bytes of a checkpoint dict: exported (passes/export_onnx.py, parity
-    checked) and compiled (passes/compile_tvm.py) for ``board`` in a temporary directory."""
-    from passes import compile_tvm, export_onnx
+def library_bytes(snapshot: dict, data_dir: Path, board: Board) -> int:
+    """Kernel library bytes of a checkpoint dict: exported (parity checked) and compiled, untuned,
+    for ``board`` in a temporary directory (passes/support/onnx_export.py, tvm_build.py)."""
+    from passes.support.onnx_export import export_checkpoint
+    from passes.support.tvm_build import compile_onnx
 
     with tempfile.TemporaryDirectory(prefix="kiln-compress-") as tmp:
         t = Path(tmp)
         save_checkpoint(t / "model.pt", snapshot)
-        info = export_onnx.run(t / "model.pt", data_dir, t / "model.onnx", t / "export.json")
-        return compile_tvm.run(board, t / "model.onnx", info["input_shape"], t / "model.so", t / "compile.json")["library_bytes"]
-
-
-def _library_board(project: Project):
-    from kiln.config import load_board
-
-    try:
-        return load_board(LIBRARY_BOARD)
-    except ManifestError as e:
-        raise ManifestError(f"{_manifest(project)}field 'compression.library_bytes': needs the board type "
-                            f"'{LIBRARY_BOARD}' ({e}); set it to false to skip kernel library sizes") from e
+        info = export_checkpoint(t / "model.pt", data_dir, t / "model.onnx", t / "export.json")
+        return compile_onnx(board, t / "model.onnx", info["input_shape"], t / "model.so", t / "compile.json")["library_bytes"]
 
 
 def _baseline(model_pt: Path, data_dir: Path):
@@ -265,22 +216,26 @@ def _baseline(model_pt: Path, data_dir: Path):
     return model, ckpt, xva, yva, Step(_row("baseline", {}, model, ckpt, xva, yva, 0.0), snapshot)
 
 
-def steps(project: Project, model_pt: Path, data_dir: Path) -> list[Step]:
-    """The baseline and one Step per listed pass, without search or budget checks: what
-    bench/compression.py measures; each Step's ``snapshot`` is a checkpoint dict."""
-    model, ckpt, xva, yva, base = _baseline(model_pt, data_dir)
-    passes, _, _ = _run_passes(_specs(project, data_dir), model, ckpt, xva, yva)
+def steps(project: Project, layout: Layout) -> list[Step]:
+    """The baseline and one Step per listed pass on ``layout.model_pt``, without search or budget
+    checks: what bench/compression.py measures; each Step's ``snapshot`` is a checkpoint dict."""
+    model, ckpt, xva, yva, base = _baseline(layout.model_pt, layout.data)
+    passes, _, _ = _run_passes(_specs(project, layout.data), model, ckpt, xva, yva)
     return [base, *passes]
 
 
-def run(project: Project, model_pt: Path, data_dir: Path, out_pt: Path, out_json: Path) -> dict:
+def run(project: Project, layout: Layout, library_board: Board | None) -> dict:
+    """Compress ``layout.model_pt`` into ``layout.compressed_pt`` (every row: ``layout.compress_json``).
+    ``library_board``: the board type whose kernel library size each row reports when
+    compression.library_bytes is on; None skips those sizes."""
     import torch
 
     torch.set_num_threads(project.training.threads)
     comp = project.compression
+    data_dir, out_pt, out_json = layout.data, layout.compressed_pt, layout.compress_json
     specs = _specs(project, data_dir)
-    board = _library_board(project) if comp.library_bytes else None
-    model, ckpt, xva, yva, base = _baseline(model_pt, data_dir)
+    board = library_board if comp.library_bytes else None
+    model, ckpt, xva, yva, base = _baseline(layout.model_pt, data_dir)
     summary: dict[str, Any] = {"max_accuracy_drop": comp.max_accuracy_drop, "min_weight_ratio": comp.min_weight_ratio,
                                "max_weight_bytes": comp.max_weight_bytes}
     try:

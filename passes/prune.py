@@ -1,8 +1,10 @@
 """Prune pass: magnitude (unstructured) or L1-norm filter (structured) pruning, iterative, with
-fine-tuning on the training split after each round (passes/train.py's loop and augmentation).
+fine-tuning on the training split after each round (the training loop and augmentation of
+passes/support/training.py).
 
-Settings (kiln.schema.PruneSettings), e.g. ``prune: {method: structured, amount: 0.5, steps: 2,
-finetune_epochs: 2}`` or ``prune: {method: magnitude, scope: global, amount: 0.8}``:
+Settings (kiln.schema.PruneSettings, validated when the manifest loads), e.g. ``prune: {method:
+structured, amount: 0.5, steps: 2, finetune_epochs: 2}`` or ``prune: {method: magnitude, scope:
+global, amount: 0.8}``:
 
 * ``magnitude``: zero the ``amount`` share of conv/linear weights with the smallest |w|, per
   layer (``scope: layer``, the default) or under one threshold over all layers (``global``).
@@ -28,17 +30,16 @@ from typing import Any
 
 from kiln.errors import PassError
 from kiln.schema import PruneSettings
-from passes.common import accuracy, load_split, sparsity, weight_layers
+from passes.support.common import accuracy, load_split, sparsity, weight_layers
+from passes.support.training import fit
 
 log = logging.getLogger("kiln.prune")
 
-Params = PruneSettings
 
-
-def run(model, ckpt: dict, params: dict, ctx) -> tuple[Any, dict]:
+def run(model, ckpt: dict, settings: PruneSettings, ctx) -> tuple[Any, dict]:
     import torch
 
-    s = ctx.settings(PruneSettings, params)
+    s = settings
     cfg = ctx.project.training
     torch.manual_seed(ctx.seed)
     torch.set_num_threads(cfg.threads)
@@ -66,8 +67,6 @@ def run(model, ckpt: dict, params: dict, ctx) -> tuple[Any, dict]:
         apply_masks(model, masks)
         history = []
         if s.finetune_epochs:
-            from passes.train import fit
-
             history = fit(model, xtr, ytr, epochs=s.finetune_epochs, batch=cfg.batch, lr=lr,
                           aug=ctx.project.dataset.augment, gen=gen, xva=xva, yva=yva,
                           after_step=functools.partial(apply_masks, masks=masks), tag=f"prune {ctx.project.name} round {step}")
@@ -184,10 +183,10 @@ def shrink(model, ckpt: dict, keep: list[Any]):
     import torch
 
     from kiln.nets import build
-    from kiln.schema import Architecture
+    from kiln.schema import parse_architecture
 
     convs, bns, head = _cnn_layers(model)
-    new_arch = Architecture.model_validate(dict(ckpt["architecture"], widths=[len(k) for k in keep]))
+    new_arch = parse_architecture(dict(ckpt["architecture"], widths=[len(k) for k in keep]))
     small = build(new_arch, ckpt["channels"], ckpt["num_classes"], tuple(ckpt["image_size"]))
     sconvs, sbns, shead = _cnn_layers(small)
     with torch.no_grad():

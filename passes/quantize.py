@@ -8,8 +8,8 @@ Two modes:
   and the pooled features) is ``uint8`` with zero point 0: real 0 is code 0, so a convolution
   pads with 0 inside its own kernel and has no zero-point term. A tensor that can be negative
   (a conv or linear layer without a ReLU, say) is ``int8``, asymmetric. Convolutions and dense
-  layers run uint8/int8 x int8 -> int32 in the compiled library (passes/relax_int8.py) and
-  requantize to 8 bits with one float32 multiplier per channel.
+  layers run uint8/int8 x int8 -> int32 in the compiled library (passes/support/relax_int8.py)
+  and requantize to 8 bits with one float32 multiplier per channel.
 * ``weight_only``: the same int8 weights, float activations: the library stores int8 weights
   and dequantizes them inside its kernels (a quarter of the weight bytes, float arithmetic).
 
@@ -18,8 +18,11 @@ The model returned is the fake-quant twin of the compiled library: the same modu
 identity), with its conv/linear/average-pool modules computing exactly what the integer kernels
 compute (integer accumulation, the same float32 requantization and rounding). The compress
 stage's measured accuracy is therefore the int8 library's accuracy. Everything export needs
-lies in ``ckpt["quantization"]`` (see :func:`describe`); :func:`fake_quant` rebuilds the twin
-from a float model and that record.
+lies in ``ckpt["quantization"]`` (see :func:`describe`); ``fake_quant`` (passes/support/int8.py,
+the arithmetic this pass, the export and the Relax lowering share) rebuilds the twin from a
+float model and that record.
+
+Settings: kiln.schema.QuantizeSettings, validated when the manifest loads.
 """
 
 from __future__ import annotations
@@ -28,54 +31,17 @@ import logging
 from typing import Any
 
 import numpy as np
-from kiln.errors import ManifestError, PassError
+
+from kiln.errors import ManifestError
 from kiln.schema import QuantizeSettings
-from passes.common import load_split, to_tensor
-from passes.relax_int8 import WMAX, act_range, requant_multiplier
+from passes.support.common import load_split, to_tensor
+from passes.support.int8 import WMAX, act_range, bias_ints, bias_scale, fake_quant, layer_plan, weight_ints
 
 log = logging.getLogger("kiln.quantize")
 
 
-Params = QuantizeSettings  # the stage validates every pass's settings before running any
-
-
 # ---------------------------------------------------------------------------------------------
 # model structure
-
-
-def layer_plan(model) -> list[dict]:
-    """The Sequential's modules grouped into quantization layers, in order. Each entry: name
-    (the module's name in the Sequential, i.e. its state_dict prefix), kind (conv, linear,
-    maxpool, avgpool, flatten), and for conv/linear the BatchNorm folded into it and whether a
-    ReLU follows. Raises PassError on a module it cannot quantize."""
-    import torch.nn as nn
-
-    if not isinstance(model, nn.Sequential):
-        raise PassError(f"quantize: expects an nn.Sequential model (kiln.nets families), got {type(model).__name__}")
-    plan: list[dict] = []
-    for name, m in model.named_children():
-        last = plan[-1] if plan else None
-        if isinstance(m, nn.Conv2d):
-            plan.append({"name": name, "kind": "conv", "bn": None, "relu": None})
-        elif isinstance(m, nn.Linear):
-            plan.append({"name": name, "kind": "linear", "bn": None, "relu": None})
-        elif isinstance(m, nn.BatchNorm2d) and last and last["kind"] == "conv" and last["bn"] is None and last["relu"] is None:
-            last["bn"] = name
-        elif isinstance(m, nn.ReLU) and last and last["kind"] in ("conv", "linear") and last["relu"] is None:
-            last["relu"] = name
-        elif isinstance(m, nn.MaxPool2d):
-            plan.append({"name": name, "kind": "maxpool"})
-        elif isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-            plan.append({"name": name, "kind": "avgpool"})
-        elif isinstance(m, nn.Flatten):
-            plan.append({"name": name, "kind": "flatten"})
-        elif isinstance(m, (nn.Identity, nn.Dropout)):
-            continue
-        else:
-            raise PassError(f"quantize: module '{name}' ({type(m).__name__}) has no int8 lowering in Kiln")
-    if not plan or plan[-1]["kind"] != "linear":
-        raise PassError("quantize: the model must end with a Linear classifier")
-    return plan
 
 
 def fold_batchnorm(model, plan: list[dict]) -> None:
@@ -130,11 +96,6 @@ def act_qparams(lo: float, hi: float) -> dict:
     scale = float(np.float32(max(hi - lo, 1e-8) / (qmax - qmin)))
     zp = int(np.clip(round(qmin - lo / scale), qmin, qmax))
     return {"scale": scale, "zero_point": zp, "dtype": dtype}
-
-
-def act_dtype(qp: dict) -> str:
-    """An activation's dtype; records of version 1 (before uint8) hold int8 only."""
-    return qp.get("dtype", "int8")
 
 
 def weight_scales(w) -> list[float]:
@@ -205,154 +166,7 @@ def describe(model, plan: list[dict], ranges: dict | None, params: QuantizeSetti
 
 
 # ---------------------------------------------------------------------------------------------
-# the fake-quant twin: integer arithmetic in torch, exactly as the compiled library does it
-
-
-def _quant(x, qp: dict):
-    """Float -> 8-bit codes (as a float tensor): clip(round(x / scale) + zp) to the range of the
-    tensor's dtype (uint8 or int8), round half to even."""
-    import torch
-
-    qmin, qmax = act_range(act_dtype(qp))
-    return torch.clamp(torch.round(x / np.float32(qp["scale"])) + qp["zero_point"], qmin, qmax)
-
-
-def _dequant(q, qp: dict):
-    return (q - qp["zero_point"]) * np.float32(qp["scale"])
-
-
-def weight_ints(w, scale: list[float]):
-    """int8 weight values (as float) of ``w`` under per-output-channel ``scale``."""
-    import torch
-
-    s = torch.tensor(scale, dtype=torch.float32).reshape(-1, *([1] * (w.dim() - 1)))
-    return torch.clamp(torch.round(w.detach() / s), -WMAX, WMAX)
-
-
-def bias_ints(b, in_scale: float, scale: list[float]):
-    """int32 bias values (as float64) under the bias scale = input scale x weight scale."""
-    import torch
-
-    sb = torch.from_numpy(bias_scale(in_scale, scale))
-    return torch.round(b.detach().double() / sb.double()) if b is not None else torch.zeros(len(scale), dtype=torch.float64)
-
-
-def bias_scale(in_scale: float, scale: list[float]) -> np.ndarray:
-    return (np.float64(np.float32(in_scale)) * np.asarray(scale, dtype=np.float32).astype(np.float64)).astype(np.float32)
-
-
-def _requant(acc, spec: dict, mult):
-    """int32 accumulator (exact, as float64) -> 8-bit output codes, or float logits when the
-    layer has no output parameters: float32(acc) * multiplier, round half to even, + zp, clip
-    to the output dtype's range (from the zero point up after a ReLU)."""
-    import torch
-
-    y = acc.float() * torch.from_numpy(mult).reshape(1, -1, *([1] * (acc.dim() - 2)))
-    if spec["output"] is None:
-        return torch.relu(y) if spec["relu"] else y
-    qmin, qmax = act_range(act_dtype(spec["output"]))
-    lo = max(qmin, spec["output"]["zero_point"]) if spec["relu"] else qmin
-    return torch.clamp(torch.round(y) + spec["output"]["zero_point"], lo, qmax)
-
-
-_CLASSES: tuple | None = None
-
-
-def _classes():
-    """(QConv2d, QLinear, QAvgPool), made once: torch is imported only when a pass runs."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _make_classes()
-    return _CLASSES
-
-
-def _make_classes():
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class QConv2d(nn.Conv2d):
-        """Conv2d (BN folded) computing as the int8 kernel does; parameters as in nn.Conv2d."""
-
-        qspec: dict
-
-        def forward(self, x):
-            spec = self.qspec
-            wq = weight_ints(self.weight, spec["weight_scale"])
-            if "input" not in spec:  # weight_only: float compute with the int8 weights' values
-                w = wq * self._wscale()
-                return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-            xi = (_quant(x, spec["input"]) - spec["input"]["zero_point"]).double()
-            acc = F.conv2d(xi, wq.double(), None, self.stride, self.padding, self.dilation, self.groups)
-            acc = acc + bias_ints(self.bias, spec["input"]["scale"], spec["weight_scale"]).reshape(1, -1, 1, 1)
-            q = _requant(acc, spec, _mult(spec))
-            return _dequant(q, spec["output"]) if spec["output"] is not None else q
-
-        def _wscale(self):
-            import torch
-
-            return torch.tensor(self.qspec["weight_scale"], dtype=torch.float32).reshape(-1, 1, 1, 1)
-
-    class QLinear(nn.Linear):
-        """Linear computing as the int8 dense kernel does; parameters as in nn.Linear."""
-
-        qspec: dict
-
-        def forward(self, x):
-            import torch
-
-            spec = self.qspec
-            wq = weight_ints(self.weight, spec["weight_scale"])
-            if "input" not in spec:
-                w = wq * torch.tensor(spec["weight_scale"], dtype=torch.float32).reshape(-1, 1)
-                return F.linear(x, w, self.bias)
-            xi = (_quant(x, spec["input"]) - spec["input"]["zero_point"]).double()
-            acc = xi @ wq.double().t() + bias_ints(self.bias, spec["input"]["scale"], spec["weight_scale"])
-            q = _requant(acc, spec, _mult(spec))
-            return _dequant(q, spec["output"]) if spec["output"] is not None else q
-
-    class QAvgPool(nn.AdaptiveAvgPool2d):
-        """Global average pool on 8-bit codes: integer sum, one float32 multiply, round."""
-
-        qspec: dict
-
-        def forward(self, x):
-            spec = self.qspec
-            n = x.shape[2] * x.shape[3]
-            s = (_quant(x, spec["input"]) - spec["input"]["zero_point"]).double().sum((2, 3), keepdim=True)
-            m = requant_multiplier(spec["input"]["scale"], [1.0], spec["output"]["scale"], n)[0]
-            q = np.float32(m) * s.float()
-            import torch
-
-            q = torch.clamp(torch.round(q) + spec["output"]["zero_point"], *act_range(act_dtype(spec["output"])))
-            return _dequant(q, spec["output"])
-
-    return QConv2d, QLinear, QAvgPool
-
-
-def _mult(spec: dict) -> np.ndarray:
-    if spec["output"] is None:
-        return bias_scale(spec["input"]["scale"], spec["weight_scale"])
-    return requant_multiplier(spec["input"]["scale"], spec["weight_scale"], spec["output"]["scale"])
-
-
-def fake_quant(model, quantization: dict):
-    """The fake-quant twin of a (BN-folded) float model under ``quantization``: a new
-    Sequential with the same module names and parameters, whose conv/linear/avgpool modules
-    compute as the compiled library does."""
-    import copy
-
-    QConv2d, QLinear, QAvgPool = _classes()
-    twin = copy.deepcopy(model)
-    int8 = quantization["mode"] == "int8"
-    for name, spec in quantization["layers"].items():
-        m = getattr(twin, name)
-        cls = {"conv": QConv2d, "linear": QLinear, "avgpool": QAvgPool if int8 else None}.get(spec["kind"])
-        if cls is None:
-            continue
-        m.__class__ = cls  # same parameters and buffers, so the state_dict keys do not change
-        m.qspec = spec
-    twin.eval()
-    return twin
+# the weights as the library stores them (the twin that computes with them: passes/support/int8.py)
 
 
 def quantize_weights_inplace(model, quantization: dict) -> None:
@@ -372,9 +186,9 @@ def quantize_weights_inplace(model, quantization: dict) -> None:
                 m.bias.copy_((bias_ints(m.bias, spec["input"]["scale"], spec["weight_scale"]) * sb.double()).float())
 
 
-def run(model, ckpt: dict, params: dict, ctx):
+def run(model, ckpt: dict, settings: QuantizeSettings, ctx):
     """Fold BN, calibrate on training images, quantize; returns (fake-quant model, ckpt)."""
-    p = ctx.settings(QuantizeSettings, params or {})
+    p = settings
     if ckpt.get("quantization"):
         raise ManifestError(f"field '{ctx.field()}': the model is already quantized (quantize is listed twice)")
     model.eval()
@@ -384,7 +198,7 @@ def run(model, ckpt: dict, params: dict, ctx):
     if p.mode == "int8":
         x, _ = load_split(ctx.data_dir, "train")
         n = min(p.calibration_samples, len(x))
-        rng = np.random.default_rng(getattr(ctx, "seed", 0))
+        rng = np.random.default_rng(ctx.seed)
         ranges = calibrate(model, plan, x[np.sort(rng.choice(len(x), n, replace=False))], p)
     quantization = describe(model, plan, ranges, p, n)
     quantize_weights_inplace(model, quantization)

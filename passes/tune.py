@@ -1,5 +1,5 @@
-"""Tune pass: MetaSchedule search for a model's kernels on one board type, into a persistent
-tuning database that the compile pass applies.
+"""Tune stage: MetaSchedule search for a model's kernels on one board type, into a persistent
+tuning database that the compile stage applies (passes/support/tvm_build.py).
 
 The database lives under ``build/tune/<board>-<target hash>/`` (MetaSchedule's JSON workload and
 record files), keyed by the resolved TVM target, and is shared by every app compiled for that
@@ -23,37 +23,20 @@ Two things make MetaSchedule usable on a 2-core build machine (see README, "Tuni
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import write_json
+from kiln.artifacts import Layout, read_json, tuning_root, write_json
+from kiln.config import trial_budget
 from kiln.errors import PassError
-from kiln.schema import Board
+from kiln.schema import Board, Project
+from passes.support.tvm_build import (host_isa_flags, import_cpu_tensor_intrinsics, import_onnx, open_database, prepare,
+                                      register_cpu_pool_rules, resolve_target, target_key)
 
 log = logging.getLogger("kiln.tune")
-
-
-def target_key(board: Board, target: dict[str, Any]) -> str:
-    """Directory name of a board type's tuning database: its name plus a hash of the target."""
-    digest = hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{board.name}-{digest}"
-
-
-def host_isa_flags() -> set[str]:
-    """CPU feature flags of this machine (/proc/cpuinfo), lower case."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 # ISA flags (as /proc/cpuinfo names them) an x86 mcpu needs; a board type whose mcpu is listed
@@ -92,31 +75,6 @@ def where_to_measure(board: Board, target: dict[str, Any]) -> tuple[str | None, 
     return "native", f"tuned on this machine for the board's target (mcpu {mcpu}); this CPU implements its ISA"
 
 
-def _import_cpu_tensor_intrinsics() -> None:
-    """Register the x86 and arm tensor intrinsics without importing the GPU tables.
-
-    ``import tvm.s_tir.tensor_intrin`` (done by MetaSchedule's TuneContext) imports the CUDA and
-    ROCm tables too, which takes 15-50 s on this machine; CPU targets only use x86 and arm ones.
-    """
-    import importlib
-
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        return
-    import tvm.s_tir as s_tir
-
-    pkg = types.ModuleType(name)
-    pkg.__path__ = [str(Path(s_tir.__file__).parent / "tensor_intrin")]
-    pkg.__package__ = name
-    sys.modules[name] = pkg
-    try:
-        for sub in ("x86", "arm_cpu"):
-            setattr(pkg, sub, importlib.import_module(f"{name}.{sub}"))
-    except Exception:
-        del sys.modules[name]
-        raise
-
-
 def _in_process_builder():
     """A MetaSchedule builder that compiles candidates in this process (see module doc)."""
     from tvm.ir.utils import derived_object
@@ -137,33 +95,21 @@ def _in_process_builder():
     return InProcessBuilder()
 
 
-def prepare(mod, target):
-    """Legalize and fuse ``mod`` the way MetaSchedule extracts tasks and the compile pass applies
-    the database (relax's zero pipeline)."""
-    from tvm import relax
-
-    with target:
-        return relax.get_pipeline("zero")(mod)
-
-
-def open_database(db_dir: Path):
-    from tvm.s_tir import meta_schedule as ms
-
-    db_dir.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(
-        path_workload=str(db_dir / "database_workload.json"),
-        path_tuning_record=str(db_dir / "database_tuning_record.json"),
-        module_equality="structural",
-    )
+def run(project: Project, board: Board, layout: Layout) -> dict:
+    """Tune ``layout.onnx`` for ``board`` into the shared database under build/tune/, with the
+    trial budget of the manifest or the board type; the report goes to ``layout.tune_json``."""
+    shape = read_json(layout.export_json)["input_shape"]
+    return tune_onnx(board, layout.onnx, shape, tuning_root(), trial_budget(project, board),
+                     layout.tune_json(board.name))
 
 
-def run(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, trials: int, out_json: Path) -> dict:
-    """Tune ``onnx_path``'s untuned tasks for ``board`` with up to ``trials`` trials in all."""
+def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, trials: int,
+              out_json: Path) -> dict:
+    """Tune ``onnx_path``'s untuned tasks for ``board`` with up to ``trials`` trials in all, into
+    the database under ``db_root``; the report (tune.json) goes to ``out_json``."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
-
-    from passes.compile_tvm import import_onnx, resolve_target
 
     t0 = time.perf_counter()
     target_dict = resolve_target(board)
@@ -179,7 +125,8 @@ def run(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, tr
         log.info("tune %s: not tuned (%s)", board.name, info["why"])
         return info
     target = tvm.target.Target(target_dict)
-    _import_cpu_tensor_intrinsics()
+    import_cpu_tensor_intrinsics()
+    register_cpu_pool_rules()  # no "Unknown schedule rule meta_schedule.pool_max" per pool kernel
     mod = prepare(import_onnx(onnx_path, input_shape), target)
     db = open_database(db_dir)
     extracted = ms.relax_integration.extract_tasks(mod, target)
@@ -301,20 +248,3 @@ def _records(db, task) -> int:
     if not db.has_workload(task.dispatched[0]):
         return 0
     return len(db.get_top_k(db.commit_workload(task.dispatched[0]), 1_000_000))
-
-
-def apply(mod, target, db_dir: Path):
-    """``(mod with the tuned schedules from db_dir applied, {"tuned": n, "untuned": [names]})``;
-    kernels without a record stay as they are."""
-    from tvm import relax, tirx
-
-    if not (db_dir / "database_tuning_record.json").exists():
-        raise PassError(f"tuning database {db_dir} is missing; rerun the tune task")
-    _import_cpu_tensor_intrinsics()
-    mod = prepare(mod, target)
-    before = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
-    with target, open_database(db_dir):
-        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-    after = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
-    tuned = sorted(n for n in before if n in after and not after[n].same_as(before[n]))
-    return mod, {"tuned": len(tuned), "untuned": sorted(set(before) - set(tuned))}

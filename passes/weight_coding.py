@@ -17,8 +17,10 @@ weights) stay zero. The layer is then coded as
 per-layer breakdown. Every layer's streams are decoded again and checked against the shared
 weights, so the size reported is that of a real, lossless encoding.
 
-Settings (kiln.schema.WeightCodingSettings): ``bits`` (default 4), ``linear_bits`` (default
-``bits``), ``index_bits`` (default 5), ``iterations`` (k-means, default 30).
+Settings (kiln.schema.WeightCodingSettings, validated when the manifest loads): ``bits``
+(default 4), ``first_bits`` (default 8), ``linear_bits`` (default ``bits``), ``index_bits``
+(default 5), ``iterations`` (k-means, default 30), ``finetune_epochs`` (default 1: the shared
+values are fine-tuned on the training split, cluster assignments fixed).
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ import numpy as np
 
 from kiln.errors import PassError
 from kiln.schema import WeightCodingSettings
-from passes.common import stored_weight_bytes, weight_layers, weights_sha256
+from passes.support.common import load_split, stored_weight_bytes, weight_layers, weights_sha256
+from passes.support.training import fit
 
 log = logging.getLogger("kiln.weight_coding")
 
-Params = WeightCodingSettings
 HEADER_BYTES = 8  # per layer: nonzero count and the index stream's bit length
 
 
@@ -238,16 +240,13 @@ class _Bits:
         return (self.s.first_bits or self.s.bits) if m is self.first else self.s.bits
 
 
-def run(model, ckpt: dict, params: dict, ctx) -> tuple[Any, dict]:
+def run(model, ckpt: dict, settings: WeightCodingSettings, ctx) -> tuple[Any, dict]:
     import torch
 
-    s = ctx.settings(WeightCodingSettings, params)
+    s = settings
     bits_of = _Bits(s, model)
     clusters = share(model, bits_of)
     if s.finetune_epochs:
-        from passes.common import load_split
-        from passes.train import fit
-
         cfg = ctx.project.training
         torch.manual_seed(ctx.seed)
         torch.set_num_threads(cfg.threads)

@@ -64,3 +64,11 @@ def run_doit(env: dict, *args: str, timeout: float = 900):
     import subprocess
 
     return subprocess.run([*DOIT, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_result(app_build: Path, instance: str) -> dict:
+    """The result of ``instance`` in the app's last report (build/<app>/runs/<run id>/<instance>/)."""
+    import json
+
+    report = json.loads((app_build / "report.json").read_text())
+    return json.loads((app_build / "runs" / report["run_id"] / instance / "result.json").read_text())

@@ -35,8 +35,8 @@ def lab(tmp_path):
 
 
 
-def test_board_added_as_yaml_alone_is_compiled_and_validated(lab):
-    # a Cortex-A55 board nobody wrote code for: one YAML file and one inventory entry
+def add_rock(lab):
+    """A Cortex-A55 board nobody wrote code for: one YAML file and one inventory entry."""
     (lab["targets"] / "rock-a55.yaml").write_text(yaml.safe_dump({
         "name": "rock-a55", "arch": "aarch64", "cc": "aarch64-linux-gnu-g++", "cores": 4, "memory_mb": 2048,
         "tvm_target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55", "mattr": ["+neon"]},
@@ -45,6 +45,10 @@ def test_board_added_as_yaml_alone_is_compiled_and_validated(lab):
     inv = yaml.safe_load(lab["inv"].read_text())
     inv["boards"].append({"name": "rock-1", "type": "rock-a55", "transport": {"kind": "local"}, "emulated": True})
     lab["inv"].write_text(yaml.safe_dump(inv))
+
+
+def test_board_added_as_yaml_alone_is_compiled_and_validated(lab):
+    add_rock(lab)
     data = copy.deepcopy(TINY)
     data["targets"] = ["x86-host", "rock-a55", "jetson-nano"]
     write_project(lab["tmp"] / "projects", data)
@@ -62,8 +66,24 @@ def test_board_added_as_yaml_alone_is_compiled_and_validated(lab):
     # compile-only: its kernel library exists, and it is reported as not validated, never passed
     jet = report["boards"]["jetson-nano"]
     assert report["not_validated"] == ["jetson-nano"] and "passed" not in jet and "not_validated" in jet
-    assert (lab["tmp"] / "build" / "tiny" / "jetson-nano" / "model.so").stat().st_size > 0
+    assert (lab["tmp"] / "build" / "tiny" / "type" / "jetson-nano" / "model.so").stat().st_size > 0
     assert "NOT VALIDATED" in p.stdout
+
+
+def test_board_added_as_yaml_is_deployed_to_alone_with_check_digits(lab):
+    """The per-app board choice: `doit deploy:check_digits boards=rock-1` deploys to that one
+    board even though another app in the same checkout (tiny) does not target it."""
+    add_rock(lab)
+    digits = yaml.safe_load((ROOT / "projects" / "check_digits" / "project.yaml").read_text())
+    digits["targets"].append("rock-a55")
+    write_project(lab["tmp"] / "projects", digits)
+    write_project(lab["tmp"] / "projects", copy.deepcopy(TINY))  # targets x86-host only
+    p = run_doit(lab["env"], "deploy:check_digits", "boards=rock-1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    ran = {line.split()[1] for line in p.stdout.splitlines() if line.startswith(".  ")}
+    assert "hil:check_digits@rock-1" in ran and not any(t.startswith("hil:") and t != "hil:check_digits@rock-1" for t in ran)
+    report = json.loads((lab["tmp"] / "build" / "check_digits" / "report.json").read_text())
+    assert report["passed"] and report["validated"] == ["rock-1"] and report["boards"]["rock-1"]["accuracy"] >= 0.97
 
 
 def test_check_targets_names_file_and_field(lab):

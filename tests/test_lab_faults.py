@@ -45,8 +45,8 @@ def test_unreachable_board_fails_alone_and_is_retried(tmp_path):
     err = report["boards"]["pi-down"]["error"]
     assert err["step"] == "connect" and "2 attempts" in err["message"]
     # the build is intact, and the failed board is retried (only it) on the next run
-    libs = {b: sha256_file(build / b / "model.so") for b in ("x86-host", "rpi4")}
+    libs = {b: sha256_file(build / "type" / b / "model.so") for b in ("x86-host", "rpi4")}
     again = run_doit(env, "deploy:tiny")
     ran = {line.split()[1] for line in again.stdout.splitlines() if line.startswith(".  ")}
     assert ran == {"hil:tiny@pi-down", "deploy:tiny"}, again.stdout
-    assert libs == {b: sha256_file(build / b / "model.so") for b in ("x86-host", "rpi4")}
+    assert libs == {b: sha256_file(build / "type" / b / "model.so") for b in ("x86-host", "rpi4")}

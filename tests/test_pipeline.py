@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY, run_doit, write_project
+from tests.conftest import ROOT, TINY, last_result, run_doit, write_project
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +56,16 @@ def test_first_build_runs_every_stage_and_reports_both_boards(env):
                                      "runner:aarch64", "hil:tiny@x86-host", "hil:tiny@rpi4", "deploy:tiny"}
     report = json.loads((env["build"] / "report.json").read_text())
     assert report["passed"] and set(report["boards"]) == {"x86-host", "rpi4"}
-    rpi = json.loads((env["build"] / "rpi4" / "result.json").read_text())
+    rpi = last_result(env["build"], "rpi4")
     assert rpi["latency_emulated"] and rpi["samples"] == 24
     assert {c["name"]: c["verdict"] for c in rpi["requirements"]}["latency_ms.p99"] == "not enforced (emulated)"
-    x86 = json.loads((env["build"] / "x86-host" / "result.json").read_text())
+    x86 = last_result(env["build"], "x86-host")
     assert not x86["latency_emulated"]
+    # board-type outputs apart from what this run saw on each instance, under its run id
+    run_id = report["run_id"]
+    assert (env["build"] / "type" / "rpi4" / "model.so").is_file()
+    assert json.loads((env["build"] / "runs" / run_id / "rpi4" / "run.json").read_text())["run_id"] == run_id
+    assert json.loads((env["build"] / "runs" / run_id / "report.json").read_text())["passed"]
     # the default lab reaches both boards over SSH (real sshd), and stops it when the deploy ends
     assert x86["transport"] == rpi["transport"] == "ssh"
     assert not (env["build"].parent / "lab" / "state.json").exists()
@@ -72,12 +77,12 @@ def test_int8_pruned_model_is_tuned_for_x86_and_not_for_the_emulated_arm_board(e
     assert [r["pass"] for r in comp["passes"]] == ["baseline", "prune", "quantize"]
     assert comp["passes"][-1]["widths"] == [2, 4] and comp["size_ratio"] > 4
     assert json.loads((b / "export.json").read_text())["quantization"] == "int8"
-    x86 = json.loads((b / "x86-host" / "tune.json").read_text())
+    x86 = json.loads((b / "type" / "x86-host" / "tune.json").read_text())
     assert x86["measured"] == "native" and 0 < x86["trials_run"] <= 12
-    assert json.loads((b / "x86-host" / "compile.json").read_text())["tuned_kernels"]["tuned"] > 0
-    arm = json.loads((b / "rpi4" / "tune.json").read_text())
+    assert json.loads((b / "type" / "x86-host" / "compile.json").read_text())["tuned_kernels"]["tuned"] > 0
+    arm = json.loads((b / "type" / "rpi4" / "tune.json").read_text())
     assert arm["measured"] is None and "qemu-user timings are not a cost signal" in arm["why"]
-    assert json.loads((b / "rpi4" / "compile.json").read_text())["tuned_kernels"] is None
+    assert json.loads((b / "type" / "rpi4" / "compile.json").read_text())["tuned_kernels"] is None
 
 
 def test_boards_compute_what_onnxruntime_computes(env):
@@ -92,7 +97,7 @@ def test_boards_compute_what_onnxruntime_computes(env):
     sess = ort.InferenceSession(str(b / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     want = [int(sess.run(None, {"input": x[i : i + 1]})[0].argmax()) for i in range(len(x))]
     for board in ("x86-host", "rpi4"):
-        got = json.loads((b / board / "run.json").read_text())["runner"]["predictions"]
+        got = json.loads((b / "last" / f"{board}.json").read_text())["runner"]["predictions"]
         assert np.mean(np.array(got) == np.array(want)) >= 0.95, board
 
 
@@ -109,19 +114,24 @@ def test_training_change_reruns_train_and_after_but_not_data(env):
     assert {"train:tiny", "compress:tiny", "export:tiny", "compile:tiny@rpi4", "deploy:tiny"} <= ran
     assert not ran & {"synth:tiny", "data:tiny", "runner:x86_64", "runner:aarch64"}
     # retrained, same layer shapes: every kernel is found in the tuning database, no trials
-    tune = json.loads((env["build"] / "x86-host" / "tune.json").read_text())
+    tune = json.loads((env["build"] / "type" / "x86-host" / "tune.json").read_text())
     assert "tune:tiny@x86-host" in ran and tune["trials_run"] == 0
     assert tune["tasks_reused"] == len([t for t in tune["tasks"] if tune["plan"].get(t["name"])]) > 0
 
 
 def test_requirement_change_reruns_only_validation(env):
+    before = json.loads((env["build"] / "report.json").read_text())
     edit(env["manifest"], lambda d: d["requirements"]["latency_ms"].update(p99_max=999))
     p = run_doit(env["env"], "deploy:tiny")
     assert p.returncode == 0 and executed(p) == {"deploy:tiny"}, p.stdout
+    # a new run with its own report; the boards' results come from the runs that measured them
+    after = json.loads((env["build"] / "report.json").read_text())
+    assert after["run_id"] != before["run_id"] and (env["build"] / "runs" / before["run_id"] / "report.json").is_file()
+    assert last_result(env["build"], "x86-host")["run_id"] == before["boards"]["x86-host"]["run_id"]
 
 
 def test_dataset_image_added_or_removed_reruns_data_and_after(env):
-    images = env["build"] / "synthetic_gtsrb" / "Final_Training" / "Images" / "00000"
+    images = env["build"] / "synthetic" / "Final_Training" / "Images" / "00000"
     victim = sorted(images.glob("*.ppm"))[0]
     kept = victim.read_bytes()
     victim.unlink()

@@ -1,9 +1,12 @@
-"""The emulated lab: start and stop its boards, and write the inventory that reaches them.
+"""Lab backend ``emulated``: a provider that starts boards on this machine and hands back an
+ordinary inventory.
 
-``up()`` starts a real sshd per SSH board and a real pty per serial board (described in
-hil/emulator/lab.yaml), then writes ``<build>/lab/inventory.yaml``, an ordinary lab inventory
-with each board's address, port, keys and known_hosts. ``down()`` stops what ``up()`` started.
-Both are idempotent and safe to call from several processes (a file lock guards them).
+The lab file (hil/emulator/lab.yaml, ``backend: emulated``) lists board instances like any
+inventory, with only each transport's kind. ``up()`` starts a real sshd per SSH board and a
+real pty per serial board, then writes ``<build>/lab/inventory.yaml``, a static inventory with
+each board's address, port, keys and known_hosts filled in. ``down()`` stops what ``up()``
+started. Both are idempotent and safe to call from several processes (a file lock guards
+them). ``open_lab``/``close_lab`` are the lab-backend interface (hil/lab).
 
     python -m hil.emulator.lab up|down|status
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from kiln.artifacts import ROOT, build_root, write_bytes, write_json
-from kiln.config import board_names, load_model
+from kiln.config import load_lab
 from kiln.errors import KilnError, ManifestError
 from kiln.schema import EmulatedLab, Inventory
 
@@ -40,12 +43,9 @@ def inventory_path() -> Path:
 
 
 def load_spec(path: Path = SPEC) -> EmulatedLab:
-    spec = load_model(path, EmulatedLab)
-    known = board_names()
-    for i, b in enumerate(spec.boards):
-        if b.type not in known:
-            raise ManifestError(f"{path}: field 'boards.{i}.type': unknown board type '{b.type}' "
-                                f"(expected one of {', '.join(known)})")
+    spec = load_lab(path)
+    if not isinstance(spec, EmulatedLab):
+        raise ManifestError(f"{path}: field 'backend': expected 'emulated', got '{spec.backend}'")
     return spec
 
 
@@ -93,17 +93,18 @@ def up(spec_path: Path = SPEC) -> Path:
         handles, boards = {}, []
         try:
             for b in spec.boards:
-                entry = {"name": b.name, "type": b.type, "emulated": b.emulated, "tags": b.tags}
+                entry = b.model_dump(exclude_unset=True)
+                given = b.transport.model_dump(exclude_unset=True)  # the lab file's own settings win
                 if b.link == "ssh":
                     h = sshd.start_sshd(b.name, state_dir())
                     handles[b.name] = {"link": "ssh", "handle": _plain(h), "pids": [h.pid]}
-                    entry["transport"] = h.transport_spec()
+                    entry["transport"] = h.transport_spec(**given)
                 elif b.link == "serial":
                     h = serial_board.start_serial_board(b.name, state_dir())
                     handles[b.name] = {"link": "serial", "handle": _plain(h), "pids": list(h.pids)}
-                    entry["transport"] = h.transport_spec()
+                    entry["transport"] = h.transport_spec(**given)
                 else:
-                    entry["transport"] = {"kind": "local"}
+                    entry["transport"] = given or {"kind": "local"}
                 boards.append(entry)
                 log.info("lab: board %s (%s) up over %s", b.name, b.type, b.link)
         except KilnError:
@@ -152,9 +153,20 @@ def down() -> None:
 
 
 def down_if_started_here() -> None:
-    """doit teardown: stop the lab only if this process started it (not one started by hand)."""
+    """Stop the lab only if this process started it (not one started by hand)."""
     if _started_here:
         down()
+
+
+# -- the lab-backend interface (hil/lab) -------------------------------------------------------
+
+def open_lab(lab: EmulatedLab, path: Path) -> Path:
+    """Start the lab described in ``path`` on demand; the live inventory."""
+    return up(Path(path))
+
+
+def close_lab(lab: EmulatedLab, path: Path) -> None:
+    down_if_started_here()
 
 
 def main(argv: list[str]) -> int:

@@ -27,7 +27,8 @@ from pathlib import Path
 from kiln.artifacts import build_root, sha256_file, write_json
 from kiln.errors import KilnError, PassError
 
-RUNNER_SOURCE = Path(__file__).resolve().with_name("runner.cc")
+DATA_FILES = ("runner.cc",)  # kiln.sources: editing it rebuilds the runner
+RUNNER_SOURCE = Path(__file__).resolve().with_name(DATA_FILES[0])
 RUNNER_NAME = "kiln-runner"
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 ARCHES = ("x86_64", "aarch64")
@@ -261,3 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def bundle(arch: str) -> Path:
+    """The runner stage: the bundle for ``arch`` at build/runner/<arch>, runtimes cached in $KILN_CACHE."""
+    from kiln.artifacts import runner_dir, runtime_cache
+
+    return build_runner(arch, runner_dir(arch), runtime_cache())

@@ -1,24 +1,16 @@
-"""Transports implement hil.protocol; they never subclass each other."""
+"""Transports implement hil.protocol; they never subclass each other. Each is one module,
+registered by its ``kind`` in the ``Transport`` union of kiln/schema.py, with an
+``open_transport(instance, lab_dir, local_root)`` entry point."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from kiln.registry import implementation
 from kiln.schema import Instance
 
 
-def open_transport(instance: Instance, inventory_dir: Path, local_root: Path):
+def open_transport(instance: Instance, lab_dir: Path, local_root: Path):
     """The transport an inventory entry asks for (not yet opened). Relative key and
-    known_hosts paths resolve against the inventory's directory."""
-    kind = instance.transport.kind
-    if kind == "ssh":
-        from hil.transport.ssh import SSHTransport
-
-        return SSHTransport(instance.name, instance.transport, inventory_dir)
-    if kind == "serial":
-        from hil.transport.serial import SerialTransport
-
-        return SerialTransport(instance.name, instance.transport, inventory_dir)
-    from hil.transport.local import LocalTransport
-
-    return LocalTransport(instance.name, local_root)
+    known_hosts paths resolve against the lab file's directory ``lab_dir``."""
+    return implementation(instance.transport).open_transport(instance, lab_dir, local_root)

@@ -58,3 +58,8 @@ class LocalTransport(CommandProtocol, FileTransferProtocol):
         except OSError as e:
             raise TransportError(f"board '{self.board}': cannot run {argv[0]!r}: {e}") from e
         return CommandResult(tuple(argv), p.returncode, p.stdout, p.stderr, time.perf_counter() - t0)
+
+
+def open_transport(instance, lab_dir: Path, local_root: Path) -> LocalTransport:
+    """The transport-registry entry point (hil.transport.open_transport)."""
+    return LocalTransport(instance.name, local_root)

@@ -59,8 +59,9 @@ from kiln import schema
 from kiln.errors import TransportError
 
 # The board's half of the protocol (comments and indentation are not sent).
+DATA_FILES = ("serial_board.sh",)  # kiln.sources: editing it reruns the tasks that use this transport
 BOARD_SH = "\n".join(
-    line.strip() for line in (Path(__file__).with_name("serial_board.sh")).read_text().splitlines()
+    line.strip() for line in (Path(__file__).with_name(DATA_FILES[0])).read_text().splitlines()
     if line.strip() and not line.strip().startswith("#"))
 
 # Seconds the host waits past a command's own timeout (the board's watchdog kills it at the
@@ -625,3 +626,8 @@ class SerialTransport(Retrying, CommandProtocol, FileTransferProtocol):
         seen = "; last seen: " + " | ".join(repr(s) for s in self._seen)
         self._seen.clear()
         return seen
+
+
+def open_transport(instance: schema.Instance, lab_dir: Path, local_root: Path) -> SerialTransport:
+    """The transport-registry entry point (hil.transport.open_transport)."""
+    return SerialTransport(instance.name, instance.transport, lab_dir)

@@ -290,3 +290,8 @@ def _drain(chan: paramiko.Channel, out: bytearray, err: bytearray) -> None:
     while chan.recv_stderr_ready():
         err += chan.recv_stderr(65536)
 
+
+
+def open_transport(instance: schema.Instance, lab_dir: Path, local_root: Path) -> SSHTransport:
+    """The transport-registry entry point (hil.transport.open_transport)."""
+    return SSHTransport(instance.name, instance.transport, lab_dir)

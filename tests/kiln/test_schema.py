@@ -9,8 +9,8 @@ import pytest
 
 from kiln import config, nets
 from kiln.errors import ManifestError
-from kiln.schema import Architecture, Project
-from tests.conftest import TINY, write_project
+from kiln.schema import CnnArchitecture, Project
+from tests.conftest import ROOT, TINY, write_project
 
 
 def test_repo_manifests_and_boards_load():
@@ -19,11 +19,10 @@ def test_repo_manifests_and_boards_load():
         assert p.name == app and set(p.targets) <= set(config.board_names())
     for b in config.board_names():
         assert config.load_board(b).name == b
-    from hil.lab import lab_boards
-
-    name, _, boards = lab_boards()
-    assert name == "emulated" and {b.type for b in boards} >= {"x86-host", "rpi4", "rpi3", "x86-avx2"}
-    assert {b.link for b in boards} == {"ssh", "serial", "local"}
+    lab = config.load_lab(ROOT / "hil" / "emulator" / "lab.yaml")
+    assert lab.name == "emulated" and lab.backend == "emulated"
+    assert {b.type for b in lab.boards} >= {"x86-host", "rpi4", "rpi3", "x86-avx2"}
+    assert {b.link for b in lab.boards} == {"ssh", "serial", "local"}
 
 
 def test_tiny_project_loads(tiny):
@@ -37,9 +36,11 @@ def test_tiny_project_loads(tiny):
         (("training", "epochs"), "many", "training.epochs", "valid integer"),
         (("training", "lr"), -1, "training.lr", "greater than 0"),
         (("architecture", "widths"), [], "architecture.widths", "at least 1"),
-        (("dataset", "format"), "imagenet", "dataset.format", "'gtsrb'"),
+        (("dataset", "format"), "imagenet", "dataset", "'gtsrb'"),
+        (("dataset", "path"), 7, "dataset.path", "valid string"),
+        (("architecture", "family"), "transformer", "architecture", "'cnn'"),
         (("requirements", "accuracy", "min"), 1.5, "requirements.accuracy.min", "less than or equal to 1"),
-        (("training", "epoch"), 3, "training.epoch", "Extra inputs are not permitted"),
+        (("training", "epoch"), 3, "training.epoch", "unknown field"),
     ],
 )
 def test_bad_field_names_file_field_and_expectation(kiln_env, path, value, field, expect):
@@ -98,6 +99,21 @@ def test_bad_board_file_names_field(tmp_path, monkeypatch):
     assert "field 'arch'" in str(e.value) and "field 'tvm_target'" in str(e.value) and "needs a 'kind' key" in str(e.value)
 
 
+def test_static_inventory_needs_full_transports_emulated_lab_does_not(tmp_path):
+    inv = tmp_path / "lab.yaml"
+    inv.write_text("boards:\n  - {name: a, type: rpi4, transport: {kind: ssh, host: 10.0.0.2}}\n")
+    with pytest.raises(ManifestError, match=r"boards\.0\.transport \(a, ssh\): missing user, key, known_hosts"):
+        config.load_inventory(inv)
+    inv.write_text("backend: emulated\nboards:\n  - {name: a, type: rpi4, transport: {kind: ssh}}\n")
+    lab = config.load_lab(inv)
+    assert lab.backend == "emulated" and lab.boards[0].link == "ssh"
+    with pytest.raises(ManifestError, match="must be opened first"):
+        config.load_inventory(inv)
+    inv.write_text("backend: labgrid\nboards:\n  - {name: a, type: rpi4}\n")
+    with pytest.raises(ManifestError, match="unknown lab backend"):
+        config.load_lab(inv)
+
+
 def test_inventory_unknown_type_and_duplicates(tmp_path):
     inv = tmp_path / "lab.yaml"
     inv.write_text("boards:\n  - {name: a, type: nope}\n")
@@ -111,7 +127,7 @@ def test_inventory_unknown_type_and_duplicates(tmp_path):
 @pytest.mark.parametrize("widths, head, size", [([16, 32, 64], "gap", (32, 32)), ([4, 8], "flatten", (16, 16)),
                                                 ([8], "gap", (20, 12))])
 def test_analytic_estimate_matches_traced_model(widths, head, size):
-    arch = Architecture(family="cnn", widths=widths, head=head, max_macs=10**9)
+    arch = CnnArchitecture(family="cnn", widths=widths, head=head, max_macs=10**9)
     est = nets.estimate(arch, size, 3, 43)
     assert nets.measure(nets.build(arch, 3, 43, size), (3, *size)) == est
     assert est.macs > 0 and est.params > 0
@@ -120,4 +136,66 @@ def test_analytic_estimate_matches_traced_model(widths, head, size):
 def test_json_schema_export_describes_manifest():
     schema = Project.model_json_schema()
     assert set(schema["required"]) >= {"name", "requirements", "dataset", "architecture", "training", "targets"}
-    json.dumps(schema)  # serialisable for editors
+    text = json.dumps(schema)  # serialisable for editors
+    # every compression pass's settings are described, so an editor completes them
+    for setting in ("finetune_epochs", "calibration_samples", "index_bits", "percentile"):
+        assert f'"{setting}"' in text, setting
+    defs = schema["$defs"]
+    assert defs["PruneSettings"]["properties"]["finetune_epochs"]["minimum"] == 0
+    assert {"GtsrbDataset", "DigitsDataset", "CnnArchitecture", "PruneStep", "QuantizeStep"} <= set(defs)
+
+
+# -- compression pass settings: refused when the manifest loads, naming file and field ---------
+
+BAD_PASS_SETTINGS = [
+    ({"prune": {"method": "structured", "amount": 0.5, "finetune_epochs": -7}}, "compression.passes.0.prune.finetune_epochs",
+     "greater than or equal to 0"),
+    ({"prune": {"method": "structured", "amount": "half"}}, "compression.passes.0.prune.amount", "valid number"),
+    ({"prune": {"method": "structured", "amount": 1.5}}, "compression.passes.0.prune.amount", "less than 1"),
+    ({"prune": {"method": "random", "amount": 0.5}}, "compression.passes.0.prune.method", "'magnitude'"),
+    ({"prune": {"method": "structured", "amount": 0.5, "steps": 0}}, "compression.passes.0.prune.steps", "greater than or equal to 1"),
+    ({"prune": {"method": "structured", "amount": 0.5, "scope": "global"}}, "compression.passes.0.prune.scope",
+     "magnitude only"),
+    ({"weight_coding": {"bits": 9}}, "compression.passes.0.weight_coding.bits", "less than or equal to 8"),
+    ({"weight_coding": {"bits": "four"}}, "compression.passes.0.weight_coding.bits", "valid integer"),
+    ({"weight_coding": {"iterations": 0}}, "compression.passes.0.weight_coding.iterations", "greater than or equal to 1"),
+    ({"weight_coding": {"finetune_lr": -1}}, "compression.passes.0.weight_coding.finetune_lr", "greater than 0"),
+    ({"quantize": {"mode": "int4"}}, "compression.passes.0.quantize.mode", "'int8'"),
+    ({"quantize": {"calibration_samples": 0}}, "compression.passes.0.quantize.calibration_samples",
+     "greater than or equal to 1"),
+    ({"quantize": {"percentile": 101}}, "compression.passes.0.quantize.percentile", "less than or equal to 100"),
+    ({"quantize": {"percentile": "high"}}, "compression.passes.0.quantize.percentile", "valid number"),
+    ({"quantize": {"bits": 4}}, "compression.passes.0.quantize.bits", "unknown field"),
+    ({"distill": {}}, "compression.passes.0", "expected one compression pass name"),
+    ({"prune": {"method": "structured", "amount": 0.5}, "quantize": {}}, "compression.passes.0",
+     "expected one compression pass name"),
+]
+
+
+@pytest.mark.parametrize("step, field, expect", BAD_PASS_SETTINGS)
+def test_bad_pass_settings_are_refused_at_load(kiln_env, step, field, expect):
+    data = copy.deepcopy(TINY)
+    data["compression"] = {"passes": [step]}
+    manifest = write_project(kiln_env["projects"], data)
+    with pytest.raises(ManifestError) as e:
+        config.load_project("tiny")
+    msg = str(e.value)
+    assert str(manifest) in msg and f"field '{field}'" in msg and expect in msg, msg
+
+
+def test_search_must_name_a_listed_pass_a_setting_and_valid_values(kiln_env):
+    data = copy.deepcopy(TINY)
+    passes = [{"prune": {"method": "structured", "amount": 0.5}}]
+    cases = [({"pass": "quantize", "field": "mode", "values": ["int8"]}, "not one of the listed passes"),
+             ({"pass": "prune", "field": "amout", "values": [0.3]}, "not a setting of pass 'prune'"),
+             ({"pass": "prune", "field": "amount", "values": [0.3, 2.0]}, "search.values.1 (amount: 2.0)")]
+    for search, expect in cases:
+        data["compression"] = {"passes": passes, "search": search}
+        write_project(kiln_env["projects"], data)
+        with pytest.raises(ManifestError, match=r"field 'compression'.*" + expect.replace("(", r"\(").replace(")", r"\)")):
+            config.load_project("tiny")
+    data["compression"]["search"] = {"pass": "prune", "field": "amount", "values": [0.3, 0.6]}
+    write_project(kiln_env["projects"], data)
+    p = config.load_project("tiny")
+    v = p.compression.variant(0, "amount", 0.6)
+    assert v.name == "prune" and v.settings.amount == 0.6 and v.settings.method == "structured"

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from kiln.artifacts import Layout
 
 # 10 classes of 8x8 grayscale images (digits format): each class a fixed random template, plus
 # noise, so a small CNN learns it in a few epochs and pruning has something to lose
@@ -22,12 +25,24 @@ SMALL = {
 }
 
 
+def small_manifest(**compression) -> dict:
+    """The small project's manifest with ``compression`` settings added."""
+    data = copy.deepcopy(SMALL)
+    data["compression"].update(compression)
+    return data
+
+
 def small_project(**compression):
     from kiln.schema import Project
 
-    data = copy.deepcopy(SMALL)
-    data["compression"].update(compression)
-    return Project.model_validate(data)
+    return Project.model_validate(small_manifest(**compression))
+
+
+def layout_at(root: Path, app: str = "small") -> Layout:
+    """The build layout of ``app`` under ``root`` (what KILN_BUILD=root gives)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_BUILD", str(root))
+        return Layout(app)
 
 
 def write_splits(out: Path, n: int = 400, seed: int = 0) -> Path:
@@ -42,15 +57,30 @@ def write_splits(out: Path, n: int = 400, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="session")
 def small_trained(tmp_path_factory):
-    """(project, data_dir, model.pt) of a small CNN trained on the tiny data set."""
+    """(project, data_dir, model.pt) of a small CNN trained on the tiny data set (the train
+    stage on a build layout of its own)."""
     from passes import train
 
-    root = tmp_path_factory.mktemp("small")
-    data = write_splits(root)
+    lay = layout_at(tmp_path_factory.mktemp("small"))
+    lay.data.mkdir(parents=True)
+    write_splits(lay.data)
     project = small_project()
-    metrics = train.run(project, data, root / "model.pt", root / "metrics.json")
+    metrics = train.run(project, lay)
     assert metrics["val_accuracy"] > 0.6, metrics  # learnable: something for pruning to keep
-    return project, data, root / "model.pt"
+    assert lay.metrics.exists()
+    return project, lay.data, lay.model_pt
+
+
+@pytest.fixture
+def small_layout(small_trained, tmp_path) -> Layout:
+    """A fresh build layout under ``tmp_path`` holding the small trained model and its data, for
+    a stage that writes its outputs there."""
+    _, data, model_pt = small_trained
+    lay = layout_at(tmp_path)
+    lay.root.mkdir(parents=True)
+    lay.data.symlink_to(data, target_is_directory=True)
+    shutil.copy(model_pt, lay.model_pt)
+    return lay
 
 
 def randomize_bn(model) -> None:

@@ -1,23 +1,28 @@
-"""The compress stage: its rows, its budgets (accuracy drop, size targets) and their messages,
-the search mode, and a pruned checkpoint that still exports."""
+"""The compress stage on a build layout: its rows, its budgets (accuracy drop, size targets) and
+their messages, the search mode, kernel library sizes for the board it is given (none without
+one), a pruned checkpoint that the export stage still exports, and bad compression sections
+refused when the manifest loads."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import sys
 
 import pytest
 
+from kiln.config import load_board, load_project
 from kiln.errors import ManifestError, PassError
 from passes import compress
-from passes.common import load_checkpoint
-from passes.pipeline import COMPRESSION_PASSES
+from passes.support.common import load_checkpoint
 from tests.conftest import TINY, run_doit, write_project
-from tests.passes.conftest import small_project
+from tests.passes.conftest import small_manifest, small_project
+
+WRECKED = "quantize"  # the pass the wreck fixture stands in for
 
 
-def run(model, ckpt, params, ctx):
+def run(model, ckpt, settings, ctx):
     """A 'wreck' pass for these tests: zeroes every parameter (accuracy falls to chance)."""
     import torch
 
@@ -29,42 +34,44 @@ def run(model, ckpt, params, ctx):
 
 @pytest.fixture
 def wreck(monkeypatch):
-    monkeypatch.setitem(COMPRESSION_PASSES, "wreck", __name__)
+    """The stage runs this module's ``run`` wherever the manifest lists WRECKED."""
+    real = compress.implementation
+    monkeypatch.setattr(compress, "implementation",
+                        lambda step: sys.modules[__name__] if step.name == WRECKED else real(step))
 
 
-def compress_run(small_trained, tmp_path, **compression):
-    _, data, model_pt = small_trained
-    return compress.run(small_project(**compression), model_pt, data, tmp_path / "c.pt", tmp_path / "c.json")
+def compress_run(lay, **compression):
+    """The compress stage on ``lay``, with the library board dodo.py gives it."""
+    return compress.run(small_project(**compression), lay, load_board("x86-host"))
 
 
-def test_accuracy_budget_failure_names_field_and_numbers(small_trained, tmp_path, wreck):
+def test_accuracy_budget_failure_names_field_and_numbers(small_layout, wreck):
     with pytest.raises(PassError) as e:
-        compress_run(small_trained, tmp_path, passes=[{"wreck": {}}], max_accuracy_drop=0.05)
+        compress_run(small_layout, passes=[{WRECKED: {}}], max_accuracy_drop=0.05)
     msg = str(e.value)
-    summary = json.loads((tmp_path / "c.json").read_text())
+    summary = json.loads(small_layout.compress_json.read_text())
     base, final = (r["val_accuracy"] for r in (summary["passes"][0], summary["passes"][-1]))
     assert "compression.max_accuracy_drop 0.05" in msg and f"{base:.4f} -> {final:.4f}" in msg
     assert f"dropped {base - final:.4f}" in msg and summary["error"] in msg
-    assert not (tmp_path / "c.pt").exists()
+    assert not small_layout.compressed_pt.exists()
 
 
-def test_size_targets_failures_name_field_and_numbers(small_trained, tmp_path):
+def test_size_targets_failures_name_field_and_numbers(small_layout):
     with pytest.raises(PassError) as e:
-        compress_run(small_trained, tmp_path, passes=[{"weight_coding": {"finetune_epochs": 0}}], max_accuracy_drop=1.0,
+        compress_run(small_layout, passes=[{"weight_coding": {"finetune_epochs": 0}}], max_accuracy_drop=1.0,
                      max_weight_bytes=100, min_weight_ratio=50.0)
     msg = str(e.value)
-    rows = json.loads((tmp_path / "c.json").read_text())["passes"]
+    rows = json.loads(small_layout.compress_json.read_text())["passes"]
     coded, base = rows[-1]["coded_bytes"], rows[0]["weight_bytes"]
     assert f"final weights are {coded:,} bytes (coded), over compression.max_weight_bytes 100" in msg
     assert f"weight size ratio {base / coded:.2f}x (baseline {base:,} bytes / final {coded:,} bytes coded)" in msg
     assert "under compression.min_weight_ratio 50.0" in msg
 
 
-def test_rows_and_a_pruned_checkpoint_that_exports(small_trained, tmp_path):
+def test_rows_and_a_pruned_checkpoint_that_exports(small_layout):
     from passes import export_onnx
 
-    _, data, _ = small_trained
-    summary = compress_run(small_trained, tmp_path, library_bytes=True, min_weight_ratio=4.0, max_accuracy_drop=0.5,
+    summary = compress_run(small_layout, library_bytes=True, min_weight_ratio=4.0, max_accuracy_drop=0.5,
                            passes=[{"prune": {"method": "structured", "amount": 0.5, "finetune_epochs": 1}},
                                    {"weight_coding": {"finetune_epochs": 1}}])
     base, pruned, coded = summary["passes"]
@@ -76,14 +83,21 @@ def test_rows_and_a_pruned_checkpoint_that_exports(small_trained, tmp_path):
     assert coded["size_ratio"] == pytest.approx(base["weight_bytes"] / coded["coded_bytes"], rel=1e-3)
     assert all(r["library_bytes"] > 0 for r in summary["passes"])
     assert pruned["library_bytes"] <= base["library_bytes"]
-    model, ckpt = load_checkpoint(tmp_path / "c.pt")  # widths changed: still rebuilds and exports
+    model, ckpt = load_checkpoint(small_layout.compressed_pt)  # widths changed: still rebuilds and exports
     assert ckpt["architecture"]["widths"] == [4, 8] and ckpt["weight_coding"]["coded_bytes"] == coded["coded_bytes"]
-    info = export_onnx.run(tmp_path / "c.pt", data, tmp_path / "m.onnx", tmp_path / "e.json")
-    assert info["parity_max_abs_diff"] < 1e-4
+    info = export_onnx.run(small_project(), small_layout)
+    assert info["parity_max_abs_diff"] < 1e-4 and json.loads(small_layout.export_json.read_text()) == info
+    assert small_layout.onnx.stat().st_size == info["onnx_bytes"]
 
 
-def test_search_keeps_the_smallest_model_within_budget(small_trained, tmp_path):
-    summary = compress_run(small_trained, tmp_path, max_accuracy_drop=0.1,
+def test_no_library_board_skips_the_library_sizes(small_layout):
+    summary = compress.run(small_project(library_bytes=True), small_layout, None)
+    assert [r["pass"] for r in summary["passes"]] == ["baseline"]
+    assert "library_bytes" not in summary["passes"][0] and small_layout.compressed_pt.exists()
+
+
+def test_search_keeps_the_smallest_model_within_budget(small_layout):
+    summary = compress_run(small_layout, max_accuracy_drop=0.1,
                            passes=[{"prune": {"method": "structured", "amount": 0.5, "finetune_epochs": 1}}],
                            search={"pass": "prune", "field": "amount", "values": [0.25, 0.5, 0.95]})
     cands = summary["search"]["candidates"]
@@ -93,29 +107,30 @@ def test_search_keeps_the_smallest_model_within_budget(small_trained, tmp_path):
     chosen = min(ok, key=lambda c: c["size_bytes"])
     assert summary["search"]["chosen"] == chosen["value"]
     assert summary["passes"][-1]["settings"]["amount"] == chosen["value"]
-    assert load_checkpoint(tmp_path / "c.pt")[0] is not None
+    assert load_checkpoint(small_layout.compressed_pt)[0] is not None
 
 
-def test_search_with_no_candidate_within_budget_fails_listing_them(small_trained, tmp_path, wreck):
+def test_search_with_no_candidate_within_budget_fails_listing_them(small_layout, wreck):
     with pytest.raises(PassError) as e:
-        compress_run(small_trained, tmp_path, passes=[{"prune": {"method": "magnitude", "amount": 0.5, "finetune_epochs": 0}},
-                                                     {"wreck": {}}],
+        compress_run(small_layout, passes=[{"prune": {"method": "magnitude", "amount": 0.5, "finetune_epochs": 0}},
+                                           {WRECKED: {}}],
                      search={"pass": "prune", "field": "amount", "values": [0.1, 0.2]})
     assert "compression.max_accuracy_drop 0.01" in str(e.value) and "0.1: drop" in str(e.value)
-    assert len(json.loads((tmp_path / "c.json").read_text())["search"]["candidates"]) == 2
+    assert len(json.loads(small_layout.compress_json.read_text())["search"]["candidates"]) == 2
 
 
 @pytest.mark.parametrize("compression, field, expect", [
-    ({"passes": [{"squash": {}}]}, "compression.passes.0", "unknown compression pass 'squash' (available: prune"),
+    ({"passes": [{"squash": {}}]}, "compression.passes.0", "one compression pass name mapped to its settings, one of: prune"),
     ({"passes": [{"prune": {"method": "magnitude", "amount": 0.5}}], "search": {"pass": "quantize", "field": "bits", "values": [4]}},
-     "compression.search.pass", "not one of the listed compression.passes (prune)"),
+     "compression", "search.pass 'quantize' is not one of the listed passes (prune)"),
     ({"passes": [{"prune": {"method": "magnitude", "amount": 0.5}}], "search": {"pass": "prune", "field": "amount", "values": [0.5, 2]}},
-     "compression.search.values.1", "compression.passes.0.prune.amount"),
+     "compression", "search.values.1 (amount: 2): Input should be less than 1"),
 ])
-def test_bad_compression_sections(small_trained, tmp_path, compression, field, expect):
-    with pytest.raises(ManifestError) as e:
-        compress_run(small_trained, tmp_path, **compression)
-    assert field in str(e.value) and expect in str(e.value)
+def test_bad_compression_sections_are_refused_when_the_manifest_loads(kiln_env, compression, field, expect):
+    write_project(kiln_env["projects"], small_manifest(**compression))
+    with pytest.raises(ManifestError) as e:  # before any stage runs
+        load_project("small")
+    assert f"field '{field}'" in str(e.value) and expect in str(e.value)
 
 
 @pytest.mark.slow

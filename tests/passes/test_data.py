@@ -11,7 +11,15 @@ import pytest
 
 from kiln.artifacts import sha256_file
 from kiln.errors import PassError
+from kiln.schema import GtsrbDataset
 from passes import data
+from passes.formats import gtsrb
+
+
+def prepare(root: Path, out: Path, size, val: float, test: float, seed: int) -> dict:
+    """The data stage on a GTSRB tree: the format loads it, the stage splits and writes it."""
+    ds = GtsrbDataset(format="gtsrb", path=str(root), image_size=size)
+    return data.prepare(gtsrb.load(ds, root), out, size, val=val, test=test, seed=seed)
 
 HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
 
@@ -44,7 +52,7 @@ def hand_tree(root: Path, rows: list[str], cls: str = "00000") -> Path:
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "gtsrb"
-    data.synthesize_gtsrb(root, per_class=10, test_per_class=2, seed=0)
+    gtsrb.synthesize_gtsrb(root, per_class=10, test_per_class=2, seed=0)
     return root
 
 
@@ -52,19 +60,19 @@ def synth(tmp_path_factory) -> Path:
 
 
 def test_synthetic_is_deterministic_per_seed(tmp_path):
-    a = data.synthesize_gtsrb(tmp_path / "a", per_class=2, test_per_class=1, seed=3)
-    data.synthesize_gtsrb(tmp_path / "b", per_class=2, test_per_class=1, seed=3)
-    data.synthesize_gtsrb(tmp_path / "c", per_class=2, test_per_class=1, seed=4)
+    a = gtsrb.synthesize_gtsrb(tmp_path / "a", per_class=2, test_per_class=1, seed=3)
+    gtsrb.synthesize_gtsrb(tmp_path / "b", per_class=2, test_per_class=1, seed=3)
+    gtsrb.synthesize_gtsrb(tmp_path / "c", per_class=2, test_per_class=1, seed=4)
     ta, tb, tc = (tree_bytes(tmp_path / n) for n in "abc")
     assert ta == tb
     assert ta.keys() == tc.keys() and ta != tc
     assert a["train_images"] == 2 * 43 and a["test_images"] == 43
-    assert json.loads(ta[data.MARKER])["seed"] == 3
+    assert json.loads(ta[gtsrb.MARKER])["seed"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dirs left behind"
 
 
 def test_synthetic_tree_has_the_gtsrb_layout(synth):
-    assert data.is_gtsrb(synth) and not data.is_gtsrb(synth / "Final_Training")
+    assert gtsrb.is_gtsrb(synth) and not gtsrb.is_gtsrb(synth / "Final_Training")
     classes = sorted(p.name for p in (synth / "Final_Training" / "Images").iterdir())
     assert classes == [f"{c:05d}" for c in range(43)]
     csv_lines = (synth / "Final_Training" / "Images" / "00014" / "GT-00014.csv").read_text().splitlines()
@@ -81,7 +89,7 @@ def test_synthetic_tree_has_the_gtsrb_layout(synth):
 
 
 def test_synthetic_round_trips_through_the_loader(synth):
-    tx, ty, vx, vy, report = data.load_gtsrb(synth, (16, 20))
+    tx, ty, vx, vy, report = gtsrb.load_gtsrb(synth, (16, 20))
     assert tx.shape == (430, 16, 20, 3) and tx.dtype == np.uint8
     assert ty.dtype == np.int64 and np.bincount(ty).tolist() == [10] * 43
     assert vx.shape == (86, 16, 20, 3) and np.bincount(vy).tolist() == [2] * 43
@@ -91,14 +99,14 @@ def test_synthetic_round_trips_through_the_loader(synth):
 
 def test_synthesize_replaces_only_its_own_trees(tmp_path):
     dest = tmp_path / "gtsrb"
-    data.synthesize_gtsrb(dest, per_class=1, test_per_class=0, seed=0)
+    gtsrb.synthesize_gtsrb(dest, per_class=1, test_per_class=0, seed=0)
     assert not (dest / "Final_Test").exists()
-    data.synthesize_gtsrb(dest, per_class=2, test_per_class=0, seed=0)
+    gtsrb.synthesize_gtsrb(dest, per_class=2, test_per_class=0, seed=0)
     assert len(list((dest / "Final_Training" / "Images" / "00000").glob("*.ppm"))) == 2
     foreign = tmp_path / "real"
     (foreign / "Final_Training").mkdir(parents=True)
     with pytest.raises(PassError, match="not a Kiln synthetic set"):
-        data.synthesize_gtsrb(foreign, per_class=1, test_per_class=0, seed=0)
+        gtsrb.synthesize_gtsrb(foreign, per_class=1, test_per_class=0, seed=0)
     assert (foreign / "Final_Training").is_dir()
 
 
@@ -109,7 +117,7 @@ def test_roi_crop_is_honoured(tmp_path):
     d = hand_tree(tmp_path, ["a.ppm;20;16;5;3;14;12;0", "b.ppm;20;16;0;0;19;15;0"])
     ppm(d / "a.ppm", framed(20, 16, (5, 3, 14, 12)))
     ppm(d / "b.ppm", framed(20, 16, (5, 3, 14, 12)))
-    x, y, tx, ty, report = data.load_gtsrb(tmp_path, (8, 8))
+    x, y, tx, ty, report = gtsrb.load_gtsrb(tmp_path, (8, 8))
     assert (x[0] == [255, 0, 0]).all(), "the margin leaked into the ROI crop"
     assert (x[1] == [0, 0, 255]).all(axis=-1).any(), "a full-image ROI keeps the margin"
     assert y.tolist() == [0, 0] and tx is None and ty is None
@@ -122,7 +130,7 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path, caplog):
     (d / "garbage.ppm").write_bytes(b"this is not an image")
     (d / "short.ppm").write_bytes(b"P6\n8 8\n255\n" + bytes(20))  # truncated pixel data
     with caplog.at_level(logging.WARNING, logger="passes.data"):
-        x, y, _, _, report = data.load_gtsrb(tmp_path, (4, 4))
+        x, y, _, _, report = gtsrb.load_gtsrb(tmp_path, (4, 4))
     assert len(x) == 1 and y.tolist() == [0]
     assert report["skipped"] == 3
     by_path = {s["path"]: s["reason"] for s in report["skipped_examples"]}
@@ -136,7 +144,7 @@ def test_no_readable_training_image_is_a_pass_error(tmp_path):
     d = hand_tree(tmp_path, ["garbage.ppm;8;8;0;0;7;7;0"])
     (d / "garbage.ppm").write_bytes(b"junk")
     with pytest.raises(PassError, match="none of the 1 training images"):
-        data.load_gtsrb(tmp_path, (4, 4))
+        gtsrb.load_gtsrb(tmp_path, (4, 4))
 
 
 def test_missing_column_names_the_csv(tmp_path):
@@ -144,7 +152,7 @@ def test_missing_column_names_the_csv(tmp_path):
     d.mkdir(parents=True)
     (d / "GT-00003.csv").write_text("Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;ClassId\na.ppm;8;8;0;0;7;3\n")
     with pytest.raises(PassError, match=r"GT-00003\.csv:1: missing column 'Roi\.Y2'"):
-        data.load_gtsrb(tmp_path, (4, 4))
+        gtsrb.load_gtsrb(tmp_path, (4, 4))
 
 
 @pytest.mark.parametrize("row, message", [
@@ -155,19 +163,19 @@ def test_missing_column_names_the_csv(tmp_path):
 def test_malformed_row_names_file_line_and_column(tmp_path, row, message):
     hand_tree(tmp_path, ["a.ppm;8;8;0;0;7;7;0", row])
     with pytest.raises(PassError, match=message):
-        data.load_gtsrb(tmp_path, (4, 4))
+        gtsrb.load_gtsrb(tmp_path, (4, 4))
 
 
 def test_undecodable_csv_is_a_pass_error(tmp_path):
     d = hand_tree(tmp_path, [])
     (d / "GT-00000.csv").write_bytes(HEADER.encode() + b"\na\xff.ppm;8;8;0;0;7;7;0\n")
     with pytest.raises(PassError, match=r"GT-00000\.csv: cannot read"):
-        data.load_gtsrb(tmp_path, (4, 4))
+        gtsrb.load_gtsrb(tmp_path, (4, 4))
 
 
 def test_missing_final_training_says_what_layout_was_expected(tmp_path):
     with pytest.raises(PassError, match=r"Final_Training/Images not found.*GT-000NN\.csv"):
-        data.load_gtsrb(tmp_path / "nowhere", (4, 4))
+        gtsrb.load_gtsrb(tmp_path / "nowhere", (4, 4))
 
 
 # --- prepare --------------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ def test_missing_final_training_says_what_layout_was_expected(tmp_path):
 
 def test_prepare_uses_final_test_and_a_stratified_val(synth, tmp_path):
     out = tmp_path / "out"
-    info = data.prepare(synth, out, (12, 10), val=0.2, test=0.3, seed=0)
+    info = prepare(synth, out, (12, 10), val=0.2, test=0.3, seed=0)
     assert info["counts"] == {"train": 344, "val": 86, "test": 86}
     assert info["class_counts"]["val"] == [2] * 43 and info["class_counts"]["train"] == [8] * 43
     assert info["test_source"] == "Final_Test" and info["synthetic"]["per_class"] == 10
@@ -196,17 +204,17 @@ def test_prepare_uses_final_test_and_a_stratified_val(synth, tmp_path):
 
 
 def test_prepare_is_reproducible(synth, tmp_path):
-    a = data.prepare(synth, tmp_path / "a", (8, 8), val=0.1, test=0.1, seed=5)
-    b = data.prepare(synth, tmp_path / "b", (8, 8), val=0.1, test=0.1, seed=5)
-    c = data.prepare(synth, tmp_path / "c", (8, 8), val=0.1, test=0.1, seed=6)
+    a = prepare(synth, tmp_path / "a", (8, 8), val=0.1, test=0.1, seed=5)
+    b = prepare(synth, tmp_path / "b", (8, 8), val=0.1, test=0.1, seed=5)
+    c = prepare(synth, tmp_path / "c", (8, 8), val=0.1, test=0.1, seed=6)
     assert a["files"] == b["files"]
     assert a["files"]["val.npz"] != c["files"]["val.npz"]
 
 
 def test_prepare_splits_test_off_training_without_final_test(tmp_path):
     root = tmp_path / "gtsrb"
-    data.synthesize_gtsrb(root, per_class=10, test_per_class=0, seed=1)
-    info = data.prepare(root, tmp_path / "out", (8, 8), val=0.1, test=0.2, seed=0)
+    gtsrb.synthesize_gtsrb(root, per_class=10, test_per_class=0, seed=1)
+    info = prepare(root, tmp_path / "out", (8, 8), val=0.1, test=0.2, seed=0)
     assert info["test_source"] == "split of Final_Training"
     assert info["counts"] == {"train": 301, "val": 43, "test": 86}
     assert info["class_counts"]["test"] == [2] * 43 and info["class_counts"]["val"] == [1] * 43
@@ -215,4 +223,4 @@ def test_prepare_splits_test_off_training_without_final_test(tmp_path):
 
 def test_prepare_rejects_bad_fractions(synth, tmp_path):
     with pytest.raises(PassError, match="val=0.6 test=0.5"):
-        data.prepare(synth, tmp_path / "out", (8, 8), val=0.6, test=0.5, seed=0)
+        prepare(synth, tmp_path / "out", (8, 8), val=0.6, test=0.5, seed=0)

@@ -1,5 +1,6 @@
 """The prune pass: structured pruning removes channels for real, magnitude pruning leaves exact
-zeros at the requested sparsity, runs repeat exactly, bad settings name their field."""
+zeros at the requested sparsity, runs repeat exactly, bad settings name their field when the
+manifest loads."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ import copy
 import pytest
 import torch
 
+from kiln.config import load_project
 from kiln.errors import ManifestError
 from kiln.nets import build, measure
-from kiln.schema import Architecture
+from kiln.schema import PruneSettings, parse_architecture
 from passes import compress, prune
-from passes.common import load_checkpoint, rebuild, save_checkpoint, weight_layers
-from tests.passes.conftest import randomize_bn, small_project
+from passes.support.common import load_checkpoint, rebuild, save_checkpoint, weight_layers
+from tests.conftest import write_project
+from tests.passes.conftest import randomize_bn, small_manifest
 
 
 def ctx(project, data):
     return compress.PassContext(project, data, project.training.seed, 0, "prune")
+
+
+def settings(**s) -> PruneSettings:
+    return PruneSettings.model_validate(s)
 
 
 @pytest.mark.parametrize("head", ["gap", "flatten"])
@@ -25,7 +32,7 @@ def test_shrink_computes_what_the_masked_model_computes(head):
     torch.manual_seed(0)
     arch = {"family": "cnn", "widths": [6, 10, 12], "head": head, "max_macs": 10**9}
     ckpt = {"architecture": arch, "channels": 3, "num_classes": 5, "image_size": [16, 16]}
-    model = build(Architecture.model_validate(arch), 3, 5, (16, 16))
+    model = build(parse_architecture(arch), 3, 5, (16, 16))
     randomize_bn(model)
     model.eval()
     keep = prune.filters_to_keep(model, [3, 5, 7])
@@ -47,7 +54,7 @@ def test_shrink_computes_what_the_masked_model_computes(head):
 
 
 def test_filters_kept_are_those_of_largest_folded_l1_norm():
-    arch = Architecture.model_validate({"family": "cnn", "widths": [4], "max_macs": 10**9})
+    arch = parse_architecture({"family": "cnn", "widths": [4], "max_macs": 10**9})
     model = build(arch, 1, 2, (4, 4)).eval()
     with torch.no_grad():
         conv = model[0]
@@ -61,7 +68,7 @@ def test_structured_pass_removes_channels_and_the_checkpoint_round_trips(small_t
     project, data, model_pt = small_trained
     model, ckpt = load_checkpoint(model_pt)
     before = measure(model, (1, 8, 8))
-    pruned, out = prune.run(model, ckpt, {"method": "structured", "amount": 0.5, "steps": 2, "finetune_epochs": 1},
+    pruned, out = prune.run(model, ckpt, settings(method="structured", amount=0.5, steps=2, finetune_epochs=1),
                             ctx(project, data))
     assert out["architecture"]["widths"] == [4, 8] and ckpt["architecture"]["widths"] == [8, 16]
     after = measure(pruned, (1, 8, 8))
@@ -78,8 +85,8 @@ def test_structured_pass_removes_channels_and_the_checkpoint_round_trips(small_t
 def test_magnitude_pruning_leaves_exact_zeros_at_the_requested_sparsity(small_trained, scope):
     project, data, model_pt = small_trained
     model, ckpt = load_checkpoint(model_pt)
-    pruned, out = prune.run(model, ckpt, {"method": "magnitude", "scope": scope, "amount": 0.7, "steps": 2,
-                                          "finetune_epochs": 1}, ctx(project, data))
+    pruned, out = prune.run(model, ckpt, settings(method="magnitude", scope=scope, amount=0.7, steps=2,
+                                                  finetune_epochs=1), ctx(project, data))
     assert out["architecture"]["widths"] == [8, 16]  # same shape, zeros inside
     layers = [m.weight for _, m in weight_layers(pruned)]
     zeros = [int((w == 0).sum()) for w in layers]
@@ -96,7 +103,7 @@ def test_pruning_is_deterministic(small_trained):
     runs = []
     for _ in range(2):
         model, ckpt = load_checkpoint(model_pt)
-        pruned, _ = prune.run(model, ckpt, {"method": "structured", "amount": 0.4, "finetune_epochs": 1}, ctx(project, data))
+        pruned, _ = prune.run(model, ckpt, settings(method="structured", amount=0.4, finetune_epochs=1), ctx(project, data))
         runs.append(pruned.state_dict())
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
@@ -105,27 +112,22 @@ def test_pruning_is_deterministic(small_trained):
 def test_earlier_zeros_survive_a_structured_pass(small_trained):
     project, data, model_pt = small_trained
     model, ckpt = load_checkpoint(model_pt)
-    model, ckpt = prune.run(model, ckpt, {"method": "magnitude", "amount": 0.5, "finetune_epochs": 0}, ctx(project, data))
-    model, ckpt = prune.run(model, ckpt, {"method": "structured", "amount": 0.5, "finetune_epochs": 1}, ctx(project, data))
+    model, ckpt = prune.run(model, ckpt, settings(method="magnitude", amount=0.5, finetune_epochs=0), ctx(project, data))
+    model, ckpt = prune.run(model, ckpt, settings(method="structured", amount=0.5, finetune_epochs=1), ctx(project, data))
     conv = next(m for _, m in weight_layers(model))
     assert ckpt["architecture"]["widths"] == [4, 8] and float((conv.weight == 0).float().mean()) > 0.3
 
 
 @pytest.mark.parametrize("params, field, expect", [
     ({"method": "structured", "amount": 1.5}, "amount", "less than 1"),
-    ({"method": "magnitude", "amount": 0.5, "sopce": "global"}, "sopce", "unknown setting (expected one of: method, amount"),
+    ({"method": "magnitude", "amount": 0.5, "sopce": "global"}, "sopce", "unknown field"),
     ({"method": "structured", "amount": 0.5, "scope": "global"}, "scope", "magnitude only"),
     ({"amount": 0.5}, "method", "Field required"),
     ({"method": "random", "amount": 0.5}, "method", "'magnitude'"),
     ({"method": "magnitude", "amount": 0.5, "steps": 0}, "steps", "greater than or equal to 1"),
 ])
-def test_bad_settings_name_the_field(small_trained, tmp_path, params, field, expect):
-    _, data, model_pt = small_trained
-    project = small_project(passes=[{"weight_coding": {}}, {"prune": params}])
-    with pytest.raises(ManifestError) as e:  # checked before any pass runs
-        compress.run(project, model_pt, data, tmp_path / "c.pt", tmp_path / "c.json")
+def test_bad_settings_name_the_field(kiln_env, params, field, expect):
+    write_project(kiln_env["projects"], small_manifest(passes=[{"weight_coding": {}}, {"prune": params}]))
+    with pytest.raises(ManifestError) as e:  # refused when the manifest loads, before any stage runs
+        load_project("small")
     assert f"field 'compression.passes.1.prune.{field}'" in str(e.value) and expect in str(e.value)
-    assert not (tmp_path / "c.pt").exists()
-    with pytest.raises(ManifestError, match=rf"compression\.passes\.0\.prune\.{field}"):  # the pass checks too
-        model, ckpt = load_checkpoint(model_pt)
-        prune.run(model, ckpt, params, ctx(project, data))

@@ -1,5 +1,5 @@
 """The quantize pass and the int8 path through export and compile: settings errors name their
-field, calibration gives per-channel weight scales and uint8 (zero point 0) activations where
+field when the manifest loads, calibration gives per-channel weight scales and uint8 (zero point 0) activations where
 they cannot be negative, the QDQ ONNX holds int8 weights, the Relax lowering computes
 uint8 x int8 -> int32 with int8 weight constants (also after FoldConstant) and no separate pad
 kernel, a tensor that can be negative stays asymmetric int8 (padded with its zero point),
@@ -12,12 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from kiln.config import load_project
 from kiln.errors import ManifestError
 from kiln.nets import build
-from kiln.schema import Architecture
+from kiln.schema import QuantizeSettings, parse_architecture
 from passes import compress, quantize
-from passes.common import load_checkpoint, load_split, rebuild, save_checkpoint, to_tensor
-from tests.passes.conftest import randomize_bn, small_project, write_splits
+from passes.support.common import load_checkpoint, load_split, rebuild, save_checkpoint, to_tensor
+from passes.support.onnx_export import export_checkpoint
+from passes.support.tvm_build import import_onnx
+from tests.conftest import write_project
+from tests.passes.conftest import randomize_bn, small_manifest, small_project, write_splits
 
 TARGET = {"kind": "llvm", "num-cores": 2}
 
@@ -30,18 +34,16 @@ def quantized(small_trained, tmp_path, **params):
     """(twin, ckpt, checkpoint path) of the small trained model after the quantize pass."""
     project, data, model_pt = small_trained
     model, ckpt = load_checkpoint(model_pt)
-    twin, ckpt = quantize.run(model, ckpt, params, ctx(project, data))
+    twin, ckpt = quantize.run(model, ckpt, QuantizeSettings.model_validate(params), ctx(project, data))
     path = tmp_path / "q.pt"
     save_checkpoint(path, dict(ckpt, state_dict=twin.state_dict()))
     return twin, ckpt, path
 
 
 def exported(small_trained, tmp_path, **params):
-    from passes import export_onnx
-
     project, data, _ = small_trained
     twin, ckpt, path = quantized(small_trained, tmp_path, **params)
-    info = export_onnx.run(path, data, tmp_path / "q.onnx", tmp_path / "q.json")
+    info = export_checkpoint(path, data, tmp_path / "q.onnx", tmp_path / "q.json")
     return twin, ckpt, tmp_path / "q.onnx", info
 
 
@@ -90,12 +92,11 @@ def run_library(mod, x: np.ndarray) -> np.ndarray:
     ({"percentile": 40}, "compression.passes.2.quantize.percentile"),
     ({"bits": 8}, "compression.passes.2.quantize.bits"),
 ])
-def test_bad_settings_name_their_field(tmp_path, params, field):
-    project = small_project()
-    model = build(project.architecture, 1, 10, (8, 8))
-    ckpt = {"architecture": project.architecture.model_dump(), "channels": 1, "num_classes": 10, "image_size": [8, 8]}
-    with pytest.raises(ManifestError, match=field.replace(".", r"\.")):
-        quantize.run(model, ckpt, params, ctx(project, write_splits(tmp_path, n=8)))
+def test_bad_settings_name_their_field(kiln_env, params, field):
+    passes = [{"weight_coding": {}}, {"prune": {"method": "magnitude", "amount": 0.5}}, {"quantize": params}]
+    write_project(kiln_env["projects"], small_manifest(passes=passes))
+    with pytest.raises(ManifestError, match=field.replace(".", r"\.")):  # when the manifest loads
+        load_project("small")
 
 
 def test_calibration_gives_per_channel_weight_and_per_tensor_activation_params(small_trained, tmp_path):
@@ -155,8 +156,6 @@ def test_qdq_onnx_holds_int8_weights_and_passes_parity(small_trained, tmp_path):
 
 def test_compiled_int8_library_computes_what_the_twin_computes(small_trained, tmp_path):
     """The int8 kernels and the torch twin round with the same float32 numbers: the outputs agree."""
-    from passes.compile_tvm import import_onnx
-
     project, data, _ = small_trained
     twin, ckpt, onnx_path, _ = exported(small_trained, tmp_path)
     xva, _ = load_split(data, "val")
@@ -171,8 +170,6 @@ def test_compiled_int8_library_computes_what_the_twin_computes(small_trained, tm
 def test_lowered_module_is_int8_with_int32_accumulation(small_trained, tmp_path):
     import tvm
     from tvm import relax
-
-    from passes.compile_tvm import import_onnx
 
     twin, ckpt, onnx_path, _ = exported(small_trained, tmp_path)
     mod = import_onnx(onnx_path, [1, ckpt["channels"], *ckpt["image_size"]])
@@ -206,13 +203,12 @@ def test_negative_activations_stay_asymmetric_int8(small_trained, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from passes.compile_tvm import import_onnx
-    from passes.export_onnx import INPUT, OUTPUT, qdq_model
+    from passes.support.onnx_export import INPUT, OUTPUT, qdq_model
 
     project, data, model_pt = small_trained
     model, ckpt = load_checkpoint(model_pt)
     model[2] = torch.nn.Identity()  # the first conv's ReLU: its output can be negative now
-    twin, ckpt = quantize.run(model, ckpt, {"calibration": "minmax"}, ctx(project, data))
+    twin, ckpt = quantize.run(model, ckpt, QuantizeSettings(calibration="minmax"), ctx(project, data))
     layers = ckpt["quantization"]["layers"]
     assert layers["0"]["input"]["dtype"] == "uint8" and layers["0"]["input"]["zero_point"] == 0
     neg = layers["0"]["output"]
@@ -244,18 +240,15 @@ def test_weight_only_keeps_int8_weights_in_the_library(tmp_path, head):
     import tvm
     from tvm import relax
 
-    from passes import export_onnx
-    from passes.compile_tvm import import_onnx
-
     torch.manual_seed(0)
     project = small_project()
     data = write_splits(tmp_path, n=64)
     arch = dict(project.architecture.model_dump(), head=head)
-    model = build(Architecture.model_validate(arch), 1, 10, (8, 8)).eval()
+    model = build(parse_architecture(arch), 1, 10, (8, 8)).eval()
     ckpt = {"architecture": arch, "channels": 1, "num_classes": 10, "image_size": [8, 8]}
-    twin, ckpt = quantize.run(model, ckpt, {"mode": "weight_only"}, ctx(project, data))
+    twin, ckpt = quantize.run(model, ckpt, QuantizeSettings(mode="weight_only"), ctx(project, data))
     save_checkpoint(tmp_path / "w.pt", dict(ckpt, state_dict=twin.state_dict()))
-    export_onnx.run(tmp_path / "w.pt", data, tmp_path / "w.onnx", tmp_path / "w.json")
+    export_checkpoint(tmp_path / "w.pt", data, tmp_path / "w.onnx", tmp_path / "w.json")
     mod = import_onnx(tmp_path / "w.onnx", [1, 1, 8, 8])
     sizes = sorted(int(np.prod(s)) for s in weight_shapes(twin))
     with tvm.target.Target(TARGET):
@@ -274,19 +267,16 @@ def test_weight_only_keeps_int8_weights_in_the_library(tmp_path, head):
 
 def test_int8_flatten_head_and_unfolded_bn(tmp_path):
     """A flatten head (reshape on int8) and BN statistics far from identity: still exact."""
-    from passes import export_onnx
-    from passes.compile_tvm import import_onnx
-
     torch.manual_seed(1)
     project = small_project()
     data = write_splits(tmp_path, n=64)
     arch = dict(project.architecture.model_dump(), head="flatten")
-    model = build(Architecture.model_validate(arch), 1, 10, (8, 8)).eval()
+    model = build(parse_architecture(arch), 1, 10, (8, 8)).eval()
     randomize_bn(model)
     ckpt = {"architecture": arch, "channels": 1, "num_classes": 10, "image_size": [8, 8]}
-    twin, ckpt = quantize.run(model, ckpt, {"calibration": "minmax"}, ctx(project, data))
+    twin, ckpt = quantize.run(model, ckpt, QuantizeSettings(calibration="minmax"), ctx(project, data))
     save_checkpoint(tmp_path / "f.pt", dict(ckpt, state_dict=twin.state_dict()))
-    export_onnx.run(tmp_path / "f.pt", data, tmp_path / "f.onnx", tmp_path / "f.json")
+    export_checkpoint(tmp_path / "f.pt", data, tmp_path / "f.onnx", tmp_path / "f.json")
     mod = import_onnx(tmp_path / "f.onnx", [1, 1, 8, 8])
     assert calls(mod, "relax.reshape") and not calls(mod, "relax.dequantize")
     x = to_tensor(load_split(data, "val")[0]).numpy()
@@ -301,7 +291,7 @@ def test_float_model_passes_through_unchanged(tmp_path):
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from passes import export_onnx, relax_int8
+    from passes.support import relax_int8
 
     torch.manual_seed(0)
     project = small_project()
@@ -310,7 +300,7 @@ def test_float_model_passes_through_unchanged(tmp_path):
     ckpt = {"architecture": project.architecture.model_dump(), "channels": 1, "num_classes": 10,
             "image_size": [8, 8], "state_dict": model.state_dict()}
     save_checkpoint(tmp_path / "m.pt", ckpt)
-    info = export_onnx.run(tmp_path / "m.pt", data, tmp_path / "m.onnx", tmp_path / "m.json")
+    info = export_checkpoint(tmp_path / "m.pt", data, tmp_path / "m.onnx", tmp_path / "m.json")
     assert info["quantization"] is None and info["parity_max_abs_diff"] <= 1e-4
     mod = from_onnx(onnx.load(str(tmp_path / "m.onnx")), shape_dict={"input": [1, 1, 8, 8]}, keep_params_in_input=False)
     mod = relax.transform.DecomposeOpsForInference()(mod)

@@ -1,5 +1,6 @@
 """passes/tune.py: MetaSchedule tuning into a persistent database, reused across retraining,
-applied by the compile pass; boards that cannot be measured natively are not tuned and say why."""
+applied by the compile stage; boards that cannot be measured natively are not tuned and say why;
+the stages read the layout and the manifest's trial budget."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from kiln.config import load_board
 from passes import tune
+from passes.support import tvm_build
 
 SHAPE = [1, 1, 8, 8]
 
@@ -20,10 +22,10 @@ def tiny_onnx(path, seed: int):
     import torch
 
     from kiln.nets import build
-    from kiln.schema import Architecture
+    from kiln.schema import CnnArchitecture
 
     torch.manual_seed(seed)
-    model = build(Architecture(family="cnn", widths=[4, 8], head="gap", max_macs=10**6), 1, 10, (8, 8)).eval()
+    model = build(CnnArchitecture(family="cnn", widths=[4, 8], head="gap", max_macs=10**6), 1, 10, (8, 8)).eval()
     torch.onnx.export(model, torch.zeros(SHAPE), str(path), input_names=["input"], output_names=["logits"],
                       opset_version=17, dynamo=False)
     return path
@@ -38,7 +40,8 @@ def run_library(so, x):
 
 
 def test_aarch64_board_is_not_tuned_and_says_why(tmp_path):
-    info = tune.run(load_board("rpi4"), tiny_onnx(tmp_path / "m.onnx", 0), SHAPE, tmp_path / "tune", 64, tmp_path / "t.json")
+    info = tune.tune_onnx(load_board("rpi4"), tiny_onnx(tmp_path / "m.onnx", 0), SHAPE, tmp_path / "tune", 64,
+                          tmp_path / "t.json")
     assert info["measured"] is None and info["trials_run"] == 0
     assert "qemu-user timings are not a cost signal" in info["why"]
     assert json.loads((tmp_path / "t.json").read_text())["why"] == info["why"]
@@ -62,41 +65,61 @@ def test_where_to_measure_checks_the_board_isa_against_this_cpu(monkeypatch):
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="tunes for the x86 host")
 def test_tune_then_compile_and_retrained_model_reuses_the_records(tmp_path):
-    from passes import compile_tvm
-
     board = load_board("x86-host")
     db_root = tmp_path / "tune"
-    first = tune.run(board, tiny_onnx(tmp_path / "a.onnx", 0), SHAPE, db_root, 12, tmp_path / "a.json")
+    first = tune.tune_onnx(board, tiny_onnx(tmp_path / "a.onnx", 0), SHAPE, db_root, 12, tmp_path / "a.json")
     assert first["measured"] == "native" and first["trials_run"] > 0
     assert first["tasks"] and not any(t["reused"] for t in first["tasks"])
-    db = db_root / tune.target_key(board, compile_tvm.resolve_target(board))
+    db = db_root / tvm_build.target_key(board, tvm_build.resolve_target(board))
     assert (db / "database_tuning_record.json").stat().st_size > 0
 
-    # the compile pass applies the records; the tuned library computes what the untuned one does
-    info = compile_tvm.run(board, tmp_path / "a.onnx", SHAPE, tmp_path / "tuned.so", tmp_path / "c.json", tuning=first)
+    # the compile stage applies the records; the tuned library computes what the untuned one does
+    info = tvm_build.compile_onnx(board, tmp_path / "a.onnx", SHAPE, tmp_path / "tuned.so", tmp_path / "c.json", tuning=first)
     assert info["tuned_kernels"]["tuned"] > 0
-    compile_tvm.run(board, tmp_path / "a.onnx", SHAPE, tmp_path / "plain.so", tmp_path / "p.json")
+    tvm_build.compile_onnx(board, tmp_path / "a.onnx", SHAPE, tmp_path / "plain.so", tmp_path / "p.json")
     x = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
     np.testing.assert_allclose(run_library(tmp_path / "tuned.so", x), run_library(tmp_path / "plain.so", x), rtol=1e-4, atol=1e-5)
 
     # "retraining": other weights, same layer shapes -> every task found, no trials
-    again = tune.run(board, tiny_onnx(tmp_path / "b.onnx", 1), SHAPE, db_root, 12, tmp_path / "b.json")
+    again = tune.tune_onnx(board, tiny_onnx(tmp_path / "b.onnx", 1), SHAPE, db_root, 12, tmp_path / "b.json")
     assert again["trials_run"] == 0, again
     planned = [t for t in again["tasks"] if again["plan"].get(t["name"])]
     assert planned and all(t["reused"] for t in planned) and len(again["tasks"]) == len(first["tasks"])
     # a bigger budget tops the same records up instead of starting over
-    more = tune.run(board, tmp_path / "b.onnx", SHAPE, db_root, 24, tmp_path / "c.json")
+    more = tune.tune_onnx(board, tmp_path / "b.onnx", SHAPE, db_root, 24, tmp_path / "c.json")
     assert 0 < more["trials_run"] <= 12
 
 
 def test_compile_refuses_a_tuning_report_for_another_target(tmp_path):
     from kiln.errors import PassError
-    from passes import compile_tvm
 
     board = load_board("x86-host")
     report = {"measured": "native", "target": {"kind": "llvm", "mcpu": "other"}, "database": str(tmp_path), "why": "x"}
     with pytest.raises(PassError, match="rerun the tune task"):
-        compile_tvm.run(board, tiny_onnx(tmp_path / "m.onnx", 0), SHAPE, tmp_path / "m.so", tmp_path / "m.json", tuning=report)
+        tvm_build.compile_onnx(board, tiny_onnx(tmp_path / "m.onnx", 0), SHAPE, tmp_path / "m.so", tmp_path / "m.json",
+                               tuning=report)
+
+
+def test_the_stages_read_the_layout_and_the_manifests_trial_budget(kiln_env):
+    """tune.run and compile_tvm.run on a build layout: the input shape from export.json, the
+    budget from tuning.trials (0 here: untuned), the reports under build/<app>/type/<board>/."""
+    from kiln.artifacts import Layout
+    from kiln.schema import Project
+    from passes import compile_tvm
+    from tests.passes.conftest import small_manifest
+
+    project = Project.model_validate(dict(small_manifest(), tuning={"trials": 0}))
+    board, lay = load_board("x86-host"), Layout("small")
+    lay.root.mkdir(parents=True)
+    tiny_onnx(lay.onnx, 0)
+    lay.export_json.write_text(json.dumps({"input_shape": SHAPE}))
+    info = tune.run(project, board, lay)
+    assert info["measured"] == "native" and info["trial_budget"] == 0 and info["why"] == "trial budget is 0; compiled untuned"
+    assert json.loads(lay.tune_json("x86-host").read_text()) == info
+    out = compile_tvm.run(project, board, lay)
+    assert out["input_shape"] == SHAPE and out["tuning"] == info["why"] and out["tuned_kernels"] is None
+    assert lay.library("x86-host").stat().st_size == out["library_bytes"]
+    assert json.loads(lay.compile_json("x86-host").read_text()) == out
 
 
 @pytest.mark.parametrize("trials", [12, 64, 128, 256])
@@ -120,5 +143,42 @@ def test_a_search_failure_is_one_clear_error_naming_the_board(tmp_path, monkeypa
 
     monkeypatch.setattr(tune, "_tune_group", broken)
     with pytest.raises(PassError, match=r"tune for board 'x86-host'.*search exploded.*tuning.trials: 0"):
-        tune.run(load_board("x86-host"), tiny_onnx(tmp_path / "m.onnx", 0), SHAPE, tmp_path / "tune", 12, tmp_path / "t.json")
+        tune.tune_onnx(load_board("x86-host"), tiny_onnx(tmp_path / "m.onnx", 0), SHAPE, tmp_path / "tune", 12,
+                       tmp_path / "t.json")
     assert not (tmp_path / "t.json").exists()
+
+
+def test_pool_kernels_are_scheduled_without_unknown_rule_warnings(tmp_path, capfd):
+    """TOPI's pooling blocks name a custom schedule rule that TVM has for Adreno only: on a CPU
+    target the generic rules schedule them, as before, and MetaSchedule's C++ log no longer
+    warns "Unknown schedule rule meta_schedule.pool_max" for every pooling kernel."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    target = tvm.target.Target(tvm_build.resolve_target(load_board("x86-host")))
+    tvm_build.import_cpu_tensor_intrinsics()
+    tvm_build.register_cpu_pool_rules()
+    mod = tvm_build.prepare(tvm_build.import_onnx(tiny_onnx(tmp_path / "m.onnx", 0), SHAPE), target)
+    pools = [t for t in ms.relax_integration.extract_tasks(mod, target) if "pool" in t.task_name]
+    # the design spaces tuning searches (the same space generator and rules as _tune_group's)
+    contexts = [ms.TuneContext(mod=t.dispatched[0], target=target, space_generator="post-order-apply",
+                               task_name=t.task_name, num_threads=1) for t in pools]
+    traces = [str(s.trace) for c in contexts for s in c.generate_design_space()]
+    assert pools and traces
+    # the annotation goes, as ApplyCustomRule drops an unknown one, and the generic rules apply
+    # (with it left on, every rule but ApplyCustomRule would skip the block)
+    assert all('unannotate(block_or_loop=b0, ann_key="schedule_rule")' in t for t in traces), traces[0]
+    assert any("rfactor(" in t for t in traces), traces
+    assert "Unknown schedule rule" not in capfd.readouterr().err
+
+
+def test_host_cpu_drops_the_vector_extensions_this_machine_hides():
+    """A VM may hide AVX-512 from a CPU LLVM names by its family (znver4): the x86-host target
+    must not ask for what /proc/cpuinfo lacks, or its library dies with SIGILL."""
+    from passes.support.tvm_build import host_mattr
+
+    off = host_mattr("znver4", {"avx", "avx2", "fma", "sse4_2"})
+    assert "-avx512f" in off and "-avx512vnni" in off and "-avx2" not in off
+    assert host_mattr("znver4", {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",
+                                 "avx512_vnni", "avx512_bf16", "avx512_bitalg", "avx512ifma", "avx512vbmi",
+                                 "avx512_vbmi2", "avx512_vpopcntdq"}) == []

@@ -1,4 +1,4 @@
-"""qemu-user as the CPU of an emulated board (aarch64 Cortex-A53/A72, x86_64 Haswell, ...).
+"""Board-type emulation: qemu-user as the CPU of an emulated board instance (aarch64 Cortex-A53/A72, x86_64 Haswell, ...).
 
 No binfmt_misc is mounted on these machines, so the board's programs are started through qemu
 explicitly, with the board's sysroot (e.g. Debian's aarch64 one) for its libc/libstdc++, and

@@ -1,6 +1,7 @@
-"""Data loader for handwritten digits in scikit-learn's on-disk format (``digits.csv.gz``: one
-row per 8x8 image, 64 pixel values 0..16 then the label), the set of 1,797 real digits that
-scikit-learn ships. The data pass (passes/data.py) splits and writes what it returns."""
+"""Dataset format ``digits``: handwritten digits in scikit-learn's on-disk format
+(``digits.csv.gz``: one row per 8x8 image, 64 pixel values 0..16 then the label), the set of
+1,797 real digits that scikit-learn ships. The data stage (passes/data.py) splits and writes
+what it returns."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kiln.errors import PassError
+from kiln.artifacts import ROOT
+from kiln.errors import ManifestError, PassError
+from passes.formats import Loaded
 
 log = logging.getLogger("kiln.data")
 NUM_CLASSES = 10
@@ -33,6 +36,22 @@ def resolve(path: str, root: Path) -> Path:
         return shipped_path()
     p = Path(path)
     return p if p.is_absolute() else root / p
+
+
+def locate(ds, layout) -> tuple[Path, bool]:
+    try:
+        path = resolve(ds.path, ROOT)
+    except PassError as e:
+        raise ManifestError(f"field 'dataset.path': {e}") from e
+    if not path.is_file():
+        raise ManifestError(f"field 'dataset.path': no digits file at {path} (expected 'sklearn' or a digits.csv(.gz))")
+    return path, False
+
+
+def load(ds, root: Path) -> Loaded:
+    x, y, report = load_digits(root, tuple(ds.image_size))
+    return Loaded((x, y), None, report, {"format": "digits", "num_classes": NUM_CLASSES, "channels": 1,
+                                         "synthetic": None, "test_source": "split of the digits file"})
 
 
 def load_digits(path: Path, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, dict]:

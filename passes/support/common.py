@@ -62,9 +62,9 @@ def load_checkpoint(path: Path):
 def rebuild(ckpt: dict[str, Any]):
     """The model a checkpoint dict describes (its architecture, widths included, and weights)."""
     from kiln.nets import build
-    from kiln.schema import Architecture
+    from kiln.schema import parse_architecture
 
-    arch = Architecture.model_validate(ckpt["architecture"])
+    arch = parse_architecture(ckpt["architecture"])
     model = build(arch, ckpt["channels"], ckpt["num_classes"], tuple(ckpt["image_size"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()

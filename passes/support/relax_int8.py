@@ -1,11 +1,11 @@
-"""Relax pass: lower the int8 QDQ patterns of an imported ONNX model to integer kernels.
+"""Relax rewrite: lower the int8 QDQ patterns of an imported ONNX model to integer kernels.
 
-The ONNX frontend turns a QDQ model (passes/export_onnx.py) into float ops between
+The ONNX frontend turns a QDQ model (passes/support/onnx_export.py) into float ops between
 ``R.dequantize`` and ``R.quantize``. Left alone, the default pipeline would run them in float,
 and FoldConstant would fold ``dequantize(int8 weight)`` into fp32 constants: the library would
 hold fp32 weights again. :func:`lower` rewrites, with Relax's dataflow pattern language:
 
-Activations are 8-bit per tensor (passes/quantize.py): ``uint8`` with zero point 0 where the
+Activations are 8-bit per tensor (passes/support/int8.py): ``uint8`` with zero point 0 where the
 tensor cannot be negative (the input image, every ReLU output, what pools them), else ``int8``
 asymmetric; weights are symmetric ``int8`` per output channel.
 
@@ -28,7 +28,7 @@ asymmetric; weights are symmetric ``int8`` per output channel.
 
 What the rewrite leaves is ordinary Relax (conv2d/matmul with ``out_dtype="int32"``,
 elementwise ops, plain TE kernels): legalization, fusion and MetaSchedule treat it like any
-other model. Kiln's torch twin (passes/quantize.py) computes with the same formulas and the
+other model. Kiln's torch twin (passes/support/int8.py) computes with the same formulas and the
 same float32 multipliers (:func:`requant_multiplier`), so it predicts this library's outputs.
 A module without QDQ ops is returned as is.
 """
@@ -37,26 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-QMIN, QMAX = -128, 127  # int8 activations (asymmetric: tensors that can be negative)
-WMAX = 127  # int8 weights are symmetric: [-127, 127]
-ACT_RANGE = {"int8": (QMIN, QMAX), "uint8": (0, 255)}  # code range of each activation dtype
-
-
-def act_range(dtype: str) -> tuple[int, int]:
-    """(min, max) code of an 8-bit activation dtype."""
-    if dtype not in ACT_RANGE:
-        raise ValueError(f"activation dtype {dtype!r}: expected one of {sorted(ACT_RANGE)}")
-    return ACT_RANGE[dtype]
-
-
-def requant_multiplier(in_scale, w_scale, out_scale, n: int = 1) -> np.ndarray:
-    """float32 multipliers taking an int32 accumulator (input scale x weight scale, summed over
-    ``n`` terms for an average) to the output scale. Kiln's torch twin and this lowering both
-    call this, so both round with the very same float32 numbers."""
-    s_in = np.float64(np.float32(in_scale))
-    s_w = np.asarray(w_scale, dtype=np.float32).astype(np.float64)
-    s_out = np.float64(np.float32(out_scale))
-    return (s_in * s_w / (s_out * n)).astype(np.float32)
+from passes.support.int8 import ACT_RANGE, act_range, requant_multiplier
 
 
 class _Skip(Exception):

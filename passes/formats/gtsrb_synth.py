@@ -2,7 +2,7 @@
 
 No data set can be downloaded on the build machines, so this draws a stand-in (shapes, colours,
 glyphs under rotation, scale, lighting, blur, noise and partial occlusion) that the data pass
-(passes/data.py) loads exactly like the real GTSRB.
+(passes/formats/gtsrb.py) loads exactly like the real GTSRB.
 """
 
 from __future__ import annotations

@@ -1,0 +1,79 @@
+"""The lab: which board instances an app deploys to, and opening a lab for a deploy.
+
+A lab file is one of the ``Lab`` union's backends (kiln/schema.py): ``static`` (boards already
+there, every transport given) or ``emulated`` (Kiln starts the boards on this machine). Lab
+code knows backends only through the registry: ``open_lab`` asks the backend's module for an
+ordinary inventory whose boards are up, and ``close_opened`` hands back what this process
+opened. Nothing here imports a backend (the emulated lab imports the lab, never the reverse).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from kiln.config import load_lab
+from kiln.errors import KilnError, ManifestError
+from kiln.registry import implementation
+from kiln.schema import Board, Instance, Project
+
+log = logging.getLogger("kiln.lab")
+_opened: list[tuple[object, Path]] = []  # (lab, its file) opened by this process, closed by close_opened
+
+
+def describe(path: Path):
+    """The lab in ``path`` as described (boards, types, links), without starting anything."""
+    return load_lab(path)
+
+
+def compile_only(project: Project, boards: dict[str, Board]) -> list[str]:
+    """The app's target types that are compiled for but cannot run in a lab."""
+    return [t for t in project.targets if boards[t].runtime == "compile-only"]
+
+
+def runnable(project: Project, lab, boards: dict[str, Board]) -> list[Instance]:
+    """Every instance of the lab whose type the app targets and can run; a runnable target
+    type with no instance in the lab is an error naming it."""
+    types = [t for t in project.targets if t not in compile_only(project, boards)]
+    missing = [t for t in types if t not in {b.type for b in lab.boards}]
+    if missing:
+        raise ManifestError(
+            f"lab '{lab.name}' has no instance of board type(s) {missing} that app "
+            f"'{project.name}' targets (add one to the inventory, or remove it from targets)"
+        )
+    return [b for b in lab.boards if b.type in types]
+
+
+def choose(project: Project, instances: list[Instance], wanted: list[str]) -> list[Instance]:
+    """The app's instances narrowed to ``wanted`` (all of them when empty); a name that is not a
+    board of this app is an error naming the app's boards."""
+    if not wanted:
+        return instances
+    names = [b.name for b in instances]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise ManifestError(
+            f"boards={','.join(wanted)}: {', '.join(unknown)} is not a board of app '{project.name}' "
+            f"(its boards: {', '.join(names) or 'none'})"
+        )
+    return [b for b in instances if b.name in wanted]
+
+
+def open_lab(path: Path) -> Path:
+    """A live inventory for the lab in ``path``: its backend starts or reaches the boards."""
+    lab = load_lab(path)
+    live = implementation(lab).open_lab(lab, Path(path))
+    if (lab, Path(path)) not in _opened:
+        _opened.append((lab, Path(path)))
+    return live
+
+
+def close_opened() -> None:
+    """doit teardown: hand back every lab this process opened (the emulated lab stops the
+    boards it started here; a lab started by hand stays up)."""
+    while _opened:
+        lab, path = _opened.pop()
+        try:
+            implementation(lab).close_lab(lab, path)
+        except (KilnError, OSError) as e:  # teardown goes on; the error is reported
+            log.warning("lab %s: closing failed: %s", path, e)

@@ -1,0 +1,72 @@
+"""The registries of Kiln's extension axes, read from the schema's discriminated unions.
+
+Each axis is one union in ``kiln/schema.py``; each member is a registry entry whose
+``implementation`` names the module that does the work. ``implementation(setting)`` imports that
+module when the work runs (never when a manifest loads), so the core imports nothing above it
+and adding a format, family, pass, transport or lab backend is one module plus one union member.
+
+| axis             | union                     | tagged by   | module interface (see docs/ARCHITECTURE.md) |
+|------------------|---------------------------|-------------|---------------------------------------------|
+| dataset format   | ``schema.Dataset``        | ``format``  | ``locate``, ``load`` (+ ``synthesize``)     |
+| net family       | ``schema.Architecture``   | ``family``  | ``estimate``, ``build``                     |
+| compression pass | ``schema.CompressionStep``| pass name   | ``run(model, ckpt, settings, ctx)``         |
+| transport        | ``schema.Transport``      | ``kind``    | ``open_transport(instance, lab_dir, local)``|
+| lab backend      | ``schema.Lab``            | ``backend`` | ``open_lab``, ``close_lab``                 |
+"""
+
+from __future__ import annotations
+
+import importlib
+import typing
+from types import ModuleType
+from typing import Any
+
+from kiln import schema
+
+AXES: dict[str, Any] = {
+    "dataset format": schema.Dataset,
+    "net family": schema.Architecture,
+    "compression pass": schema.CompressionStep,
+    "transport": schema.Transport,
+    "lab backend": schema.Lab,
+}
+
+
+def _members(union: Any) -> list[type]:
+    """The model classes of an Annotated union (tags and discriminators stripped)."""
+    inner = typing.get_args(union)[0]
+    out = []
+    for arg in (typing.get_args(inner) if typing.get_origin(inner) is typing.Union else (inner,)):
+        while typing.get_origin(arg) is typing.Annotated:
+            arg = typing.get_args(arg)[0]
+        out.append(arg)
+    return out
+
+
+def _tag(model: type) -> str:
+    for key in ("format", "family", "kind", "backend"):
+        f = model.model_fields.get(key)
+        if f is not None and typing.get_origin(f.annotation) is typing.Literal:
+            return typing.get_args(f.annotation)[0]
+    return next(iter(model.model_fields))  # a compression step: tagged by its one field, the pass name
+
+
+def entries(axis: str) -> dict[str, type]:
+    """name -> the settings model that is that entry's registration, for one axis."""
+    models = _members(AXES[axis])
+    if axis == "compression pass":
+        return {_tag(m): m.model_fields[_tag(m)].annotation for m in models}
+    return {_tag(m): m for m in models}
+
+
+def module_name(setting: Any) -> str:
+    """The implementation module of a setting (a model instance or class of some axis)."""
+    cls = setting if isinstance(setting, type) else type(setting)
+    if isinstance(setting, schema._Step):
+        cls = type(setting.settings)
+    return cls.implementation
+
+
+def implementation(setting: Any) -> ModuleType:
+    """Import and return the module that implements ``setting``."""
+    return importlib.import_module(module_name(setting))

@@ -1,0 +1,87 @@
+"""The source files a task runs, derived from the code itself so task dependencies cannot drift.
+
+``files("passes.train", ...)`` walks the import statements (top level and inside functions) of
+the named modules, transitively, within Kiln's own packages (kiln, passes, hil), and returns
+their files plus any data files a module declares in ``DATA_FILES`` (names beside the module,
+e.g. a shell script it sends to the board). Editing any of them reruns the task. Modules a
+registry names by string (a dataset format, a compression pass, a transport) are added by the
+caller, which knows which entries a task uses.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+from kiln.artifacts import ROOT
+
+PACKAGES = ("kiln", "passes", "hil")
+
+
+def module_file(name: str) -> Path | None:
+    """The file of a module of Kiln's own packages (package -> its __init__.py), or None."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _scan(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(modules imported anywhere in the file, its DATA_FILES)."""
+    tree = ast.parse(path.read_text(), str(path))
+    mods, data = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            mods.append(node.module)
+            mods += [f"{node.module}.{a.name}" for a in node.names]  # `from pkg import module`
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "DATA_FILES" for t in node.targets):
+            data += list(ast.literal_eval(node.value))
+    return tuple(mods), tuple(data)
+
+
+def imports(name: str) -> list[str]:
+    """The modules of Kiln's packages that module ``name`` imports directly (its parent
+    packages included: importing a.b.c runs a/__init__.py and a/b/__init__.py)."""
+    path = module_file(name)
+    if path is None:
+        return []
+    out = []
+    for m in _scan(path)[0]:
+        parts = m.split(".")
+        for i in range(1, len(parts) + 1):
+            sub = ".".join(parts[:i])
+            if module_file(sub) is not None and sub not in out:
+                out.append(sub)
+    return out
+
+
+def closure(*names: str) -> list[str]:
+    """Every module of Kiln's packages that ``names`` need, transitively."""
+    seen: list[str] = []
+    todo = [n for n in names if module_file(n) is not None]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.append(n)
+        todo += [m for m in imports(n) if m not in seen]
+        parts = n.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in seen]
+    return sorted(seen)
+
+
+def files(*names: str) -> list[str]:
+    """The source files (and declared data files) of ``closure(*names)``, as strings for doit."""
+    out = []
+    for n in closure(*names):
+        path = module_file(n)
+        out.append(str(path))
+        out += [str(path.with_name(d)) for d in _scan(path)[1]]
+    return sorted(set(out))

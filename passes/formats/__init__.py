@@ -1,0 +1,28 @@
+"""Dataset formats, one module each, chosen by a manifest's ``dataset.format`` (the
+``Dataset`` union in kiln/schema.py names each module). The data stage (passes/data.py) splits
+and writes what a format loads. A format module has
+
+* ``locate(ds, layout) -> (Path, bool)``: where the data is, and whether it must first be
+  generated there (``synthesize``); cheap, no data read (doit calls it when it lists tasks). A
+  missing data set is a ManifestError naming ``dataset.path``.
+* ``load(ds, root) -> Loaded``: the images/samples and labels; unreadable files are reported
+  (how many, the first paths) and skipped; a malformed file is a PassError naming it.
+* ``synthesize(ds, dest)`` (optional): a deterministic synthetic data set in the format's own
+  on-disk layout, so the default run needs no download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Loaded:
+    """What a format loads: uint8 N x H x W x C samples and int64 labels; ``test`` is None when
+    the data set ships no test split (the data stage splits one off the training data)."""
+
+    train: tuple[Any, Any]
+    test: tuple[Any, Any] | None
+    report: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)

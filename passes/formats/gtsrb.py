@@ -1,0 +1,180 @@
+"""Dataset format ``gtsrb``: the real GTSRB on-disk layout.
+
+Reads ``Final_Training/Images/000NN/GT-000NN.csv`` + ``*.ppm``, and
+``Final_Test/Images/GT-final_test.csv`` when present. No data set can be downloaded on the
+build machines, so ``synthesize`` draws a stand-in in the *same* layout (gtsrb_synth.py): the
+loader never knows the difference, and a real GTSRB dropped in later takes the same code path.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from kiln.artifacts import ROOT, read_json
+from kiln.errors import ManifestError, PassError
+from passes.formats import Loaded
+from passes.formats.gtsrb_synth import CSV_COLUMNS, MARKER, NUM_CLASSES, TEST_CSV, synthesize_gtsrb
+
+log = logging.getLogger("kiln.data")
+LAYOUT = ("Final_Training/Images/000NN/GT-000NN.csv + *.ppm per class "
+          "(optional: Final_Test/Images/*.ppm + GT-final_test.csv)")
+
+
+def locate(ds, layout) -> tuple[Path, bool]:
+    """(the GTSRB tree, False) when ``dataset.path`` holds one, else (the synthetic tree under
+    build/, True) when ``dataset.synthetic`` is on."""
+    path = Path(ds.path) if Path(ds.path).is_absolute() else ROOT / ds.path
+    if is_gtsrb(path):
+        return path, False
+    if ds.synthetic is None:
+        raise ManifestError(
+            f"field 'dataset.path': {path} holds no GTSRB tree (Final_Training/Images) and "
+            "dataset.synthetic is off; download GTSRB there or enable synthetic data"
+        )
+    return layout.synthetic, True
+
+
+def synthesize(ds, dest: Path) -> dict:
+    syn = ds.synthetic
+    return synthesize_gtsrb(dest, per_class=syn.per_class, test_per_class=syn.test_per_class, seed=syn.seed)
+
+
+def load(ds, root: Path) -> Loaded:
+    train_x, train_y, test_x, test_y, report = load_gtsrb(root, tuple(ds.image_size))
+    marker = Path(root) / MARKER
+    source = {"format": "gtsrb", "num_classes": NUM_CLASSES, "channels": 3,
+              "synthetic": read_json(marker) if marker.is_file() else None,
+              "test_source": "Final_Test" if test_x is not None else "split of Final_Training"}
+    return Loaded((train_x, train_y), None if test_x is None else (test_x, test_y), report, source)
+
+
+def is_gtsrb(root: Path) -> bool:
+    """True when ``root`` holds a GTSRB ``Final_Training/Images`` tree."""
+    return (Path(root) / "Final_Training" / "Images").is_dir()
+
+
+def _int(csv_path: Path, line: int, col: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError as e:
+        raise PassError(f"data: {csv_path}:{line}: column {col!r}: {value!r} is not an integer") from e
+
+
+def _read_gt_csv(csv_path: Path) -> list[tuple[Path, tuple[int, int, int, int], int]]:
+    """-> [(image path, inclusive ROI, class id)]; any malformed cell is a PassError naming it."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=";")
+            header = [h.strip() for h in next(reader, [])]
+            missing = [col for col in CSV_COLUMNS if col not in header]
+            if missing:
+                raise PassError(f"data: {csv_path}:1: missing column {missing[0]!r} (header: {';'.join(header)!r}; "
+                                f"expected {';'.join(CSV_COLUMNS)!r})")
+            idx = {col: header.index(col) for col in CSV_COLUMNS}
+            return [_parse_row(csv_path, reader.line_num, row, idx) for row in reader
+                    if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise PassError(f"data: {csv_path}: cannot read the label file: {e}") from e
+
+
+def _parse_row(csv_path: Path, line: int, row: list[str], idx: dict[str, int]):
+    for col, i in idx.items():
+        if i >= len(row) or not row[i].strip():
+            raise PassError(f"data: {csv_path}:{line}: column {col!r} is missing")
+    v = {col: _int(csv_path, line, col, row[i].strip()) for col, i in idx.items() if col != "Filename"}
+    if not 0 <= v["ClassId"] < NUM_CLASSES:
+        raise PassError(f"data: {csv_path}:{line}: column 'ClassId': {v['ClassId']} is outside 0..{NUM_CLASSES - 1}")
+    roi = (v["Roi.X1"], v["Roi.Y1"], v["Roi.X2"], v["Roi.Y2"])
+    return csv_path.parent / row[idx["Filename"]].strip(), roi, v["ClassId"]
+
+
+def _load_image(path: Path, roi, size_hw) -> np.ndarray:
+    """Crop to the (inclusive) ROI, resize bilinear. Raises OSError/ValueError on a bad image."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")  # forces the decode, so truncated files fail here
+    x1, y1 = max(0, roi[0]), max(0, roi[1])
+    x2, y2 = min(im.width - 1, roi[2]), min(im.height - 1, roi[3])
+    if x2 < x1 or y2 < y1:
+        raise ValueError(f"ROI {roi} lies outside the {im.width}x{im.height} image")
+    im = im.crop((x1, y1, x2 + 1, y2 + 1)).resize((size_hw[1], size_hw[0]), Image.BILINEAR)
+    return np.asarray(im, np.uint8)
+
+
+def _load_rows(rows, size_hw, root: Path, skipped: list) -> tuple[np.ndarray, np.ndarray]:
+    x = np.empty((len(rows), *size_hw, 3), np.uint8)
+    y = np.empty(len(rows), np.int64)
+    n = 0
+    for path, roi, cid in rows:
+        try:
+            x[n] = _load_image(path, roi, size_hw)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # FileNotFoundError and PIL's UnidentifiedImageError are OSErrors
+            reason = "missing" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+            skipped.append({"path": path.relative_to(root).as_posix(), "reason": reason})
+            continue
+        y[n] = cid
+        n += 1
+    return x[:n].copy(), y[:n].copy()  # copy: don't keep the over-allocated buffer alive
+
+
+def _test_csv(root: Path) -> Path | None:
+    # the labelled GT-final_test.csv is a separate download from the test images: accept it
+    # in the images folder (as documented) or one or two levels up, where its zip unpacks
+    for d in (root / "Final_Test" / "Images", root / "Final_Test", root):
+        if (d / TEST_CSV).is_file():
+            return d / TEST_CSV
+    return None
+
+
+def load_gtsrb(root: Path, image_size: tuple[int, int]):
+    """Read a GTSRB tree -> (train_x, train_y, test_x, test_y, report).
+
+    x: uint8 N x H x W x 3 (``image_size`` is (height, width)), cropped to each image's ROI;
+    y: int64. test_x/test_y are None without a labelled Final_Test. Images that can't be read
+    are skipped and counted in ``report``; a malformed CSV or missing layout is a PassError.
+    """
+    root = Path(root)
+    size = tuple(int(v) for v in image_size)
+    images = root / "Final_Training" / "Images"
+    if not images.is_dir():
+        raise PassError(f"data: {images} not found; expected a GTSRB tree under {root}: {LAYOUT}")
+    rows = []
+    for d in sorted(p for p in images.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        csvs = sorted(d.glob("GT-*.csv"))
+        if not csvs:
+            raise PassError(f"data: {d} has no GT-*.csv label file; expected {LAYOUT}")
+        rows += _read_gt_csv(csvs[0])
+    if not rows:
+        raise PassError(f"data: no labelled images under {images}; expected {LAYOUT}")
+    skipped: list = []
+    train_x, train_y = _load_rows(rows, size, root, skipped)
+    if not len(train_y):
+        raise PassError(f"data: none of the {len(rows)} training images under {images} could be read; "
+                        f"first: {skipped[0]['path']} ({skipped[0]['reason']})")
+    test_x = test_y = None
+    test_csv = _test_csv(root)
+    if test_csv is not None:
+        test_x, test_y = _load_rows(_read_test_rows(test_csv, root), size, root, skipped)
+    elif (root / "Final_Test").is_dir():
+        log.warning("data: %s has no %s (the labels are a separate GTSRB download); "
+                    "splitting the test set off Final_Training instead", root / "Final_Test", TEST_CSV)
+    if skipped:
+        log.warning("data: skipped %d unreadable image(s) under %s, first: %s", len(skipped), root,
+                    "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5]))
+    report = {"skipped": len(skipped), "skipped_examples": skipped[:5], "train_images": len(train_y),
+              "test_images": 0 if test_y is None else len(test_y),
+              "test_csv": None if test_csv is None else test_csv.relative_to(root).as_posix()}
+    log.info("data: loaded %d training and %d test images from %s", report["train_images"],
+             report["test_images"], root)
+    return train_x, train_y, test_x, test_y, report
+
+
+def _read_test_rows(test_csv: Path, root: Path):
+    # filenames in GT-final_test.csv are relative to Final_Test/Images wherever the csv lies
+    images = root / "Final_Test" / "Images"
+    return [(images / p.name, roi, cid) for p, roi, cid in _read_gt_csv(test_csv)]

@@ -1,0 +1,231 @@
+"""The TVM frontend the tune and compile stages share: a board's target, the Relax module of an
+exported ONNX file, kernel libraries built from it, and the MetaSchedule tuning databases.
+
+The board's ``tvm_target`` dict is used as is, except ``mcpu: host``, which is resolved to
+this machine's CPU (the x86-host board is "the machine Kiln runs on"). Cross builds link with
+the board's ``cc`` (e.g. aarch64-linux-gnu-g++).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+from kiln.artifacts import atomic_path, sha256_file, write_json
+from kiln.errors import PassError
+from kiln.schema import Board
+
+log = logging.getLogger("kiln.compile")
+
+
+def resolve_target(board: Board) -> dict[str, Any]:
+    """The board's TVM target dict with ``mcpu: host`` replaced by the host CPU's name, less the
+    vector extensions this machine does not offer (see host_mattr)."""
+    target = dict(board.tvm_target)
+    if target.get("mcpu") == "host":
+        from tvm.target import codegen
+
+        target["mcpu"] = codegen.llvm_get_system_cpu()
+        off = host_mattr(target["mcpu"], host_isa_flags())
+        if off:
+            target["mattr"] = [*target.get("mattr", []), *off]
+    return target
+
+
+def host_isa_flags() -> set[str]:
+    """CPU feature flags of this machine (/proc/cpuinfo), lower case."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _norm(flag: str) -> str:
+    return flag.lower().replace("_", "").replace(".", "").replace("-", "")
+
+
+def host_mattr(mcpu: str, flags: set[str]) -> list[str]:
+    """``-feature`` for every AVX/AMX extension LLVM's name for this CPU implies but the machine
+    does not offer. A VM may hide AVX-512 from a CPU that has it (LLVM names it from the CPU's
+    family, e.g. znver4): code built for the bare name would die with SIGILL here."""
+    from tvm.target import Target, codegen
+
+    have = {_norm(f) for f in flags}
+    implied = {str(f) for f in codegen.llvm_get_cpu_features(Target({"kind": "llvm", "mcpu": mcpu}))}
+    return sorted(f"-{f}" for f in implied if f.startswith(("avx", "amx")) and _norm(f) not in have)
+
+
+def import_onnx(onnx_path: Path, input_shape: list[int]):
+    """The Relax module Kiln compiles and tunes for an exported model: ONNX import with the
+    weights bound as constants, inference-only ops decomposed, and int8 QDQ patterns lowered to
+    integer kernels (passes/support/relax_int8.py; a no-op for float models)."""
+    import onnx
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from passes.support import relax_int8
+
+    model = onnx.load(str(onnx_path))
+    name = model.graph.input[0].name
+    mod = from_onnx(model, shape_dict={name: input_shape}, keep_params_in_input=False)
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    return relax_int8.lower(mod)
+
+
+def compile_onnx(board: Board, onnx_path: Path, input_shape: list[int], out_so: Path, out_json: Path,
+                 tuning: dict | None = None) -> dict:
+    """Compile ``onnx_path`` for ``board`` into the kernel library ``out_so`` (its report to
+    ``out_json``); ``tuning`` is the tune stage's report (tune.json): when it tuned, the
+    schedules in its database are applied, others stay untuned."""
+    import tvm
+    from tvm import relax
+
+    if shutil.which(board.cc) is None:
+        raise PassError(f"compile for board '{board.name}': compiler '{board.cc}' (field 'cc' of its board file) not found on PATH")
+    target_dict = resolve_target(board)
+    try:
+        target = tvm.target.Target(target_dict)
+    except Exception as e:  # TVM raises its own error types for a bad target dict
+        raise PassError(f"compile for board '{board.name}': invalid tvm_target {target_dict}: {e}") from e
+
+    t0 = time.perf_counter()
+    mod = import_onnx(onnx_path, input_shape)
+    tuned = None
+    # a budget of 0 tunes nothing and its report says "compiled untuned": no database to read
+    if tuning and tuning.get("measured") and tuning.get("trial_budget", 1):
+        if tuning.get("target") != target_dict:
+            raise PassError(f"compile for board '{board.name}': its tuning report is for target {tuning.get('target')}, "
+                            f"not {target_dict}; rerun the tune task")
+        mod, tuned = apply(mod, target, Path(tuning["database"]))
+    else:
+        mod = prepare(mod, target)  # fusion: without it each op is its own kernel
+    try:
+        ex = relax.build(mod, target=target)
+        with atomic_path(out_so) as tmp:
+            # export_library picks the compiler from the name; the temp name must end in .so
+            so_tmp = tmp.with_suffix(".so")
+            # the kernels' debug info is ~40% of the file and no board uses it
+            ex.export_library(str(so_tmp), cc=board.cc, options=["-Wl,--strip-debug"])
+            so_tmp.replace(tmp)
+    except Exception as e:  # TVM's build and linker errors carry their own types
+        raise PassError(f"compile for board '{board.name}' (target {target_dict}): {e}") from e
+    info = {
+        "board": board.name, "target": target_dict, "cc": board.cc, "tvm_version": tvm.__version__,
+        "input_shape": input_shape, "library_bytes": out_so.stat().st_size, "sha256": sha256_file(out_so),
+        "onnx_sha256": sha256_file(onnx_path), "seconds": round(time.perf_counter() - t0, 2),
+        "tuned_kernels": tuned, "tuning": (tuning or {}).get("why", "not tuned"),
+    }
+    write_json(out_json, info)
+    log.info("compile %s: %s (%d bytes) in %.1f s", board.name, out_so, info["library_bytes"], info["seconds"])
+    return info
+
+
+# --- MetaSchedule: databases, task preparation, applying tuned schedules ----------------------
+
+
+def target_key(board: Board, target: dict[str, Any]) -> str:
+    """Directory name of a board type's tuning database: its name plus a hash of the target."""
+    digest = hashlib.sha256(json.dumps(target, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{board.name}-{digest}"
+
+
+def prepare(mod, target):
+    """Legalize and fuse ``mod`` the way MetaSchedule extracts tasks and the compile stage applies
+    the database (relax's zero pipeline)."""
+    from tvm import relax
+
+    with target:
+        return relax.get_pipeline("zero")(mod)
+
+
+def open_database(db_dir: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    db_dir.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(
+        path_workload=str(db_dir / "database_workload.json"),
+        path_tuning_record=str(db_dir / "database_tuning_record.json"),
+        module_equality="structural",
+    )
+
+
+def apply(mod, target, db_dir: Path):
+    """``(mod with the tuned schedules from db_dir applied, {"tuned": n, "untuned": [names]})``;
+    kernels without a record stay as they are."""
+    from tvm import relax, tirx
+
+    if not (db_dir / "database_tuning_record.json").exists():
+        raise PassError(f"tuning database {db_dir} is missing; rerun the tune task")
+    import_cpu_tensor_intrinsics()
+    mod = prepare(mod, target)
+    before = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+    with target, open_database(db_dir):
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+    after = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+    tuned = sorted(n for n in before if n in after and not after[n].same_as(before[n]))
+    return mod, {"tuned": len(tuned), "untuned": sorted(set(before) - set(tuned))}
+
+
+def import_cpu_tensor_intrinsics() -> None:
+    """Register the x86 and arm tensor intrinsics without importing the GPU tables.
+
+    ``import tvm.s_tir.tensor_intrin`` (done by MetaSchedule's TuneContext) imports the CUDA and
+    ROCm tables too, which takes 15-50 s on this machine; CPU targets only use x86 and arm ones.
+    """
+    import importlib
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    import tvm.s_tir as s_tir
+
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [str(Path(s_tir.__file__).parent / "tensor_intrin")]
+    pkg.__package__ = name
+    sys.modules[name] = pkg
+    try:
+        for sub in ("x86", "arm_cpu"):
+            setattr(pkg, sub, importlib.import_module(f"{name}.{sub}"))
+    except Exception:
+        del sys.modules[name]
+        raise
+
+
+# TOPI marks every pooling block with a custom schedule rule (``schedule_rule`` =
+# ``meta_schedule.pool_max`` etc.), which TVM implements for Adreno GPUs only. On a CPU target
+# MetaSchedule's ApplyCustomRule finds no ``s_tir.meta_schedule.cpu.<rule>`` function, logs a
+# C++ warning per pooling kernel and search ("Unknown schedule rule "meta_schedule.pool_max" for
+# target keys ..."; a screenful per deploy, and not Python logging, so no logger can lower it),
+# drops the annotation and lets the generic rules schedule the block. Registering that very
+# fallback for the "cpu" key (every llvm target has it) says so explicitly: the design space and
+# the traces in existing databases stay the same, and any other unknown rule still warns.
+# ApplyCustomRule stays in the rule list: without it the annotated blocks would get no schedule
+# at all (the other rules skip them) and the CPU winograd rules would be lost.
+POOL_RULES = ("meta_schedule.pool_max", "meta_schedule.pool_avg", "meta_schedule.adaptive_pool_max",
+              "meta_schedule.adaptive_pool_avg")
+
+
+def _generic_schedule(sch, block):
+    """A custom rule that defers to the generic rules, as ApplyCustomRule does for an unknown one."""
+    sch.unannotate(block, "schedule_rule")
+    return [sch]
+
+
+def register_cpu_pool_rules() -> None:
+    """Register :data:`POOL_RULES` for CPU targets (where TVM registers none of its own)."""
+    import tvm_ffi
+
+    for rule in POOL_RULES:
+        name = f"s_tir.meta_schedule.cpu.{rule}"
+        if tvm_ffi.get_global_func(name, allow_missing=True) is None:
+            tvm_ffi.register_global_func(name, _generic_schedule)

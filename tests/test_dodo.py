@@ -1,0 +1,65 @@
+"""The task list itself (`doit list`, no torch or TVM): bad pass settings are refused before
+any task runs, naming the manifest and the field; the board choice applies to the app being
+deployed; source dependencies follow what each task runs."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+from tests.conftest import TINY, run_doit, write_project
+
+
+@pytest.fixture
+def env(kiln_env):
+    return dict(os.environ, KILN_PROJECTS=str(kiln_env["projects"]), KILN_BUILD=str(kiln_env["build"]))
+
+
+@pytest.mark.parametrize("step, field, expect", [
+    ({"prune": {"method": "structured", "amount": 0.5, "finetune_epochs": -7}},
+     "compression.passes.1.prune.finetune_epochs", "greater than or equal to 0 (got -7)"),
+    ({"prune": {"method": "structured", "amount": "half"}}, "compression.passes.1.prune.amount", "valid number"),
+    ({"weight_coding": {"bits": 9}}, "compression.passes.1.weight_coding.bits", "less than or equal to 8 (got 9)"),
+    ({"quantize": {"percentile": "high"}}, "compression.passes.1.quantize.percentile", "valid number"),
+    ({"quantise": {}}, "compression.passes.1", "expected one compression pass name mapped to its settings"),
+])
+def test_doit_list_refuses_bad_pass_settings(kiln_env, env, step, field, expect):
+    data = copy.deepcopy(TINY)
+    data["compression"] = {"passes": [{"quantize": {"mode": "int8"}}, step]}
+    manifest = write_project(kiln_env["projects"], data)
+    p = run_doit(env, "list")
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert str(manifest) in p.stderr and f"field '{field}'" in p.stderr and expect in p.stderr, p.stderr
+
+
+def test_board_choice_applies_to_the_app_being_deployed(kiln_env, env):
+    two = copy.deepcopy(TINY)
+    two["targets"] = ["x86-host", "rpi4"]
+    write_project(kiln_env["projects"], two)
+    other = dict(copy.deepcopy(TINY), name="other")  # targets x86-host only
+    write_project(kiln_env["projects"], other)
+    listed = run_doit(env, "list", "--all", "boards=rpi4")
+    assert listed.returncode == 0, listed.stderr
+    assert "hil:tiny@rpi4" in listed.stdout and "hil:tiny@x86-host" not in listed.stdout
+    # the other app does not target rpi4: listing still works, its deploy names its boards
+    refused = run_doit(env, "deploy:other", "boards=rpi4")
+    assert refused.returncode != 0 and "Traceback" not in refused.stdout + refused.stderr
+    assert "rpi4 is not a board of app 'other' (its boards: x86-host)" in refused.stdout + refused.stderr
+    # the environment variable is the default, the command line wins
+    e = dict(env, KILN_BOARDS="x86-host")
+    assert "hil:tiny@rpi4" not in run_doit(e, "list", "--all").stdout
+    assert "hil:tiny@rpi4" in run_doit(e, "list", "--all", "boards=rpi4").stdout
+
+
+def test_source_dependencies_follow_what_each_task_runs(kiln_env, env):
+    data = copy.deepcopy(TINY)
+    data["compression"] = {"passes": [{"prune": {"method": "structured", "amount": 0.5}}]}
+    write_project(kiln_env["projects"], data)
+    p = run_doit(env, "info", "compress:tiny")  # (exits 1: the task is not up to date)
+    assert "file_dep" in p.stdout, p.stdout + p.stderr
+    assert "passes/prune.py" in p.stdout and "passes/quantize.py" not in p.stdout  # only the listed passes
+    p = run_doit(env, "info", "hil:tiny@x86-host")
+    assert "hil/transport/ssh.py" in p.stdout and "hil/protocol.py" in p.stdout and "hil/transport/__init__.py" in p.stdout
+    assert "hil/transport/serial.py" not in p.stdout  # x86-host is an SSH board
