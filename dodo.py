@@ -43,35 +43,57 @@ RUN_ID = new_run_id()  # one per doit invocation: where this run's per-board rec
 # the app being run to those of its instances; checked per app, when its tasks run
 BOARDS_CHOSEN = [b.strip() for b in get_var("boards", os.environ.get("KILN_BOARDS", "")).split(",") if b.strip()]
 
-try:  # a bad manifest, board or inventory: one clear message, no traceback
+try:  # a bad board file or lab inventory stops everything: every app shares them
     BOARDS = {name: load_board(name) for name in board_names()}
     LAB = describe(LAB_FILE)
-    APPS = {app: load_project(app) for app in project_names()}
 except KilnError as e:
     if not any(a.startswith("check_targets") for a in sys.argv[1:]):
         sys.exit(f"kiln: {e}\n(`doit check_targets` lists every problem in the board files, lab and manifests)")
-    BOARDS, LAB, APPS = {}, None, {}  # check_targets reports every problem itself
+    BOARDS, LAB = {}, None  # check_targets reports every problem itself
+
+
+def load_app(app):
+    """(project, (dataset root, is_synthetic), the lab instances it can run on): everything the
+    app's tasks need, checked before any task is made. The data set is located, not read."""
+    p = load_project(app)
+    try:
+        data = implementation(p.dataset).locate(p.dataset, Layout(app))
+    except ManifestError as e:
+        raise ManifestError(f"{project_path(app)}: {e}") from e
+    return p, data, runnable(p, LAB, BOARDS)
+
+
+# a broken manifest (or data set, or a target the lab lacks) takes out only its own app: the
+# others are listed and run; the broken app's deploy task fails with the reason
+APPS, DATA, RUNNABLE, BROKEN = {}, {}, {}, {}
+for _app in project_names() if LAB is not None else ():
+    try:
+        APPS[_app], DATA[_app], RUNNABLE[_app] = load_app(_app)
+    except KilnError as e:
+        BROKEN[_app] = str(e)
+if BROKEN and not any(a.startswith("check_targets") for a in sys.argv[1:]):
+    for _app, _why in BROKEN.items():
+        print(f"kiln: app '{_app}' skipped: {_why}", file=sys.stderr)
 
 
 def dataset(app):
     """(dataset root, is_synthetic) of an app, as its format locates it (no data read)."""
-    p = APPS[app]
-    try:
-        return implementation(p.dataset).locate(p.dataset, Layout(app))
-    except ManifestError as e:
-        sys.exit(f"kiln: {project_path(app)}: {e}")
+    return DATA[app]
 
 
 def instances(app):
     """(the app's lab instances after the board choice, the reason the choice is refused or None)."""
     try:
-        every = runnable(APPS[app], LAB, BOARDS)
-    except ManifestError as e:
-        sys.exit(f"kiln: {e}")
-    try:
-        return choose(APPS[app], every, BOARDS_CHOSEN), None
+        return choose(APPS[app], RUNNABLE[app], BOARDS_CHOSEN), None
     except ManifestError as e:
         return [], str(e)
+
+
+def stale_report(layout):
+    """First action of every task that changes what an app's last report describes: remove it,
+    so that a build that fails or is killed never leaves a report that says passed. (Each run's
+    own report stays under runs/<run id>/.)"""
+    layout.report.unlink(missing_ok=True)
 
 
 class dataset_unchanged:
@@ -139,7 +161,7 @@ def task_synth():
     for app, p in APPS.items():
         root, synthetic = dataset(app)
         if synthetic:
-            yield {"name": app, "doc": f"synthetic data set for {app}", "actions": [(run, ["passes.data:synthesize", p, Layout(app)])],
+            yield {"name": app, "doc": f"synthetic data set for {app}", "actions": [(stale_report, [Layout(app)]), (run, ["passes.data:synthesize", p, Layout(app)])],
                    "file_dep": sources.files("passes.data", module_name(p.dataset)),
                    "targets": [str(root / ".kiln-synthetic.json")],
                    "uptodate": [config_changed(p.dataset.synthetic.model_dump())]}
@@ -150,7 +172,7 @@ def task_data():
     for app, p in APPS.items():
         lay, ds = Layout(app), p.dataset
         _, synthetic = dataset(app)
-        yield {"name": app, "doc": f"load and split {app}'s data set", "actions": [(run, ["passes.data:run", p, lay])],
+        yield {"name": app, "doc": f"load and split {app}'s data set", "actions": [(stale_report, [lay]), (run, ["passes.data:run", p, lay])],
                "task_dep": [f"synth:{app}"] if synthetic else [],
                "file_dep": sources.files("passes.data", module_name(ds)),
                "targets": [str(lay.data / f) for f in ("train.npz", "val.npz", "test.npz", "test_inputs.bin",
@@ -162,7 +184,7 @@ def task_train():
     """Train the app's network with PyTorch; keep the best validation checkpoint."""
     for app, p in APPS.items():
         lay = Layout(app)
-        yield {"name": app, "doc": f"train {app}", "actions": [(run, ["passes.train:run", p, lay])],
+        yield {"name": app, "doc": f"train {app}", "actions": [(stale_report, [lay]), (run, ["passes.train:run", p, lay])],
                "file_dep": [str(lay.data / "train.npz"), str(lay.data / "val.npz"), str(lay.data / "test.npz"),
                             *sources.files("passes.train", module_name(p.architecture))],
                "targets": [str(lay.model_pt), str(lay.metrics)],
@@ -176,7 +198,7 @@ def task_compress():
         lay, comp = Layout(app), p.compression
         # library_bytes compiles every row for LIBRARY_BOARD: its board file is an input too
         board = BOARDS.get(LIBRARY_BOARD) if comp.library_bytes else None
-        yield {"name": app, "doc": f"compress {app}", "actions": [(run, ["passes.compress:run", p, lay, board])],
+        yield {"name": app, "doc": f"compress {app}", "actions": [(stale_report, [lay]), (run, ["passes.compress:run", p, lay, board])],
                "file_dep": [str(lay.model_pt), str(lay.data / "train.npz"), str(lay.data / "val.npz"),
                             *sources.files("passes.compress", module_name(p.architecture),
                                            *(module_name(s) for s in comp.passes))],
@@ -189,7 +211,7 @@ def task_export():
     """Export the compressed model to ONNX and check its outputs against torch."""
     for app, p in APPS.items():
         lay = Layout(app)
-        yield {"name": app, "doc": f"export {app} to ONNX", "actions": [(run, ["passes.export_onnx:run", p, lay])],
+        yield {"name": app, "doc": f"export {app} to ONNX", "actions": [(stale_report, [lay]), (run, ["passes.export_onnx:run", p, lay])],
                "file_dep": [str(lay.compressed_pt), str(lay.data / "val.npz"),
                             *sources.files("passes.export_onnx", module_name(p.architecture))],
                "targets": [str(lay.onnx), str(lay.export_json)]}
@@ -202,7 +224,7 @@ def task_tune():
         for t in p.targets:
             board = BOARDS[t]
             yield {"name": f"{app}@{t}", "doc": f"tune {app}'s kernels for board type {t}",
-                   "actions": [(run, ["passes.tune:run", p, board, lay])],
+                   "actions": [(stale_report, [lay]), (run, ["passes.tune:run", p, board, lay])],
                    "file_dep": [str(lay.onnx), str(lay.export_json), *sources.files("passes.tune")],
                    "targets": [str(lay.tune_json(t))],
                    "uptodate": [config_changed({"board": board.model_dump(), "trials": trial_budget(p, board)})]}
@@ -214,7 +236,7 @@ def task_compile():
         lay = Layout(app)
         for t in p.targets:
             yield {"name": f"{app}@{t}", "doc": f"kernel library of {app} for board type {t}",
-                   "actions": [(run, ["passes.compile_tvm:run", p, BOARDS[t], lay])],
+                   "actions": [(stale_report, [lay]), (run, ["passes.compile_tvm:run", p, BOARDS[t], lay])],
                    "file_dep": [str(lay.onnx), str(lay.export_json), str(lay.tune_json(t)),
                                 *sources.files("passes.compile_tvm")],
                    "targets": [str(lay.library(t)), str(lay.compile_json(t))],
@@ -228,7 +250,7 @@ def task_hil():
         for inst in instances(app)[0]:
             board = BOARDS[inst.type]
             yield {"name": f"{app}@{inst.name}", "doc": f"run {app} on lab board {inst.name} ({inst.type})",
-                   "actions": [(run, ["hil.deploy:run", p, board, inst, lay, LAB_FILE, RUN_ID])],
+                   "actions": [(stale_report, [lay]), (run, ["hil.deploy:run", p, board, inst, lay, LAB_FILE, RUN_ID])],
                    "file_dep": [str(lay.library(board.name)), str(lay.data / "test_inputs.bin"),
                                 str(runner_dir(board.arch) / "kiln-runner"),
                                 *sources.files("hil.deploy", module_name(inst.transport), module_name(LAB))],
@@ -241,6 +263,8 @@ def task_hil():
 
 def task_deploy():
     """Build everything an app needs, run it on every lab board it targets, validate, report."""
+    for app, why in BROKEN.items():
+        yield {"name": app, "doc": f"deploy {app} (cannot: see below)", "actions": [(fail, [why])], "uptodate": [False]}
     for app, p in APPS.items():
         lay = Layout(app)
         chosen, refused = instances(app)
@@ -250,7 +274,7 @@ def task_deploy():
         names = [i.name for i in chosen]
         built_only = compile_only(p, BOARDS)
         yield {"name": app, "doc": f"deploy {app} to {', '.join(names)}, validate, report",
-               "actions": [(run, ["hil.validate:run", p, lay, names, built_only, LAB.name, RUN_ID])],
+               "actions": [(stale_report, [lay]), (run, ["hil.validate:run", p, lay, names, built_only, LAB.name, RUN_ID])],
                "task_dep": ["schema"],
                "file_dep": [*(str(lay.last_run(n)) for n in names), str(lay.data / "test_labels.json"),
                             *(str(lay.compile_json(t)) for t in built_only),

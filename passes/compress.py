@@ -115,7 +115,7 @@ def _row(name: str, settings: dict, model, ckpt: dict, xva, yva, seconds: float)
     stored = stored_weight_bytes(model, ckpt)
     coded = coded_bytes(model, ckpt)
     return {"pass": name, "settings": settings, "params": cx.params, "macs": cx.macs,
-            "widths": list(ckpt["architecture"]["widths"]), "sparsity": round(sparsity(model), 6),
+            "widths": list(ckpt["architecture"].get("widths", [])), "sparsity": round(sparsity(model), 6),
             "weight_bytes": stored, "coded_bytes": coded, "size_bytes": coded if coded is not None else stored,
             "val_accuracy": acc, "seconds": round(seconds, 2)}
 

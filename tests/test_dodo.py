@@ -29,9 +29,11 @@ def test_doit_list_refuses_bad_pass_settings(kiln_env, env, step, field, expect)
     data = copy.deepcopy(TINY)
     data["compression"] = {"passes": [{"quantize": {"mode": "int8"}}, step]}
     manifest = write_project(kiln_env["projects"], data)
-    p = run_doit(env, "list")
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    p = run_doit(env, "list")  # the app is skipped with the reason (other apps would still be listed)
+    assert "app 'tiny' skipped" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert str(manifest) in p.stderr and f"field '{field}'" in p.stderr and expect in p.stderr, p.stderr
+    p = run_doit(env, "deploy:tiny")  # and nothing of it runs
+    assert p.returncode != 0 and f"field '{field}'" in p.stdout + p.stderr and ".  train:tiny" not in p.stdout
 
 
 def test_board_choice_applies_to_the_app_being_deployed(kiln_env, env):
@@ -63,3 +65,41 @@ def test_source_dependencies_follow_what_each_task_runs(kiln_env, env):
     p = run_doit(env, "info", "hil:tiny@x86-host")
     assert "hil/transport/ssh.py" in p.stdout and "hil/protocol.py" in p.stdout and "hil/transport/__init__.py" in p.stdout
     assert "hil/transport/serial.py" not in p.stdout  # x86-host is an SSH board
+
+
+def test_a_broken_app_stops_only_itself(kiln_env, env):
+    write_project(kiln_env["projects"], copy.deepcopy(TINY))
+    broken = dict(copy.deepcopy(TINY), name="broken")
+    path = write_project(kiln_env["projects"], broken)
+    (kiln_env["projects"] / "broken").rename(kiln_env["projects"] / "renamed")  # folder differs from name:
+    listed = run_doit(env, "list", "--all")
+    assert listed.returncode == 0, listed.stderr
+    assert "deploy:tiny" in listed.stdout and "train:tiny" in listed.stdout
+    assert "app 'renamed' skipped" in listed.stderr and "field 'name' is 'broken', expected 'renamed'" in listed.stderr
+    p = run_doit(env, "deploy:renamed")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "expected 'renamed'" in out and "Traceback" not in out
+    assert str(path.parent.parent / "renamed" / "project.yaml") in out
+
+
+@pytest.mark.parametrize("dataset", [{"format": "digits", "path": "EMPTY"},
+                                     {"format": "gtsrb", "path": "EMPTY", "synthetic": None}])
+def test_a_dataset_path_with_no_data_names_the_manifest_and_field(kiln_env, env, dataset):
+    empty = kiln_env["root"] / "empty"
+    empty.mkdir()
+    data = copy.deepcopy(TINY)
+    data["dataset"] = dict(dataset, path=str(empty))
+    manifest = write_project(kiln_env["projects"], data)
+    for cmd in (["list"], ["deploy:tiny"]):
+        p = run_doit(env, *cmd)
+        out = p.stdout + p.stderr
+        assert "Traceback" not in out and str(manifest) in out and "field 'dataset.path'" in out, out
+        assert str(empty) in out
+    assert run_doit(env, "deploy:tiny").returncode != 0
+
+
+def test_build_dir_that_is_a_file_is_one_clear_message(kiln_env, env):
+    f = kiln_env["root"] / "not-a-dir"
+    f.write_text("x")
+    p = run_doit(dict(env, KILN_BUILD=str(f)), "list")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and f"KILN_BUILD={f}" in p.stderr, p.stderr

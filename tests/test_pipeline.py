@@ -163,12 +163,33 @@ def test_doit_list_imports_neither_torch_nor_tvm(env):
     assert "deploy" in p.stdout and "HEAVY []" in p.stdout, p.stdout + p.stderr
 
 
-def test_bad_manifest_is_one_clear_message(env):
+def test_bad_manifest_is_one_clear_message_and_stops_only_its_app(env):
     good = env["manifest"].read_text()
     edit(env["manifest"], lambda d: d["training"].update(batch="big"))
     try:
         p = run_doit(env["env"], "list")
-        assert p.returncode != 0
-        assert "project.yaml" in p.stderr and "field 'training.batch'" in p.stderr and "Traceback" not in p.stderr
+        assert p.returncode == 0, p.stderr  # the other apps are listed (here: none besides tiny)
+        assert "app 'tiny' skipped" in p.stderr and "project.yaml" in p.stderr
+        assert "field 'training.batch'" in p.stderr and "Traceback" not in p.stderr
+        p = run_doit(env["env"], "deploy:tiny")
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and "field 'training.batch'" in out and "Traceback" not in out
+    finally:
+        env["manifest"].write_text(good)
+
+
+def test_failed_build_leaves_no_report_that_says_passed(env):
+    """A deploy that fails before validation (here: a compression budget missed) removes the
+    last report: a user never reads 'passed' about a build that did not finish."""
+    assert run_doit(env["env"], "deploy:tiny").returncode == 0
+    assert json.loads((env["build"] / "report.json").read_text())["passed"]
+    good = env["manifest"].read_text()
+    edit(env["manifest"], lambda d: d["compression"].update(min_weight_ratio=1000))
+    try:
+        p = run_doit(env["env"], "deploy:tiny")
+        assert p.returncode != 0 and "compression.min_weight_ratio" in p.stdout + p.stderr
+        assert not (env["build"] / "report.json").exists()
+        runs = sorted((env["build"] / "runs").glob("*/report.json"))
+        assert runs and json.loads(runs[-1].read_text())["passed"]  # history is kept
     finally:
         env["manifest"].write_text(good)
