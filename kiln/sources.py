@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 from kiln.artifacts import ROOT
@@ -19,6 +20,7 @@ from kiln.artifacts import ROOT
 PACKAGES = ("kiln", "passes", "hil")
 
 
+@functools.lru_cache(maxsize=None)
 def module_file(name: str) -> Path | None:
     """The file of a module of Kiln's own packages (package -> its __init__.py), or None."""
     if name.split(".")[0] not in PACKAGES:
@@ -30,20 +32,33 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+_IMPORT = re.compile(r"^[ \t]*import[ \t]+([\w., \t]+)", re.M)
+_FROM = re.compile(r"^[ \t]*from[ \t]+([\w.]+)[ \t]+import[ \t]+(\([^)]*\)|[^\n]*)", re.M)
+_DATA = re.compile(r"^DATA_FILES[ \t]*=[ \t]*(\([^)]*\))", re.M)
+
+
 @functools.lru_cache(maxsize=None)
 def _scan(path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(modules imported anywhere in the file, its DATA_FILES)."""
-    tree = ast.parse(path.read_text(), str(path))
-    mods, data = [], []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            mods += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            mods.append(node.module)
-            mods += [f"{node.module}.{a.name}" for a in node.names]  # `from pkg import module`
-        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "DATA_FILES" for t in node.targets):
-            data += list(ast.literal_eval(node.value))
+    """(modules imported anywhere in the file, its DATA_FILES). A line scan, not a parse: doit
+    calls this for every task when it lists them, and a parse of every module costs ~0.1 s. An
+    import-like line inside a docstring only adds a dependency, which is harmless."""
+    text = path.read_text()
+    mods = []
+    for m in _IMPORT.finditer(text):
+        mods += [part.split()[0] for part in m.group(1).split(",") if part.strip()]
+    for m in _FROM.finditer(text):
+        if m.group(1).startswith("."):
+            continue
+        mods.append(m.group(1))
+        names = m.group(2).split("#")[0].strip("() \n")
+        mods += [f"{m.group(1)}.{n.split()[0]}" for n in names.replace("\n", ",").split(",") if n.strip()]
+    data = [x for m in _DATA.finditer(text) for x in ast.literal_eval(m.group(1))]
     return tuple(mods), tuple(data)
+
+
+@functools.lru_cache(maxsize=None)
+def _imports(name: str) -> tuple[str, ...]:
+    return tuple(imports(name))
 
 
 def imports(name: str) -> list[str]:
@@ -71,7 +86,7 @@ def closure(*names: str) -> list[str]:
         if n in seen:
             continue
         seen.append(n)
-        todo += [m for m in imports(n) if m not in seen]
+        todo += [m for m in _imports(n) if m not in seen]
         parts = n.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) not in seen]
     return sorted(seen)
