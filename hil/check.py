@@ -3,13 +3,17 @@ problem at once (the loaders stop at the first)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
 from hil import emulation
 from hil.lab import describe
-from kiln.config import board_names, load_board, load_project, project_names, targets_dir
+from kiln.artifacts import Layout
+from kiln.config import board_names, load_board, load_project, project_names, project_path, targets_dir
+from kiln.registry import implementation
 from kiln.errors import ManifestError
 
 
@@ -24,12 +28,17 @@ def check_all(lab_path: Path) -> tuple[list[str], list[str]]:
             problems.append(str(e))
             continue
         problems += emulation.check(b, targets_dir() / f"{name}.yaml")
+        if shutil.which(b.cc) is None:
+            problems.append(f"{targets_dir() / (name + '.yaml')}: field 'cc': compiler '{b.cc}' of board type '{name}' "
+                            "is not on PATH (the compile stage links its kernel library with it)")
         how = "compile-only" if b.runtime == "compile-only" else (f"emulated ({b.emulation.binary})" if b.emulation else "native")
         ok.append(f"board type {name}: {b.arch}, {how}")
     try:
         lab = describe(lab_path)
         for b in lab.boards:
             ok.append(f"lab '{lab.name}' ({lab.backend}) instance {b.name}: type {b.type}, {b.link}")
+        if not type(lab).provides_transports:  # a backend that starts its boards fills these in
+            problems += check_transports(lab, Path(lab_path))
         for name, b in boards.items():
             if b.runtime != "compile-only" and name not in {i.type for i in lab.boards}:
                 problems.append(f"board type '{name}' ({targets_dir() / (name + '.yaml')}) has no instance in lab "
@@ -38,11 +47,65 @@ def check_all(lab_path: Path) -> tuple[list[str], list[str]]:
         problems.append(str(e))
     for app in project_names():
         try:
-            load_project(app)
-            ok.append(f"project {app}: ok")
+            p = load_project(app)
         except ManifestError as e:
             problems.append(str(e))
+            continue
+        try:  # where its data set is (not read): an empty or wrong dataset.path is found here
+            implementation(p.dataset).locate(p.dataset, Layout(app))
+            ok.append(f"project {app}: ok")
+        except ManifestError as e:
+            problems.append(f"{project_path(app)}: {e}")
     return ok, problems
+
+
+def _readable(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file, or None."""
+    if not path.exists():
+        return "does not exist"
+    if not path.is_file():
+        return "is not a file"
+    if not os.access(path, os.R_OK):
+        return "is not readable by this user"
+    return None
+
+
+def check_transports(lab, lab_path: Path) -> list[str]:
+    """Problems with a static inventory's connection files, resolved as the transports resolve
+    them (relative to the inventory's directory): every SSH key (a readable private key without
+    a passphrase) and known_hosts file, every serial port."""
+    import paramiko
+
+    problems, base = [], lab_path.parent
+    for i, b in enumerate(lab.boards):
+        t, at = b.transport, f"{lab_path}: field 'boards.{i}.transport"
+        if t.kind == "ssh":
+            key = (base / t.key).resolve()
+            why = _readable(key)
+            if why is None:
+                try:
+                    paramiko.PKey.from_path(key)
+                except Exception as e:  # paramiko and cryptography raise many types for a bad file
+                    encrypted = isinstance(e, paramiko.PasswordRequiredException) or (
+                        isinstance(e, TypeError) and "password" in str(e).lower())
+                    why = ("is encrypted (Kiln gives no passphrase and uses no agent)" if encrypted
+                           else f"is not a private key paramiko can read ({e})")
+            if why:
+                problems.append(f"{at}.key': board '{b.name}': SSH key {key} {why}")
+            kh = (base / t.known_hosts).resolve()
+            why = _readable(kh)
+            # the transport reads known_hosts only if it exists: first contact may go without it
+            if why and not (why == "does not exist" and t.accept_unknown_host_key):
+                problems.append(f"{at}.known_hosts': board '{b.name}': known_hosts file {kh} {why} "
+                                "(the board's host key must be in it)")
+        elif t.kind == "serial":
+            port = Path(t.port if t.port.startswith("/") else (base / t.port).resolve())
+            if not port.exists():
+                problems.append(f"{at}.port': board '{b.name}': serial port {port} does not exist")
+            elif not os.access(port, os.R_OK | os.W_OK):
+                problems.append(f"{at}.port': board '{b.name}': serial port {port} is not readable and writable "
+                                "by this user (e.g. not in group dialout)")
+    return problems
 
 
 def check_targets(lab_path: Path):

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticError
 
 from kiln.artifacts import ROOT
-from kiln.errors import ManifestError
+from kiln.errors import KilnError, ManifestError
 from kiln.schema import Board, Inventory, Lab, Project
 
 
@@ -108,6 +108,16 @@ def load_board(name: str) -> Board:
     board = load_model(path, Board)
     if board.name != name:
         raise ManifestError(f"{path}: field 'name' is '{board.name}', expected '{name}' (the file name)")
+    # an mcpu or mattr LLVM does not know would compile for a generic CPU with one buried LLVM
+    # line: refuse it here (LLVM's lists are cached per TVM version and triple, see kiln/llvm.py)
+    from kiln import llvm
+
+    try:
+        problems = llvm.check_target(board.tvm_target)
+    except KilnError as e:
+        raise ManifestError(f"{path}: field 'tvm_target': cannot be checked against LLVM: {e}") from e
+    if problems:
+        raise ManifestError("\n".join(f"{path}: field '{where}': {what}" for where, what in problems))
     return board
 
 

@@ -105,3 +105,59 @@ def test_check_targets_names_file_and_field(lab):
     # every other task refuses to start, and points at check_targets
     listed = run_doit(lab["env"], "list")
     assert listed.returncode != 0 and "check_targets" in listed.stderr and "Traceback" not in listed.stderr
+
+
+def test_check_targets_checks_compilers_llvm_targets_keys_and_ports(lab):
+    """A missing compiler, a CPU LLVM does not know, and a static inventory's unusable SSH key,
+    known_hosts or serial port are each named with file, field and board, before any deploy."""
+    import paramiko
+
+    for name, field, value in (("x86-avx2", "cc", "no-such-g++"), ("rpi4", "tvm_target", None)):
+        t = yaml.safe_load((lab["targets"] / f"{name}.yaml").read_text())
+        if value is None:
+            t["tvm_target"]["mcpu"] = "cortex-a7z"
+        else:
+            t[field] = value
+        (lab["targets"] / f"{name}.yaml").write_text(yaml.safe_dump(t))
+    # a static inventory in its own dir, keys given relative to it (doit runs from elsewhere)
+    labdir = lab["tmp"] / "mylab"
+    (labdir / "keys").mkdir(parents=True)
+    good = paramiko.RSAKey.generate(1024)
+    good.write_private_key_file(str(labdir / "keys" / "good"))
+    good.write_private_key_file(str(labdir / "keys" / "locked"), password="secret")
+    (labdir / "keys" / "junk").write_text("not a key\n")
+    (labdir / "keys" / "known_hosts").write_text(f"[127.0.0.1]:2222 {good.get_name()} {good.get_base64()}\n")
+    (labdir / "ttyFAKE0").write_text("")  # stands in for a serial device: it exists
+
+    def ssh(name, key, known_hosts="keys/known_hosts"):
+        return {"name": name, "type": "x86-host",
+                "transport": {"kind": "ssh", "host": "127.0.0.1", "user": "kiln", "key": key, "known_hosts": known_hosts}}
+
+    inv = labdir / "lab.yaml"
+    inv.write_text(yaml.safe_dump({"name": "bench", "boards": [
+        ssh("ok-ssh", "keys/good"),
+        ssh("nokey", "keys/missing", known_hosts="keys/nowhere"),
+        ssh("junkkey", "keys/junk", known_hosts="keys"),
+        ssh("locked", "keys/locked"),
+        {"name": "ok-uart", "type": "x86-host", "transport": {"kind": "serial", "port": "ttyFAKE0"}},
+        {"name": "uart", "type": "x86-host", "transport": {"kind": "serial", "port": "/dev/ttyKILN-NONE"}},
+    ]}))
+    p = run_doit(dict(lab["env"], KILN_LAB=str(inv)), "check_targets")
+    out = p.stdout + p.stderr
+    problems = [ln for ln in p.stdout.splitlines() if ln.startswith("PROBLEM")]
+    assert p.returncode != 0 and "Traceback" not in out, out
+    assert f"{lab['targets'] / 'x86-avx2.yaml'}: field 'cc': compiler 'no-such-g++'" in out
+    assert f"{lab['targets'] / 'rpi4.yaml'}: field 'tvm_target.mcpu'" in out and "'cortex-a7z'" in out
+    at = f"{inv}: field 'boards."
+    assert f"{at}1.transport.key': board 'nokey': SSH key {labdir / 'keys' / 'missing'} does not exist" in out
+    assert f"{at}1.transport.known_hosts': board 'nokey': known_hosts file {labdir / 'keys' / 'nowhere'} does not exist" in out
+    assert f"{at}2.transport.key': board 'junkkey'" in out and "is not a private key" in out
+    assert f"{at}2.transport.known_hosts': board 'junkkey'" in out and "is not a file" in out
+    assert f"{at}3.transport.key': board 'locked'" in out and "is encrypted" in out
+    assert f"{at}5.transport.port': board 'uart': serial port /dev/ttyKILN-NONE does not exist" in out
+    assert not any("'ok-ssh'" in ln or "'ok-uart'" in ln or "boards.3.transport.known_hosts" in ln for ln in problems)
+    # the emulated lab fills its transports in when it starts: nothing to check there yet
+    env = {k: v for k, v in lab["env"].items() if k != "KILN_LAB"}
+    ok = run_doit(env, "check_targets")
+    assert "Traceback" not in ok.stdout + ok.stderr and "board type x86-host" in ok.stdout, ok.stdout + ok.stderr
+    assert not any(".transport." in ln for ln in ok.stdout.splitlines()), ok.stdout

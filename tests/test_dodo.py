@@ -96,6 +96,8 @@ def test_a_dataset_path_with_no_data_names_the_manifest_and_field(kiln_env, env,
         assert "Traceback" not in out and str(manifest) in out and "field 'dataset.path'" in out, out
         assert str(empty) in out
     assert run_doit(env, "deploy:tiny").returncode != 0
+    p = run_doit(env, "check_targets")  # listed with every other problem
+    assert p.returncode != 0 and f"PROBLEM  {manifest}: field 'dataset.path'" in p.stdout, p.stdout
 
 
 def test_build_dir_that_is_a_file_is_one_clear_message(kiln_env, env):

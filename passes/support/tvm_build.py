@@ -92,11 +92,19 @@ def compile_onnx(board: Board, onnx_path: Path, input_shape: list[int], out_so: 
 
     if shutil.which(board.cc) is None:
         raise PassError(f"compile for board '{board.name}': compiler '{board.cc}' (field 'cc' of its board file) not found on PATH")
-    target_dict = resolve_target(board)
+    target_dict = resolve_target(board)  # what TVM is given, and what compile.json records
     try:
         target = tvm.target.Target(target_dict)
     except Exception as e:  # TVM raises its own error types for a bad target dict
         raise PassError(f"compile for board '{board.name}': invalid tvm_target {target_dict}: {e}") from e
+    # LLVM compiles for its generic CPU when it does not know mcpu: the record would then name
+    # a CPU that was not used (board files are checked when they load; a Board made in code is not)
+    for t in (target_dict, target_dict.get("host")):
+        if isinstance(t, dict) and t.get("kind") == "llvm" and t.get("mcpu"):
+            triple = t.get("mtriple") or tvm.target.codegen.llvm_get_system_triple()
+            if not tvm.target.codegen.llvm_is_valid_cpu(t["mcpu"], triple):
+                raise PassError(f"compile for board '{board.name}': LLVM knows no CPU '{t['mcpu']}' for triple "
+                                f"'{triple}' (tvm_target {target_dict}); it would compile for a generic CPU")
 
     t0 = time.perf_counter()
     mod = import_onnx(onnx_path, input_shape)
