@@ -132,7 +132,7 @@ def task_lab_up():
     """Start the emulated lab (sshd and serial boards); deploys start it on demand anyway."""
     from hil.emulator import lab as emulated_lab
 
-    return {"actions": [(run, ["hil.emulator.lab:up"])], "uptodate": [emulated_lab.is_up], "verbosity": 2}
+    return {"actions": [(run, ["hil.emulator.lab:up"])], "uptodate": [emulated_lab.held_by_hand], "verbosity": 2}
 
 
 def task_lab_down():

@@ -1,12 +1,19 @@
 """Deploy: upload the runner bundle, kernel library and inputs to a per-run directory on a
 board, verify their sha256 on the board, run the runner with a timeout, fetch its JSON, clean
-up. Uses only hil.protocol interfaces, so it works over any transport."""
+up. Uses only hil.protocol interfaces, so it works over any transport.
+
+A run directory is ``runs/<host>-<pid>-<time>-<n>``: a run that is killed (kill -9, a crash)
+cannot remove it, so each deploy, once connected, removes the run dirs of this host whose
+process is gone (never a live run's, never another host's)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import re
+import socket
 import time
 from pathlib import Path
 
@@ -46,6 +53,59 @@ def _step(name: str, timings: dict, fn, *args):
 
 
 CACHE = "cache"  # on the board: artifacts by sha256, so an unchanged file is never sent twice
+RUNS = "runs"    # on the board: one directory per deploy, runs/<host>-<pid>-<time>-<n>
+_seq = itertools.count()  # several deploys from one process (apps, threads) never share a name
+
+
+def host_id() -> str:
+    """This host as it appears in run directory names (the hostname, filename-safe)."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname()) or "host"
+
+
+def run_dir_name(pid: int | None = None) -> str:
+    """``runs/<host>-<pid>-<time>-<n>``: the name says which host and process own the run, so a
+    later deploy can tell a run whose process died (kill -9, a crash, a power cut) from a live one."""
+    return (f"{RUNS}/{host_id()}-{os.getpid() if pid is None else pid}-"
+            f"{time.strftime('%Y%m%d-%H%M%S')}-{next(_seq)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def stale_run_dirs(names: list[str]) -> list[str]:
+    """Of the names under runs/ on a board, those left by a run of *this* host whose process is
+    no longer alive. Another host's runs, live runs and names in any other form are kept."""
+    mine = re.compile(rf"^{re.escape(host_id())}-(\d+)-\d{{8}}-\d{{6}}-\d+$")
+    out = []
+    for n in names:
+        m = mine.match(n)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            out.append(n)
+    return out
+
+
+def _remove_stale_runs(t: Board, log) -> None:
+    """Remove what killed runs of this host left under runs/ (best effort: never fails a deploy)."""
+    try:
+        r = t.run(["ls", "-1", "-A", RUNS], timeout=30)
+        if r.returncode != 0:
+            return  # no runs/ yet
+        stale = stale_run_dirs(r.stdout.split())
+        if stale:
+            log.info("removing %d run dir(s) left on the board by dead runs of this host: %s",
+                     len(stale), ", ".join(stale))
+            r = t.run(["rm", "-rf", "--", *[f"{RUNS}/{n}" for n in stale]], timeout=120)
+            if r.returncode != 0:
+                log.warning("removing stale run dirs failed: %s", r.stderr.strip()[:300])
+    except KilnError as e:
+        log.warning("looking for stale run dirs failed: %s", e)
 
 
 def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], timeout: float,
@@ -55,9 +115,10 @@ def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], tim
     per-step timings and upload figures; raises DeployError naming the failed step."""
     log = logging.getLogger(f"kiln.board.{board}")
     timings: dict[str, float] = {}
-    run_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir = run_dir_name()
     _step("connect", timings, transport.open)
     try:
+        _remove_stale_runs(transport, log)
         sent = _step("upload", timings, _upload, transport, files, run_dir, log)
         _step("verify", timings, _verify, transport, files, run_dir)
         out = _step("run", timings, _run, transport, runner_argv, run_dir, timeout)
@@ -143,20 +204,22 @@ def _run(t: Board, argv: list[str], run_dir: str, timeout: float) -> dict:
 
 # -- the hil stage: one app on one lab board ---------------------------------------------------
 
-def _inputs_for(layout, samples: int | None, dest: Path) -> tuple[Path, list[int]]:
-    """The runner's input file, cut to ``samples`` when set, and the shape of one sample."""
+def _inputs_for(layout, samples: int | None, dest: Path) -> tuple[Path, list[int], int]:
+    """The runner's input file, cut to ``samples`` when set (never beyond the test set), the
+    shape of one sample and how many samples it holds."""
     from kiln.artifacts import read_json
 
     full = layout.data / "test_inputs.bin"
     shape = read_json(layout.data / "data.json")["test_inputs"]["shape"][1:]
-    if samples is None:
-        return full, shape
     size = 4
     for s in shape:
         size *= s
+    available = full.stat().st_size // size
+    if samples is None or samples >= available:
+        return full, shape, available
     with open(full, "rb") as f:
         dest.write_bytes(f.read(samples * size))
-    return dest, shape
+    return dest, shape, samples
 
 
 def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
@@ -181,12 +244,16 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
             rdir = runner_dir(board.arch)
             files = {n: rdir / n for n in ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")}
             files["model.so"] = layout.library(board.name)
-            samples = project.validation.samples
+            samples = requested = project.validation.samples
             cap = board.emulation.max_samples if instance.emulated and board.emulation else None
             if cap and (samples is None or samples > cap):
                 blog.info("emulated board: validating on the first %d test samples (emulation.max_samples)", cap)
                 samples = cap
-            files["inputs.bin"], shape = _inputs_for(layout, samples, Path(tmp) / "inputs.bin")
+            files["inputs.bin"], shape, sent = _inputs_for(layout, samples, Path(tmp) / "inputs.bin")
+            record.update(samples_requested=requested, samples_sent=sent)
+            if samples is not None and samples > sent:  # the test set, not emulation.max_samples, is the limit
+                blog.warning("app '%s': validation.samples is %d but its test set has only %d samples: "
+                             "sending %d", project.name, requested, sent, sent)
             argv = [*(launcher(board) if instance.emulated else []), "./kiln-runner", "--model", "model.so",
                     "--input", "inputs.bin", "--shape", ",".join(map(str, shape)),
                     "--warmup", str(project.validation.warmup), "--threads", str(board.cores)]

@@ -8,7 +8,19 @@ each board's address, port, keys and known_hosts filled in. ``down()`` stops wha
 started. Both are idempotent and safe to call from several processes (a file lock guards
 them). ``open_lab``/``close_lab`` are the lab-backend interface (hil/lab).
 
-    python -m hil.emulator.lab up|down|status
+Holders. One emulated lab per build directory serves every process that deploys from it, so
+the lab is reference-counted: each process that opens it registers a hold,
+``<build>/lab/holders/<pid>.json`` (its pid and the process's start time, so that a reused pid
+is not mistaken for it), and ``close_lab`` removes its own hold and stops the lab only when no
+live holder remains. A user expects two deploys started together in one checkout to just work;
+refusing the second, or making it wait for the first, would serialise whole deploys (training
+and compiling included) for the sake of a few sshds. A lab started by hand (``doit lab_up``,
+``python -m hil.emulator.lab up``) holds ``holders/by-hand`` until ``down()``. A holder whose
+process is gone (killed with -9, say) does not count: the next deploy adopts its lab and stops
+it when it ends, so a killed deploy never leaves the lab running for good. A lab left by a
+Kiln from before holders (its state has no ``holders`` mark) is treated as started by hand.
+
+    python -m hil.emulator.lab up [LAB.yaml]|down|status
 """
 
 from __future__ import annotations
@@ -19,9 +31,11 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
+import psutil
 import yaml
 
 from kiln.artifacts import ROOT, build_root, write_bytes, write_json
@@ -31,7 +45,7 @@ from kiln.schema import EmulatedLab, Inventory
 
 log = logging.getLogger("kiln.lab")
 SPEC = ROOT / "hil" / "emulator" / "lab.yaml"
-_started_here = False  # did this process start the lab? (then it stops it when done)
+BY_HAND = "by-hand"  # the hold of a lab started by hand (lasts until down())
 
 
 def state_dir() -> Path:
@@ -76,45 +90,132 @@ def _alive(pid: int) -> bool:
 
 
 def is_up() -> bool:
+    """The lab's boards are running (whoever holds it)."""
     st = _read_state()
-    return bool(st) and inventory_path().exists() and all(_alive(p) for b in st["boards"].values() for p in b["pids"])
+    return (bool(st) and st.get("complete", True) and inventory_path().exists()
+            and all(_alive(p) for b in st["boards"].values() for p in b["pids"]))
+
+
+def held_by_hand() -> bool:
+    """The lab is up and was started by hand (`doit lab_up`): deploys leave it running."""
+    return is_up() and (_holders_dir() / BY_HAND).exists()
+
+
+# -- holders (see the module docstring) ---------------------------------------------------
+
+def _holders_dir() -> Path:
+    return state_dir() / "holders"
+
+
+def _started(pid: int) -> float | None:
+    """The start time of process ``pid``; None when there is no such process (or only its
+    zombie: dead, not yet reaped)."""
+    try:
+        p = psutil.Process(pid)
+        return None if p.status() == psutil.STATUS_ZOMBIE else p.create_time()
+    except psutil.Error:
+        return None
+
+
+def _hold(by_hand: bool) -> None:
+    """Register this process (or the user, by hand) as a holder. Under the lock."""
+    d = _holders_dir()
+    if by_hand:
+        write_json(d / BY_HAND, {"host": socket.gethostname(), "by_pid": os.getpid()})
+    else:
+        pid = os.getpid()
+        write_json(d / f"{pid}.json", {"pid": pid, "started": _started(pid), "host": socket.gethostname()})
+
+
+def live_holders() -> list[int]:
+    """The pids of the processes that hold the lab now; holds of dead processes are dropped
+    (their file removed). Under the lock."""
+    live = []
+    for f in sorted(_holders_dir().glob("*.json")):
+        try:
+            h = json.loads(f.read_text())
+            pid, started = int(h["pid"]), h.get("started")
+        except (OSError, ValueError, KeyError, TypeError):
+            f.unlink(missing_ok=True)
+            continue
+        now = _started(pid)
+        if now is not None and (started is None or abs(now - started) < 1.0):
+            live.append(pid)
+        else:
+            log.info("lab: holder pid %d is gone (killed?); its hold on the lab is dropped", pid)
+            f.unlink(missing_ok=True)
+    return live
+
+
+def _clear_holders() -> None:
+    d = _holders_dir()
+    if d.is_dir():
+        for f in d.iterdir():
+            f.unlink(missing_ok=True)
 
 
 def up(spec_path: Path = SPEC) -> Path:
-    """Start every board of the emulated lab (unless already up); return the inventory path."""
-    global _started_here
-    from hil.emulator import serial_board, sshd
+    """Start the emulated lab by hand (unless it is up) and hold it until ``down()``; the
+    inventory path. Deploys that end meanwhile leave it running."""
+    return _acquire(Path(spec_path), by_hand=True)
 
+
+def _acquire(spec_path: Path, by_hand: bool) -> Path:
+    """Start the lab unless it is up, and register a hold (this process's, or by hand)."""
     spec = load_spec(spec_path)
     with _locked():
-        if is_up():
-            return inventory_path()
-        _stop(_read_state())  # leftovers of a lab that died
-        handles, boards = {}, []
-        try:
-            for b in spec.boards:
-                entry = b.model_dump(exclude_unset=True)
-                given = b.transport.model_dump(exclude_unset=True)  # the lab file's own settings win
-                if b.link == "ssh":
-                    h = sshd.start_sshd(b.name, state_dir())
-                    handles[b.name] = {"link": "ssh", "handle": _plain(h), "pids": [h.pid]}
-                    entry["transport"] = h.transport_spec(**given)
-                elif b.link == "serial":
-                    h = serial_board.start_serial_board(b.name, state_dir())
-                    handles[b.name] = {"link": "serial", "handle": _plain(h), "pids": list(h.pids)}
-                    entry["transport"] = h.transport_spec(**given)
-                else:
-                    entry["transport"] = given or {"kind": "local"}
-                boards.append(entry)
-                log.info("lab: board %s (%s) up over %s", b.name, b.type, b.link)
-        except KilnError:
-            _stop({"boards": handles})
-            raise
-        inv = Inventory.model_validate({"name": spec.name, "boards": boards})
-        write_json(state_dir() / "state.json", {"spec": str(spec_path), "boards": handles})
-        write_bytes(inventory_path(), yaml.safe_dump(inv.model_dump(), sort_keys=False).encode())
-        _started_here = True
-        return inventory_path()
+        if not is_up():
+            _start(spec, spec_path)
+        elif "holders" not in _read_state():
+            # started by a Kiln from before holders: whoever started it, a deploy must not stop it
+            _hold(by_hand=True)
+        _hold(by_hand)
+    return inventory_path()
+
+
+def _start(spec: EmulatedLab, spec_path: Path) -> None:
+    """Start every board (under the lock, the lab not up). What a dead lab left is stopped
+    first, and its holds go with it: a hold by hand is of a lab that no longer runs, and a
+    live holder of a dead lab opens it again anyway."""
+    from hil.emulator import serial_board, sshd
+
+    _stop(_read_state())
+    for f in ("state.json", "inventory.yaml"):
+        (state_dir() / f).unlink(missing_ok=True)
+    (_holders_dir() / BY_HAND).unlink(missing_ok=True)
+    _holders_dir().mkdir(parents=True, exist_ok=True)
+    handles, boards = {}, []
+
+    def save(complete: bool) -> None:
+        # written after every board, so that a process killed while starting the lab leaves a
+        # state listing what it started: the next start stops it
+        write_json(state_dir() / "state.json", {"spec": str(spec_path), "boards": handles,
+                                                "holders": True, "complete": complete})
+
+    try:
+        for b in spec.boards:
+            entry = b.model_dump(exclude_unset=True)
+            given = b.transport.model_dump(exclude_unset=True)  # the lab file's own settings win
+            if b.link == "ssh":
+                h = sshd.start_sshd(b.name, state_dir())
+                handles[b.name] = {"link": "ssh", "handle": _plain(h), "pids": [h.pid]}
+                entry["transport"] = h.transport_spec(**given)
+            elif b.link == "serial":
+                h = serial_board.start_serial_board(b.name, state_dir())
+                handles[b.name] = {"link": "serial", "handle": _plain(h), "pids": list(h.pids)}
+                entry["transport"] = h.transport_spec(**given)
+            else:
+                entry["transport"] = given or {"kind": "local"}
+            boards.append(entry)
+            save(complete=False)
+            log.info("lab: board %s (%s) up over %s", b.name, b.type, b.link)
+    except KilnError:
+        _stop({"boards": handles})
+        (state_dir() / "state.json").unlink(missing_ok=True)
+        raise
+    inv = Inventory.model_validate({"name": spec.name, "boards": boards})
+    write_bytes(inventory_path(), yaml.safe_dump(inv.model_dump(), sort_keys=False).encode())
+    save(complete=True)
 
 
 def _plain(handle) -> dict:
@@ -142,31 +243,56 @@ def _stop(state: dict) -> None:
             log.warning("lab: stopping board %s failed: %s", name, e)
 
 
+def _stop_all() -> None:
+    """Stop every board and forget the lab (state, inventory, holds). Under the lock."""
+    _stop(_read_state())
+    for f in ("state.json", "inventory.yaml"):
+        (state_dir() / f).unlink(missing_ok=True)
+    _clear_holders()
+
+
 def down() -> None:
-    """Stop every board of the emulated lab; a no-op when it is not up."""
-    global _started_here
+    """Stop every board of the emulated lab now, whoever holds it (the user asked: `doit
+    lab_down`); a no-op when it is not up. Deploys still running lose their boards: say so."""
     with _locked():
-        _stop(_read_state())
-        for f in ("state.json", "inventory.yaml"):
-            (state_dir() / f).unlink(missing_ok=True)
-    _started_here = False
+        others = [p for p in live_holders() if p != os.getpid()]
+        if others and _read_state():
+            log.warning("lab: stopping the lab under running deploy(s) pid %s: their boards go away",
+                        ", ".join(map(str, others)))
+        _stop_all()
 
 
-def down_if_started_here() -> None:
-    """Stop the lab only if this process started it (not one started by hand)."""
-    if _started_here:
-        down()
+def release() -> None:
+    """Drop this process's hold; stop the lab when no live holder remains and it was not
+    started by hand (nor by a Kiln from before holders)."""
+    with _locked():
+        (_holders_dir() / f"{os.getpid()}.json").unlink(missing_ok=True)
+        st = _read_state()
+        if not st:
+            return
+        if "holders" not in st:
+            log.info("lab: left up (started before holders existed: stop it with `doit lab_down`)")
+            return
+        others = live_holders()
+        if others:
+            log.info("lab: left up for the deploy(s) still holding it (pid %s)", ", ".join(map(str, others)))
+        elif (_holders_dir() / BY_HAND).exists() and is_up():
+            log.info("lab: left up (started by hand: `doit lab_down` stops it)")
+        else:
+            log.info("lab: stopping the emulated lab (no deploy holds it any more)")
+            _stop_all()
 
 
 # -- the lab-backend interface (hil/lab) -------------------------------------------------------
 
 def open_lab(lab: EmulatedLab, path: Path) -> Path:
-    """Start the lab described in ``path`` on demand; the live inventory."""
-    return up(Path(path))
+    """Start the lab described in ``path`` on demand and hold it; the live inventory."""
+    return _acquire(Path(path), by_hand=False)
 
 
 def close_lab(lab: EmulatedLab, path: Path) -> None:
-    down_if_started_here()
+    """Hand back this process's hold (the lab stops when it was the last)."""
+    release()
 
 
 def main(argv: list[str]) -> int:
@@ -174,13 +300,19 @@ def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "status"
     try:
         if cmd == "up":
-            print(up())
+            print(up(Path(argv[1]) if len(argv) > 1 else SPEC))
         elif cmd == "down":
             down()
         elif cmd == "status":
-            print("up" if is_up() else "down")
+            if not is_up():
+                print("down")
+            else:
+                with _locked():
+                    pids = live_holders()
+                who = (["by hand"] if held_by_hand() else []) + [f"pid {p}" for p in pids]
+                print(f"up (held {', '.join(who)})" if who else "up (held by no live process: the next deploy adopts it)")
         else:
-            print("usage: python -m hil.emulator.lab up|down|status", file=sys.stderr)
+            print("usage: python -m hil.emulator.lab up [LAB.yaml]|down|status", file=sys.stderr)
             return 2
     except KilnError as e:
         print(f"kiln: {e}", file=sys.stderr)

@@ -69,8 +69,9 @@ def open_lab(path: Path) -> Path:
 
 
 def close_opened() -> None:
-    """doit teardown: hand back every lab this process opened (the emulated lab stops the
-    boards it started here; a lab started by hand stays up)."""
+    """doit teardown: hand back every lab this process opened. The emulated lab counts its
+    holders: it stops when the last live deploy holding it hands it back, never under another
+    deploy still running, and never when it was started by hand (hil/emulator/lab.py)."""
     while _opened:
         lab, path = _opened.pop()
         try:

@@ -8,7 +8,10 @@ command) in ``self._retry(...)``. Steps with side effects (running the runner) p
 What the mixin needs from its host class: ``self.board`` (the instance name) and ``self.log``
 (the board's logger, ``kiln.board.<name>``). What counts as a passing link failure is the class
 attribute ``retry_on``; anything else (a rejected host key, a bad login, a TransportError the
-step raised itself) propagates at once, unchanged, because trying again cannot help.
+step raised itself) propagates at once, unchanged, because trying again cannot help. A
+transport whose ``retry_on`` is broad (paramiko's SSHException covers both a dropped link and a
+garbage key file) narrows it with ``_fatal(e)``: True means "this one can never work", and the
+step fails at once, as a TransportError naming the board and the step ("not retried").
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class Retrying:
                 return fn()
             except self.retry_on as e:
                 last = e
+                if self._fatal(e):
+                    raise TransportError(f"board '{self.board}': {what} failed (not retried: "
+                                         f"it cannot work on another try): {_describe(e)}") from e
                 if i + 1 < attempts:
                     delay = min(max_delay, base_delay * 2 ** i) * random.uniform(0.5, 1.0)
                     self.log.log(level, "%s failed (attempt %d of %d): %s; retrying in %.2f s",
@@ -57,6 +63,10 @@ class Retrying:
         else:
             tries = "(not retried: unsafe to repeat)"
         raise TransportError(f"board '{self.board}': {what} failed {tries}: {_describe(last)}") from last
+
+    def _fatal(self, e: BaseException) -> bool:
+        """Whether a ``retry_on`` exception can never succeed on another try; transports override."""
+        return False
 
 
 def _describe(e: BaseException) -> str:

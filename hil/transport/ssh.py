@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
+import re
 import select
 import shlex
 import socket
@@ -31,6 +32,9 @@ from kiln.errors import TransportError
 GRACE_S = 5.0
 # Marker the remote shell prints when the cwd is missing, so that case reads like local.py's.
 _NO_DIR = "kiln-ssh: no such directory:"
+# paramiko's words for a key file it cannot parse ("not a valid RSA private key file",
+# "encountered RSA key, expected OPENSSH key", "Invalid key", "Unknown ... key type")
+_KEY_FILE_ERROR = re.compile(r"not a valid .*private key|encountered .* key|invalid key|unknown .*key type", re.I)
 
 
 class UnknownHostKey(paramiko.SSHException):
@@ -70,6 +74,7 @@ class SSHTransport(Retrying, CommandProtocol, FileTransferProtocol):
         self.where = f"{spec.host}:{spec.port}"
         self.log = logging.getLogger(f"kiln.board.{board}")
         self._conn: fabric.Connection | None = None
+        self._pkey: paramiko.PKey | None = None
         self._workdir: str | None = None
         self._dirs: set[str] = set()  # remote dirs known to exist on this connection
 
@@ -167,8 +172,33 @@ class SSHTransport(Retrying, CommandProtocol, FileTransferProtocol):
             raise TransportError(f"board '{self.board}': private key {self.key} does not exist")
         if not self.known_hosts.is_file() and not self.spec.accept_unknown_host_key:
             raise TransportError(f"board '{self.board}': known_hosts file {self.known_hosts} does not exist")
+        self._pkey = self._pkey or self._load_key()
         self._conn = self._retry(f"connect to {self.where}", self._connect_once,
                                  attempts=self.spec.retries + 1)
+
+    def _load_key(self) -> paramiko.PKey:
+        """The private key, read once before connecting. A file that cannot be read or is no
+        private key fails at once: paramiko would raise it as an SSHException on every
+        connect, which reads like a link failure, yet no retry can make the file valid."""
+        try:
+            return paramiko.PKey.from_path(self.key)
+        except paramiko.PasswordRequiredException as e:
+            raise TransportError(f"board '{self.board}': private key {self.key} is encrypted; Kiln needs "
+                                 "a key without a passphrase (no agent is used)") from e
+        except OSError as e:
+            raise TransportError(f"board '{self.board}': cannot read private key {self.key}: "
+                                 f"{e.strerror or e}") from e
+        except (paramiko.SSHException, ValueError, TypeError, IndexError) as e:
+            # paramiko: 'not a valid ... private key file', 'encountered RSA key, expected
+            # OPENSSH key', UnknownKeyType; cryptography: ValueError 'Unable to load PEM file'
+            why = str(e).split(" See https://")[0]  # cryptography appends a FAQ link
+            raise TransportError(f"board '{self.board}': private key file {self.key} is not a valid private "
+                                 f"key ({type(e).__name__}: {why}); not retried: fix or replace the file") from e
+
+    def _fatal(self, e: BaseException) -> bool:
+        """An SSHException about the key file itself (should one get past _load_key, e.g. from a
+        certificate next to the key) is not a link hiccup: never retried."""
+        return isinstance(e, paramiko.SSHException) and bool(_KEY_FILE_ERROR.search(str(e)))
 
     def _connect_once(self) -> fabric.Connection:
         t = self.spec.connect_timeout_s
@@ -177,7 +207,7 @@ class SSHTransport(Retrying, CommandProtocol, FileTransferProtocol):
         conn = fabric.Connection(
             self.spec.host, user=self.spec.user, port=self.spec.port, config=config,
             # timeouts go in connect_kwargs: fabric's connect_timeout is int()-truncated.
-            connect_kwargs={"key_filename": str(self.key), "look_for_keys": False, "allow_agent": False,
+            connect_kwargs={"pkey": self._pkey, "look_for_keys": False, "allow_agent": False,
                             "timeout": t, "banner_timeout": t, "auth_timeout": t, "channel_timeout": t},
         )
         # fabric installs AutoAddPolicy; replace it. get_host_keys().load() (not load_host_keys)

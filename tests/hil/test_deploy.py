@@ -99,3 +99,45 @@ def test_transport_open_close_idempotent(tmp_path):
     with t:
         assert t.run(["true"], timeout=5).returncode == 0
     assert shutil.which("sha256sum")  # the on-board verify step relies on coreutils
+
+
+def dead_pid() -> int:
+    """The pid of a process that has just exited (not reused this soon)."""
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_run_dir_names_this_host_and_pid(tmp_path):
+    import os
+
+    name = deploy.run_dir_name()
+    assert name.startswith(f"runs/{deploy.host_id()}-{os.getpid()}-")
+    assert deploy.run_dir_name() != name  # two deploys of one process in one second differ
+
+
+def test_run_dirs_of_dead_runs_of_this_host_are_removed_on_connect(tmp_path):
+    import subprocess
+
+    t = LocalTransport("b7", tmp_path / "lab")
+    runs = tmp_path / "lab" / "b7" / "runs"
+    live = subprocess.Popen(["sleep", "60"])  # another run of this host, still going
+    try:
+        names = {
+            "dead": deploy.run_dir_name(dead_pid())[len("runs/"):],
+            "live": deploy.run_dir_name(live.pid)[len("runs/"):],
+            "other host": f"elsewhere-{dead_pid()}-20240101-120000-0",
+            "other form": f"20240101-120000-{dead_pid()}",
+            "a host named like ours, longer": f"{deploy.host_id()}-2-{dead_pid()}-20240101-120000-0",
+        }
+        for n in names.values():
+            (runs / n).mkdir(parents=True)
+            (runs / n / "model.so").write_bytes(b"x" * 1000)
+        deploy.deploy(t, files_with(script(tmp_path, f"echo '{GOOD}'"), tmp_path), ["./kiln-runner"],
+                      timeout=30, board="b7")
+        assert sorted(p.name for p in runs.iterdir()) == sorted(n for k, n in names.items() if k != "dead")
+    finally:
+        live.kill()
+        live.wait()

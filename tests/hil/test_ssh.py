@@ -161,6 +161,51 @@ def test_deploy_runs_end_to_end_over_ssh(board, tmp_path):
     assert out["runner"]["predictions"] == [1, 2]
 
 
+def test_deploy_over_ssh_removes_run_dirs_of_dead_runs_of_this_host_only(board, tmp_path):
+    runner = tmp_path / "kiln-runner"
+    runner.write_text("#!/bin/sh\necho '{\"count\": 0, \"predictions\": [], \"latencies_us\": []}'\n")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        stale = deploy.run_dir_name(gone.pid).split("/")[1]
+        keep = [deploy.run_dir_name(live.pid).split("/")[1], f"otherhost-{gone.pid}-20240101-120000-0"]
+        with transport(board) as t:
+            for n in (stale, *keep):
+                t.run(["mkdir", "-p", f"runs/{n}/sub"], timeout=10)
+        deploy.deploy(transport(board), {"kiln-runner": runner}, ["./kiln-runner"], timeout=30, board="kiln-t1")
+        assert sorted(p.name for p in (board.workdir / "runs").iterdir() if p.name in (stale, *keep)) == sorted(keep)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_garbage_private_key_fails_at_once_naming_board_and_key(board, tmp_path, caplog):
+    for i, junk in enumerate([b"not a key at all\n",
+                              b"-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAK\n-----END RSA PRIVATE KEY-----\n",
+                              b"-----BEGIN OPENSSH PRIVATE KEY-----\nAAAAnotbase64!!\n-----END OPENSSH PRIVATE KEY-----\n"]):
+        key = tmp_path / f"garbage{i}"
+        key.write_bytes(junk)
+        t = transport(board, key=str(key), retries=3)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="kiln.board.kiln-t1"):
+            with pytest.raises(TransportError) as e:
+                t.open()
+        msg = str(e.value)
+        assert "board 'kiln-t1'" in msg and str(key) in msg and "not a valid private key" in msg, msg
+        assert "attempts" not in msg and time.monotonic() - t0 < 1.0
+        assert not [r for r in caplog.records if "retrying" in r.getMessage()]  # not retried
+
+
+def test_refused_connection_with_a_good_key_is_still_retried(board, caplog):
+    port = closed_port()
+    t = transport(board, host="127.0.0.1", port=port, retries=1, connect_timeout_s=2)
+    with caplog.at_level(logging.WARNING, logger="kiln.board.kiln-t1"):
+        with pytest.raises(TransportError, match="after 2 attempts"):
+            t.open()
+    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 1
+
+
 def test_upload_of_a_missing_host_file_names_it(ssh, tmp_path):
     with pytest.raises(TransportError, match="kiln-t1.*nothere.bin.*no such file"):
         ssh.put(tmp_path / "nothere.bin", "x.bin")
