@@ -129,10 +129,14 @@ def task_check_targets():
 
 
 def task_lab_up():
-    """Start the emulated lab (sshd and serial boards); deploys start it on demand anyway."""
+    """Start the emulated lab (sshd and serial boards) and keep it up; deploys start it on demand anyway."""
     from hil.emulator import lab as emulated_lab
 
-    return {"actions": [(run, ["hil.emulator.lab:up"])], "uptodate": [emulated_lab.held_by_hand], "verbosity": 2}
+    if LAB is not None and LAB.backend != "emulated":
+        return {"actions": [(fail, [f"{LAB_FILE}: lab '{LAB.name}' is a {LAB.backend} lab, not the emulated one: "
+                                    "nothing to start"])], "uptodate": [False]}
+    return {"actions": [(run, ["hil.emulator.lab:up", LAB_FILE])], "uptodate": [emulated_lab.held_by_hand],
+            "verbosity": 2}
 
 
 def task_lab_down():

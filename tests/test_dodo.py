@@ -105,3 +105,33 @@ def test_build_dir_that_is_a_file_is_one_clear_message(kiln_env, env):
     f.write_text("x")
     p = run_doit(dict(env, KILN_BUILD=str(f)), "list")
     assert p.returncode != 0 and "Traceback" not in p.stderr and f"KILN_BUILD={f}" in p.stderr, p.stderr
+
+
+def test_lab_up_and_down_exit_zero_and_leave_nothing(kiln_env, env):
+    """`doit lab_up` used to start the lab and exit 2 (its action returned a path)."""
+    import uuid
+
+    import psutil
+    import yaml
+
+    tag = uuid.uuid4().hex[:6]  # namespaces are named after boards, machine-wide: no collision
+    lab = kiln_env["root"] / "lab.yaml"
+    lab.write_text(yaml.safe_dump({"backend": "emulated", "name": "mini", "boards": [
+        {"name": f"up{tag}", "type": "x86-host", "transport": {"kind": "ssh"}}]}))
+    e = dict(env, KILN_LAB=str(lab))
+    up = run_doit(e, "lab_up")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        inv = yaml.safe_load((kiln_env["build"] / "lab" / "inventory.yaml").read_text())
+        assert inv["boards"][0]["name"] == f"up{tag}" and inv["boards"][0]["transport"]["host"]
+        again = run_doit(e, "lab_up")
+        assert again.returncode == 0 and f"-- lab_up" in again.stdout  # up to date: already held by hand
+    finally:
+        down = run_doit(e, "lab_down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not any(str(kiln_env["build"]) in " ".join(p.info["cmdline"] or []) for p in
+                   psutil.process_iter(["cmdline"]))
+    static = kiln_env["root"] / "static.yaml"
+    static.write_text(yaml.safe_dump({"boards": [{"name": "b", "type": "x86-host"}]}))
+    refused = run_doit(dict(env, KILN_LAB=str(static)), "lab_up")
+    assert refused.returncode != 0 and "not the emulated one" in refused.stdout + refused.stderr
