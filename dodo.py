@@ -21,6 +21,7 @@ from kiln.config import board_names, default_inventory, load_board, load_project
 from kiln.errors import KilnError, ManifestError
 from kiln.registry import implementation, module_name
 from kiln.tasks import fail, run
+from kiln.uptodate import matches_record
 from passes.pipeline import LIBRARY_BOARD
 
 try:
@@ -28,7 +29,7 @@ try:
 except OSError as e:
     sys.exit(f"kiln: KILN_BUILD={build_root()}: cannot use it as the build directory ({e})")
 DOIT_CONFIG = {
-    "backend": "sqlite3",
+    "backend": "sqlite3",  # Kiln's, which commits each finished task (pyproject.toml, kiln/doitdb.py)
     "default_tasks": [],
     "dep_file": str(build_root() / ".doit.db"),
     "verbosity": 2,
@@ -157,7 +158,8 @@ def task_runner():
         out = runner_dir(arch)
         yield {"name": arch, "doc": f"runner bundle for {arch} boards", "actions": [(run, ["hil.runner.build:bundle", arch])],
                "file_dep": sources.files("hil.runner.build"),
-               "targets": [str(out / "kiln-runner"), str(out / "runner.json")]}
+               "targets": [str(out / "kiln-runner"), str(out / "runner.json")],
+               "uptodate": [matches_record(out / "runner.json", listed="files")]}
 
 
 def task_synth():
@@ -181,7 +183,8 @@ def task_data():
                "file_dep": sources.files("passes.data", module_name(ds)),
                "targets": [str(lay.data / f) for f in ("train.npz", "val.npz", "test.npz", "test_inputs.bin",
                                                         "test_labels.json", "data.json")],
-               "uptodate": [config_changed(ds.model_dump(exclude={"augment", "synthetic"})), dataset_unchanged(app)]}
+               "uptodate": [config_changed(ds.model_dump(exclude={"augment", "synthetic"})), dataset_unchanged(app),
+                            matches_record(lay.data / "data.json", listed="files")]}
 
 
 def task_train():
@@ -218,7 +221,8 @@ def task_export():
         yield {"name": app, "doc": f"export {app} to ONNX", "actions": [(stale_report, [lay]), (run, ["passes.export_onnx:run", p, lay])],
                "file_dep": [str(lay.compressed_pt), str(lay.data / "val.npz"),
                             *sources.files("passes.export_onnx", module_name(p.architecture))],
-               "targets": [str(lay.onnx), str(lay.export_json)]}
+               "targets": [str(lay.onnx), str(lay.export_json)],
+               "uptodate": [matches_record(lay.export_json, {lay.onnx: "sha256"})]}
 
 
 def task_tune():
@@ -244,7 +248,8 @@ def task_compile():
                    "file_dep": [str(lay.onnx), str(lay.export_json), str(lay.tune_json(t)),
                                 *sources.files("passes.compile_tvm")],
                    "targets": [str(lay.library(t)), str(lay.compile_json(t))],
-                   "uptodate": [config_changed(BOARDS[t].model_dump())]}
+                   "uptodate": [config_changed(BOARDS[t].model_dump()),
+                                matches_record(lay.compile_json(t), {lay.library(t): "sha256"})]}
 
 
 def task_hil():

@@ -34,7 +34,7 @@ from kiln.config import trial_budget
 from kiln.errors import PassError
 from kiln.schema import Board, Project
 from passes.support.tvm_build import (host_isa_flags, import_cpu_tensor_intrinsics, import_onnx, open_database, prepare,
-                                      register_cpu_pool_rules, resolve_target, target_key)
+                                      register_cpu_pool_rules, repair_database, resolve_target, target_key)
 
 log = logging.getLogger("kiln.tune")
 
@@ -128,10 +128,13 @@ def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Pa
     import_cpu_tensor_intrinsics()
     register_cpu_pool_rules()  # no "Unknown schedule rule meta_schedule.pool_max" per pool kernel
     mod = prepare(import_onnx(onnx_path, input_shape), target)
+    # lines TVM cannot read are dropped first; records lost that way are tuned again: the trials
+    # spent per kernel no longer say how many records it has
+    damaged = repair_database(db_dir)
     db = open_database(db_dir)
     extracted = ms.relax_integration.extract_tasks(mod, target)
     flops = [float(estimate_tir_flops(t.dispatched[0])) * t.weight for t in extracted]
-    spent = _spent(db_dir)
+    spent = {} if damaged else _spent(db_dir)
     records_before = [_records(db, t) for t in extracted]
     have = [max(_records(db, t), spent.get(_key(t), 0)) for t in extracted]
     # the budget is per model: kernels already measured as often as the plan gives them (the

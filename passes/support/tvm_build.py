@@ -18,7 +18,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import atomic_path, sha256_file, write_json
+from kiln.artifacts import atomic_path, sha256_file, write_bytes, write_json
 from kiln.errors import PassError
 from kiln.schema import Board
 
@@ -156,15 +156,136 @@ def prepare(mod, target):
         return relax.get_pipeline("zero")(mod)
 
 
+WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+dblog = logging.getLogger("kiln.tune")  # what the database repair says
+
+
 def open_database(db_dir: Path):
+    """The MetaSchedule JSON database in ``db_dir`` (created if absent), repaired first (see
+    repair_database): a torn or corrupt line makes TVM fail with a bare parse error, or crash."""
     from tvm.s_tir import meta_schedule as ms
 
     db_dir.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(
-        path_workload=str(db_dir / "database_workload.json"),
-        path_tuning_record=str(db_dir / "database_tuning_record.json"),
-        module_equality="structural",
-    )
+    repair_database(db_dir)
+    try:
+        return ms.database.JSONDatabase(path_workload=str(db_dir / WORKLOADS), path_tuning_record=str(db_dir / RECORDS),
+                                        module_equality="structural")
+    except Exception as e:  # TVM's own error types: a line that parses but TVM cannot decode
+        raise PassError(f"tuning database {db_dir} cannot be read ({e}); it is a cache of measurements: delete "
+                        "that directory to tune from scratch, or set tuning.trials: 0 in the manifest to compile "
+                        "untuned") from e
+
+
+def _json_line(raw: bytes, ok) -> bool:
+    try:
+        return bool(ok(json.loads(raw)))
+    except ValueError:  # also a line that is not UTF-8
+        return False
+
+
+def _is_workload(obj) -> bool:
+    return isinstance(obj, list) and len(obj) == 2 and all(isinstance(x, str) for x in obj)
+
+
+def _read_lines(path: Path, ok) -> tuple[list[tuple[bytes, bool]], bool]:
+    """(each line of ``path`` and whether it is a valid entry, whether the last line lacks its
+    newline); nothing when the file is absent."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], False
+    pieces = data.split(b"\n")
+    tail = pieces.pop()  # b"" when the file ends with a newline, as every line TVM writes does
+    lines = [(p, _json_line(p, ok)) for p in pieces]
+    if tail:
+        lines.append((tail, _json_line(tail, ok)))
+    return lines, bool(tail)
+
+
+def _placeholder_workload(k: int) -> bytes:
+    """A valid workload line no model has (a copy kernel of one odd shape per line number): it
+    keeps the line numbers, which the tuning records refer to, of the workloads after it."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import meta_schedule as ms
+
+    a = te.placeholder((1, 999_983 + k), "int8", name="kiln_lost_workload")
+    b = te.compute(a.shape, lambda i, j: a[i, j], name="kiln_placeholder")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b]).with_attr("global_symbol", "main")})
+    return json.dumps([str(x) for x in ms.database.Workload(mod).as_json()], separators=(",", ":")).encode()
+
+
+def _spans(ks: list[int]) -> str:
+    """'3-5, 9' for [3, 4, 5, 9]."""
+    out, start = [], None
+    for i, k in enumerate(ks):
+        if start is None:
+            start = k
+        if i + 1 == len(ks) or ks[i + 1] != k + 1:
+            out.append(f"{start}-{k}" if k != start else str(k))
+            start = None
+    return ", ".join(out)
+
+
+def repair_database(db_dir: Path) -> bool:
+    """Drop the lines of a MetaSchedule database that TVM cannot read, with a warning for each;
+    True when anything was dropped. A tuning record is a cache: losing one costs trials, never
+    correctness.
+
+    A torn last line (a tune killed while writing it, or a full disk) is cut off. A corrupt
+    tuning record elsewhere is dropped. A corrupt workload line before the last valid one is
+    replaced by a placeholder workload, since records name workloads by line number; the records
+    of a lost workload go too. The records file is rewritten before the workloads file, each
+    atomically, so a repair interrupted between the two is completed by the next one."""
+    wpath, rpath = db_dir / WORKLOADS, db_dir / RECORDS
+    wlines, w_open = _read_lines(wpath, _is_workload)
+    bad = {i for i, (_, ok) in enumerate(wlines) if not ok}
+    n = max((i + 1 for i, (_, ok) in enumerate(wlines) if ok), default=0)  # workloads kept (placeholders too)
+
+    def is_record(obj) -> bool:
+        return (isinstance(obj, list) and len(obj) == 2 and type(obj[0]) is int and 0 <= obj[0] < n
+                and obj[0] not in bad and isinstance(obj[1], list))
+
+    rlines, r_open = _read_lines(rpath, is_record)
+    dropped = False
+    if rlines and (r_open or not all(ok for _, ok in rlines)):
+        kept = [raw for raw, ok in rlines if ok]
+        lost: dict[int, list[int]] = {}  # workload line -> lines of its records, dropped with it
+        for k, (raw, ok) in enumerate(rlines, 1):
+            if ok:
+                continue
+            try:
+                index = json.loads(raw)[0]
+            except (ValueError, LookupError, TypeError):
+                index = None
+            if r_open and k == len(rlines) and index is None:
+                dblog.warning("tuning database %s: dropped its torn last line (%d bytes; a tune killed while writing, "
+                              "or a full disk)", rpath, len(raw))
+            elif type(index) is int and (index in bad or index >= n):
+                lost.setdefault(index + 1, []).append(k)
+            else:
+                dblog.warning("tuning database %s: dropped line %d, which is corrupt (%d bytes)", rpath, k, len(raw))
+        for w, ks in sorted(lost.items()):
+            dblog.warning("tuning database %s: dropped %d tuning record(s) (lines %s) of the workload on line %d of %s, "
+                          "which is lost", rpath, len(ks), _spans(ks), w, wpath.name)
+        dropped = dropped or len(kept) < len(rlines)
+        write_bytes(rpath, b"".join(raw + b"\n" for raw in kept))
+    if wlines and (w_open or bad):
+        fixed = []
+        for k, (raw, ok) in enumerate(wlines[:n], 1):
+            if not ok:
+                dblog.warning("tuning database %s: line %d is corrupt (%d bytes); replaced by a placeholder so the "
+                              "workloads after it keep their line numbers", wpath, k, len(raw))
+                raw = _placeholder_workload(k)
+            fixed.append(raw)
+        cut = wlines[n:]
+        if cut:
+            dblog.warning("tuning database %s: dropped its last %d line(s) (%d bytes), which are %s", wpath, len(cut),
+                          sum(len(raw) for raw, _ in cut) + len(cut) - w_open,
+                          "torn (a tune killed while writing, or a full disk)" if w_open and len(cut) == 1 else "corrupt")
+        dropped = dropped or bool(bad)
+        write_bytes(wpath, b"".join(raw + b"\n" for raw in fixed))
+    return dropped
 
 
 def apply(mod, target, db_dir: Path):

@@ -5,6 +5,7 @@ the stages read the layout and the manifest's trial budget."""
 from __future__ import annotations
 
 import json
+import logging
 import platform
 
 import numpy as np
@@ -182,3 +183,113 @@ def test_host_cpu_drops_the_vector_extensions_this_machine_hides():
     assert host_mattr("znver4", {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",
                                  "avx512_vnni", "avx512_bf16", "avx512_bitalg", "avx512ifma", "avx512vbmi",
                                  "avx512_vbmi2", "avx512_vpopcntdq"}) == []
+
+
+# --- a damaged tuning database (issue 11): lines TVM cannot read are dropped, with a warning ---
+
+
+WL, REC = "database_workload.json", "database_tuning_record.json"  # MetaSchedule's files, one JSON a line
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A real database, tuned once for the tiny model on this host: (board, onnx, db_root, report)."""
+    if platform.machine() != "x86_64":
+        pytest.skip("tunes for the x86 host")
+    tmp = tmp_path_factory.mktemp("tuned")
+    board = load_board("x86-host")
+    onnx = tiny_onnx(tmp / "m.onnx", 0)
+    info = tune.tune_onnx(board, onnx, SHAPE, tmp / "tune", 12, tmp / "t.json")
+    assert info["trials_run"] > 0
+    return board, onnx, tmp / "tune", info
+
+
+def copy_database(tuned, dest):
+    """A copy of the tuned database under ``dest``: (db_root, db_dir, workload lines, record lines)."""
+    import shutil
+
+    _, _, db_root, info = tuned
+    src = db_root / tvm_build.target_key(tuned[0], info["target"])
+    shutil.copytree(src, dest / "tune" / src.name, ignore=shutil.ignore_patterns("logs"))
+    db = dest / "tune" / src.name
+    return dest / "tune", db, (db / WL).read_bytes().splitlines(True), \
+        (db / REC).read_bytes().splitlines(True)
+
+
+def read_records(db_dir):
+    return [json.loads(line) for line in (db_dir / REC).read_text().splitlines()]
+
+
+def test_a_torn_last_line_is_dropped_and_tuning_goes_on(tuned, tmp_path, caplog, monkeypatch):
+    """A tune killed while appending a record (or a full disk) leaves half a line: the next tune
+    and compile went on failing with TVM's bare "Unexpected EOF" for every app sharing the
+    database; now that line goes, with a warning, and its kernel is tuned again."""
+    board, onnx, _, _ = tuned
+    # pytest's log capture hangs its nameless handlers on MetaSchedule's logger after the
+    # fixture's tune configured it; MetaSchedule's next logging config lists handlers by name
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    monkeypatch.setattr(ms_log, "handlers", [h for h in ms_log.handlers if h.get_name()])
+    db_root, db, wl, rec = copy_database(tuned, tmp_path)
+    torn = rec[-1][: len(rec[-1]) // 2]
+    (db / REC).write_bytes(b"".join(rec[:-1]) + torn)
+
+    info = tune.tune_onnx(board, onnx, SHAPE, db_root, 12, tmp_path / "t.json")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(db / REC) in m and "torn last line" in m and f"{len(torn)} bytes" in m
+               for m in warned), warned
+    # the other records are kept as they were; the lost one costs trials: its kernel is topped up
+    assert (db / REC).read_bytes().startswith(b"".join(rec[:-1]))
+    assert info["trials_run"] > 0 and len(read_records(db)) >= len(rec)
+    out = tvm_build.compile_onnx(board, onnx, SHAPE, tmp_path / "m.so", tmp_path / "c.json", tuning=info)
+    assert out["tuned_kernels"]["tuned"] > 0
+
+
+def test_a_torn_last_workload_is_dropped_with_its_records(tuned, tmp_path, caplog):
+    board, onnx, _, _ = tuned
+    _, db, wl, rec = copy_database(tuned, tmp_path)
+    last = len(wl) - 1
+    (db / WL).write_bytes(b"".join(wl[:-1]) + wl[-1][:1000])
+    if not any(json.loads(r)[0] == last for r in rec):  # give the torn workload a record to lose
+        (db / REC).write_bytes(b"".join(rec) + json.dumps([last, json.loads(rec[0])[1]]).encode() + b"\n")
+
+    assert len(tvm_build.open_database(db)) == sum(json.loads(r)[0] < last for r in rec)  # before: TVM's parse error
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(db / WL) in m and "dropped its last 1 line(s) (1000 bytes)" in m and "torn" in m
+               for m in warned), warned
+    assert any(str(db / REC) in m and f"workload on line {last + 1} of" in m for m in warned), warned
+    assert (db / WL).read_bytes() == b"".join(wl[:-1])
+    assert all(r[0] < last for r in read_records(db))
+    assert tvm_build.repair_database(db) is False
+
+
+def test_a_corrupt_line_elsewhere_is_dropped_and_the_rest_kept(tuned, tmp_path, caplog):
+    """A corrupt record in the middle goes alone; a corrupt workload in the middle takes its
+    records with it and leaves a placeholder, so the records of the workloads after it (which
+    name them by line number) still apply; the database then opens and compiles."""
+    board, onnx, _, info = tuned
+    _, db, wl, rec = copy_database(tuned, tmp_path)
+    used = sorted({json.loads(r)[0] for r in rec})
+    assert len(used) >= 2, used
+    lost_wl = used[0]  # a workload with records, and another one after it with records
+    bad_rec = next(k for k, r in enumerate(rec) if json.loads(r)[0] != lost_wl)
+    wl[lost_wl] = wl[lost_wl][:300] + b"\n"
+    rec[bad_rec] = b'[1,[[["GetSBlock"' + b"\n"
+    (db / WL).write_bytes(b"".join(wl))
+    (db / REC).write_bytes(b"".join(rec))
+
+    db_obj = tvm_build.open_database(db)  # before: TVM's bare parse error
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(db / REC) in m and f"dropped line {bad_rec + 1}, which is corrupt" in m
+               for m in warned), warned
+    assert any(str(db / WL) in m and f"line {lost_wl + 1} is corrupt" in m for m in warned), warned
+    kept = [r for k, r in enumerate(rec) if k != bad_rec and json.loads(r)[0] != lost_wl]
+    assert (db / REC).read_bytes() == b"".join(kept)  # the rest, byte for byte
+    assert len(db_obj) == len(kept) > 0
+    new_wl = (db / WL).read_bytes().splitlines(True)
+    assert len(new_wl) == len(wl) and [w for k, w in enumerate(new_wl) if k != lost_wl] == \
+        [w for k, w in enumerate(wl) if k != lost_wl]
+    assert tvm_build.repair_database(db) is False  # once repaired, nothing more to drop
+    out = tvm_build.compile_onnx(board, onnx, SHAPE, tmp_path / "m.so", tmp_path / "c.json", tuning={**info, "database": str(db)})
+    assert out["tuned_kernels"]["tuned"] > 0
+    caplog.clear()
+    assert tvm_build.repair_database(db) is False and not caplog.records
