@@ -151,7 +151,13 @@ def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Pa
                  len(extracted), sum(n for _, n in todo), ", ".join(f"{t.task_name}: {n}" for t, n in todo), mode)
         # MetaSchedule's own log goes to files under the database's logs/; the console gets
         # its warnings and Kiln's progress lines
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+        ms_log.setLevel(logging.WARNING)
+        # MetaSchedule's logging config lists the handlers already on its logger by name and
+        # formats each name: a nameless one (pytest's log capture, an embedding app's) crashes it
+        # with "'NoneType' object has no attribute 'format'", so they are left out of the tune
+        for h in [h for h in ms_log.handlers if h.get_name() is None]:
+            ms_log.removeHandler(h)
         for k, group in enumerate(_groups(todo), 1):
             log.info("tune %s: group %d: %s, %d trials each", board.name, k, ", ".join(t.task_name for t, _ in group),
                      group[0][1])
