@@ -50,6 +50,37 @@ def table(report: dict) -> str:
             f"{lat['p50']:>7.3f}{emu} {lat['p99']:>7.3f}{emu} {r['model_bytes'] / 1024:>7.1f} {r['agreement_with_reference']:>7.4f}"
         )
     if any(r.get("latency_emulated") for r in report["boards"].values()):
-        lines.append("* latency measured under emulation (qemu-user): reported, not enforced")
+        lines.append("* latency and memory measured under emulation (qemu-user): reported, not enforced")
+    lines += sizing_table(report)
     lines.append("PASSED" if report["passed"] else "FAILED:\n  " + "\n  ".join(report["failures"]))
     return "\n".join(lines)
+
+
+def _fmt(v, spec: str) -> str:
+    """``v`` in ``spec``; a missing figure as '-' of the same width."""
+    width = int("".join(ch for ch in spec.split(",")[0].split(".")[0] if ch.isdigit()) or 0)
+    return f"{'-':>{width}}" if v is None else format(v, spec)
+
+
+def sizing_table(report: dict) -> list[str]:
+    """Estimate (kiln/sizing.py, made before training) against measurement, per board: p50
+    latency in ms and peak memory in KiB, each with measured / estimated. Emulated boards are
+    marked: qemu's timings and resident set are not the board's, so their ratios say nothing
+    about the estimate."""
+    rows = [(n, r) for n, r in report["boards"].items() if r.get("estimate") or "estimate" in r]
+    if not rows:
+        return []
+    head = (f"{'board':<14} {'est ms':>9} {'meas ms':>9} {'ratio':>6}   {'est KiB':>9} {'meas KiB':>9} {'ratio':>6}")
+    lines = ["Estimate vs measurement (sizing before training; ratio = measured / estimated)", head, "-" * len(head)]
+    for name, r in rows:
+        est = r.get("estimate") or {}
+        cmp = r.get("estimate_vs_measured") or {}
+        lat, mem = cmp.get("latency_ms.p50") or {}, cmp.get("memory_kb") or {}
+        emu = "*" if r.get("latency_emulated") else " "
+        lines.append(
+            f"{name:<14} {_fmt(est.get('latency_ms'), '9.4g')} {_fmt(lat.get('measured'), '8.4g')}{emu} "
+            f"{_fmt(lat.get('ratio'), '6.2f')}   {_fmt(est.get('peak_memory_kb'), '9,.0f')} "
+            f"{_fmt(mem.get('measured'), '8,.0f')}{emu} {_fmt(mem.get('ratio'), '6.2f')}")
+    for w in (report.get("sizing") or {}).get("warnings", []):
+        lines.append(f"sizing warning: {w}")
+    return lines

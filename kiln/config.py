@@ -134,20 +134,60 @@ def load_project(app: str) -> Project:
                 f"{path}: field 'targets.{i}': unknown board '{t}' "
                 f"(expected one of {', '.join(known)}; a board type is a file in {targets_dir()})"
             )
+    _resolve_arch_files(path, project)
     _check_budget(path, project)
+    _check_sizing(path, project)
     return project
 
 
+def _check_sizing(path: Path, project: Project) -> None:
+    """Estimate latency and peak memory on every target board type (the real board, whatever
+    the lab has of it) before any data or training work; refuse or warn as sizing.on_violation
+    says (kiln/sizing.py). Pure Python: no torch or TVM at load."""
+    from kiln import sizing
+
+    sizing.check(str(path), project, {t: load_board(t) for t in project.targets})
+
+
+# architecture fields that name a file of the team's, relative to the project's directory
+ARCH_FILES = ("file", "path")
+
+
+def _resolve_arch_files(path: Path, project: Project) -> None:
+    """Make the architecture's own files (family module's ``file``, family onnx's ``path``)
+    absolute, relative to the manifest's directory, and check they exist: the stages get the
+    model_dump (and checkpoints keep it), never the project directory."""
+    arch = project.architecture
+    for name in ARCH_FILES:
+        value = getattr(arch, name, None)
+        if name not in type(arch).model_fields or not isinstance(value, str):
+            continue
+        p = Path(value).expanduser()
+        p = (p if p.is_absolute() else path.parent / p).resolve()
+        if not p.is_file():
+            raise ManifestError(f"{path}: field 'architecture.{name}': no file {p} "
+                                f"(relative paths are relative to {path.parent})")
+        setattr(arch, name, str(p))
+
+
 def _check_budget(path: Path, project: Project) -> None:
-    """Refuse a model over its MACs budget before any data or training work is done."""
+    """Refuse a model over its MACs budget before any data or training work is done. Families
+    whose count needs their build (``analytic`` false: module, onnx) are checked by the stage
+    that builds them. An input too small for the net (a kernel larger than what is left of it)
+    is refused here too."""
     from kiln.nets import estimate
 
     ds, arch = project.dataset, project.architecture
-    c = estimate(arch, tuple(ds.image_size), ds.channels, ds.num_classes)
-    if c.macs > arch.max_macs:
+    if not getattr(type(arch), "analytic", True):
+        return
+    try:
+        c = estimate(arch, tuple(ds.image_size), ds.channels, ds.num_classes)
+    except ManifestError as e:
+        raise ManifestError(f"{path}: field 'architecture': {str(e).removeprefix('architecture: ')}") from e
+    if arch.max_macs is not None and c.macs > arch.max_macs:
         raise ManifestError(
             f"{path}: field 'architecture.max_macs': the model needs {c.macs:,} MACs per inference, "
-            f"over its budget of {arch.max_macs:,} (narrow architecture.widths or shrink dataset.image_size)"
+            f"over its budget of {arch.max_macs:,} (narrow the architecture or shrink dataset.image_size)"
         )
 
 

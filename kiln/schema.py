@@ -41,14 +41,32 @@ class SizeLimit(Strict):
     max: float = Field(gt=0, description="largest acceptable kernel library, KiB")
 
 
+class MemoryLimit(Strict):
+    max: float = Field(gt=0, description="highest acceptable peak memory on the board, KiB")
+
+
 class Requirements(Strict):
     """Checked on every board, per board, by the host (the board never decides)."""
 
     accuracy: MinLimit | None = None
     latency_ms: LatencyLimit | None = None
     model_kb: SizeLimit | None = None
+    memory_kb: MemoryLimit | None = Field(
+        None, description="peak memory of the app on the board (the runner's peak resident set less the test "
+        "inputs it holds), KiB; not enforced on emulated boards (qemu's resident set is not the board's)"
+    )
     agreement: MinLimit | None = Field(
         None, description="min share of test predictions equal to the reference board's"
+    )
+
+
+class Sizing(Strict):
+    """The estimate of every target made when the manifest loads (kiln/sizing.py), before any
+    data or training work: a design that cannot meet latency_ms.p50_max, memory_kb.max or the
+    board's RAM on some target is refused (refuse) or logged and recorded (warn)."""
+
+    on_violation: Literal["refuse", "warn"] = Field(
+        "refuse", description="refuse: the manifest does not load; warn: logged once per board, recorded in the report"
     )
 
 
@@ -75,18 +93,21 @@ class _DatasetBase(Strict):
     and the online augmentation."""
 
     implementation: ClassVar[str]
+    # read on an instance (``ds.channels``, ``ds.num_classes``): fixed per format for the
+    # formats that have them fixed (class variables), fields of the formats that do not
     channels: ClassVar[int]
     num_classes: ClassVar[int]
 
-    image_size: tuple[int, int] = (32, 32)
+    image_size: tuple[int, int] = Field((32, 32), description="(height, width) of the model's input; a 1-D "
+                                        "sequence of length L is (1, L), a feature vector of F values (1, F)")
     split: Split = Field(default_factory=Split)
     augment: Augment = Field(default_factory=Augment)
 
     @field_validator("image_size")
     @classmethod
     def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if not all(4 <= s <= 512 for s in v):
-            raise ValueError("each side must be between 4 and 512 pixels")
+        if not all(1 <= s <= 1024 for s in v):
+            raise ValueError("each side must be between 1 and 1024")
         return v
 
 
@@ -116,10 +137,65 @@ class DigitsDataset(_DatasetBase):
                       "relative paths are relative to the repo")
 
 
-Dataset = Annotated[Union[GtsrbDataset, DigitsDataset], Field(discriminator="format")]
+class SyntheticDataset(_DatasetBase):
+    """A generated, learnable data set of any shape: per class a random template, per sample
+    the template plus noise (passes/formats/synthetic.py). For apps whose sensor or audio data
+    does not exist yet, and for tests at the shape of a real app (49x10 features, 640 values)."""
+
+    implementation: ClassVar[str] = "passes.formats.synthetic"
+
+    format: Literal["synthetic"]
+    channels: int = Field(1, ge=1, le=64, description="input channels (C of C x H x W)")
+    classes: int = Field(2, ge=1, le=1000, description="number of classes")
+    per_class: int = Field(200, ge=1, le=10_000, description="training samples per class (val split off these)")
+    test_per_class: int = Field(40, ge=1, le=10_000, description="test samples per class")
+    seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.classes
 
 
-class CnnArchitecture(Strict):
+Dataset = Annotated[Union[GtsrbDataset, DigitsDataset, SyntheticDataset], Field(discriminator="format")]
+
+
+def _check_widths(v: list[int], what: str = "width") -> list[int]:
+    if any(w < 1 or w > 1024 for w in v):
+        raise ValueError(f"each {what} must be between 1 and 1024")
+    return v
+
+
+class _ArchitectureBase(Strict):
+    """What every net family declares. Class variables, read by the stages and the loader:
+
+    * ``implementation``: the module with ``estimate``/``build`` (kiln/nets/);
+    * ``objective``: "classification" (cross-entropy, accuracy) or "reconstruction" (MSE
+      between the output and the flattened input: autoencoders); family module sets it per
+      manifest (a field), so read it on the instance: ``arch.objective``;
+    * ``trains``: false for a model Kiln does not train (family onnx: imported, post-training
+      compression only);
+    * ``analytic``: whether ``estimate`` is pure Python; false where it must build the model
+      (family module, onnx), so the manifest loader does not estimate it and the train or
+      import stage checks ``max_macs`` on the build;
+    * ``refuses``: compression pass name, or "pass.method" (e.g. "prune.structured"), -> why
+      this family cannot take it; a manifest listing it is refused when it loads.
+    """
+
+    implementation: ClassVar[str]
+    trains: ClassVar[bool] = True
+    analytic: ClassVar[bool] = True
+    refuses: ClassVar[dict[str, str]] = {}
+
+    max_macs: int | None = Field(None, gt=0, description="complexity budget (MACs per inference), checked before training")
+
+
+class _FamilyBase(_ArchitectureBase):
+    """A family whose objective is fixed (a class variable; family module has it as a field)."""
+
+    objective: ClassVar[str] = "classification"
+
+
+class CnnArchitecture(_FamilyBase):
     """Conv3x3-BN-ReLU-maxpool stages, then a linear head: kiln/nets/cnn.py."""
 
     implementation: ClassVar[str] = "kiln.nets.cnn"
@@ -132,12 +208,215 @@ class CnnArchitecture(Strict):
     @field_validator("widths")
     @classmethod
     def _widths(cls, v: list[int]) -> list[int]:
-        if any(w < 1 or w > 1024 for w in v):
-            raise ValueError("each width must be between 1 and 1024 channels")
+        return _check_widths(v, "width")
+
+
+class DsCnnArchitecture(_FamilyBase):
+    """A first conv (kernel, stride), then depthwise-separable blocks (depthwise 3x3-BN-ReLU,
+    pointwise 1x1-BN-ReLU), global average pool, linear: kiln/nets/ds_cnn.py (Hello Edge's
+    DS-CNN for keyword spotting)."""
+
+    implementation: ClassVar[str] = "kiln.nets.ds_cnn"
+
+    family: Literal["ds_cnn"]
+    filters: int = Field(64, ge=1, le=1024, description="output channels of the first conv")
+    kernel: tuple[int, int] = Field((3, 3), description="first conv's kernel (height, width)")
+    stride: tuple[int, int] = Field((1, 1), description="first conv's stride (height, width)")
+    widths: list[int] = Field(min_length=1, max_length=16, description="pointwise channels of each block")
+    strides: list[int] | None = Field(None, description="depthwise stride of each block (1 or 2); unset: all 1")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head (training only)")
+    stem_dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the first conv (training only)")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        return _check_widths(v)
+
+    @field_validator("kernel", "stride")
+    @classmethod
+    def _positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not all(1 <= s <= 64 for s in v):
+            raise ValueError("each side must be between 1 and 64")
+        return v
+
+    @field_validator("strides")
+    @classmethod
+    def _strides(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        widths = info.data.get("widths")
+        if v is not None:
+            if widths is not None and len(v) != len(widths):
+                raise ValueError(f"{len(v)} entries, expected one per block ({len(widths)})")
+            if any(s not in (1, 2) for s in v):
+                raise ValueError("each stride must be 1 or 2")
         return v
 
 
-Architecture = Annotated[Union[CnnArchitecture], Field(discriminator="family")]
+class MobilenetV1Architecture(_FamilyBase):
+    """MobileNetV1: a 3x3 stride-2 conv, then the paper's 13 depthwise-separable blocks, widths
+    scaled by ``alpha``, global average pool, linear: kiln/nets/mobilenet_v1.py."""
+
+    implementation: ClassVar[str] = "kiln.nets.mobilenet_v1"
+
+    family: Literal["mobilenet_v1"]
+    alpha: float = Field(1.0, gt=0, le=4, description="width multiplier (0.25 for MLPerf Tiny's visual wake words)")
+    blocks: int = Field(13, ge=1, le=13, description="how many of the 13 depthwise-separable blocks (a shallower net)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head (training only)")
+
+
+class ResnetArchitecture(_FamilyBase):
+    """A 3x3 stem conv, then stages of basic residual blocks (conv3x3-BN-ReLU-conv3x3-BN plus the
+    shortcut, then ReLU; the first block of every stage after the first has stride 2, and a 1x1
+    conv shortcut where the shape changes), global average pool, linear: kiln/nets/resnet.py."""
+
+    implementation: ClassVar[str] = "kiln.nets.resnet"
+
+    family: Literal["resnet"]
+    stem: int = Field(16, ge=1, le=1024, description="channels of the stem conv")
+    widths: list[int] = Field(min_length=1, max_length=8, description="channels of each stage")
+    blocks: int = Field(1, ge=1, le=16, description="basic blocks per stage")
+    shortcut_bn: bool = Field(True, description="BatchNorm after a 1x1 shortcut conv (MLPerf Tiny's ResNet-8 has none)")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        return _check_widths(v)
+
+
+class MlpArchitecture(_FamilyBase):
+    """Flatten, then Linear(+BatchNorm1d)+ReLU layers of ``widths``, then a linear head:
+    kiln/nets/mlp.py."""
+
+    implementation: ClassVar[str] = "kiln.nets.mlp"
+
+    family: Literal["mlp"]
+    widths: list[int] = Field(max_length=16, description="hidden layer widths ([]: a linear classifier)")
+    batch_norm: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after each hidden layer (training only)")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        return _check_widths(v)
+
+
+class Conv1dArchitecture(_FamilyBase):
+    """Over a (C, 1, L) sequence: per block a (1, k) conv-BN-ReLU and an optional (1, 2)
+    max-pool, then global average pool and linear: kiln/nets/conv1d.py."""
+
+    implementation: ClassVar[str] = "kiln.nets.conv1d"
+
+    family: Literal["conv1d"]
+    widths: list[int] = Field(min_length=1, max_length=12, description="channels of each block")
+    kernel: int = Field(3, ge=1, le=64, description="kernel length along the sequence")
+    pool: bool = Field(True, description="(1, 2) max-pool after each block")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        return _check_widths(v)
+
+
+class RnnArchitecture(_FamilyBase):
+    """One recurrent cell (LSTM or GRU, one direction) unrolled over the L steps of a (C, 1, L)
+    input, then a linear head on the last hidden state: kiln/nets/rnn.py. Unrolled into Linear,
+    sigmoid, tanh and elementwise ops because TVM's ONNX frontend has no LSTM or GRU."""
+
+    implementation: ClassVar[str] = "kiln.nets.rnn"
+    _NO_STRUCTURED: ClassVar[str] = (
+        "its gate layers' hidden units cannot be removed: the cell slices the gates at constant bounds "
+        "(g[:, 0:H], ...) that a narrower layer would not follow, and nothing else in it is prunable; "
+        "use prune method magnitude (and weight_coding to store the zeros sparsely)")
+    refuses: ClassVar[dict[str, str]] = {"prune.structured": _NO_STRUCTURED, "prune.l1_structured": _NO_STRUCTURED}
+
+    family: Literal["rnn"]
+    cell: Literal["lstm", "gru"] = "lstm"
+    hidden: int = Field(ge=1, le=1024, description="hidden state size")
+
+
+class AutoencoderArchitecture(_FamilyBase):
+    """Dense autoencoder: Flatten, Linear-BN1d-ReLU blocks of ``widths``, the bottleneck, the
+    mirrored decoder, and a Linear back to the input size: kiln/nets/autoencoder.py. Trained to
+    reconstruct its input (MSE); the reconstruction error is its anomaly score."""
+
+    implementation: ClassVar[str] = "kiln.nets.autoencoder"
+    objective: ClassVar[str] = "reconstruction"
+
+    family: Literal["autoencoder"]
+    widths: list[int] = Field([128, 128, 128, 128], max_length=16, description="encoder widths (the decoder mirrors them)")
+    bottleneck: int = Field(8, ge=1, le=1024)
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        return _check_widths(v)
+
+
+class _PresetBase(_FamilyBase):
+    """An MLPerf Tiny reference model, built with the base family modules: kiln/nets/presets.py."""
+
+    implementation: ClassVar[str] = "kiln.nets.presets"
+
+
+class MlperfKwsArchitecture(_PresetBase):
+    """MLPerf Tiny keyword spotting: DS-CNN over 49x10x1 MFCC features, 12 classes."""
+
+    family: Literal["mlperf_kws"]
+
+
+class MlperfVwwArchitecture(_PresetBase):
+    """MLPerf Tiny visual wake words: MobileNetV1 alpha 0.25 over 96x96x3, 2 classes."""
+
+    family: Literal["mlperf_vww"]
+
+
+class MlperfIcArchitecture(_PresetBase):
+    """MLPerf Tiny image classification: ResNet-8 over 32x32x3 (CIFAR-10), 10 classes."""
+
+    family: Literal["mlperf_ic"]
+
+
+class MlperfAdArchitecture(_PresetBase):
+    """MLPerf Tiny anomaly detection: the dense autoencoder over 640 values (1, 1, 640)."""
+
+    objective: ClassVar[str] = "reconstruction"
+
+    family: Literal["mlperf_ad"]
+
+
+class ModuleArchitecture(_ArchitectureBase):
+    """The team's own torch module: ``class_name`` in ``file`` (kiln/nets/module.py has the
+    constructor contract: ``cls(in_channels=, num_classes=, input_size=(H, W), **kwargs)``)."""
+
+    implementation: ClassVar[str] = "kiln.nets.module"
+    analytic: ClassVar[bool] = False
+
+    family: Literal["module"]
+    file: str = Field("model.py", description="Python file relative to the project's directory (projects/<app>/); "
+                      "made absolute when the manifest loads")
+    class_name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="the nn.Module subclass in that file")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of its constructor")
+    objective: Literal["classification", "reconstruction"] = Field(
+        "classification", description="classification: (N, classes) logits, cross-entropy; reconstruction: "
+        "(N, C*H*W) output, MSE against the flattened input")
+
+
+class OnnxArchitecture(_FamilyBase):
+    """A model the team already has, as an ONNX file: not trained, post-training compression
+    only (kiln/nets/onnx.py)."""
+
+    implementation: ClassVar[str] = "kiln.nets.onnx"
+    trains: ClassVar[bool] = False
+    analytic: ClassVar[bool] = False
+
+    family: Literal["onnx"]
+    path: str = Field(description="the .onnx file, relative to the project's directory; made absolute when the manifest loads")
+
+
+Architecture = Annotated[Union[CnnArchitecture, DsCnnArchitecture, MobilenetV1Architecture, ResnetArchitecture,
+                               MlpArchitecture, Conv1dArchitecture, RnnArchitecture, AutoencoderArchitecture,
+                               MlperfKwsArchitecture, MlperfVwwArchitecture, MlperfIcArchitecture,
+                               MlperfAdArchitecture, ModuleArchitecture, OnnxArchitecture],
+                         Field(discriminator="family")]
 _ARCHITECTURE: TypeAdapter = TypeAdapter(Architecture)
 
 
@@ -158,16 +437,18 @@ class Training(Strict):
 
 
 class PruneSettings(Strict):
-    """passes/prune.py: magnitude (unstructured) or L1-norm filter (structured) pruning."""
+    """passes/prune.py: magnitude (unstructured) or L1-norm channel (structured, torch-pruning) pruning."""
 
     implementation: ClassVar[str] = "passes.prune"
 
     method: Literal["magnitude", "structured", "l1_structured"] = Field(
         description="magnitude: zero the smallest weights; structured (= l1_structured): remove whole "
-        "conv filters with the smallest L1 norm, shrinking architecture.widths"
+        "channels (conv filters, linear features, with their BatchNorm entries and the next layers' inputs) "
+        "of smallest BN-folded L1 norm, in any graph; the classifier's outputs and recurrent gate layers keep theirs"
     )
     amount: float = Field(
-        gt=0, lt=1, description="share of weights (magnitude) or of each conv's filters (structured) removed in the end"
+        gt=0, lt=1, description="share of weights (magnitude) or of each prunable channel group's channels "
+        "(structured) removed in the end"
     )
     scope: Literal["global", "layer"] | None = Field(
         None, description="magnitude only: one threshold over all layers (global) or the same share per layer "
@@ -212,7 +493,7 @@ class QuantizeSettings(Strict):
 
     mode: Literal["int8", "weight_only"] = Field(
         "int8", description="int8: 8-bit activations too (uint8 where non-negative, else int8), integer "
-        "conv/dense with int32 accumulation in the kernel library; weight_only: int8 weights dequantized inside float kernels"
+        "conv/depthwise/dense with int32 accumulation, add/sub/mul in integer arithmetic and sigmoid/tanh as 256-entry tables in the kernel library, any graph in the op vocabulary; weight_only: int8 weights dequantized inside float kernels"
     )
     calibration_samples: int = Field(512, ge=1, le=100_000, description="training-split images that calibrate activation ranges (int8)")
     calibration: Literal["minmax", "percentile"] = Field(
@@ -347,6 +628,7 @@ class Project(Strict):
     compression: Compression = Field(default_factory=Compression)
     validation: Validation = Field(default_factory=Validation)
     tuning: Tuning = Field(default_factory=Tuning)
+    sizing: Sizing = Field(default_factory=Sizing)
     targets: list[str] = Field(min_length=1, description="board types from targets/*.yaml")
 
     @field_validator("targets")
@@ -355,6 +637,20 @@ class Project(Strict):
         if len(set(v)) != len(v):
             raise ValueError("a board type is listed twice")
         return v
+
+    @model_validator(mode="after")
+    def _family_can_take_passes(self) -> Project:
+        """A compression pass the net family cannot take (its ``refuses``: a pass name, or
+        "pass.method") is refused when the manifest loads, with the family's reason, not after
+        training when the pass would fail."""
+        refuses = getattr(type(self.architecture), "refuses", {})
+        for i, step in enumerate(self.compression.passes):
+            method = getattr(step.settings, "method", None)
+            for key in (step.name, f"{step.name}.{method}" if method is not None else None):
+                if key is not None and key in refuses:
+                    raise ValueError(f"compression.passes.{i}.{step.name}: family '{self.architecture.family}' "
+                                     f"cannot take {key}: {refuses[key]}")
+        return self
 
 
 # --- board types ------------------------------------------------------------------------------
@@ -373,6 +669,23 @@ class Emulation(Strict):
     )
 
 
+class Compute(Strict):
+    """What one core of the board sustains, with every core running (the runner uses --threads
+    <cores>), on the tuned kernel libraries Kiln builds for it: a figure for the estimates made
+    before any build (kiln/sizing.py), not a datasheet peak. Each board file says where its
+    figures come from."""
+
+    fp32_macs_per_s: float = Field(gt=0, description="float32 multiply-accumulates per second per core")
+    int8_macs_per_s: float | None = Field(
+        None, gt=0, description="int8 x int8 -> int32 multiply-accumulates per second per core (a manifest whose "
+        "compression quantizes in mode int8); unset: the fp32 figure"
+    )
+    untuned_macs_per_s: float | None = Field(
+        None, gt=0, description="multiply-accumulates per second of an untuned kernel library (TVM's default "
+        "pipeline, which runs on one core); unset: fp32_macs_per_s / 20, the ratio measured on x86-host"
+    )
+
+
 class Board(Strict):
     """A board *type*: what Kiln compiles for and how its runtime runs."""
 
@@ -387,7 +700,15 @@ class Board(Strict):
         "built but it cannot run in this lab, so it is reported as not validated, never as passed",
     )
     cores: int = Field(1, ge=1, le=256)
-    memory_mb: int = Field(gt=0)
+    memory_mb: int = Field(gt=0, description="RAM of the board, MiB: an app whose estimated peak memory exceeds it is refused")
+    compute: Compute | None = Field(
+        None, description="sustained MACs per second per core, for the latency estimate made when a manifest "
+        "loads (kiln/sizing.py); unset: latency is not estimated on this board"
+    )
+    runtime_overhead_kb: int = Field(
+        8400, ge=0, description="resident memory of the runner and TVM runtime with a negligible model, KiB "
+        "(the default is the one measured on x86-host; see targets/x86-host.yaml)"
+    )
     emulation: Emulation | None = None
     tune_trials: int = Field(
         0, ge=0, description="default MetaSchedule trial budget per model for this board type "

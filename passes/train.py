@@ -1,16 +1,22 @@
 """Train stage: seeded PyTorch training with online augmentation (passes/support/training.py);
 keeps the best-validation checkpoint, which describes itself (architecture, classes, input
-size, metrics)."""
+size, metrics).
+
+The loss follows the family's ``objective``: classifiers train on cross-entropy and report
+accuracy; reconstruction families (autoencoders) train on MSE against their input and report
+the validation and test MSE (no accuracy: there is no label to be right about). Families Kiln
+does not train (``trains`` false, family onnx) never reach this stage: dodo runs the import
+stage (passes/import_model.py) for them."""
 
 from __future__ import annotations
 
 import logging
 
 from kiln.artifacts import Layout, sha256_file, write_json
-from kiln.errors import ManifestError
+from kiln.errors import ManifestError, PassError
 from kiln.schema import Project
 from passes.support.common import accuracy, load_split, save_checkpoint
-from passes.support.training import fit
+from passes.support.training import fit, reconstruction_error
 
 log = logging.getLogger("kiln.train")
 
@@ -19,9 +25,12 @@ def run(project: Project, layout: Layout) -> dict:
     """Train on ``layout.data``; write ``layout.model_pt`` and ``layout.metrics``."""
     import torch
 
-    from kiln.nets import build, estimate, measure
-
     cfg, ds, arch = project.training, project.dataset, project.architecture
+    family = type(arch)
+    if not getattr(family, "trains", True):
+        raise PassError(f"train {project.name}: family '{arch.family}' is not trained by Kiln "
+                        "(its model is imported: passes/import_model.py)")
+    objective = getattr(arch, "objective", "classification")  # a field of family module, else the family's
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -30,31 +39,80 @@ def run(project: Project, layout: Layout) -> dict:
     xtr, ytr = load_split(data_dir, "train")
     xva, yva = load_split(data_dir, "val")
     xte, yte = load_split(data_dir, "test")
-    model = build(arch, ds.channels, ds.num_classes, ds.image_size)
-    cx = measure(model, (ds.channels, *ds.image_size))
-    assert cx == estimate(arch, ds.image_size, ds.channels, ds.num_classes), "estimate drifted from model"
-    if cx.macs > arch.max_macs:  # load_project checks this too; kept for direct callers
-        raise ManifestError(f"architecture.max_macs: model needs {cx.macs:,} MACs > {arch.max_macs:,}")
-    log.info("train %s: %d params, %d MACs, %d train / %d val images, %d epochs",
-             project.name, cx.params, cx.macs, len(ytr), len(yva), cfg.epochs)
+    model, cx = _model(project)
+    log.info("train %s: %d params, %d MACs, %d activations, %d train / %d val samples, %d epochs, %s",
+             project.name, cx.params, cx.macs, cx.activations, len(ytr), len(yva), cfg.epochs, objective)
 
     history = fit(model, xtr, ytr, epochs=cfg.epochs, batch=cfg.batch, lr=cfg.lr, aug=ds.augment, gen=gen,
-                  xva=xva, yva=yva, keep_best=True, tag=f"train {project.name}")
-    best_epoch = max(history, key=lambda r: r["val_accuracy"])  # first of the best, as fit keeps it
+                  xva=xva, yva=yva, keep_best=True, tag=f"train {project.name}", loss=objective)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    test_acc, _ = accuracy(model, xte, yte)
-    metrics = {
-        "params": cx.params, "macs": cx.macs, "best_epoch": best_epoch["epoch"],
-        "val_accuracy": best_epoch["val_accuracy"], "test_accuracy": test_acc, "history": history,
-        "training": cfg.model_dump(), "augment": ds.augment.model_dump(),
-        "data_sha256": sha256_file(data_dir / "train.npz"),
-    }
+    metrics = {"params": cx.params, "macs": cx.macs, "activations": cx.activations, "objective": objective}
+    if objective == "reconstruction":
+        best_epoch = min(history, key=lambda r: r["val_mse"])  # first of the best, as fit keeps it
+        metrics.update(best_epoch=best_epoch["epoch"], val_mse=best_epoch["val_mse"],
+                       test_mse=reconstruction_error(model, xte))
+        summary = f"val mse {metrics['val_mse']:.5f}, test mse {metrics['test_mse']:.5f}"
+    else:
+        best_epoch = max(history, key=lambda r: r["val_accuracy"])
+        test_acc, _ = accuracy(model, xte, yte)
+        metrics.update(best_epoch=best_epoch["epoch"], val_accuracy=best_epoch["val_accuracy"], test_accuracy=test_acc)
+        summary = f"val {metrics['val_accuracy']:.4f}, test {test_acc:.4f}"
+    metrics.update(history=history, training=cfg.model_dump(), augment=ds.augment.model_dump(),
+                   data_sha256=sha256_file(data_dir / "train.npz"))
     ckpt = {
         "state_dict": best_state, "architecture": arch.model_dump(), "channels": ds.channels,
         "num_classes": ds.num_classes, "image_size": list(ds.image_size), "metrics": metrics,
     }
     save_checkpoint(layout.model_pt, ckpt)
     write_json(layout.metrics, metrics)
-    log.info("train %s: best epoch %d, val %.4f, test %.4f", project.name, best_epoch["epoch"],
-             best_epoch["val_accuracy"], test_acc)
+    log.info("train %s: best epoch %d, %s", project.name, best_epoch["epoch"], summary)
     return metrics
+
+
+def _model(project: Project):
+    """The untrained model and its measured complexity, checked before any epoch: analytic
+    families against their estimate, every family against ``max_macs``, a team's own module
+    for its output shape and (before training, with the node named) for what TVM cannot
+    import."""
+    from kiln.nets import build, estimate, measure
+
+    ds, arch = project.dataset, project.architecture
+    family = type(arch)
+    shape = (ds.channels, *ds.image_size)
+    model = build(arch, ds.channels, ds.num_classes, ds.image_size)
+    cx = measure(model, shape)
+    if getattr(family, "analytic", True):
+        est = estimate(arch, ds.image_size, ds.channels, ds.num_classes)
+        if cx != est:
+            raise PassError(f"train {project.name}: family {arch.family}'s estimate {est} drifted from the "
+                            f"model it builds {cx} (a bug in kiln/nets/)")
+    if arch.max_macs is not None and cx.macs > arch.max_macs:  # load_project checks analytic families too
+        raise ManifestError(f"architecture.max_macs: the model needs {cx.macs:,} MACs per inference, "
+                            f"over its budget of {arch.max_macs:,}")
+    if not getattr(family, "analytic", True):
+        _check_output(model, project, shape)
+        from kiln.nets.onnx import preflight
+
+        preflight(model, shape, f"architecture: {arch.family} {getattr(arch, 'class_name', '')} "
+                                f"({getattr(arch, 'file', '')})")
+    return model, cx
+
+
+def _check_output(model, project: Project, shape: tuple[int, ...]) -> None:
+    """A team's module must map (1, C, H, W) to (1, classes) logits, or for a reconstruction
+    objective to (1, C*H*W); said before training, not as a loss-function traceback."""
+    import torch
+
+    arch = project.architecture
+    want = (1, shape[0] * shape[1] * shape[2]) if arch.objective == "reconstruction" else (1, project.dataset.num_classes)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *shape))
+    except Exception as e:  # the team's forward may raise anything
+        raise ManifestError(f"architecture: {getattr(arch, 'class_name', arch.family)} fails on a (1, {', '.join(map(str, shape))}) "
+                            f"input: {type(e).__name__}: {e}") from e
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != want:
+        raise ManifestError(f"architecture: {getattr(arch, 'class_name', arch.family)} returns {got} for a "
+                            f"(1, {', '.join(map(str, shape))}) input, expected {want}")

@@ -3,25 +3,26 @@ head after global average pooling (``gap``) or flattening (``flatten``)."""
 
 from __future__ import annotations
 
-from kiln.nets import Complexity
+from kiln.nets import Complexity, Plan
 from kiln.schema import CnnArchitecture
 
 
 def estimate(arch: CnnArchitecture, image_size: tuple[int, int], in_ch: int, classes: int) -> Complexity:
-    """Parameters and multiply-accumulates of one inference at batch 1 (BN folded into conv)."""
-    h, w = image_size
-    params = macs = 0
-    c = in_ch
+    """Parameters, multiply-accumulates and peak activations of one inference at batch 1 (BN
+    folded into conv), node by node as ``build`` runs."""
+    return plan(arch, image_size, in_ch, classes).complexity()
+
+
+def plan(arch: CnnArchitecture, image_size: tuple[int, int], in_ch: int, classes: int) -> Plan:
+    g = Plan()
+    x = g.input((in_ch, *image_size))
     for width in arch.widths:
-        # conv3x3, padding 1, with bias (BatchNorm folds into it at export)
-        params += c * width * 9 + width
-        macs += c * width * 9 * h * w
-        c = width
-        h, w = h // 2, w // 2  # 2x2 max-pool
-    feat = c if arch.head == "gap" else c * h * w
-    params += feat * classes + classes
-    macs += feat * classes
-    return Complexity(params=params, macs=macs)
+        # conv3x3, padding 1, with bias (BatchNorm folds into it at export), then a 2x2 max-pool
+        x = g.maxpool(g.same(g.bn(g.conv(x, width, 3, padding=1))), 2)
+    if arch.head == "gap":
+        x = g.gap(x)
+    g.output(g.linear(g.flatten(x), classes))
+    return g
 
 
 def build(arch: CnnArchitecture, in_ch: int, classes: int, image_size: tuple[int, int]):

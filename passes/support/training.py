@@ -1,5 +1,6 @@
 """The training loop the torch passes share: seeded Adam with a one-cycle schedule and online
-augmentation. The train stage trains with it; prune and weight coding fine-tune with it."""
+augmentation, on a classification (cross-entropy) or reconstruction (MSE) loss. The train stage
+trains with it; prune and weight coding fine-tune with it."""
 
 from __future__ import annotations
 
@@ -35,21 +36,47 @@ def augment(x, aug, gen):
     return x.clamp_(0, 1)
 
 
-def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, yva=None,
-        after_step=None, keep_best: bool = False, tag: str = "train") -> list[dict]:
-    """Adam with a one-cycle schedule on uint8 NHWC images ``x``/``y`` with online augmentation
-    ``aug``; batches and augmentation drawn from ``gen``. ``after_step(model)`` runs after each
-    optimizer step (compression passes keep pruning masks applied with it). With ``keep_best``
-    the model ends with the weights of its best validation epoch. Returns one row per epoch
-    (``val_accuracy`` only when validation images are given)."""
+LOSSES = ("classification", "reconstruction")
+
+
+def reconstruction_error(model, x, batch: int = 512) -> float:
+    """Mean squared error between ``model``'s output and its flattened input (uint8 NHWC
+    samples, as the model sees them: NCHW in [0, 1]); the validation metric of autoencoders."""
     import torch
 
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb = to_tensor(x[i : i + batch])
+            total += float(((model(xb) - xb.flatten(1)) ** 2).mean(1).sum())
+            n += len(xb)
+    return total / n if n else 0.0
+
+
+def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, yva=None,
+        after_step=None, keep_best: bool = False, tag: str = "train", loss: str = "classification") -> list[dict]:
+    """Adam with a one-cycle schedule on uint8 NHWC samples ``x``/``y`` with online augmentation
+    ``aug``; batches and augmentation drawn from ``gen``. ``after_step(model)`` runs after each
+    optimizer step (compression passes keep pruning masks applied with it). With ``keep_best``
+    the model ends with the weights of its best validation epoch. Returns one row per epoch.
+
+    ``loss``: "classification" (cross-entropy on the labels; rows have ``val_accuracy`` when
+    validation samples are given) or "reconstruction" (MSE between the output and the
+    flattened, augmented input: autoencoders; labels are not used; rows have ``val_mse``, the
+    best epoch is the lowest)."""
+    import torch
+
+    if loss not in LOSSES:
+        raise ValueError(f"fit: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = max(1, epochs * math.ceil(len(y) / batch))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    reconstruct = loss == "reconstruction"
+    loss_fn = torch.nn.MSELoss() if reconstruct else torch.nn.CrossEntropyLoss()
+    metric, sign = ("val_mse", -1.0) if reconstruct else ("val_accuracy", 1.0)
     x_t, y_t = to_tensor(x), torch.from_numpy(y)
-    best, history = {"val_accuracy": -1.0}, []
+    best, history = {"score": -math.inf}, []
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -57,23 +84,25 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
         total = 0.0
         for i in range(0, len(order), batch):
             idx = order[i : i + batch]
-            loss = loss_fn(model(augment(x_t[idx], aug, gen)), y_t[idx])
+            xb = augment(x_t[idx], aug, gen)
+            out = model(xb)
+            value = loss_fn(out, xb.flatten(1)) if reconstruct else loss_fn(out, y_t[idx])
             opt.zero_grad()
-            loss.backward()
+            value.backward()
             opt.step()
             sched.step()
             if after_step is not None:
                 after_step(model)
-            total += loss.item() * len(idx)
+            total += value.item() * len(idx)
         row = {"epoch": epoch, "loss": total / max(1, len(y))}
         if xva is not None:
-            row["val_accuracy"], _ = accuracy(model, xva, yva)
+            row[metric] = reconstruction_error(model, xva) if reconstruct else accuracy(model, xva, yva)[0]
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         _log_epoch(tag, epochs, row)
-        if keep_best and row.get("val_accuracy", 0.0) > best["val_accuracy"]:
-            best = {"val_accuracy": row["val_accuracy"],
-                    "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        score = sign * row[metric] if metric in row else 0.0
+        if keep_best and score > best["score"]:
+            best = {"score": score, "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     if keep_best and "state_dict" in best:
         model.load_state_dict(best["state_dict"])
     model.eval()
@@ -87,4 +116,7 @@ def _log_epoch(tag: str, epochs: int, row: dict) -> None:
     if "val_accuracy" in row:
         fmt += " val_acc %.4f"
         args.append(row["val_accuracy"])
+    if "val_mse" in row:
+        fmt += " val_mse %.5f"
+        args.append(row["val_mse"])
     log.info(fmt + " (%.1f s)", *args, row["seconds"])
