@@ -1,5 +1,9 @@
 """Compression pass: int8 post-training quantization, calibrated on training-split images.
 
+Any model torch.fx can trace in Kiln's op vocabulary (passes/support/int8.py graph_plan: convs
+of any kernel and groups, linear, pools, residual add/sub, mul, sigmoid, tanh, constant slices:
+ResNet blocks, depthwise-separable nets, unrolled LSTM/GRU cells) is quantized node by node.
+
 Two modes:
 
 * ``int8``: BatchNorm folded into the convolutions, weights int8 per output channel
@@ -9,14 +13,16 @@ Two modes:
   pads with 0 inside its own kernel and has no zero-point term. A tensor that can be negative
   (a conv or linear layer without a ReLU, say) is ``int8``, asymmetric. Convolutions and dense
   layers run uint8/int8 x int8 -> int32 in the compiled library (passes/support/relax_int8.py)
-  and requantize to 8 bits with one float32 multiplier per channel.
+  and requantize to 8 bits with one float32 multiplier per channel; add/sub in integer fixed
+  point, mul as an exact integer product and one float32 multiply, sigmoid/tanh by a 256-entry
+  table over the input codes (the formulas: passes/support/int8.py).
 * ``weight_only``: the same int8 weights, float activations: the library stores int8 weights
   and dequantizes them inside its kernels (a quarter of the weight bytes, float arithmetic).
 
 The model returned is the fake-quant twin of the compiled library: the same module tree (so
 ``kiln.nets.build`` + ``load_state_dict`` still rebuilds it; BatchNorm becomes an exact
-identity), with its conv/linear/average-pool modules computing exactly what the integer kernels
-compute (integer accumulation, the same float32 requantization and rounding). The compress
+identity), whose forward runs the graph plan on integer codes exactly as the integer kernels
+do (integer accumulation, the same float32 requantization and rounding). The compress
 stage's measured accuracy is therefore the int8 library's accuracy. Everything export needs
 lies in ``ckpt["quantization"]`` (see :func:`describe`); ``fake_quant`` (passes/support/int8.py,
 the arithmetic this pass, the export and the Relax lowering share) rebuilds the twin from a
@@ -35,7 +41,8 @@ import numpy as np
 from kiln.errors import ManifestError
 from kiln.schema import QuantizeSettings
 from passes.support.common import load_split, to_tensor
-from passes.support.int8 import WMAX, act_range, bias_ints, bias_scale, fake_quant, layer_plan, weight_ints
+from passes.support.int8 import (LUT_OUTPUT, WEIGHTED, WMAX, act_range, bias_ints, bias_scale, fake_quant, graph_plan, layer_bias,
+                                 lut,                                  snap_weights)
 
 log = logging.getLogger("kiln.quantize")
 
@@ -45,28 +52,32 @@ log = logging.getLogger("kiln.quantize")
 
 
 def fold_batchnorm(model, plan: list[dict]) -> None:
-    """Fold each BatchNorm into the conv before it (in place); the BatchNorm becomes an exact
-    identity (mean 0, var 1 - eps, weight 1, bias 0), so the module tree is unchanged."""
+    """Fold each BatchNorm into the conv (BatchNorm2d) or linear (BatchNorm1d) before it, in
+    place; the BatchNorm becomes an exact identity (mean 0, var 1 - eps, weight 1, bias 0), or
+    an exact bias add when the layer has no bias of its own (int8.py layer_bias reads it), so the
+    module tree, and the state_dict keys a checkpoint rebuilds from, are unchanged."""
     import torch
 
-    mods = dict(model.named_children())
     with torch.no_grad():
-        for layer in plan:
-            if layer.get("bn") is None:
+        for entry in plan:
+            if entry.get("bn") is None:
                 continue
-            conv, bn = mods[layer["name"]], mods[layer["bn"]]
+            layer, bn = model.get_submodule(entry["module"]), model.get_submodule(entry["bn"])
             scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-            conv.weight.copy_((conv.weight.double() * scale[:, None, None, None]).float())
+            bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(scale)
+            shape = (-1, *([1] * (layer.weight.dim() - 1)))
+            layer.weight.copy_((layer.weight.double() * scale.reshape(shape)).float())
             new_bias = ((bias - bn.running_mean.double()) * scale + bn.bias.double()).float()
-            if conv.bias is None:
-                conv.bias = torch.nn.Parameter(new_bias)
-            else:
-                conv.bias.copy_(new_bias)
             bn.running_mean.zero_()
             bn.running_var.fill_(1.0 - bn.eps)  # (1 - eps) + eps == 1 exactly in float32
             bn.weight.fill_(1.0)
-            bn.bias.zero_()
+            if layer.bias is None:
+                # a layer without a bias (the usual conv before a BN) gets none: its state_dict
+                # keys would change; the BN keeps the folded bias (x * 1 + b, exact)
+                bn.bias.copy_(new_bias)
+            else:
+                layer.bias.copy_(new_bias)
+                bn.bias.zero_()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,56 +115,78 @@ def weight_scales(w) -> list[float]:
     return [float(s) for s in np.where(amax > 0, amax / WMAX, 1.0).astype(np.float32)]
 
 
+CALIBRATED = ("input", "conv", "linear", "add", "sub", "mul")  # kinds whose output range is measured
+
+
 def calibrate(model, plan: list[dict], x: np.ndarray, params: QuantizeSettings) -> dict[str, tuple[float, float]]:
-    """Activation ranges of the (BN-folded, float) model on calibration images ``x``: the
-    input's, and the output of each conv/linear layer (after its ReLU) but the last."""
+    """Activation ranges of the (BN-folded, float) model on calibration images ``x``: of the
+    input and of each conv/linear/add/sub/mul output (after its fused ReLU), read by an fx
+    Interpreter at each entry's tap node (the other kinds' parameters follow from these)."""
     import torch
 
-    mods = dict(model.named_children())
-    quantized = [layer for layer in plan[:-1] if layer["kind"] in ("conv", "linear")]
-    seen: dict[str, list] = {"input": []}
-    hooks = []
-    for layer in quantized:
-        seen[layer["name"]] = []
-        tap = mods[layer["relu"] or layer["name"]]
-        hooks.append(tap.register_forward_hook(lambda _m, _i, out, key=layer["name"]: seen[key].append(out.detach().clone())))
-    model.eval()
+    taps = {e["tap"]: e["name"] for e in plan if e["kind"] in CALIBRATED}
+    seen: dict[str, list] = {name: [] for name in taps.values()}
+
+    class Tap(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in taps:
+                seen[taps[n.name]].append(out.detach().clone())
+            return out
+
+    gm = torch.fx.symbolic_trace(model.eval())
     with torch.no_grad():
         for i in range(0, len(x), 256):
-            batch = to_tensor(x[i : i + 256])
-            seen["input"].append(batch)
-            model(batch)
-    for h in hooks:
-        h.remove()
+            Tap(gm).run(to_tensor(x[i : i + 256]))
     return {key: _range(torch.cat(vals), params) for key, vals in seen.items()}
 
 
+def _static(entry: dict) -> dict:
+    """The plan entry's fields a record keeps (the fx tap is calibration's business)."""
+    return {k: v for k, v in entry.items() if k not in ("name", "tap")}
+
+
 def describe(model, plan: list[dict], ranges: dict | None, params: QuantizeSettings, samples: int) -> dict:
-    """The ``ckpt["quantization"]`` record. ``layers`` maps each module name of the Sequential
-    to its spec: conv/linear: weight_scale (per output channel), relu, and in int8 mode input
-    and output activation parameters ({scale, zero_point, dtype}, dtype ``uint8`` (zero point
-    0) or ``int8``, see :func:`act_qparams`; output None for the logits); maxpool/avgpool/
-    flatten: input = output parameters (int8 mode). Version 2 added ``dtype`` (version 1: int8
-    activations only, read as such)."""
-    mods = dict(model.named_children())
+    """The ``ckpt["quantization"]`` record, version 3. ``layers`` maps each plan entry (see
+    passes/support/int8.py graph_plan), in topological order, to its spec: kind, inputs (entry
+    names), shape (at batch 1), module (conv/linear/pools/flatten: the module's name), relu
+    (fused), index (getitem); conv/linear: weight_scale (per output channel). In int8 mode each
+    entry has ``output`` activation parameters {scale, zero_point, dtype} (dtype ``uint8``, zero
+    point 0, or ``int8``, see :func:`act_qparams`; None for float logits: a conv/linear that is
+    the model's output), single-input kinds ``input`` (their input's parameters), add/sub/mul
+    ``operands`` (both inputs' parameters), sigmoid/tanh ``lut`` (the output code of each input
+    code, lowest first). ``output`` names the entry whose result the model returns.
+    Version 3 replaced version 2's Sequential-only ``layers`` (module name -> spec, each fed by
+    the one before; passes/support/int8.py upgrade reads it); version 2 added ``dtype``."""
     layers: dict[str, dict] = {}
-    current = act_qparams(*ranges["input"]) if ranges else None
-    for i, layer in enumerate(plan):
-        spec: dict[str, Any] = {"kind": layer["kind"]}
-        if layer["kind"] in ("conv", "linear"):
-            spec["weight_scale"] = weight_scales(mods[layer["name"]].weight)
-            spec["relu"] = layer["relu"] is not None
-        if ranges is not None:
-            spec["input"] = current
-            if layer["kind"] in ("conv", "linear"):
-                current = act_qparams(*ranges[layer["name"]]) if i < len(plan) - 1 else None
-            spec["output"] = current
-        layers[layer["name"]] = spec
+    int8 = ranges is not None
+    last = plan[-1]["name"]
+    for entry in plan:
+        spec: dict[str, Any] = _static(entry)
+        kind = entry["kind"]
+        if kind in WEIGHTED:
+            spec["weight_scale"] = weight_scales(model.get_submodule(entry["module"]).weight)
+        if int8:
+            ins = [layers[i]["output"] for i in entry["inputs"]]
+            if kind in ("add", "sub", "mul"):
+                spec["operands"] = ins
+            elif ins:
+                spec["input"] = ins[0]
+            if kind in WEIGHTED and entry["name"] == last:
+                spec["output"] = None  # float logits: the accumulator times the bias scale
+            elif kind in CALIBRATED:
+                spec["output"] = act_qparams(*ranges[entry["name"]])
+            elif kind in LUT_OUTPUT:
+                spec["output"] = dict(LUT_OUTPUT[kind])
+                spec["lut"] = lut(kind, spec["input"])
+            else:  # pools and data movement keep their input's parameters
+                spec["output"] = spec["input"]
+        layers[entry["name"]] = spec
     calib = {"method": params.calibration, "samples": samples}
     if params.calibration == "percentile":
         calib["percentile"] = params.percentile
     return {
-        "version": 2,
+        "version": 3,
         "mode": params.mode,
         "per_channel": True,
         "weights": "int8, symmetric per output channel, [-127, 127]",
@@ -162,6 +195,7 @@ def describe(model, plan: list[dict], ranges: dict | None, params: QuantizeSetti
         "bias": "int32, scale = input scale x weight scale" if params.mode == "int8" else "float32",
         "calibration": calib,
         "layers": layers,
+        "output": last,
     }
 
 
@@ -174,16 +208,21 @@ def quantize_weights_inplace(model, quantization: dict) -> None:
     float state_dict holds exactly the values the library stores."""
     import torch
 
+    snap_weights(model, quantization)
+    calls: dict[str, int] = {}
+    for spec in quantization["layers"].values():
+        if spec["kind"] in WEIGHTED:
+            calls[spec["module"]] = calls.get(spec["module"], 0) + 1
     with torch.no_grad():
-        for name, spec in quantization["layers"].items():
-            if spec["kind"] not in ("conv", "linear"):
+        for spec in quantization["layers"].values():
+            # a layer called more than once (shared weights) keeps its float bias: each call
+            # rounds it onto its own grid (input scale x weight scale), twin and export alike
+            if spec["kind"] not in WEIGHTED or "input" not in spec or calls[spec["module"]] > 1:
                 continue
-            m = getattr(model, name)
-            s = torch.tensor(spec["weight_scale"], dtype=torch.float32).reshape(-1, *([1] * (m.weight.dim() - 1)))
-            m.weight.copy_(weight_ints(m.weight, spec["weight_scale"]) * s)
-            if "input" in spec and m.bias is not None:
+            b = layer_bias(model, spec)
+            if b is not None:
                 sb = torch.from_numpy(bias_scale(spec["input"]["scale"], spec["weight_scale"]))
-                m.bias.copy_((bias_ints(m.bias, spec["input"]["scale"], spec["weight_scale"]) * sb.double()).float())
+                b.copy_((bias_ints(b, spec["input"]["scale"], spec["weight_scale"]) * sb.double()).float())
 
 
 def run(model, ckpt: dict, settings: QuantizeSettings, ctx):
@@ -192,7 +231,7 @@ def run(model, ckpt: dict, settings: QuantizeSettings, ctx):
     if ckpt.get("quantization"):
         raise ManifestError(f"field '{ctx.field()}': the model is already quantized (quantize is listed twice)")
     model.eval()
-    plan = layer_plan(model)
+    plan = graph_plan(model, (1, ckpt["channels"], *ckpt["image_size"]))
     fold_batchnorm(model, plan)
     ranges, n = None, 0
     if p.mode == "int8":
@@ -204,6 +243,6 @@ def run(model, ckpt: dict, settings: QuantizeSettings, ctx):
     quantize_weights_inplace(model, quantization)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     twin = fake_quant(model, quantization)
-    log.info("quantize: mode %s, %d layers, calibration %s on %d images", p.mode, len(plan), p.calibration, n)
+    log.info("quantize: mode %s, %d graph nodes, calibration %s on %d images", p.mode, len(plan), p.calibration, n)
     ckpt = dict(ckpt, state_dict=state, quantization=quantization)
     return twin, ckpt

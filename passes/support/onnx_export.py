@@ -1,11 +1,13 @@
 """Export to ONNX: a Kiln checkpoint to ONNX (batch 1), checked for parity against torch with
 ONNX Runtime on held-out images before the file is put in place.
 
-A quantized checkpoint (``ckpt["quantization"]``, passes/quantize.py) exports as a QDQ model:
-int8 weight initializers with per-output-channel DequantizeLinear (axis 0), int32 biases
-(int8 mode), and a QuantizeLinear/DequantizeLinear pair on every 8-bit activation tensor, whose
-zero point's type gives the activation's dtype (uint8 with zero point 0 for non-negative
-tensors, int8 otherwise). Its reference is the fake-quant torch twin (passes/support/int8.py);
+A quantized checkpoint (``ckpt["quantization"]``, passes/quantize.py) exports as a QDQ model
+of its graph plan (any graph in Kiln's op vocabulary, see passes/support/int8.py): int8 weight
+initializers (once per layer, also when an unrolled RNN calls it at every step) with
+per-output-channel DequantizeLinear (axis 0), int32 biases (int8 mode, per call), and a
+QuantizeLinear/DequantizeLinear pair on every 8-bit activation tensor, whose zero point's type
+gives the activation's dtype (uint8 with zero point 0 for non-negative tensors, int8
+otherwise). Its reference is the fake-quant torch twin (passes/support/int8.py);
 int8 parity is judged by argmax agreement and a logits tolerance in units of the logits' int8
 step, since ONNX Runtime rounds its own way (one int8 step here and there). ONNX Runtime runs
 the QDQ graph unfused (ORT_ENABLE_BASIC): its fused x86 int8 kernels saturate (see
@@ -24,7 +26,7 @@ import numpy as np
 from kiln.artifacts import atomic_path, sha256_file, write_json
 from kiln.errors import PassError
 from passes.support.common import load_checkpoint, load_split, to_tensor
-from passes.support.int8 import act_dtype, bias_ints, bias_scale, fake_quant, layer_plan, weight_ints
+from passes.support.int8 import act_dtype, bias_ints, bias_scale, fake_quant, layer_bias, upgrade, weight_ints
 
 log = logging.getLogger("kiln.export")
 
@@ -35,82 +37,133 @@ INT8_TOL_STEPS = 4.0  # logits tolerance, in int8 steps of the reference logits'
 
 
 def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
-    """The QDQ ONNX model of a quantized (BN-folded) Sequential: node and initializer names
-    follow the torch module names."""
+    """The QDQ ONNX model of a quantized (BN-folded) model, node by node from the record's
+    graph plan (``ckpt["quantization"]["layers"]``, topological order): Conv, Gemm, Add, Sub,
+    Mul, Sigmoid, Tanh, Relu, MaxPool, GlobalAveragePool, Flatten, Slice (+ Squeeze for an
+    integer index), each 8-bit output followed by its own QuantizeLinear/DequantizeLinear pair
+    (so the Relax lowering sees one op between a dequantize and a quantize). Node and
+    initializer names follow the plan's names (module names for the layers)."""
     import onnx
+    import torch
     from onnx import TensorProto, helper, numpy_helper
 
-
+    quantization = upgrade(quantization)
     int8 = quantization["mode"] == "int8"
-    mods = dict(model.named_children())
+    layers = quantization["layers"]
     nodes, inits = [], []
 
     def init(name, arr):
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
-    def qdq(x, qp, tag):
+    def qdq(x, qp, tag, out=None):
         """x -> QuantizeLinear -> DequantizeLinear with per-tensor uint8/int8 parameters."""
         s = init(f"{tag}.scale", np.array(qp["scale"], dtype=np.float32))
         z = init(f"{tag}.zero_point", np.array(qp["zero_point"], dtype=np.dtype(act_dtype(qp))))
+        out = out or f"{tag}.dq"
         nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [f"{tag}.q"], name=f"{tag}.quantize"))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.q", s, z], [f"{tag}.dq"], name=f"{tag}.dequantize"))
-        return f"{tag}.dq"
+        nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.q", s, z], [out], name=f"{tag}.dequantize"))
+        return out
+
+    shared: set[str] = set()
 
     def weights(name, m, spec):
-        """int8 weight (and int32 bias, int8 mode) initializers, dequantized per channel."""
-        scale = spec["weight_scale"]
-        wq = weight_ints(m.weight, scale).numpy().astype(np.int8)
-        ws = init(f"{name}.weight_scale", np.asarray(scale, dtype=np.float32))
-        wz = init(f"{name}.weight_zero_point", np.zeros(len(scale), dtype=np.int8))
-        nodes.append(helper.make_node("DequantizeLinear", [init(f"{name}.weight_q", wq), ws, wz], [f"{name}.weight"], axis=0))
-        if m.bias is None:
-            return f"{name}.weight", None
+        """int8 weight (once per module: an unrolled RNN calls its layers at every step) and
+        int32 bias (per call, int8 mode: its scale is the call's input scale x weight scale)
+        initializers, dequantized per channel."""
+        scale, mod = spec["weight_scale"], spec["module"]
+        if mod not in shared:
+            shared.add(mod)
+            wq = weight_ints(m.weight, scale).numpy().astype(np.int8)
+            ws = init(f"{mod}.weight_scale", np.asarray(scale, dtype=np.float32))
+            wz = init(f"{mod}.weight_zero_point", np.zeros(len(scale), dtype=np.int8))
+            nodes.append(helper.make_node("DequantizeLinear", [init(f"{mod}.weight_q", wq), ws, wz], [f"{mod}.weight"],
+                                          axis=0, name=f"{mod}.weight.dequantize"))
+        bias = layer_bias(model, spec)
+        if bias is None:
+            return f"{mod}.weight", None
         if not int8:
-            return f"{name}.weight", init(f"{name}.bias", m.bias.detach().numpy().astype(np.float32))
-        bq = bias_ints(m.bias, spec["input"]["scale"], scale).numpy().astype(np.int32)
+            if f"{mod}.bias" not in {i.name for i in inits}:
+                init(f"{mod}.bias", bias.detach().numpy().astype(np.float32))
+            return f"{mod}.weight", f"{mod}.bias"
+        bq = bias_ints(bias, spec["input"]["scale"], scale).numpy().astype(np.int32)
         bs = init(f"{name}.bias_scale", bias_scale(spec["input"]["scale"], scale))
         bz = init(f"{name}.bias_zero_point", np.zeros(len(scale), dtype=np.int32))
         nodes.append(helper.make_node("DequantizeLinear", [init(f"{name}.bias_q", bq), bs, bz], [f"{name}.bias"], axis=0))
-        return f"{name}.weight", f"{name}.bias"
+        return f"{mod}.weight", f"{name}.bias"
 
-    x = INPUT
-    plan = layer_plan(model)
-    first = quantization["layers"][plan[0]["name"]]
-    if int8:
-        x = qdq(x, first["input"], INPUT)
-    for i, layer in enumerate(plan):
-        name, spec, m = layer["name"], quantization["layers"][layer["name"]], mods[layer["name"]]
-        out = OUTPUT if i == len(plan) - 1 else f"{name}.out"
-        kind = layer["kind"]
+    def ints(name, values):
+        return init(name, np.asarray(values, dtype=np.int64))
+
+    def emit(name, spec, xs, out):
+        kind = spec["kind"]
+        m = model.get_submodule(spec["module"]) if "module" in spec else None
+        relu = spec.get("relu")
+        y = f"{name}.pre_relu" if relu else out
         if kind in ("conv", "linear"):
             w, b = weights(name, m, spec)
-            y = f"{name}.acc" if layer["relu"] else out
             if kind == "conv":
                 if m.padding_mode != "zeros" or isinstance(m.padding, str):
                     raise PassError(f"export: conv '{name}': padding {m.padding!r} ({m.padding_mode}) has no QDQ export")
                 ph, pw = m.padding
-                nodes.append(helper.make_node("Conv", [x, w] + ([b] if b else []), [y], name=name,
+                nodes.append(helper.make_node("Conv", [xs[0], w] + ([b] if b else []), [y], name=name,
                                               kernel_shape=list(m.kernel_size), strides=list(m.stride),
                                               pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups))
             else:
-                nodes.append(helper.make_node("Gemm", [x, w] + ([b] if b else []), [y], name=name, transB=1))
-            if layer["relu"]:
-                nodes.append(helper.make_node("Relu", [y], [out], name=f"{name}.relu"))
+                nodes.append(helper.make_node("Gemm", [xs[0], w] + ([b] if b else []), [y], name=name, transB=1))
+        elif kind in ("add", "sub", "mul"):
+            nodes.append(helper.make_node(kind.capitalize(), xs, [y], name=name))
+        elif kind in ("sigmoid", "tanh"):
+            nodes.append(helper.make_node(kind.capitalize(), xs, [out], name=name))
+        elif kind == "relu":
+            nodes.append(helper.make_node("Relu", xs, [out], name=name))
         elif kind == "maxpool":
-            if m.dilation not in (1, (1, 1)):
-                raise PassError(f"export: max-pool '{name}': dilation {m.dilation} has no QDQ export")
             k, s, p = (v if isinstance(v, (tuple, list)) else (v, v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
-            nodes.append(helper.make_node("MaxPool", [x], [out], name=name, kernel_shape=list(k), strides=list(s),
+            nodes.append(helper.make_node("MaxPool", xs, [out], name=name, kernel_shape=list(k), strides=list(s),
                                           pads=[p[0], p[1], p[0], p[1]], ceil_mode=int(m.ceil_mode)))
         elif kind == "avgpool":
-            nodes.append(helper.make_node("GlobalAveragePool", [x], [out], name=name))
+            nodes.append(helper.make_node("GlobalAveragePool", xs, [out], name=name))
         elif kind == "flatten":
-            nodes.append(helper.make_node("Flatten", [x], [out], name=name, axis=1))
-        x = out
-        if int8 and spec.get("output") is not None:
-            x = qdq(x, spec["output"], name)
-    out_shape = [shape[0], mods[plan[-1]["name"]].out_features]
+            nodes.append(helper.make_node("Flatten", xs, [out], name=name, axis=1))
+        elif kind == "getitem":
+            sliced = [(d, it) for d, it in enumerate(spec["index"])
+                      if d > 0 and (it[0] == "i" or it[1:] != [0, in_shape(spec)[d], 1])]
+            squeeze = [d for d, it in enumerate(spec["index"]) if it[0] == "i"]
+            starts = [it[1] for _, it in sliced]
+            ends = [it[1] + 1 if it[0] == "i" else it[2] for _, it in sliced]
+            steps = [1 if it[0] == "i" else it[3] for _, it in sliced]
+            axes = [d for d, _ in sliced]
+            z = f"{name}.slice" if squeeze else out
+            nodes.append(helper.make_node("Slice", [xs[0], ints(f"{name}.starts", starts), ints(f"{name}.ends", ends),
+                                                    ints(f"{name}.axes", axes), ints(f"{name}.steps", steps)],
+                                          [z], name=name))
+            if squeeze:
+                if int8:  # one op between each dequantize and quantize
+                    z = qdq(z, spec["output"], f"{name}.slice")
+                nodes.append(helper.make_node("Squeeze", [z, ints(f"{name}.squeeze_axes", squeeze)], [out],
+                                              name=f"{name}.squeeze"))
+        else:
+            raise PassError(f"export: node '{name}' of kind {kind!r} has no QDQ export")
+        if relu and kind not in ("sigmoid", "tanh", "relu"):
+            nodes.append(helper.make_node("Relu", [y], [out], name=f"{name}.relu"))
+
+    def in_shape(spec):
+        return layers[spec["inputs"][0]]["shape"]
+
+    names: dict[str, str] = {}
+    out_name = quantization["output"]
+    for name, spec in layers.items():
+        if spec["kind"] == "input":
+            names[name] = qdq(INPUT, spec["output"], INPUT) if int8 else INPUT
+            continue
+        coded = int8 and spec.get("output") is not None
+        out = OUTPUT if name == out_name and not coded else f"{name}.out"
+        emit(name, spec, [names[i] for i in spec["inputs"]], out)
+        if coded:  # the model's own output, if 8-bit, is its dequantized codes under Kiln's name
+            out = qdq(out, spec["output"], name, OUTPUT if name == out_name else None)
+        names[name] = out
+    with torch.no_grad():
+        out_shape = list(model(torch.zeros(shape)).shape)
     graph = helper.make_graph(nodes, "kiln_qdq", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, out_shape)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kiln")
@@ -132,11 +185,18 @@ def export_checkpoint(model_pt: Path, data_dir: Path, out_onnx: Path, out_json: 
                       atol: float = 1e-4) -> dict:
     """Export the checkpoint ``model_pt`` to ``out_onnx`` once it agrees with torch on the first
     ``samples`` validation images of ``data_dir``; its report (shape, parity) to ``out_json``."""
+    model, ckpt = load_checkpoint(model_pt)
+    return export_model(model, ckpt, data_dir, out_onnx, out_json, samples, atol)
+
+
+def export_model(model, ckpt: dict, data_dir: Path, out_onnx: Path, out_json: Path, samples: int = 64,
+                 atol: float = 1e-4) -> dict:
+    """:func:`export_checkpoint` of a model already built (the float model of ``ckpt``, its
+    weights as the checkpoint holds them; a quantized checkpoint's twin is made here)."""
     import onnx
     import onnxruntime as ort
     import torch
 
-    model, ckpt = load_checkpoint(model_pt)
     quant = ckpt.get("quantization")
     shape = (1, ckpt["channels"], *ckpt["image_size"])
     x, _ = load_split(data_dir, "val")

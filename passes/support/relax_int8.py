@@ -19,9 +19,19 @@ asymmetric; weights are symmetric ``int8`` per output channel.
   separate pad kernel) and ``B'`` is the int32 bias minus ``zp_x * sum(Wq)``;
 * dense: ``matmul(dequantize(xq), permute_dims(dequantize(Wq))) + bias`` -> ``matmul(xq, Wq^T,
   out_dtype=int32) + B'``, requantized to 8 bits, or to float logits (``* s_x * s_w``);
-* ``quantize(max_pool2d | reshape (dequantize(xq)))`` with the same parameters -> the op on
-  the 8-bit codes; ``quantize(mean(dequantize(xq)))`` -> an integer sum and one multiply;
-  ``quantize(dequantize(xq))`` with the same parameters -> ``xq``;
+* add / sub: ``quantize(relu?(add | subtract(dequantize(a), dequantize(b))))`` -> integer
+  fixed point in int64: ``((a - za) * Ma +- (b - zb) * Mb + 2^(S-1)) >> S + zp``, clipped
+  (int8.py add_multipliers): no float op, so no platform's fused multiply-add changes a code;
+* mul: ``quantize(relu?(multiply(dequantize(a), dequantize(b))))`` -> ``(a - za) * (b - zb)``
+  in int32 (exact), ``astype(float32) * M``, round, + zp, clip (one float op: exact IEEE);
+* sigmoid / tanh: ``quantize(sigmoid | tanh(dequantize(xq)))`` -> ``take(table, xq - qmin)``,
+  the 256-entry table (int8.py lut) computed from the same float32 scales as the twin's;
+* data movement: ``quantize(op(dequantize(xq), ...))`` with the same parameters, ``op`` one of
+  MOVE_OPS (what the frontend makes of MaxPool, Slice, Squeeze, Reshape, Flatten, Gather,
+  Transpose, Unsqueeze) -> the op on the 8-bit codes; ``quantize(relu(dequantize(xq)))`` with
+  the same parameters -> ``maximum(xq, zp)``; ``quantize(mean(dequantize(xq)))`` -> an integer
+  sum and one multiply; ``quantize(dequantize(xq))`` with the same parameters -> ``xq``; a
+  ``dequantize`` of codes left at the end (a model whose output is 8-bit) -> ``(q - zp) * s``;
 * weight-only: ``relu?(conv2d | matmul (x, dequantize(Wq)) + bias?)`` with float ``x`` -> one
   TE kernel (``call_tir``) that dequantizes the int8 weight inside it, so the library keeps
   int8 weights.
@@ -37,7 +47,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from passes.support.int8 import ACT_RANGE, act_range, requant_multiplier
+from passes.support.int8 import ACT_RANGE, act_range, add_multipliers, lut, mul_multiplier, requant_multiplier
+
+# data-movement ops of the ONNX frontend that work on codes unchanged (Slice, Squeeze, Reshape,
+# Flatten, Gather, Transpose, Unsqueeze, MaxPool)
+MOVE_OPS = ("relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.strided_slice", "relax.squeeze",
+            "relax.take", "relax.permute_dims", "relax.expand_dims")
 
 
 class _Skip(Exception):
@@ -143,6 +158,17 @@ def _requantize(acc, mult: np.ndarray, shape: tuple[int, ...], zp_out: int | Non
         y = relax.op.add(y, relax.const(np.float32(zp_out)))
     lo = max(qmin, zp_out) if relu else qmin
     y = relax.op.clip(y, float(lo), float(qmax))
+    return relax.op.astype(y, dtype)
+
+
+def _clip_int(y, dtype: str, zp_out: int, relu: bool):
+    """Integer codes clipped to ``dtype``'s range (from the zero point up after a ReLU), cast."""
+    from tvm import relax
+
+    qmin, qmax = act_range(dtype)
+    lo = max(qmin, zp_out) if relu else qmin
+    y = relax.op.maximum(y, relax.const(lo, "int64"))
+    y = relax.op.minimum(y, relax.const(qmax, "int64"))
     return relax.op.astype(y, dtype)
 
 
@@ -331,6 +357,157 @@ class _Rewrites:
 
         return root, rewrite
 
+    # -- add / sub / mul of two 8-bit tensors -------------------------------------------------
+    def _binary(self, ops: tuple[str, ...]):
+        """(root pattern, the two codes, their dequantizes, the op, the relu) of
+        ``quantize(relu?(op(dequantize(a), dequantize(b))))``."""
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        a, b = wildcard(), wildcard()
+        da, db = _dq(a), _dq(b)
+        op = is_op(ops[0])(da, db)
+        for name in ops[1:]:
+            op = op | is_op(name)(da, db)
+        relu = is_op("relax.nn.relu")(op)
+        root = is_op("relax.quantize")(relu | op, is_const(), is_const())
+        return root, a, b, da, db, op, relu
+
+    def add_sub_int8(self):
+        """Integer fixed point (int8.py add_multipliers): ((a - za) * Ma +- (b - zb) * Mb +
+        2^(S-1)) >> S, + zp, clip: no float op, the same result on every platform."""
+        from tvm import relax
+
+        root, a, b, da, db, op, relu = self._binary(("relax.add", "relax.subtract"))
+
+        def rewrite(orig, m):
+            _act_dtype(m[a]), _act_dtype(m[b])
+            out_dtype, (s_a, z_a), (s_out, z_out) = _in_out(orig, m[a], m[da])
+            s_b, z_b = _per_tensor(m[db])
+            ma, mb, shift = add_multipliers(s_a, s_b, s_out)
+
+            def term(codes, zp, mult):
+                v = relax.op.astype(codes, "int64")
+                if zp:
+                    v = relax.op.subtract(v, relax.const(zp, "int64"))
+                return relax.op.multiply(v, relax.const(mult, "int64"))
+
+            combine = relax.op.add if m[op].op.name == "relax.add" else relax.op.subtract
+            acc = combine(term(m[a], z_a, ma), term(m[b], z_b, mb))
+            acc = relax.op.add(acc, relax.const(1 << (shift - 1), "int64"))
+            y = relax.op.right_shift(acc, relax.const(shift, "int64"))
+            if z_out:
+                y = relax.op.add(y, relax.const(z_out, "int64"))
+            return _clip_int(y, out_dtype, z_out, relu in m)
+
+        return root, rewrite
+
+    def mul_int8(self):
+        """(a - za) * (b - zb) in int32 (exact), float32 times one multiplier, round, + zp, clip."""
+        from tvm import relax
+
+        root, a, b, da, db, op, relu = self._binary(("relax.multiply",))
+
+        def rewrite(orig, m):
+            _act_dtype(m[a]), _act_dtype(m[b])
+            out_dtype, (s_a, z_a), (s_out, z_out) = _in_out(orig, m[a], m[da])
+            s_b, z_b = _per_tensor(m[db])
+
+            def centred(codes, zp):
+                v = relax.op.astype(codes, "int32")
+                return relax.op.subtract(v, relax.const(zp, "int32")) if zp else v
+
+            prod = relax.op.multiply(centred(m[a], z_a), centred(m[b], z_b))
+            mult = np.asarray([mul_multiplier(s_a, s_b, s_out)], dtype=np.float32)
+            return _requantize(prod, mult, (), z_out, relu in m, out_dtype)
+
+        return root, rewrite
+
+    # -- sigmoid / tanh: a table over the input codes -----------------------------------------
+    def lut_int8(self):
+        from tvm import relax
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        xq = wildcard()
+        x = _dq(xq)
+        fn = is_op("relax.sigmoid")(x) | is_op("relax.tanh")(x)
+        root = is_op("relax.quantize")(fn, is_const(), is_const())
+
+        def rewrite(orig, m):
+            out_dtype, (s_x, zp_x), (s_out, zp_out) = _in_out(orig, m[xq], m[x])
+            in_dtype = _act_dtype(m[xq])
+            kind = m[fn].op.name.split(".")[-1]
+            table = lut(kind, {"scale": s_x, "zero_point": zp_x, "dtype": in_dtype},
+                        {"scale": s_out, "zero_point": zp_out, "dtype": out_dtype})
+            lo, _ = act_range(in_dtype)
+            idx = relax.op.astype(m[xq], "int32")
+            if lo:
+                idx = relax.op.subtract(idx, relax.const(lo, "int32"))
+            return relax.op.take(relax.const(np.asarray(table, dtype=out_dtype)), idx, axis=0)
+
+        return root, rewrite
+
+    def relu_int8(self):
+        """quantize(relu(dequantize(xq))) with unchanged parameters -> max(xq, zp)."""
+        from tvm import relax
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        xq = wildcard()
+        x = _dq(xq)
+        root = is_op("relax.quantize")(is_op("relax.nn.relu")(x), is_const(), is_const())
+
+        def rewrite(orig, m):
+            dtype = _act_dtype(m[xq])
+            if dtype != str(orig.attrs.out_dtype) or _per_tensor(m[x]) != _per_tensor(orig):
+                raise _Skip
+            return relax.op.maximum(m[xq], relax.const(np.asarray(_per_tensor(orig)[1], dtype=dtype)))
+
+        return root, rewrite
+
+    def moves(self):
+        """quantize(op(dequantize(xq), ...)) with unchanged parameters, ``op`` a data-movement op
+        (the ONNX frontend's Slice, Squeeze, Reshape, Flatten, Gather, Transpose, MaxPool) ->
+        the same op on the 8-bit codes."""
+        from tvm import relax
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        xq = wildcard()
+        x = _dq(xq)
+        op = None
+        for name in MOVE_OPS:
+            p = is_op(name)(x, varg_default_wildcard=True)
+            op = p if op is None else op | p
+        root = is_op("relax.quantize")(op, is_const(), is_const())
+
+        def rewrite(orig, m):
+            if _act_dtype(m[xq]) != str(orig.attrs.out_dtype) or _per_tensor(m[x]) != _per_tensor(orig):
+                raise _Skip
+            call = m[op]
+            return relax.Call(call.op, [m[xq], *call.args[1:]], call.attrs, call.ty_args)
+
+        return root, rewrite
+
+    def dequantize_output(self):
+        """A dequantize left at the end (a model whose output is 8-bit codes): (q - zp) * s in
+        float32, as the twin's last step."""
+        from tvm import relax
+        from tvm.ir.expr import Constant
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        xq = wildcard()
+        root = is_op("relax.dequantize")(xq, is_const(), is_const())
+
+        def rewrite(orig, m):
+            if isinstance(m[xq], Constant):
+                raise _Skip
+            _act_dtype(m[xq])
+            s, zp = _per_tensor(orig)
+            y = relax.op.astype(m[xq], "float32")
+            if zp:
+                y = relax.op.subtract(y, relax.const(np.float32(zp)))
+            return relax.op.multiply(y, relax.const(np.float32(s)))
+
+        return root, rewrite
+
     # -- weight-only ------------------------------------------------------------------------------
     def weight_only(self, kind: str):
         """relu?(op(x, dequantize(Wq)) + bias?) with float x: one kernel, int8 weight inside."""
@@ -438,7 +615,8 @@ def lower(mod):
     bb = relax.BlockBuilder(mod)
     rw = _Rewrites(bb)
     order = [rw.conv_int8(), rw.dense_int8(), rw.dense_float_out(True), rw.dense_float_out(False),
-             rw.mean_int8(), rw.same_params(), rw.weight_only("conv"), rw.weight_only("dense")]
+             rw.mean_int8(), rw.add_sub_int8(), rw.mul_int8(), rw.lut_int8(), rw.relu_int8(), rw.moves(),
+             rw.same_params(), rw.weight_only("conv"), rw.weight_only("dense"), rw.dequantize_output()]
     for gv, func in funcs:
         for pattern, rewriter in order:
             func = rewrite_call(pattern, _or_original(rewriter), func)
