@@ -10,8 +10,13 @@ weights) stay zero. The layer is then coded as
   (Deep Compression's relative indices), Huffman coded over the symbols 0 .. E = 2**index_bits
   - 1, where E means "E zeros, no weight yet" so any run fits;
 * the codebook (4 B per used centroid), the canonical Huffman tables (1 B per code length),
-  a header of 8 B (counts), and per output channel the folded bias (4 B) plus, for a conv with
-  BatchNorm after it, the BN scale (4 B): BN folds on the board, after decoding.
+  a header of 8 B (counts), and per output channel the folded bias (4 B) plus, for a conv (or
+  linear) with a BatchNorm after it in the fx graph, the BN scale (4 B): BN folds on the board,
+  after decoding.
+
+Every Conv2d and Linear anywhere in the module tree is coded (``weight_layers``: nested blocks,
+a recurrent cell's gate layers, a shortcut conv), once even when the forward calls it at every
+step.
 
 ``coded_bytes`` (the sum, in whole bytes per stream) goes to ``ckpt["weight_coding"]`` with a
 per-layer breakdown. Every layer's streams are decoded again and checked against the shared
@@ -34,7 +39,7 @@ import numpy as np
 
 from kiln.errors import PassError
 from kiln.schema import WeightCodingSettings
-from passes.support.common import load_split, stored_weight_bytes, weight_layers, weights_sha256
+from passes.support.common import bn_after, load_split, stored_weight_bytes, trace, weight_layers, weights_sha256
 from passes.support.training import fit
 
 log = logging.getLogger("kiln.weight_coding")
@@ -183,11 +188,33 @@ def code_layer(w: np.ndarray, bits: int, index_bits: int, iterations: int) -> tu
 
 
 def _followed_by_bn(model) -> set[str]:
-    """Names of the convs whose next module is a BatchNorm (their scale is stored per channel)."""
+    """Names of the conv/linear layers with a BatchNorm folded into them (a BatchNorm2d applied
+    to a conv's output, a BatchNorm1d to a linear's, and to nothing else): each stores its BN
+    scale per output channel. Read from the fx graph, so it holds for any graph (a residual
+    block's shortcut conv, a module's BN declared far from its conv); a model fx cannot trace
+    falls back to module order (a BN declared right after its layer), with a warning."""
     import torch.nn as nn
 
+    try:
+        return set(bn_after(model))
+    except PassError as e:
+        log.warning("weight coding: %s; BatchNorm after a layer is read from module order instead", e)
     mods = list(model.named_modules())
-    return {n for (n, m), (_, nxt) in zip(mods, mods[1:]) if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d)}
+    return {n for (n, m), (_, nxt) in zip(mods, mods[1:])
+            if (isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d))
+            or (isinstance(m, nn.Linear) and isinstance(nxt, nn.BatchNorm1d))}
+
+
+def _first_layer(model):
+    """The conv/linear layer that reads the input (the first called in the fx graph; without a
+    graph, the first in module order)."""
+    layers = dict(weight_layers(model))
+    try:
+        gm = trace(model, "weight coding")
+    except PassError:
+        return next(iter(layers.values()), None)
+    return next((layers[n.target] for n in gm.graph.nodes if n.op == "call_module" and n.target in layers),
+                next(iter(layers.values()), None))
 
 
 def share(model, bits_of) -> dict[str, tuple[Any, Any]]:
@@ -226,11 +253,12 @@ def tie_to_clusters(model, clusters) -> None:
 
 
 class _Bits:
-    """Index bits of a layer: first_bits for the first conv, linear_bits for linear layers."""
+    """Index bits of a layer: first_bits for the layer reading the input (unless it is linear),
+    linear_bits for linear layers."""
 
     def __init__(self, s: WeightCodingSettings, model):
         self.s, self.iterations = s, s.iterations
-        self.first = weight_layers(model)[0][1]
+        self.first = _first_layer(model)
 
     def __call__(self, m) -> int:
         import torch.nn as nn
@@ -253,7 +281,8 @@ def run(model, ckpt: dict, settings: WeightCodingSettings, ctx) -> tuple[Any, di
         xtr, ytr = load_split(ctx.data_dir, "train")
         fit(model, xtr, ytr, epochs=s.finetune_epochs, batch=cfg.batch, lr=s.finetune_lr or cfg.lr / 3,
             aug=ctx.project.dataset.augment, gen=torch.Generator().manual_seed(ctx.seed),
-            after_step=lambda m: tie_to_clusters(m, clusters), tag=f"weight coding {ctx.project.name}")
+            after_step=lambda m: tie_to_clusters(m, clusters), tag=f"weight coding {ctx.project.name}",
+            loss=getattr(ctx.project.architecture, "objective", "classification"))
     bn_convs = _followed_by_bn(model)
     layers, total = [], 0
     for name, m in weight_layers(model):

@@ -60,15 +60,103 @@ def load_checkpoint(path: Path):
 
 
 def rebuild(ckpt: dict[str, Any]):
-    """The model a checkpoint dict describes (its architecture, widths included, and weights)."""
+    """The model a checkpoint dict describes: its architecture built by its family, every layer
+    resized to the shapes its saved weights have (``adopt_shapes``), then the weights loaded.
+
+    Resizing from the saved tensors, rather than replaying the recorded pruning, is what makes
+    any family's pruned graph rebuild: structured pruning only ever narrows conv, linear and
+    BatchNorm layers (torch-pruning removes channels in place; the forward code is unchanged),
+    so the saved shapes say everything, and a checkpoint written by any version of the prune
+    pass (or by hand) loads without its pruning history. The cnn family's pruned
+    ``architecture.widths`` already build the right shapes; then nothing is resized."""
     from kiln.nets import build
     from kiln.schema import parse_architecture
 
     arch = parse_architecture(ckpt["architecture"])
-    model = build(arch, ckpt["channels"], ckpt["num_classes"], tuple(ckpt["image_size"]))
-    model.load_state_dict(ckpt["state_dict"])
+    return restore(build(arch, ckpt["channels"], ckpt["num_classes"], tuple(ckpt["image_size"])), ckpt["state_dict"])
+
+
+def restore(model, state_dict: dict[str, Any]):
+    """``model`` (freshly built, unpruned) resized to ``state_dict``'s shapes, loaded, in eval
+    mode: what ``rebuild`` does once the family has built the model."""
+    adopt_shapes(model, state_dict)
+    model.load_state_dict(state_dict)
     model.eval()
     return model
+
+
+def adopt_shapes(model, state_dict: dict[str, Any]) -> list[str]:
+    """Resize in place each Conv2d, Linear and BatchNorm of ``model`` whose tensors in
+    ``state_dict`` have other shapes: channels/features from the saved weight, and for a
+    depthwise conv (groups = in = out channels) its groups too, so it stays depthwise. Returns
+    the names of the resized layers. A tensor whose shape no resize explains (a kernel size, a
+    missing key) is left for ``load_state_dict`` to refuse, naming it."""
+    import torch
+    import torch.nn as nn
+
+    resized = []
+    for name, m in model.named_modules():
+        pre = f"{name}." if name else ""
+        w = state_dict.get(pre + "weight")
+        if w is None or not isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)):
+            continue
+        if tuple(w.shape) == tuple(m.weight.shape):
+            continue
+        if w.dim() != m.weight.dim() or (isinstance(m, nn.Conv2d) and tuple(w.shape[2:]) != tuple(m.weight.shape[2:])):
+            continue  # not a narrower layer: load_state_dict names the mismatch
+        if isinstance(m, nn.Conv2d):
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            if depthwise and w.shape[1] != 1:
+                continue
+            out = w.shape[0]
+            groups = out if depthwise else m.groups
+            m.out_channels, m.groups, m.in_channels = out, groups, w.shape[1] * groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = w.shape[0], w.shape[1]
+        else:
+            m.num_features = w.shape[0]
+            for buf in ("running_mean", "running_var"):
+                if getattr(m, buf, None) is not None:
+                    setattr(m, buf, torch.zeros(w.shape[0]))
+        m.weight = nn.Parameter(torch.empty(w.shape, dtype=m.weight.dtype))
+        if m.bias is not None and (pre + "bias") in state_dict:
+            m.bias = nn.Parameter(torch.empty(state_dict[pre + "bias"].shape, dtype=m.bias.dtype))
+        resized.append(name)
+    return resized
+
+
+def trace(model, what: str = "this pass"):
+    """The torch.fx graph of ``model``: the passes read a net's structure from it (which layer
+    feeds which), not from module order, so any family's graph works. A module fx cannot trace
+    is refused with the reason."""
+    import torch.fx
+
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...: all mean "not traceable"
+        raise PassError(f"{what} needs a model torch.fx can trace (Kiln's op vocabulary): {type(model).__name__} "
+                        f"does not trace ({type(e).__name__}: {e})") from e
+
+
+def bn_after(model, gm=None) -> dict[str, str]:
+    """Conv2d/Linear name -> name of the BatchNorm2d/BatchNorm1d applied directly to its output
+    and to nothing else, from the fx graph: the BN that folds into that layer on the board."""
+    import torch.nn as nn
+
+    gm = gm if gm is not None else trace(model, "finding BatchNorm after conv/linear layers")
+    mods = dict(model.named_modules())
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), (nn.Conv2d, nn.Linear)):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            continue
+        bn, layer = mods.get(users[0].target), mods[node.target]
+        if (isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or (
+                isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d)):
+            out[node.target] = users[0].target
+    return out
 
 
 def weight_bytes(model) -> int:

@@ -28,29 +28,31 @@ def settings(**s) -> PruneSettings:
 
 
 @pytest.mark.parametrize("head", ["gap", "flatten"])
-def test_shrink_computes_what_the_masked_model_computes(head):
+def test_pruned_cnn_computes_what_the_masked_model_computes(head):
     torch.manual_seed(0)
     arch = {"family": "cnn", "widths": [6, 10, 12], "head": head, "max_macs": 10**9}
     ckpt = {"architecture": arch, "channels": 3, "num_classes": 5, "image_size": [16, 16]}
     model = build(parse_architecture(arch), 3, 5, (16, 16))
     randomize_bn(model)
     model.eval()
-    keep = prune.filters_to_keep(model, [3, 5, 7])
-    masked = copy.deepcopy(model)
-    prune.mask_filters(masked, keep)
-    small = prune.shrink(model, ckpt, keep).eval()
-
+    original = copy.deepcopy(model)
     x = torch.rand(4, 3, 16, 16)
+    removed = prune.Structured(model, x, amount=0.5, steps=1).step()
+    # the original with the removed channels' readers zeroed computes what the pruned model does
+    masked = copy.deepcopy(original)
     with torch.no_grad():
-        assert torch.allclose(small(x), masked(x), atol=1e-5)
-        assert not torch.allclose(model(x), masked(x), atol=1e-3)  # something was removed
-    big, little = measure(model, (3, 16, 16)), measure(small, (3, 16, 16))
+        for members in removed:
+            prune.mask_inputs(masked, members)
+        assert torch.allclose(model(x), masked(x), atol=1e-5)
+        assert not torch.allclose(original(x), masked(x), atol=1e-3)  # something was removed
+    big, little = measure(original, (3, 16, 16)), measure(model, (3, 16, 16))
     assert little.params < big.params and little.macs < big.macs
-    assert [m.out_channels for m in small.modules() if isinstance(m, torch.nn.Conv2d)] == [3, 5, 7]
-    # the checkpoint with the new widths rebuilds the same model
-    again = rebuild(dict(ckpt, architecture=dict(arch, widths=[3, 5, 7]), state_dict=small.state_dict()))
+    assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [3, 5, 6]
+    assert model[-1].out_features == 5  # the classifier keeps its classes
+    # the checkpoint with the narrowed widths rebuilds the same model
+    again = rebuild(dict(ckpt, architecture=dict(arch, widths=[3, 5, 6]), state_dict=model.state_dict()))
     with torch.no_grad():
-        assert torch.equal(again(x), small(x))
+        assert torch.equal(again(x), model(x))
 
 
 def test_filters_kept_are_those_of_largest_folded_l1_norm():
@@ -60,8 +62,9 @@ def test_filters_kept_are_those_of_largest_folded_l1_norm():
         conv = model[0]
         conv.weight.copy_(torch.tensor([1.0, 4.0, 2.0, 3.0])[:, None, None, None].expand_as(conv.weight))
         model[1].weight.copy_(torch.tensor([1.0, 1.0, 4.0, 1.0]))  # BN scale: filter 2 counts 8
-    keep = prune.filters_to_keep(model, [2])
-    assert keep[0].tolist() == [1, 2]
+    prune.Structured(model, torch.rand(2, 1, 4, 4), amount=0.5, steps=1).step()
+    assert model[0].weight[:, 0, 0, 0].tolist() == [4.0, 2.0]  # filters 1 and 2 kept, in order
+    assert model[1].weight.tolist() == [1.0, 4.0]
 
 
 def test_structured_pass_removes_channels_and_the_checkpoint_round_trips(small_trained, tmp_path):

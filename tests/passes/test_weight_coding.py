@@ -9,10 +9,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from kiln.schema import PruneSettings, WeightCodingSettings
 from passes import compress, prune, weight_coding as wc
 from passes.support.common import load_checkpoint, stored_weight_bytes, weight_layers
+from tests.passes.test_prune_graphs import LSTM, ResNet, mlp
 
 
 def ctx(project, data, name="weight_coding", index=0):
@@ -96,3 +98,42 @@ def test_weight_coding_is_deterministic_and_dense_layers_code_no_positions(small
     assert outs[0] == outs[1]
     assert all(layer["position_bytes"] == 0 for layer in outs[0]["layers"])
     assert outs[0]["coded_bytes"] < outs[0]["fp32_bytes"] / 3
+
+
+class _Late(nn.Module):
+    """The conv that reads the input is declared second: module order does not say which is first."""
+
+    def __init__(self):
+        super().__init__()
+        self.b, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.pool, self.flat, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.pool(self.bn(self.b(torch.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize("make, with_bn, first", [
+    (ResNet, {"stem", "c1", "c2", "c3", "c4", "sc"}, "stem"),  # sc's BN is declared first of all
+    (mlp, {"1", "4"}, "1"),                                     # Linear + BatchNorm1d
+    (LSTM, {"conv"}, "conv"),                                   # gate layers called every step, coded once
+    (_Late, {"b"}, "a"),
+])
+def test_weight_coding_reads_the_graph(make, with_bn, first, small_trained):
+    """Every conv/linear anywhere in the tree is coded once; BatchNorm after a layer (whose
+    scale is stored per channel) and the layer that reads the input come from the fx graph."""
+    project, data, _ = small_trained
+    torch.manual_seed(0)
+    model = make().eval()
+    names = [n for n, _ in weight_layers(model)]
+    model, out = wc.run(model, {"architecture": {}}, WeightCodingSettings(bits=3, first_bits=6, linear_bits=3,
+                                                                        finetune_epochs=0), ctx(project, data))
+    layers = {layer["name"]: layer for layer in out["weight_coding"]["layers"]}
+    assert list(layers) == names
+    mods = dict(model.named_modules())
+    for name, layer in layers.items():
+        outs = mods[name].weight.shape[0]
+        assert layer["bias_bytes"] == 4 * outs * (2 if name in with_bn else 1), name
+        assert layer["bits"] == (6 if name == first and isinstance(mods[name], nn.Conv2d) else 3), name
+        assert layer["clusters"] <= 2 ** layer["bits"]
+    assert out["weight_coding"]["coded_bytes"] < out["weight_coding"]["fp32_bytes"] / 3
