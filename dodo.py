@@ -187,13 +187,24 @@ def task_data():
                             matches_record(lay.data / "data.json", listed="files")]}
 
 
+def arch_inputs(p) -> list[str]:
+    """The team's own files an architecture names (family module's model.py, family onnx's
+    .onnx): every stage that rebuilds the model reads them, so editing one reruns those stages."""
+    arch = p.architecture
+    return [str(getattr(arch, f)) for f in ("file", "path") if isinstance(getattr(arch, f, None), str)]
+
+
 def task_train():
     """Train the app's network with PyTorch; keep the best validation checkpoint."""
     for app, p in APPS.items():
         lay = Layout(app)
-        yield {"name": app, "doc": f"train {app}", "actions": [(stale_report, [lay]), (run, ["passes.train:run", p, lay])],
+        # a family Kiln does not train (family: onnx) is imported instead: its file is an input
+        trains = getattr(type(p.architecture), "trains", True)
+        stage = "passes.train" if trains else "passes.import_model"
+        yield {"name": app, "doc": f"train {app}" if trains else f"import {app}'s model (not trained)",
+               "actions": [(stale_report, [lay]), (run, [f"{stage}:run", p, lay])],
                "file_dep": [str(lay.data / "train.npz"), str(lay.data / "val.npz"), str(lay.data / "test.npz"),
-                            *sources.files("passes.train", module_name(p.architecture))],
+                            *arch_inputs(p), *sources.files(stage, module_name(p.architecture))],
                "targets": [str(lay.model_pt), str(lay.metrics)],
                "uptodate": [config_changed({"training": p.training.model_dump(), "architecture": p.architecture.model_dump(),
                                             "augment": p.dataset.augment.model_dump()})]}
@@ -207,7 +218,7 @@ def task_compress():
         board = BOARDS.get(LIBRARY_BOARD) if comp.library_bytes else None
         yield {"name": app, "doc": f"compress {app}", "actions": [(stale_report, [lay]), (run, ["passes.compress:run", p, lay, board])],
                "file_dep": [str(lay.model_pt), str(lay.data / "train.npz"), str(lay.data / "val.npz"),
-                            *sources.files("passes.compress", module_name(p.architecture),
+                            *arch_inputs(p), *sources.files("passes.compress", module_name(p.architecture),
                                            *(module_name(s) for s in comp.passes))],
                "targets": [str(lay.compressed_pt), str(lay.compress_json)],
                "uptodate": [config_changed({"compression": comp.model_dump(),
@@ -220,7 +231,7 @@ def task_export():
         lay = Layout(app)
         yield {"name": app, "doc": f"export {app} to ONNX", "actions": [(stale_report, [lay]), (run, ["passes.export_onnx:run", p, lay])],
                "file_dep": [str(lay.compressed_pt), str(lay.data / "val.npz"),
-                            *sources.files("passes.export_onnx", module_name(p.architecture))],
+                            *arch_inputs(p), *sources.files("passes.export_onnx", module_name(p.architecture))],
                "targets": [str(lay.onnx), str(lay.export_json)],
                "uptodate": [matches_record(lay.export_json, {lay.onnx: "sha256"})]}
 
