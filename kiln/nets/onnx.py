@@ -67,7 +67,8 @@ def problems(model, vocabulary: bool = False) -> list[str]:
     graph = model.graph
     consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     known = tvm_operators()
-    out: list[str] = []
+    out: list[str] = []  # dynamic patterns; operators TVM lacks go first (`ops`): often the cause
+    ops: list[str] = []  # of the rest, e.g. an nn.LSTM's exported Shape/Expand of its h0
     for vi in graph.input:
         if vi.name in consts:
             continue
@@ -79,12 +80,14 @@ def problems(model, vocabulary: bool = False) -> list[str]:
     for i, node in enumerate(graph.node):
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
-            out.append(f"{_where(node, i)}: operator domain '{node.domain}' is not standard ONNX: "
+            ops.append(f"{_where(node, i)}: operator domain '{node.domain}' is not standard ONNX: "
                        "TVM imports the default domain only")
+        elif op in ADVICE and op not in ("Shape", "ConstantOfShape", "NonZero"):
+            ops.append(f"{_where(node, i)}: {ADVICE[op]}")
         elif op in ADVICE:
             out.append(f"{_where(node, i)}: {ADVICE[op]}")
         elif known is not None and op not in known:
-            out.append(f"{_where(node, i)}: TVM's ONNX frontend has no converter for {op}: "
+            ops.append(f"{_where(node, i)}: TVM's ONNX frontend has no converter for {op}: "
                        "express it with operators TVM imports, or remove it before export")
         elif op == "Pad" and len(node.input) > 1 and node.input[1] not in consts:
             out.append(f"{_where(node, i)}: dynamic pads (input '{node.input[1]}' is computed): "
@@ -94,9 +97,9 @@ def problems(model, vocabulary: bool = False) -> list[str]:
             out.append(f"{_where(node, i)}: its shape/index inputs are computed at run time: "
                        "export with constant folding so they are constants")
         elif vocabulary and op not in VOCABULARY:
-            out.append(f"{_where(node, i)}: {op} is outside what Kiln quantizes and compresses "
+            ops.append(f"{_where(node, i)}: {op} is outside what Kiln quantizes and compresses "
                        f"({', '.join(VOCABULARY)}); use family module with your torch model instead")
-    return out
+    return ops + out
 
 
 def check(model, origin: str, vocabulary: bool = False) -> None:
