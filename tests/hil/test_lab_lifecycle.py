@@ -298,7 +298,11 @@ def test_samples_beyond_the_test_set_warn_and_are_recorded(app):
 
 def test_ctrl_c_during_a_deploy_ends_it_with_one_line(app):
     set_validation(app, run_s=30)
-    p = start_doit(app, start_new_session=True)  # its own process group, as a shell's job
+    # its own process group, as a shell's job; ^C reaching it as in a terminal: a suite run as a
+    # background job of a non-interactive shell (CI, `make test &`) inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler in doit at all
+    p = start_doit(app, start_new_session=True,
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runner_of(app, p.pid)
     t0 = time.monotonic()
     os.killpg(p.pid, signal.SIGINT)  # what ^C in the terminal does: the whole foreground group
