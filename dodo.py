@@ -180,11 +180,37 @@ def task_data():
         _, synthetic = dataset(app)
         yield {"name": app, "doc": f"load and split {app}'s data set", "actions": [(stale_report, [lay]), (run, ["passes.data:run", p, lay])],
                "task_dep": [f"synth:{app}"] if synthetic else [],
-               "file_dep": sources.files("passes.data", module_name(ds)),
+               "file_dep": sources.files("passes.data", module_name(ds), *front_end_modules(ds)),
                "targets": [str(lay.data / f) for f in ("train.npz", "val.npz", "test.npz", "test_inputs.bin",
-                                                        "test_labels.json", "data.json")],
+                                                        "test_labels.json", "data.json", *front_end_files(ds))],
                "uptodate": [config_changed(ds.model_dump(exclude={"augment", "synthetic"})), dataset_unchanged(app),
                             matches_record(lay.data / "data.json", listed="files")]}
+
+
+def front_end_modules(ds) -> list[str]:
+    """The front end's module (passes/frontends/), for a format that has one set."""
+    fe = getattr(ds, "front_end", None)
+    return [module_name(fe)] if fe is not None else []
+
+
+def front_end_files(ds) -> list[str]:
+    """What the data stage writes for a front end: its fitted settings and the raw samples."""
+    return ["front_end.json", "raw.npz"] if getattr(ds, "front_end", None) is not None else []
+
+
+def anomaly_slice(p) -> dict:
+    """The normal classes of an anomaly-detection app: train and compress read them (absent
+    for a classifier, so its tasks' recorded configuration is unchanged)."""
+    return {"anomaly": p.anomaly.model_dump()} if p.anomaly is not None else {}
+
+
+def front_end_onnx(p, lay) -> list[str]:
+    return [str(lay.root / "front_end.onnx")] if getattr(p.dataset, "front_end", None) is not None else []
+
+
+def front_end_library(p, lay, t: str) -> list[str]:
+    """The front end's own library, built by the compile stage next to the model's."""
+    return [str(lay.board_type(t) / "front_end.so")] if getattr(p.dataset, "front_end", None) is not None else []
 
 
 def arch_inputs(p) -> list[str]:
@@ -207,7 +233,7 @@ def task_train():
                             *arch_inputs(p), *sources.files(stage, module_name(p.architecture))],
                "targets": [str(lay.model_pt), str(lay.metrics)],
                "uptodate": [config_changed({"training": p.training.model_dump(), "architecture": p.architecture.model_dump(),
-                                            "augment": p.dataset.augment.model_dump()})]}
+                                            "augment": p.dataset.augment.model_dump(), **anomaly_slice(p)})]}
 
 
 def task_compress():
@@ -222,7 +248,7 @@ def task_compress():
                                            *(module_name(s) for s in comp.passes))],
                "targets": [str(lay.compressed_pt), str(lay.compress_json)],
                "uptodate": [config_changed({"compression": comp.model_dump(),
-                                            "board": board.model_dump() if board else None})]}
+                                            "board": board.model_dump() if board else None, **anomaly_slice(p)})]}
 
 
 def task_export():
@@ -230,9 +256,10 @@ def task_export():
     for app, p in APPS.items():
         lay = Layout(app)
         yield {"name": app, "doc": f"export {app} to ONNX", "actions": [(stale_report, [lay]), (run, ["passes.export_onnx:run", p, lay])],
-               "file_dep": [str(lay.compressed_pt), str(lay.data / "val.npz"),
-                            *arch_inputs(p), *sources.files("passes.export_onnx", module_name(p.architecture))],
-               "targets": [str(lay.onnx), str(lay.export_json)],
+               "file_dep": [str(lay.compressed_pt), str(lay.data / "val.npz"), *(str(lay.data / f) for f in front_end_files(p.dataset)),
+                            *arch_inputs(p), *sources.files("passes.export_onnx", module_name(p.architecture),
+                                                            *front_end_modules(p.dataset))],
+               "targets": [str(lay.onnx), str(lay.export_json), *front_end_onnx(p, lay)],
                "uptodate": [matches_record(lay.export_json, {lay.onnx: "sha256"})]}
 
 
@@ -256,9 +283,9 @@ def task_compile():
         for t in p.targets:
             yield {"name": f"{app}@{t}", "doc": f"kernel library of {app} for board type {t}",
                    "actions": [(stale_report, [lay]), (run, ["passes.compile_tvm:run", p, BOARDS[t], lay])],
-                   "file_dep": [str(lay.onnx), str(lay.export_json), str(lay.tune_json(t)),
+                   "file_dep": [str(lay.onnx), str(lay.export_json), str(lay.tune_json(t)), *front_end_onnx(p, lay),
                                 *sources.files("passes.compile_tvm")],
-                   "targets": [str(lay.library(t)), str(lay.compile_json(t))],
+                   "targets": [str(lay.library(t)), str(lay.compile_json(t)), *front_end_library(p, lay, t)],
                    "uptodate": [config_changed(BOARDS[t].model_dump()),
                                 matches_record(lay.compile_json(t), {lay.library(t): "sha256"})]}
 
@@ -272,6 +299,7 @@ def task_hil():
             yield {"name": f"{app}@{inst.name}", "doc": f"run {app} on lab board {inst.name} ({inst.type})",
                    "actions": [(stale_report, [lay]), (run, ["hil.deploy:run", p, board, inst, lay, LAB_FILE, RUN_ID])],
                    "file_dep": [str(lay.library(board.name)), str(lay.data / "test_inputs.bin"),
+                                *front_end_library(p, lay, board.name),
                                 str(runner_dir(board.arch) / "kiln-runner"),
                                 *sources.files("hil.deploy", module_name(inst.transport), module_name(LAB))],
                    "targets": [str(lay.last_run(inst.name))],

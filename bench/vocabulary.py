@@ -56,6 +56,8 @@ def manifest(name: str, epochs: int) -> dict:
         "compression": {"passes": [{"quantize": {"mode": "int8", "calibration_samples": 128}}]},
         "tuning": {"trials": 0},
         "targets": ["x86-host"],
+        # the autoencoders detect anomalies: trained on class 0, the rest anomalous
+        **({"anomaly": {"normal": ["0"]}} if name in ("autoencoder", "mlperf_ad") else {}),
     }
 
 

@@ -109,10 +109,12 @@ def _remove_stale_runs(t: Board, log) -> None:
 
 
 def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], timeout: float,
-           board: str) -> dict:
+           board: str, checks: dict[str, list[str]] | None = None) -> dict:
     """Run one validation on a board. ``files`` maps on-board names to host paths;
-    ``runner_argv`` is the command to run in the run directory. Returns the runner's JSON,
-    per-step timings and upload figures; raises DeployError naming the failed step."""
+    ``runner_argv`` is the command to run in the run directory; ``checks`` more runner commands
+    run after it in the same directory (the front end's library on a few samples), their JSON
+    under ``checks``. Returns the runner's JSON, per-step timings and upload figures; raises
+    DeployError naming the failed step."""
     log = logging.getLogger(f"kiln.board.{board}")
     timings: dict[str, float] = {}
     run_dir = run_dir_name()
@@ -122,6 +124,8 @@ def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], tim
         sent = _step("upload", timings, _upload, transport, files, run_dir, log)
         _step("verify", timings, _verify, transport, files, run_dir)
         out = _step("run", timings, _run, transport, runner_argv, run_dir, timeout)
+        extra = {name: _step(f"run {name}", timings, _run, transport, argv, run_dir, timeout)
+                 for name, argv in (checks or {}).items()}
     finally:
         try:
             transport.run(["rm", "-rf", run_dir], timeout=60)
@@ -131,7 +135,10 @@ def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], tim
     total = sum(p.stat().st_size for p in files.values())
     log.info("uploaded %d of %d bytes (rest cached on the board) in %.2f s, ran in %.2f s",
              sent, total, timings["upload"], timings["run"])
-    return {"runner": out, "timings_s": timings, "uploaded_bytes": sent, "cached_bytes": total - sent}
+    result = {"runner": out, "timings_s": timings, "uploaded_bytes": sent, "cached_bytes": total - sent}
+    if extra:
+        result["checks"] = extra
+    return result
 
 
 def _upload(t: Board, files: dict[str, Path], run_dir: str, log) -> int:
@@ -204,14 +211,19 @@ def _run(t: Board, argv: list[str], run_dir: str, timeout: float) -> dict:
 
 # -- the hil stage: one app on one lab board ---------------------------------------------------
 
+DTYPE_BYTES = {"float32": 4, "int16": 2, "uint8": 1, "int8": 1}
+FRONT_END_SAMPLES = 8  # raw test samples the front end's own library is run on, per board
+
+
 def _inputs_for(layout, samples: int | None, dest: Path) -> tuple[Path, list[int], int]:
     """The runner's input file, cut to ``samples`` when set (never beyond the test set), the
     shape of one sample and how many samples it holds."""
     from kiln.artifacts import read_json
 
     full = layout.data / "test_inputs.bin"
-    shape = read_json(layout.data / "data.json")["test_inputs"]["shape"][1:]
-    size = 4
+    info = read_json(layout.data / "data.json")["test_inputs"]
+    shape = info["shape"][1:]
+    size = DTYPE_BYTES[info.get("dtype", "float32")]
     for s in shape:
         size *= s
     available = full.stat().st_size // size
@@ -232,7 +244,7 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
     from hil.emulation import launcher
     from hil.lab import open_lab
     from hil.transport import open_transport
-    from kiln.artifacts import build_root, runner_dir, write_json
+    from kiln.artifacts import build_root, read_json, runner_dir, write_json
     from kiln.config import load_inventory
     from kiln.errors import ManifestError
 
@@ -254,9 +266,21 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
             if samples is not None and samples > sent:  # the test set, not emulation.max_samples, is the limit
                 blog.warning("app '%s': validation.samples is %d but its test set has only %d samples: "
                              "sending %d", project.name, requested, sent, sent)
-            argv = [*(launcher(board) if instance.emulated else []), "./kiln-runner", "--model", "model.so",
-                    "--input", "inputs.bin", "--shape", ",".join(map(str, shape)),
-                    "--warmup", str(project.validation.warmup), "--threads", str(board.cores)]
+            dtype = read_json(layout.data / "data.json")["test_inputs"].get("dtype", "float32")
+            runner = [*(launcher(board) if instance.emulated else []), "./kiln-runner"]
+            common = ["--shape", ",".join(map(str, shape)), "--dtype", dtype, "--threads", str(board.cores)]
+            objective = getattr(project.architecture, "objective", "classification")
+            argv = [*runner, "--model", "model.so", "--input", "inputs.bin", *common,
+                    "--warmup", str(project.validation.warmup), "--outputs", "1" if objective == "reconstruction" else "0"]
+            checks = {}
+            fe_lib = layout.board_type(board.name) / "front_end.so"
+            if (layout.data / "front_end.json").is_file() and fe_lib.is_file():
+                # the front end alone, on a few raw samples: its features against the host's
+                files["front_end.so"] = fe_lib
+                files["front_end_inputs.bin"], _, n_fe = _inputs_for(layout, min(FRONT_END_SAMPLES, sent),
+                                                                      Path(tmp) / "front_end_inputs.bin")
+                checks["front_end"] = [*runner, "--model", "front_end.so", "--input", "front_end_inputs.bin", *common,
+                                       "--warmup", "0", "--outputs", "1"]
             inv_path = open_lab(lab_path)  # the emulated lab starts on demand
             live = next((b for b in load_inventory(inv_path).boards if b.name == instance.name), None)
             if live is None:
@@ -265,7 +289,7 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
             blog.info("deploying %s to %s (%s over %s%s)", project.name, live.name, board.name, live.link,
                       ", emulated" if instance.emulated else "")
             transport = open_transport(live, inv_path.parent, build_root() / "lab" / "local")
-            record.update(deploy(transport, files, argv, project.validation.timeout_s, live.name))
+            record.update(deploy(transport, files, argv, project.validation.timeout_s, live.name, checks))
         except DeployError as e:
             blog.error("%s", e)
             record["error"] = {"step": e.step, "message": str(e.cause)}

@@ -1,5 +1,16 @@
 """Validate: the host turns a board's raw runner output into metrics and verdicts against the
-manifest's requirements. The board never decides pass or fail."""
+manifest's requirements. The board never decides pass or fail.
+
+A classifier is judged on the runner's ``predictions`` (accuracy; agreement: the share of
+predictions equal to the reference board's). An anomaly detector (a reconstruction objective,
+``anomaly.normal`` in the manifest) has a kernel library whose output is the per-sample anomaly
+score, a (1, 1) float tensor, and its runner is run with ``--outputs``, returning every output
+value under ``outputs`` (one list per sample). Its ``auc`` is the ROC AUC of those scores, the
+test samples of the normal classes against all others (passes/support/anomaly.py). Predictions
+mean nothing there (the argmax of one value), so its agreement is the share of samples whose
+score is within ``SCORE_RTOL`` (relative) of the reference board's: the same int8 library on
+another arch computes the same codes, and the float score head may differ in its last bits
+(an FMA, a summation order), never by a thousandth."""
 
 from __future__ import annotations
 
@@ -11,6 +22,8 @@ from kiln.errors import ValidationError
 from kiln.schema import Requirements
 
 PASS, FAIL, NOT_ENFORCED = "pass", "fail", "not enforced (emulated)"
+SCORE_RTOL = 1e-3  # an anomaly score agrees with the reference board's within this share of it
+SCORE_ATOL = 1e-9  # ... or this much (a perfect reconstruction scores 0 on both)
 
 
 def latency_ms(latencies_us: list[float]) -> dict[str, float]:
@@ -41,23 +54,79 @@ def _ratio(measured: float | None, estimated: float | None) -> dict | None:
     return {"estimated": estimated, "measured": measured, "ratio": measured / estimated if estimated else None}
 
 
+def board_scores(runner: dict) -> np.ndarray:
+    """An anomaly detector's per-sample scores from the runner's ``outputs`` (one value per
+    sample: the library's (1, 1) score head), float64 (N,)."""
+    outputs = runner.get("outputs")
+    if outputs is None:
+        raise ValidationError("the runner returned no 'outputs': an anomaly detector's scores are its outputs "
+                              "(run the runner with --outputs)")
+    try:
+        a = np.asarray(outputs, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValidationError(f"the runner's 'outputs' are not one list of numbers per sample ({e})") from e
+    if a.ndim != 2 or a.shape[1] != 1 or len(a) != len(runner["predictions"]):
+        raise ValidationError(f"the runner's 'outputs' have shape {a.shape}, expected ({len(runner['predictions'])}, 1): "
+                              "one anomaly score per sample (the library's (1, 1) score head)")
+    return a[:, 0]
+
+
+def score_agreement(scores: np.ndarray, reference: list | None) -> tuple[float, float]:
+    """(share of samples whose score is within SCORE_RTOL of the reference board's, the largest
+    relative difference); (1.0, 0.0) for the reference board itself."""
+    if reference is None:
+        return 1.0, 0.0
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)[: len(scores), 0]
+    if len(ref) < len(scores):
+        raise ValidationError(f"board returned {len(scores)} scores, the reference board {len(ref)}")
+    diff = np.abs(scores - ref)
+    ok = diff <= SCORE_RTOL * np.abs(ref) + SCORE_ATOL
+    rel = diff / np.maximum(np.abs(ref), SCORE_ATOL)
+    return float(ok.mean()) if len(ok) else 1.0, float(rel.max()) if len(rel) else 0.0
+
+
+def _quality(req: Requirements, runner: dict, y: np.ndarray, reference: list | None,
+             normal: list[int] | None) -> tuple[dict, list[dict]]:
+    """The figures that say how right the board is, and their checks: accuracy and prediction
+    agreement for a classifier; AUC and score agreement for an anomaly detector."""
+    from passes.support.anomaly import auc, normal_mask
+
+    preds = np.asarray(runner["predictions"])
+    checks = []
+    if normal is None:
+        acc = float((preds == y).mean())
+        agreement = 1.0 if reference is None else float((preds == np.asarray(reference[: len(preds)])).mean())
+        if req.accuracy:
+            checks.append(_check("accuracy", acc, req.accuracy.min, ">="))
+        return {"accuracy": acc, "agreement_with_reference": agreement}, checks
+    scores = board_scores(runner)
+    anomalous = ~normal_mask(y, normal)
+    area = auc(anomalous, scores, f"the {len(y)} test samples sent to the board")
+    agreement, rel = score_agreement(scores, reference)
+    if req.auc:
+        checks.append(_check("auc", area, req.auc.min, ">="))
+    return {"auc": area, "accuracy": None, "agreement_with_reference": agreement, "score_max_rel_diff": rel,
+            "anomalous_samples": int(anomalous.sum()), "score_mean": {
+                "normal": float(scores[~anomalous].mean()), "anomalous": float(scores[anomalous].mean())}}, checks
+
+
 def evaluate(req: Requirements, runner: dict, labels: list[int], library_bytes: int, emulated: bool,
-             reference: list[int] | None, input_kb: float = 0.0, estimate: dict | None = None) -> dict:
+             reference: list | None, input_kb: float = 0.0, estimate: dict | None = None,
+             normal: list[int] | None = None) -> dict:
     """Metrics and per-requirement verdicts for one board. ``reference`` holds the reference
-    board's predictions (None when this board is the reference); ``input_kb`` the size of the
-    test inputs the runner held; ``estimate`` kiln.sizing's estimate for the board type, put
-    next to the measurement (measured / estimated ratios). Latency and memory on an emulated
-    board are reported, not enforced: qemu's timings and resident set are not the board's."""
+    board's predictions (an anomaly detector's: its ``outputs``, the scores; None when this
+    board is the reference); ``input_kb`` the size of the test inputs the runner held;
+    ``estimate`` kiln.sizing's estimate for the board type, put next to the measurement
+    (measured / estimated ratios); ``normal`` an anomaly detector's normal class labels (None:
+    a classifier). Latency and memory on an emulated board are reported, not enforced: qemu's
+    timings and resident set are not the board's."""
     preds = np.asarray(runner["predictions"])
     if len(labels) < len(preds):
         raise ValidationError(f"board returned {len(preds)} predictions for {len(labels)} test labels")
     y = np.asarray(labels[: len(preds)])
-    acc = float((preds == y).mean())
+    quality, checks = _quality(req, runner, y, reference, normal)
+    agreement = quality["agreement_with_reference"]
     lat = latency_ms(runner["latencies_us"])
-    agreement = 1.0 if reference is None else float((preds == np.asarray(reference[: len(preds)])).mean())
-    checks = []
-    if req.accuracy:
-        checks.append(_check("accuracy", acc, req.accuracy.min, ">="))
     if req.latency_ms:
         for q in ("p50", "p99"):
             limit = getattr(req.latency_ms, f"{q}_max")
@@ -74,8 +143,8 @@ def evaluate(req: Requirements, runner: dict, labels: list[int], library_bytes: 
         checks.append(_check("agreement", agreement, req.agreement.min, ">="))
     est = estimate or {}
     return {
-        "samples": int(len(preds)), "accuracy": acc, "latency_ms": lat, "latency_emulated": emulated,
-        "model_bytes": library_bytes, "agreement_with_reference": agreement,
+        "samples": int(len(preds)), **quality, "latency_ms": lat, "latency_emulated": emulated,
+        "model_bytes": library_bytes,
         "peak_rss_kb": runner.get("peak_rss_kb"), "memory_kb": mem, "memory_emulated": emulated,
         "input_kb": input_kb, "estimate": estimate,
         "estimate_vs_measured": {"latency_ms.p50": _ratio(lat["p50"], est.get("latency_ms")),
@@ -105,6 +174,53 @@ def _estimates(project, types: set[str]) -> dict[str, dict | None]:
     return out
 
 
+FRONT_END_TOL = 1e-4  # the board's front end features against the host's, relative (issue #13)
+
+
+def _sample_kb(layout) -> float:
+    """KiB of one test sample as the runner holds it (float32 features, or raw int16/uint8)."""
+    from kiln.artifacts import read_json
+
+    info = read_json(layout.data / "data.json")["test_inputs"]
+    size = {"float32": 4, "int16": 2, "uint8": 1, "int8": 1}[info.get("dtype", "float32")]
+    return size * math.prod(info["shape"][1:]) / 1024
+
+
+def _host_features(layout) -> np.ndarray | None:
+    """The host's features of the test split (what the net was trained and checked on), NCHW,
+    for an app with a front end; None without one."""
+    if not (layout.data / "front_end.json").is_file():
+        return None
+    with np.load(layout.data / "test.npz") as z:
+        return z["x"].transpose(0, 3, 1, 2)
+
+
+def front_end_check(runner: dict, host: np.ndarray) -> dict:
+    """The board's front end features (its own library, run on the first raw test samples)
+    against the host's: per sample max |board - host| / max |host|, the worst over samples."""
+    outs = runner.get("outputs")
+    if not isinstance(outs, list) or not outs:
+        raise ValidationError("the front end's runner returned no outputs (kiln-runner --outputs 1)")
+    board = np.asarray(outs, dtype=np.float64)
+    ref = host[: len(board)].reshape(len(board), -1).astype(np.float64)
+    if board.shape != ref.shape:
+        raise ValidationError(f"the front end's library returned {board.shape[1]} features per sample, "
+                              f"the host computed {ref.shape[1]}")
+    rel = np.abs(board - ref).max(1) / np.maximum(np.abs(ref).max(1), 1e-30)
+    return {"samples": len(board), "max_rel_diff": float(rel.max()), "max_abs_diff": float(np.abs(board - ref).max()),
+            "tolerance": FRONT_END_TOL}
+
+
+def _answers(project) -> tuple[list[int] | None, str]:
+    """(normal class labels, the runner key compared with the reference board): an anomaly
+    detector's normal labels and "outputs" (its scores); a classifier's None and "predictions"."""
+    from passes.support import anomaly
+
+    if not anomaly.is_detector(project):
+        return None, "predictions"
+    return anomaly.normal_indices(project), "outputs"
+
+
 # -- the deploy stage's last step: every board's run -> results and the app's report -----------
 
 def run(project, layout, instance_names: list[str], compile_only: list[str], lab_name: str, run_id: str) -> dict:
@@ -120,7 +236,9 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
     ok = [n for n in instance_names if "error" not in runs[n]]
     ref = next((n for n in ok if not runs[n]["emulated"]), ok[0] if ok else None)
     estimates = _estimates(project, {runs[n]["type"] for n in instance_names} | set(compile_only))
-    sample_kb = project.dataset.channels * math.prod(project.dataset.image_size) * 4 / 1024  # float32 inputs
+    sample_kb = _sample_kb(layout)
+    host_features = _host_features(layout)
+    normal, answer = _answers(project)
     results = {}
     for name in instance_names:
         r = runs[name]
@@ -129,10 +247,16 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
             res["error"] = r["error"]
         else:
             lib = read_json(layout.compile_json(r["type"]))["library_bytes"]
-            reference = None if name == ref else runs[ref]["runner"]["predictions"]
+            reference = None if name == ref else runs[ref]["runner"].get(answer)
             res.update(evaluate(project.requirements, r["runner"], labels, lib, r["emulated"], reference,
-                                input_kb=r["runner"].get("count", 0) * sample_kb, estimate=estimates.get(r["type"])))
+                                input_kb=r["runner"].get("count", 0) * sample_kb, estimate=estimates.get(r["type"]),
+                                normal=normal))
             res["reference_board"] = ref
+            if host_features is not None and "front_end" in r.get("checks", {}):
+                res["front_end"] = front_end_check(r["checks"]["front_end"], host_features)
+                res["requirements"].append(_check("front_end_rel_diff", res["front_end"]["max_rel_diff"],
+                                                  FRONT_END_TOL, "<="))
+                res["passed"] = res["passed"] and res["requirements"][-1]["verdict"] != FAIL
             res["timings_s"] = r["timings_s"]
             res["upload"] = {"sent_bytes": r["uploaded_bytes"], "cached_bytes": r["cached_bytes"]}
         write_json(layout.result(run_id, name), res)

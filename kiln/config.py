@@ -135,6 +135,7 @@ def load_project(app: str) -> Project:
                 f"(expected one of {', '.join(known)}; a board type is a file in {targets_dir()})"
             )
     _resolve_arch_files(path, project)
+    _infer_data(path, project)
     _check_budget(path, project)
     _check_sizing(path, project)
     return project
@@ -168,6 +169,32 @@ def _resolve_arch_files(path: Path, project: Project) -> None:
             raise ManifestError(f"{path}: field 'architecture.{name}': no file {p} "
                                 f"(relative paths are relative to {path.parent})")
         setattr(arch, name, str(p))
+
+
+def _infer_data(path: Path, project: Project) -> None:
+    """A format of a team's own data whose manifest does not list the classes (or a table's
+    feature columns) learns them from the data now, cheaply (folder names, a CSV header), so
+    the net's output and input sizes are known before any task runs."""
+    ds = project.dataset
+    if not hasattr(ds, "_inferred") or (ds.classes and getattr(ds, "features", True)):
+        return
+    from kiln.artifacts import Layout
+    from kiln.registry import implementation
+
+    fmt = implementation(ds)
+    try:
+        root, _ = fmt.locate(ds, Layout(project.name))
+        ds._inferred.update(fmt.infer(ds, root))
+    except KilnError as e:
+        raise ManifestError(f"{path}: {str(e).removeprefix('data: ')}") from e
+    if ds.class_names is not None and len(ds.class_names) < 2:
+        raise ManifestError(f"{path}: field 'dataset.classes': the data at {root} holds one class "
+                            f"({', '.join(ds.class_names) or 'none'}); a classifier needs at least two")
+    if project.anomaly is not None:  # the normal classes can be checked only now
+        try:
+            project.normal_indices()
+        except ValueError as e:
+            raise ManifestError(f"{path}: field {e}") from e
 
 
 def _check_budget(path: Path, project: Project) -> None:

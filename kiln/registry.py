@@ -7,7 +7,8 @@ and adding a format, family, pass, transport or lab backend is one module plus o
 
 | axis             | union                     | tagged by   | module interface (see docs/ARCHITECTURE.md) |
 |------------------|---------------------------|-------------|---------------------------------------------|
-| dataset format   | ``schema.Dataset``        | ``format``  | ``locate``, ``load`` (+ ``synthesize``)     |
+| dataset format   | ``schema.Dataset``        | ``format``  | ``locate``, ``load`` (+ ``synthesize``, ``infer``) |
+| front end        | ``schema.FrontEnd``       | ``kind``    | ``fit``, ``module``, ``reference``          |
 | net family       | ``schema.Architecture``   | ``family``  | ``estimate``, ``build``                     |
 | compression pass | ``schema.CompressionStep``| pass name   | ``run(model, ckpt, settings, ctx)``         |
 | transport        | ``schema.Transport``      | ``kind``    | ``open_transport(instance, lab_dir, local)``|
@@ -25,6 +26,7 @@ from kiln import schema
 
 AXES: dict[str, Any] = {
     "dataset format": schema.Dataset,
+    "front end": schema.FrontEnd,
     "net family": schema.Architecture,
     "compression pass": schema.CompressionStep,
     "transport": schema.Transport,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationInfo, field_validator,
+from pydantic import (BaseModel, PrivateAttr, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationInfo, field_validator,
                       model_validator)
 
 
@@ -58,6 +58,10 @@ class Requirements(Strict):
     agreement: MinLimit | None = Field(
         None, description="min share of test predictions equal to the reference board's"
     )
+    auc: MinLimit | None = Field(
+        None, description="anomaly detection: min area under the ROC curve of the reconstruction error "
+        "on the test set (normal against anomalous samples), on the board"
+    )
 
 
 class Sizing(Strict):
@@ -89,19 +93,26 @@ class Augment(Strict):
 
 
 class _DatasetBase(Strict):
-    """What every dataset format has: where the data is, the model's input size, the split
-    and the online augmentation."""
+    """What every dataset format has: the split and the online augmentation. Every format also
+    answers ``channels``, ``image_size`` (the net's C and (H, W)) and ``num_classes``: class
+    variables, fields, or (formats whose net input comes out of a front end) properties."""
 
     implementation: ClassVar[str]
-    # read on an instance (``ds.channels``, ``ds.num_classes``): fixed per format for the
-    # formats that have them fixed (class variables), fields of the formats that do not
+    # the raw sample's layout as the board receives it: image (H, W, C) uint8, audio (L,)
+    # int16, sequence (L, C) float32, table (F,) float32 (passes/frontends/ maps each to C x H x W)
+    layout: ClassVar[str] = "image"
     channels: ClassVar[int]
     num_classes: ClassVar[int]
 
-    image_size: tuple[int, int] = Field((32, 32), description="(height, width) of the model's input; a 1-D "
-                                        "sequence of length L is (1, L), a feature vector of F values (1, F)")
     split: Split = Field(default_factory=Split)
     augment: Augment = Field(default_factory=Augment)
+
+
+class _ImageDataset(_DatasetBase):
+    """A format of images: the net's input size is a field, images are resized to it."""
+
+    image_size: tuple[int, int] = Field((32, 32), description="(height, width) of the model's input; a 1-D "
+                                        "sequence of length L is (1, L), a feature vector of F values (1, F)")
 
     @field_validator("image_size")
     @classmethod
@@ -111,7 +122,7 @@ class _DatasetBase(Strict):
         return v
 
 
-class GtsrbDataset(_DatasetBase):
+class GtsrbDataset(_ImageDataset):
     """The GTSRB on-disk layout (RGB, 43 classes): passes/formats/gtsrb.py."""
 
     implementation: ClassVar[str] = "passes.formats.gtsrb"
@@ -125,7 +136,7 @@ class GtsrbDataset(_DatasetBase):
     )
 
 
-class DigitsDataset(_DatasetBase):
+class DigitsDataset(_ImageDataset):
     """scikit-learn's digits.csv.gz format (8x8 grayscale, 10 classes): passes/formats/digits.py."""
 
     implementation: ClassVar[str] = "passes.formats.digits"
@@ -137,7 +148,7 @@ class DigitsDataset(_DatasetBase):
                       "relative paths are relative to the repo")
 
 
-class SyntheticDataset(_DatasetBase):
+class SyntheticDataset(_ImageDataset):
     """A generated, learnable data set of any shape: per class a random template, per sample
     the template plus noise (passes/formats/synthetic.py). For apps whose sensor or audio data
     does not exist yet, and for tests at the shape of a real app (49x10 features, 640 values)."""
@@ -156,7 +167,291 @@ class SyntheticDataset(_DatasetBase):
         return self.classes
 
 
-Dataset = Annotated[Union[GtsrbDataset, DigitsDataset, SyntheticDataset], Field(discriminator="format")]
+# --- front ends: raw samples -> the net's C x H x W input, inside the kernel library ----------
+
+
+class _FrontEndBase(Strict):
+    """A front end runs inside the kernel library: the board is fed raw samples (int16 audio,
+    uint8 pixels, raw sensor values) and the library computes the features. The host computes
+    the same features with the same graph for training (passes/frontends/)."""
+
+    implementation: ClassVar[str]
+    layouts: ClassVar[tuple[str, ...]]  # raw layouts it takes (see _DatasetBase.layout)
+
+    def output_shape(self, layout: str, raw_shape: tuple[int, ...], sample_rate: float | None = None
+                     ) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+
+class _SpectralFrontEnd(_FrontEndBase):
+    """Framed power spectrum -> mel bands -> log, as matmuls against fixed bases (TVM's ONNX
+    frontend has no STFT or DFT). Defaults are MLPerf Tiny keyword spotting's: 30 ms windows
+    every 20 ms, a 512-point FFT, 40 mel bands from 20 to 4000 Hz (49 frames per second at 16 kHz).
+    int16 values scaled by 1/32768, periodic Hann window, power spectrum (re^2 + im^2), HTK mel
+    triangles of peak 1 (tf.signal's), no padding: passes/frontends/spectral.py."""
+
+    layouts: ClassVar[tuple[str, ...]] = ("audio",)
+    window_ms: float = Field(30.0, gt=0, le=1000, description="analysis window (Hann), ms")
+    hop_ms: float = Field(20.0, gt=0, le=1000, description="hop between windows, ms")
+    fft: int = Field(512, ge=16, le=4096, description="FFT points (at least the window's samples)")
+    mels: int = Field(40, ge=1, le=256, description="mel bands")
+    fmin: float = Field(20.0, ge=0, description="lowest mel band edge, Hz")
+    fmax: float = Field(4000.0, gt=0, description="highest mel band edge, Hz (at most half the sample rate)")
+    log_offset: float = Field(1e-6, gt=0, description="log(mel energy + log_offset)")
+
+    @model_validator(mode="after")
+    def _bands(self):
+        if self.fmax <= self.fmin:
+            raise ValueError(f"fmax ({self.fmax}) must be above fmin ({self.fmin})")
+        return self
+
+    def window(self, sample_rate: float) -> tuple[int, int]:
+        """(window, hop) in samples."""
+        return round(sample_rate * self.window_ms / 1000), max(1, round(sample_rate * self.hop_ms / 1000))
+
+    def frames(self, length: int, sample_rate: float) -> int:
+        win, hop = self.window(sample_rate)
+        if win > length:
+            raise ValueError(f"a {self.window_ms} ms window ({win} samples) is longer than the clip ({length} samples)")
+        if win > self.fft:
+            raise ValueError(f"fft ({self.fft}) must be at least the window's {win} samples")
+        if self.fmax > sample_rate / 2:
+            raise ValueError(f"fmax ({self.fmax} Hz) is above half the sample rate ({sample_rate / 2:g} Hz)")
+        return 1 + (length - win) // hop
+
+    def bins(self) -> int:
+        return self.mels
+
+
+class MfccFrontEnd(_SpectralFrontEnd):
+    """Log-mel energies, then a DCT-II (orthonormal) to ``coefficients`` cepstral coefficients:
+    passes/frontends/mfcc.py. Output 1 x frames x coefficients."""
+
+    implementation: ClassVar[str] = "passes.frontends.mfcc"
+    kind: Literal["mfcc"]
+    coefficients: int = Field(10, ge=1, le=256, description="DCT coefficients kept (at most mels)")
+
+    @model_validator(mode="after")
+    def _coefficients(self):
+        if self.coefficients > self.mels:
+            raise ValueError(f"coefficients ({self.coefficients}) must be at most mels ({self.mels})")
+        return self
+
+    def bins(self) -> int:
+        return self.coefficients
+
+    def output_shape(self, layout, raw_shape, sample_rate=None):
+        return (1, self.frames(raw_shape[0], sample_rate), self.coefficients)
+
+
+class LogmelFrontEnd(_SpectralFrontEnd):
+    """Log-mel energies: passes/frontends/logmel.py. Output 1 x frames x mels."""
+
+    implementation: ClassVar[str] = "passes.frontends.logmel"
+    kind: Literal["logmel"]
+
+    def output_shape(self, layout, raw_shape, sample_rate=None):
+        return (1, self.frames(raw_shape[0], sample_rate), self.mels)
+
+
+class NormalizeFrontEnd(_FrontEndBase):
+    """(x * scale - mean) / std per channel: passes/frontends/normalize.py. Pixels (uint8, scale
+    1/255 by default), sensor values and table features; mean and std are fitted on the
+    training split when not given (a fitted std under 1e-6, a constant channel, is taken as 1).
+    Output: an image's C x H x W, a sequence's C x 1 x L, a table's 1 x 1 x F."""
+
+    implementation: ClassVar[str] = "passes.frontends.normalize"
+    layouts: ClassVar[tuple[str, ...]] = ("image", "sequence", "table")
+    kind: Literal["normalize"]
+    scale: float | None = Field(None, gt=0, description="multiplies the raw value first; unset: 1/255 for "
+                                "pixels, 1 otherwise")
+    mean: list[float] | None = Field(None, description="per channel (per feature for a table); unset: fitted")
+    std: list[float] | None = Field(None, description="per channel (per feature for a table); unset: fitted")
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("every std must be positive")
+        return v
+
+    def output_shape(self, layout, raw_shape, sample_rate=None):
+        if layout == "image":
+            h, w, c = raw_shape
+            return (c, h, w)
+        if layout == "sequence":
+            length, c = raw_shape
+            return (c, 1, length)
+        return (1, 1, raw_shape[0])
+
+
+FrontEnd = Annotated[Union[MfccFrontEnd, LogmelFrontEnd, NormalizeFrontEnd], Field(discriminator="kind")]
+
+
+# --- formats of a team's own data ----------------------------------------------------------------
+
+
+def _class_names(v: list[str] | None) -> list[str] | None:
+    if v is None:
+        return v
+    if len(v) < 2:
+        raise ValueError("list at least two classes (a classifier of one class learns nothing)")
+    if len(set(v)) != len(v):
+        raise ValueError("a class is listed twice")
+    return v
+
+
+class _OwnData(Strict):
+    """What the formats of a team's own data share: where it is, the classes, the front end."""
+
+    path: str = Field(description="the data's root; relative paths are relative to the repo")
+    classes: list[str] | None = Field(None, description="class names in output order; unset: inferred from "
+                                      "the data (sorted)")
+    # set by kiln/config.py when the manifest loads and the classes (or a table's features)
+    # are inferred from the data (the format module's ``infer``)
+    _inferred: dict = PrivateAttr(default_factory=dict)
+
+    _classes = field_validator("classes")(classmethod(lambda cls, v: _class_names(v)))
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.classes or self._inferred.get("classes")
+
+    @property
+    def num_classes(self) -> int:
+        names = self.class_names
+        if names is None:
+            raise ValueError("the classes are not known before the data is read (kiln.config infers them)")
+        return len(names)
+
+    def raw_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+
+class _FrontEndShaped(_OwnData):
+    """A format whose net input is what its front end makes of the raw sample."""
+
+    def _net_shape(self) -> tuple[int, int, int]:
+        return self.front_end.output_shape(self.layout, self.raw_shape(), getattr(self, "sample_rate", None))
+
+    @property
+    def channels(self) -> int:
+        return self._net_shape()[0]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self._net_shape()[1:])
+
+
+class FolderSynthetic(Strict):
+    """A deterministic synthetic data set written in the format's own on-disk layout under
+    build/<app>/ (when ``path`` holds no data), so the default run needs no download."""
+
+    classes: int = Field(4, ge=2, le=100)
+    per_class: int = Field(100, ge=1, le=10_000, description="training samples (or recordings) per class")
+    test_per_class: int = Field(30, ge=1, le=10_000)
+    seed: int = 0
+
+
+class ImageFoldersDataset(_ImageDataset, _OwnData):
+    """``<root>/<class>/*.png|jpg|jpeg|ppm|bmp`` (or ``<root>/{train,val,test}/<class>/...``),
+    RGB or grayscale, resized to ``image_size``: passes/formats/image_folders.py."""
+
+    implementation: ClassVar[str] = "passes.formats.image_folders"
+    format: Literal["image_folders"]
+    color: Literal["rgb", "grayscale"] = "rgb"
+    front_end: NormalizeFrontEnd | None = Field(None, description="in the library (board fed uint8 pixels); "
+                                                "unset: the host scales pixels to [0, 1] and the board is fed float32")
+    synthetic: FolderSynthetic | None = Field(default_factory=FolderSynthetic,
+                                              description="generated under build/ when path holds no images; null: never")
+
+    def raw_shape(self) -> tuple[int, ...]:
+        return (*self.image_size, 3 if self.color == "rgb" else 1)
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.color == "rgb" else 1
+
+
+class AudioFoldersDataset(_FrontEndShaped, _DatasetBase):
+    """``<root>/<class>/*.wav`` (or with train/ val/ test/ above the classes), 16-bit PCM mono
+    at ``sample_rate``; clips padded or cut to ``clip_seconds``: passes/formats/audio_folders.py.
+    The board is fed the raw int16 samples; the front end (MFCC by default) runs in the library."""
+
+    implementation: ClassVar[str] = "passes.formats.audio_folders"
+    layout: ClassVar[str] = "audio"
+    format: Literal["audio_folders"]
+    sample_rate: int = Field(16000, ge=1000, le=192_000, description="Hz; a clip at another rate is reported")
+    clip_seconds: float = Field(1.0, gt=0, le=60, description="shorter clips are zero-padded, longer cut")
+    front_end: Annotated[Union[MfccFrontEnd, LogmelFrontEnd], Field(discriminator="kind")] = Field(
+        default_factory=lambda: MfccFrontEnd(kind="mfcc"))
+    synthetic: FolderSynthetic | None = Field(default_factory=FolderSynthetic,
+                                              description="keyword-like clips generated under build/ when path holds none")
+
+    @model_validator(mode="after")
+    def _fits(self):
+        try:
+            self.front_end.frames(self.raw_shape()[0], self.sample_rate)
+        except ValueError as e:
+            raise ValueError(f"front_end: {e}") from e
+        return self
+
+    def raw_shape(self) -> tuple[int, ...]:
+        return (max(1, round(self.sample_rate * self.clip_seconds)),)
+
+
+class CsvWindowsDataset(_FrontEndShaped, _DatasetBase):
+    """Time-series CSV files (a timestamp column, named channel columns, a label column; or,
+    with ``label: null``, one folder or file per class) cut into windows of ``window`` samples
+    every ``stride``: passes/formats/csv_windows.py. The board is fed the raw values."""
+
+    implementation: ClassVar[str] = "passes.formats.csv_windows"
+    layout: ClassVar[str] = "sequence"
+    format: Literal["csv_windows"]
+    columns: list[str] = Field(min_length=1, description="the channel columns, in input order")
+    timestamp: str | None = Field("timestamp", description="the timestamp column (seconds); null: none")
+    label: str | None = Field("label", description="the label column; null: one folder <root>/<class>/ "
+                              "(or file <root>/<class>.csv) per class")
+    sample_rate: float = Field(gt=0, le=1_000_000, description="Hz; timestamps that disagree are reported")
+    window: int = Field(ge=2, le=100_000, description="samples per window")
+    stride: int = Field(ge=1, le=100_000, description="samples between window starts")
+    front_end: NormalizeFrontEnd = Field(default_factory=lambda: NormalizeFrontEnd(kind="normalize"))
+    synthetic: FolderSynthetic | None = Field(
+        default_factory=lambda: FolderSynthetic(classes=4, per_class=40, test_per_class=12),
+        description="a three-axis accelerometer recording generated under build/ when path holds none "
+        "(per_class: windows' worth of recording per class)")
+
+    def raw_shape(self) -> tuple[int, ...]:
+        return (self.window, len(self.columns))
+
+
+class CsvTableDataset(_FrontEndShaped, _DatasetBase):
+    """One row per sample: feature columns and a label column, in one CSV file (``path``) or in
+    ``train.csv`` / ``val.csv`` / ``test.csv`` under it: passes/formats/csv_table.py."""
+
+    implementation: ClassVar[str] = "passes.formats.csv_table"
+    layout: ClassVar[str] = "table"
+    format: Literal["csv_table"]
+    features: list[str] | None = Field(None, description="feature columns, in input order; unset: every "
+                                       "column but the label")
+    label: str = "label"
+    front_end: NormalizeFrontEnd = Field(default_factory=lambda: NormalizeFrontEnd(kind="normalize"))
+    synthetic: FolderSynthetic | None = Field(default_factory=lambda: FolderSynthetic(classes=3, per_class=200),
+                                              description="a table generated under build/ when path holds none")
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        return self.features or self._inferred.get("features")
+
+    def raw_shape(self) -> tuple[int, ...]:
+        names = self.feature_names
+        if names is None:
+            raise ValueError("the feature columns are not known before the table is read (kiln.config infers them)")
+        return (len(names),)
+
+
+Dataset = Annotated[Union[GtsrbDataset, DigitsDataset, SyntheticDataset, ImageFoldersDataset, AudioFoldersDataset,
+                          CsvWindowsDataset, CsvTableDataset], Field(discriminator="format")]
 
 
 def _check_widths(v: list[int], what: str = "width") -> list[int]:
@@ -618,6 +913,49 @@ class Tuning(Strict):
     )
 
 
+def dataset_class_names(ds) -> list[str] | None:
+    """The class names of a dataset, in label order: the format's own (listed or inferred;
+    None while not inferred yet), or, for formats whose classes have no names (gtsrb, digits,
+    synthetic), their indices as strings: '0', '1', ..."""
+    if hasattr(type(ds), "class_names"):
+        return ds.class_names
+    return [str(i) for i in range(ds.num_classes)]
+
+
+class Anomaly(Strict):
+    """Anomaly detection, for a net whose objective is reconstruction (families autoencoder and
+    mlperf_ad, a module with objective reconstruction; MLPerf Tiny's anomaly benchmark): it is
+    trained and compressed on the ``normal`` classes' samples only; a sample's score is the mean
+    squared error of its reconstruction (over the net's input features); the test AUC ranks the
+    normal samples (negative) against every other class's (anomalous, positive)."""
+
+    normal: list[str] = Field(min_length=1, description="the classes that are normal, by name (formats without "
+                              "class names, gtsrb, digits and synthetic, name them by index: '0', '1', ...); "
+                              "every other class is anomalous")
+
+    @field_validator("normal", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        # YAML reads `normal: [0]` as an int: a class index named as the formats without names do
+        if isinstance(v, list):
+            v = [str(n) if isinstance(n, int) and not isinstance(n, bool) else n for n in v]
+            if len(set(map(str, v))) != len(v):
+                raise ValueError("a class is listed twice")
+        return v
+
+    def indices(self, names: list[str]) -> list[int]:
+        """The labels (indices into ``names``) of the normal classes; ValueError naming the
+        field when a name is not a class of the data, or when no class is left anomalous."""
+        unknown = [(i, n) for i, n in enumerate(self.normal) if n not in names]
+        if unknown:
+            i, n = unknown[0]
+            raise ValueError(f"anomaly.normal.{i}: '{n}' is not a class of the dataset (classes: {', '.join(names)})")
+        if len(self.normal) >= len(names):
+            raise ValueError(f"anomaly.normal: every class ({', '.join(names)}) is normal: no anomalous samples "
+                             "to measure an AUC on")
+        return [names.index(n) for n in self.normal]
+
+
 class Project(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     description: str = ""
@@ -629,6 +967,8 @@ class Project(Strict):
     validation: Validation = Field(default_factory=Validation)
     tuning: Tuning = Field(default_factory=Tuning)
     sizing: Sizing = Field(default_factory=Sizing)
+    anomaly: Anomaly | None = Field(None, description="anomaly detection (a reconstruction objective): "
+                                    "which classes are normal; required for, and only for, that objective")
     targets: list[str] = Field(min_length=1, description="board types from targets/*.yaml")
 
     @field_validator("targets")
@@ -637,6 +977,51 @@ class Project(Strict):
         if len(set(v)) != len(v):
             raise ValueError("a board type is listed twice")
         return v
+
+    @property
+    def objective(self) -> str:
+        """The net's objective: "classification" or "reconstruction" (a field of family module,
+        else the family's class variable)."""
+        return getattr(self.architecture, "objective", "classification")
+
+    def normal_indices(self) -> list[int]:
+        """The labels of the normal classes of an anomaly-detection app (ValueError naming the
+        field when a name is unknown or the classes are not known yet)."""
+        if self.anomaly is None:
+            raise ValueError("anomaly.normal: not set (the app is not an anomaly detector)")
+        names = dataset_class_names(self.dataset)
+        if names is None:
+            raise ValueError("anomaly.normal: the dataset's classes are not known yet (kiln.config infers them)")
+        return self.anomaly.indices(names)
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> Project:
+        """Anomaly detection and classification each get only their own settings, refused when
+        the manifest loads: a reconstruction objective needs ``anomaly.normal`` and is judged by
+        ``requirements.auc``; a classifier by ``requirements.accuracy``. The normal class names
+        are checked against the data's classes here when they are known (listed, or a format
+        whose classes are indices); inferred ones once kiln.config has inferred them
+        (``normal_indices``)."""
+        family, req = self.architecture.family, self.requirements
+        if self.objective == "reconstruction":
+            if self.anomaly is None:
+                raise ValueError(f"anomaly.normal: family '{family}' has a reconstruction objective (anomaly "
+                                 "detection): list the normal classes it is trained on, e.g. anomaly: {normal: [...]}; "
+                                 "every other class is an anomaly")
+            if req.accuracy is not None:
+                raise ValueError(f"requirements.accuracy: family '{family}' has a reconstruction objective: its "
+                                 "outputs are no classes to be right about; require auc: {min: ...} (the ROC AUC of "
+                                 "the anomaly score) instead")
+            if dataset_class_names(self.dataset) is not None:
+                self.normal_indices()
+        else:
+            if req.auc is not None:
+                raise ValueError(f"requirements.auc: family '{family}' is a classifier; auc applies to anomaly "
+                                 "detection (a reconstruction objective, e.g. family autoencoder); require accuracy")
+            if self.anomaly is not None:
+                raise ValueError(f"anomaly: family '{family}' is a classifier; anomaly applies to a reconstruction "
+                                 "objective only (e.g. family autoencoder)")
+        return self
 
     @model_validator(mode="after")
     def _family_can_take_passes(self) -> Project:

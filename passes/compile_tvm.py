@@ -1,6 +1,8 @@
 """Compile stage: the exported ONNX model -> TVM Relax -> a kernel library (model.so) for one
 board type, with the tuned schedules of the tune stage's database where it tuned (the
-frontend and the build: passes/support/tvm_build.py)."""
+frontend and the build: passes/support/tvm_build.py). An app with a front end also gets the
+front end alone as front_end.so (untuned), which the hil stage runs to compare the board's
+features with the host's."""
 
 from __future__ import annotations
 
@@ -13,8 +15,13 @@ def run(project: Project, board: Board, layout: Layout) -> dict:
     """Compile ``layout.onnx`` for ``board`` into ``layout.library(board.name)`` (its report:
     ``layout.compile_json``), applying ``layout.tune_json``'s database when that report exists
     and says it tuned."""
-    shape = read_json(layout.export_json)["input_shape"]
+    export = read_json(layout.export_json)
     tune_json = layout.tune_json(board.name)
     tuning = read_json(tune_json) if tune_json.exists() else None
-    return compile_onnx(board, layout.onnx, shape, layout.library(board.name), layout.compile_json(board.name),
-                        tuning=tuning)
+    fe = export.get("front_end_onnx")
+    if fe is not None:  # first: the model's compile.json, written last, vouches for both
+        out = layout.board_type(board.name)
+        compile_onnx(board, layout.root / fe["file"], fe["input_shape"], out / "front_end.so",
+                     out / "front_end.compile.json")
+    return compile_onnx(board, layout.onnx, export["input_shape"], layout.library(board.name),
+                        layout.compile_json(board.name), tuning=tuning)

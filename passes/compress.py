@@ -1,8 +1,11 @@
 """Compress stage: runs the manifest's compression passes in order and records, per pass, its
 settings, parameters, MACs, weight bytes (as stored, and entropy-coded when weight coding ran),
-kernel library bytes and val accuracy; then checks the budgets of the manifest's
-``compression`` section. With no passes listed it is a pass-through that still measures the
-baseline, so later stages always read ``compressed.pt``.
+kernel library bytes and the val figure it is judged on: a classifier's val accuracy, an
+anomaly detector's val ROC AUC of its score (with the MSE of the normal val samples next to
+it; passes/support/anomaly.py); then checks the budgets of the manifest's ``compression``
+section (``max_accuracy_drop`` bounds the drop of that figure: accuracy, or AUC). With no
+passes listed it is a pass-through that still measures the baseline, so later stages always
+read ``compressed.pt``.
 
 The pass interface
 ------------------
@@ -29,7 +32,9 @@ and calls its one entry point::
   (training.seed: passes that train or sample must be deterministic given it), ``index`` and
   ``name`` (the pass's place in ``compression.passes``; ``ctx.field()`` names it in errors).
 
-Each row's accuracy is the returned model's val top-1; its weight bytes are
+Each row's ``val_accuracy`` is the returned model's val top-1 (an anomaly detector's rows have
+``val_auc`` and ``val_mse`` instead; its passes fit and calibrate on the normal classes' samples
+only, through ``passes.support.anomaly.fit_split``); its weight bytes are
 ``passes.support.common.stored_weight_bytes(model, ckpt)`` (fp32, or int8 when
 ``ckpt["quantization"]`` is set); ``coded_bytes`` is ``ckpt["weight_coding"]["coded_bytes"]``
 while the weights are still the ones weight coding coded. Its ``library_bytes`` is the size of
@@ -51,6 +56,7 @@ from kiln.artifacts import Layout, write_json
 from kiln.errors import PassError
 from kiln.registry import implementation
 from kiln.schema import Board, Project
+from passes.support import anomaly
 from passes.support.common import (accuracy, load_checkpoint, load_split, rebuild, save_checkpoint, sparsity,
                                    stored_weight_bytes, weights_sha256)
 
@@ -68,6 +74,40 @@ class PassContext:
     def field(self, name: str | None = None) -> str:
         """The manifest path of this pass's settings, or of one of them."""
         return f"compression.passes.{self.index}.{self.name}" + (f".{name}" if name else "")
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The validation split and the figure each row is judged on (``key``): val accuracy for a
+    classifier; for an anomaly detector (``normal``: its normal class labels) the val ROC AUC of
+    the anomaly score over the whole split, with the MSE of its normal samples."""
+
+    x: Any
+    y: Any
+    normal: list[int] | None = None
+
+    @property
+    def key(self) -> str:
+        return "val_accuracy" if self.normal is None else "val_auc"
+
+    @property
+    def name(self) -> str:
+        return "val accuracy" if self.normal is None else "val AUC"
+
+    def measure(self, model) -> dict:
+        if self.normal is None:
+            return {"val_accuracy": accuracy(model, self.x, self.y)[0]}
+        m = anomaly.evaluate(model, self.x, self.y, self.normal, "the val split")
+        if m["auc"] is None:
+            raise PassError("compress: the val split holds only one kind of sample (normal or anomalous): its AUC, "
+                            "what compression is judged on, is undefined (raise dataset.split.val)")
+        return {"val_auc": m["auc"], "val_mse": m["mse"]}
+
+
+def judge(project: Project, data_dir: Path) -> Judge:
+    """The Judge of ``project`` on the val split of ``data_dir``."""
+    x, y = load_split(data_dir, "val")
+    return Judge(x, y, anomaly.normal_indices(project) if anomaly.is_detector(project) else None)
 
 
 @dataclass
@@ -107,20 +147,19 @@ def coded_bytes(model, ckpt: dict) -> int | None:
     return wc["coded_bytes"] if wc.get("weights_sha256") == weights_sha256(model) else None
 
 
-def _row(name: str, settings: dict, model, ckpt: dict, xva, yva, seconds: float) -> dict:
+def _row(name: str, settings: dict, model, ckpt: dict, val: Judge, seconds: float) -> dict:
     from kiln.nets import measure
 
-    acc, _ = accuracy(model, xva, yva)
     cx = measure(model, (ckpt["channels"], *ckpt["image_size"]))
     stored = stored_weight_bytes(model, ckpt)
     coded = coded_bytes(model, ckpt)
     return {"pass": name, "settings": settings, "params": cx.params, "macs": cx.macs,
             "widths": list(ckpt["architecture"].get("widths", [])), "sparsity": round(sparsity(model), 6),
             "weight_bytes": stored, "coded_bytes": coded, "size_bytes": coded if coded is not None else stored,
-            "val_accuracy": acc, "seconds": round(seconds, 2)}
+            **val.measure(model), "seconds": round(seconds, 2)}
 
 
-def _run_passes(specs, model, ckpt: dict, xva, yva) -> tuple[list[Step], Any, dict]:
+def _run_passes(specs, model, ckpt: dict, val: Judge) -> tuple[list[Step], Any, dict]:
     steps = []
     for module, settings, ctx in specs:
         t0 = time.perf_counter()
@@ -130,16 +169,16 @@ def _run_passes(specs, model, ckpt: dict, xva, yva) -> tuple[list[Step], Any, di
                         ctx.project.name, ctx.name)
             ckpt = {k: v for k, v in ckpt.items() if k != "weight_coding"}
         ckpt, snapshot = _snapshot(model, ckpt)
-        row = _row(ctx.name, _shown(settings), model, ckpt, xva, yva, time.perf_counter() - t0)
-        log.info("compress %s: %s -> %d params, %d MACs, %d weight bytes%s, val %.4f (%.1f s)", ctx.project.name,
+        row = _row(ctx.name, _shown(settings), model, ckpt, val, time.perf_counter() - t0)
+        log.info("compress %s: %s -> %d params, %d MACs, %d weight bytes%s, %s %.4f (%.1f s)", ctx.project.name,
                  ctx.name, row["params"], row["macs"], row["weight_bytes"],
-                 f" ({row['coded_bytes']} coded)" if row["coded_bytes"] is not None else "", row["val_accuracy"],
+                 f" ({row['coded_bytes']} coded)" if row["coded_bytes"] is not None else "", val.name, row[val.key],
                  row["seconds"])
         steps.append(Step(row, snapshot))
     return steps, model, ckpt
 
 
-def _search(project: Project, specs, model, ckpt, xva, yva, base: dict) -> tuple[list[Step], dict]:
+def _search(project: Project, specs, model, ckpt, val: Judge, base: dict) -> tuple[list[Step], dict]:
     """Run the passes once per value of compression.search; keep the smallest result within
     the accuracy budget. The passes before the searched one run once. (The manifest's loading
     checked that the searched pass is listed and that every value is a valid setting.)"""
@@ -148,15 +187,15 @@ def _search(project: Project, specs, model, ckpt, xva, yva, base: dict) -> tuple
     at = next(i for i, (_, _, ctx) in enumerate(specs) if ctx.name == search.pass_)
     module, _, ctx = specs[at]
     variants = [comp.variant(at, search.field, value).settings for value in search.values]
-    prefix, model, ckpt = _run_passes(specs[:at], model, ckpt, xva, yva)
+    prefix, model, ckpt = _run_passes(specs[:at], model, ckpt, val)
     budget = comp.max_accuracy_drop
     candidates, best = [], None
     for value, settings in zip(search.values, variants):
         log.info("compress %s: search %s.%s = %r", project.name, search.pass_, search.field, value)
-        steps, _, _ = _run_passes([(module, settings, ctx), *specs[at + 1:]], copy.deepcopy(model), copy.deepcopy(ckpt), xva, yva)
+        steps, _, _ = _run_passes([(module, settings, ctx), *specs[at + 1:]], copy.deepcopy(model), copy.deepcopy(ckpt), val)
         run = prefix + steps
         last = run[-1].row
-        drop = base["val_accuracy"] - last["val_accuracy"]
+        drop = base[val.key] - last[val.key]
         cand = {"value": value, "passes": [s.row for s in run], "accuracy_drop": drop,
                 "size_bytes": last["size_bytes"], "macs": last["macs"], "within_accuracy_budget": drop <= budget}
         candidates.append(cand)
@@ -166,8 +205,8 @@ def _search(project: Project, specs, model, ckpt, xva, yva, base: dict) -> tuple
             "chosen": best[1] if best else None}
     if best is None:
         tried = ", ".join(f"{c['value']!r}: drop {c['accuracy_drop']:.4f}" for c in candidates)
-        raise _BudgetMissed(info, f"no value of compression.search ({search.pass_}.{search.field}) keeps the val "
-                                  f"accuracy drop within compression.max_accuracy_drop {budget} ({tried})")
+        raise _BudgetMissed(info, f"no value of compression.search ({search.pass_}.{search.field}) keeps the "
+                                  f"{val.name} drop within compression.max_accuracy_drop {budget} ({tried})")
     log.info("compress %s: search keeps %s.%s = %r", project.name, search.pass_, search.field, best[1])
     return best[2], info
 
@@ -178,14 +217,14 @@ class _BudgetMissed(Exception):
         self.search = search
 
 
-def _budget_failures(project: Project, base: dict, final: dict) -> list[str]:
+def _budget_failures(project: Project, base: dict, final: dict, val: Judge) -> list[str]:
     c = project.compression
-    drop = base["val_accuracy"] - final["val_accuracy"]
+    drop = base[val.key] - final[val.key]
     size, kind = final["size_bytes"], "coded" if final["coded_bytes"] is not None else "as stored"
     ratio = base["weight_bytes"] / size
     out = []
     if drop > c.max_accuracy_drop:
-        out.append(f"val accuracy dropped {drop:.4f} ({base['val_accuracy']:.4f} -> {final['val_accuracy']:.4f}), "
+        out.append(f"{val.name} dropped {drop:.4f} ({base[val.key]:.4f} -> {final[val.key]:.4f}), "
                    f"over compression.max_accuracy_drop {c.max_accuracy_drop}")
     if c.max_weight_bytes is not None and size > c.max_weight_bytes:
         out.append(f"final weights are {size:,} bytes ({kind}), over compression.max_weight_bytes {c.max_weight_bytes:,}")
@@ -208,19 +247,19 @@ def library_bytes(snapshot: dict, data_dir: Path, board: Board) -> int:
         return compile_onnx(board, t / "model.onnx", info["input_shape"], t / "model.so", t / "compile.json")["library_bytes"]
 
 
-def _baseline(model_pt: Path, data_dir: Path):
-    """(model, ckpt without weights, val images, val labels, the baseline Step) of a trained model."""
+def _baseline(project: Project, model_pt: Path, data_dir: Path):
+    """(model, ckpt without weights, the Judge of the val split, the baseline Step) of a trained model."""
     model, ckpt = load_checkpoint(model_pt)
-    xva, yva = load_split(data_dir, "val")
+    val = judge(project, data_dir)
     ckpt, snapshot = _snapshot(model, ckpt)
-    return model, ckpt, xva, yva, Step(_row("baseline", {}, model, ckpt, xva, yva, 0.0), snapshot)
+    return model, ckpt, val, Step(_row("baseline", {}, model, ckpt, val, 0.0), snapshot)
 
 
 def steps(project: Project, layout: Layout) -> list[Step]:
     """The baseline and one Step per listed pass on ``layout.model_pt``, without search or budget
     checks: what bench/compression.py measures; each Step's ``snapshot`` is a checkpoint dict."""
-    model, ckpt, xva, yva, base = _baseline(layout.model_pt, layout.data)
-    passes, _, _ = _run_passes(_specs(project, layout.data), model, ckpt, xva, yva)
+    model, ckpt, val, base = _baseline(project, layout.model_pt, layout.data)
+    passes, _, _ = _run_passes(_specs(project, layout.data), model, ckpt, val)
     return [base, *passes]
 
 
@@ -235,14 +274,14 @@ def run(project: Project, layout: Layout, library_board: Board | None) -> dict:
     data_dir, out_pt, out_json = layout.data, layout.compressed_pt, layout.compress_json
     specs = _specs(project, data_dir)
     board = library_board if comp.library_bytes else None
-    model, ckpt, xva, yva, base = _baseline(layout.model_pt, data_dir)
+    model, ckpt, val, base = _baseline(project, layout.model_pt, data_dir)
     summary: dict[str, Any] = {"max_accuracy_drop": comp.max_accuracy_drop, "min_weight_ratio": comp.min_weight_ratio,
                                "max_weight_bytes": comp.max_weight_bytes}
     try:
         if comp.search is None:
-            steps, _, _ = _run_passes(specs, model, ckpt, xva, yva)
+            steps, _, _ = _run_passes(specs, model, ckpt, val)
         else:
-            steps, summary["search"] = _search(project, specs, model, ckpt, xva, yva, base.row)
+            steps, summary["search"] = _search(project, specs, model, ckpt, val, base.row)
     except _BudgetMissed as e:
         summary.update(search=e.search, error=str(e))
         write_json(out_json, summary)
@@ -254,9 +293,10 @@ def run(project: Project, layout: Layout, library_board: Board | None) -> dict:
             s.row["library_bytes"] = library_bytes(s.snapshot, data_dir, board)
     rows = [s.row for s in steps]
     final = rows[-1]
-    summary.update(passes=rows, accuracy_drop=base.row["val_accuracy"] - final["val_accuracy"],
-                   size_ratio=final["size_ratio"])
-    failures = _budget_failures(project, base.row, final)
+    drop_key = "accuracy_drop" if val.normal is None else "auc_drop"
+    summary.update(passes=rows, judged_on=val.key, size_ratio=final["size_ratio"],
+                   **{drop_key: base.row[val.key] - final[val.key]})
+    failures = _budget_failures(project, base.row, final, val)
     if failures:
         summary["error"] = "; ".join(failures)
         write_json(out_json, summary)
@@ -268,6 +308,6 @@ def run(project: Project, layout: Layout, library_board: Board | None) -> dict:
         raise PassError(f"compress {project.name}: the last pass left a checkpoint that does not rebuild ({e})") from e
     save_checkpoint(out_pt, out)
     write_json(out_json, summary)
-    log.info("compress %s: %d -> %d weight bytes (%.2fx), val %.4f -> %.4f", project.name, base.row["weight_bytes"],
-             final["size_bytes"], final["size_ratio"], base.row["val_accuracy"], final["val_accuracy"])
+    log.info("compress %s: %d -> %d weight bytes (%.2fx), %s %.4f -> %.4f", project.name, base.row["weight_bytes"],
+             final["size_bytes"], final["size_ratio"], val.name, base.row[val.key], final[val.key])
     return summary

@@ -43,10 +43,21 @@ def _write_npz(path: Path, **arrays) -> None:
 
 
 def _write_runner_inputs(path: Path, x: np.ndarray) -> None:
-    """Raw little-endian float32 N x C x H x W in [0, 1]: what the C++ runner feeds the model."""
+    """Raw little-endian float32 N x C x H x W in [0, 1]: what the C++ runner feeds a model
+    without a front end."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for i in range(0, len(x), 1024):  # chunks: the float copy of all of GTSRB's test set is 150 MB
             f.write((x[i:i + 1024].transpose(0, 3, 1, 2).astype("<f4") / np.float32(255)).tobytes())
+
+
+def _write_raw_inputs(path: Path, x: np.ndarray) -> None:
+    """The raw samples as the board gets them (int16 audio, uint8 pixels, float32 sensor values),
+    little-endian, in the data set's layout: the library's front end computes the features."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes())
+
+
+RAW_DTYPES = {"image": np.uint8, "audio": np.int16, "sequence": np.float32, "table": np.float32}
 
 
 def _check_size(image_size) -> tuple[int, int]:
@@ -60,15 +71,21 @@ def _check_size(image_size) -> tuple[int, int]:
 
 
 def _splits(loaded: Loaded, val: float, test: float, seed: int) -> dict:
-    """train/val/test: a shipped test split stays the test split; otherwise ``test`` of the
-    data is split off (shuffled: the boards may get only a prefix, validation.samples)."""
+    """train/val/test: a shipped test (validation) split stays the test (validation) split;
+    otherwise ``test`` (``val``) of the data is split off (stratified, seeded; the test split
+    shuffled: the boards may get only a prefix, validation.samples)."""
     x, y = loaded.train
+    fractions = (() if loaded.val is not None else (val,)) + (() if loaded.test is not None else (test,))
+    parts = _stratified(y, fractions, seed)
+    out = {"train": (x[parts[0]], y[parts[0]])}
+    rest = iter(parts[1:])
+    out["val"] = loaded.val if loaded.val is not None else (lambda i: (x[i], y[i]))(next(rest))
     if loaded.test is not None:
-        rest, val_i = _stratified(y, (val,), seed)
-        return {"train": (x[rest], y[rest]), "val": (x[val_i], y[val_i]), "test": loaded.test}
-    rest, val_i, test_i = _stratified(y, (val, test), seed)
-    test_i = np.random.default_rng([seed, 3]).permutation(test_i)
-    return {name: (x[i], y[i]) for name, i in (("train", rest), ("val", val_i), ("test", test_i))}
+        out["test"] = loaded.test
+    else:
+        test_i = np.random.default_rng([seed, 3]).permutation(next(rest))
+        out["test"] = (x[test_i], y[test_i])
+    return {name: out[name] for name in ("train", "val", "test")}
 
 
 def synthesize(project, layout) -> None:
@@ -89,11 +106,45 @@ def run(project, layout) -> dict:
     root, _ = fmt.locate(ds, layout)
     size = _check_size(ds.image_size)
     return prepare(fmt.load(ds, root), layout.data, size, ds.split.val, ds.split.test, ds.split.seed,
-                   params={"dataset_root": str(root)})
+                   params={"dataset_root": str(root)}, front_end=front_end_of(ds))
+
+
+def front_end_of(ds) -> dict | None:
+    """What the data stage needs of a dataset's front end (None: pixels scaled on the host)."""
+    fe = getattr(ds, "front_end", None)
+    if fe is None:
+        return None
+    return {"settings": fe, "layout": ds.layout, "raw_shape": list(ds.raw_shape()),
+            "sample_rate": getattr(ds, "sample_rate", None)}
+
+
+def _apply_front_end(front_end: dict, splits: dict, out_dir: Path) -> tuple[dict, dict]:
+    """Fit the front end on the training split, compute every split's features with it (the
+    same graph the library runs) and keep the raw samples the boards and the export's parity
+    check need. Returns (splits of features, front_end.json's contents)."""
+    from passes import frontends
+
+    fe, layout, sr = front_end["settings"], front_end["layout"], front_end["sample_rate"]
+    raw_dtype = np.dtype(RAW_DTYPES[layout])
+    for name, (x, _) in splits.items():
+        if x.dtype != raw_dtype or tuple(x.shape[1:]) != tuple(front_end["raw_shape"]):
+            raise PassError(f"data: the {name} split's raw samples are {x.dtype} {tuple(x.shape[1:])}, "
+                            f"expected {raw_dtype} {tuple(front_end['raw_shape'])} (a bug in the format)")
+    impl = implementation(fe)
+    stats = impl.fit(fe, layout, splits["train"][0])
+    out = {}
+    for name, (x, y) in splits.items():
+        log.info("data: %s front end on the %s split (%d samples)", fe.kind, name, len(y))
+        out[name] = (frontends.features(fe, layout, x, stats, sr), y)
+    _write_npz(out_dir / "raw.npz", val=splits["val"][0], test=splits["test"][0])
+    info = {"kind": fe.kind, "settings": fe.model_dump(), "layout": layout, "raw_shape": front_end["raw_shape"],
+            "raw_dtype": raw_dtype.name, "sample_rate": sr, "stats": stats,
+            "output_shape": list(fe.output_shape(layout, tuple(front_end["raw_shape"]), sr))}
+    return out, info
 
 
 def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, seed: int,
-            params: dict | None = None) -> dict:
+            params: dict | None = None, front_end: dict | None = None) -> dict:
     """Split what a format loaded and write the data stage's outputs to ``out_dir``.
 
     A shipped test split (GTSRB's labelled Final_Test) is the test split; otherwise ``test`` of
@@ -105,25 +156,39 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
         raise PassError(f"data: split fractions must be in [0, 1) and sum below 1, got val={val} test={test}")
     size = _check_size(image_size)
     splits, report, source = _splits(loaded, val, test, seed), loaded.report, loaded.source
+    raw_test = splits["test"][0]
+    files = ["train.npz", "val.npz", "test.npz", "test_inputs.bin", "test_labels.json"]
+    fe_info = None
+    if front_end is not None:
+        splits, fe_info = _apply_front_end(front_end, splits, out_dir)
+        write_json(out_dir / "front_end.json", fe_info)
+        files += ["raw.npz", "front_end.json"]
     for name, (x, y) in splits.items():
-        log.info("data: writing %s split: %d images", name, len(y))
+        log.info("data: writing %s split: %d samples", name, len(y))
         _write_npz(out_dir / f"{name}.npz", x=x, y=y)
-    x, y = splits["test"]
+    y = splits["test"][1]
     if not len(y):
         log.warning("data: the test split is empty (test=%s and no labelled test set)", test)
-    _write_runner_inputs(out_dir / "test_inputs.bin", x)
+    if fe_info is None:
+        _write_runner_inputs(out_dir / "test_inputs.bin", raw_test)
+        test_inputs = {"file": "test_inputs.bin", "dtype": "float32", "byteorder": "little", "layout": "NCHW",
+                       "shape": [len(y), source["channels"], *size], "scale": "pixel / 255"}
+    else:
+        _write_raw_inputs(out_dir / "test_inputs.bin", raw_test)
+        test_inputs = {"file": "test_inputs.bin", "dtype": fe_info["raw_dtype"], "byteorder": "little",
+                       "layout": fe_info["layout"], "shape": [len(y), *fe_info["raw_shape"]],
+                       "scale": f"raw samples ({fe_info['kind']} front end in the library)"}
     write_json(out_dir / "test_labels.json", [int(v) for v in y])
-    files = ["train.npz", "val.npz", "test.npz", "test_inputs.bin", "test_labels.json"]
     k = source["num_classes"]
     info = {
         "pass": "data", **source, "image_size": list(size),
         "counts": {n: len(v[1]) for n, v in splits.items()},
         "class_counts": {n: np.bincount(v[1], minlength=k).tolist() for n, v in splits.items()},
-        "test_inputs": {"file": "test_inputs.bin", "dtype": "float32", "byteorder": "little",
-                        "layout": "NCHW", "shape": [len(y), source["channels"], *size], "scale": "pixel / 255"},
+        "test_inputs": test_inputs, "front_end": fe_info,
         "load": report,
         "files": {f: sha256_file(out_dir / f) for f in files},
-        "params": {**(params or {}), "image_size": list(size), "val": val, "test": test, "seed": seed},
+        "params": {**(params or {}), "image_size": list(size), "val": val, "test": test, "seed": seed,
+                   "front_end": None if front_end is None else front_end["settings"].model_dump()},
     }
     write_json(out_dir / "data.json", info)  # last: its presence means every output above is complete
     log.info("data: wrote %s (train %d, val %d, test %d)", out_dir, *info["counts"].values())

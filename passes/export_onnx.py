@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from kiln.artifacts import Layout
 from kiln.schema import Project
-from passes.support.onnx_export import export_checkpoint
+from kiln.artifacts import write_json
+from passes.support.onnx_export import export_checkpoint, export_front_end
 
 
 def run(project: Project, layout: Layout) -> dict:
@@ -17,10 +18,15 @@ def run(project: Project, layout: Layout) -> dict:
 
     from kiln.nets.onnx import check
 
-    info = export_checkpoint(layout.compressed_pt, layout.data, layout.onnx, layout.export_json)
+    objective = getattr(project.architecture, "objective", "classification")
+    info = export_checkpoint(layout.compressed_pt, layout.data, layout.onnx, layout.export_json, objective=objective)
     try:
         check(onnx.load(str(layout.onnx)), f"{layout.onnx} (the exported model of {project.name})")
     except Exception:
         layout.onnx.unlink(missing_ok=True)  # never leave a model the compile stage cannot build
         raise
+    fe = export_front_end(layout.data, layout.root / "front_end.onnx")
+    if fe is not None:  # recorded next to the model: the compile stage builds it for each board
+        info["front_end_onnx"] = fe
+        write_json(layout.export_json, info)
     return info

@@ -27,8 +27,9 @@ global, amount: 0.8}``:
   ``ckpt["architecture"]["widths"]`` are narrowed too, so its architecture still describes it.
 
 Each of ``steps`` rounds prunes ``amount / steps`` more (of the original channels), then
-fine-tunes ``finetune_epochs`` on the family's loss (cross-entropy, or MSE for autoencoders) and
-keeps its best validation epoch, as the train stage does: on a small data set the last epoch of
+fine-tunes ``finetune_epochs`` on the family's loss (cross-entropy, or MSE for autoencoders, on
+the normal classes' samples only: passes/support/anomaly.py ``fit_split``) and keeps its best
+validation epoch, as the train stage does: on a small data set the last epoch of
 a one-cycle run is often not the best, and the masks hold in every epoch's weights. Weights
 already exactly zero when the pass starts stay zero (an earlier magnitude pass). Deterministic
 given ``ctx.seed``. A net with no prunable channel group (the rnn family: gate layers and a head)
@@ -49,7 +50,8 @@ from typing import Any
 
 from kiln.errors import PassError
 from kiln.schema import PruneSettings
-from passes.support.common import accuracy, bn_after, load_split, sparsity, to_tensor, trace, weight_layers
+from passes.support.anomaly import fit_split
+from passes.support.common import accuracy, bn_after, sparsity, to_tensor, trace, weight_layers
 from passes.support.training import fit, reconstruction_error
 
 log = logging.getLogger("kiln.prune")
@@ -63,8 +65,8 @@ def run(model, ckpt: dict, settings: PruneSettings, ctx) -> tuple[Any, dict]:
     torch.manual_seed(ctx.seed)
     torch.set_num_threads(cfg.threads)
     gen = torch.Generator().manual_seed(ctx.seed)
-    xtr, ytr = load_split(ctx.data_dir, "train")
-    xva, yva = load_split(ctx.data_dir, "val")
+    xtr, ytr = fit_split(ctx.project, ctx.data_dir, "train")  # an anomaly detector's: normal samples only
+    xva, yva = fit_split(ctx.project, ctx.data_dir, "val")
     lr = s.finetune_lr or cfg.lr
     objective = getattr(ctx.project.architecture, "objective", "classification")  # the loss fine-tuning uses
     structured = s.method != "magnitude"
@@ -104,8 +106,9 @@ def run(model, ckpt: dict, settings: PruneSettings, ctx) -> tuple[Any, dict]:
 
 
 def _val(model, xva, yva, objective: str, history: list[dict]) -> tuple[str, float]:
-    """The round's validation figure: accuracy for classifiers, MSE for autoencoders (the
-    fine-tuning's last epoch has it; without fine-tuning it is measured)."""
+    """The round's validation figure: accuracy for classifiers, MSE of the normal validation
+    samples for autoencoders (the fine-tuning's last epoch has it; without fine-tuning it is
+    measured)."""
     if objective == "reconstruction":
         return "val_mse", history[-1]["val_mse"] if history else reconstruction_error(model, xva)
     return "val_accuracy", history[-1]["val_accuracy"] if history else accuracy(model, xva, yva)[0]

@@ -1,4 +1,6 @@
-"""Compression pass: int8 post-training quantization, calibrated on training-split images.
+"""Compression pass: int8 post-training quantization, calibrated on training-split samples (an
+anomaly detector's normal samples only: the ranges of what it will see, not of the anomalies
+whose large reconstruction errors it exists to show).
 
 Any model torch.fx can trace in Kiln's op vocabulary (passes/support/int8.py graph_plan: convs
 of any kernel and groups, linear, pools, residual add/sub, mul, sigmoid, tanh, constant slices:
@@ -40,7 +42,8 @@ import numpy as np
 
 from kiln.errors import ManifestError
 from kiln.schema import QuantizeSettings
-from passes.support.common import load_split, to_tensor
+from passes.support.anomaly import fit_split
+from passes.support.common import to_tensor
 from passes.support.int8 import (LUT_OUTPUT, WEIGHTED, WMAX, act_range, bias_ints, bias_scale, fake_quant, graph_plan, layer_bias,
                                  lut,                                  snap_weights)
 
@@ -235,7 +238,7 @@ def run(model, ckpt: dict, settings: QuantizeSettings, ctx):
     fold_batchnorm(model, plan)
     ranges, n = None, 0
     if p.mode == "int8":
-        x, _ = load_split(ctx.data_dir, "train")
+        x, _ = fit_split(ctx.project, ctx.data_dir, "train")
         n = min(p.calibration_samples, len(x))
         rng = np.random.default_rng(ctx.seed)
         ranges = calibrate(model, plan, x[np.sort(rng.choice(len(x), n, replace=False))], p)

@@ -3,10 +3,12 @@ keeps the best-validation checkpoint, which describes itself (architecture, clas
 size, metrics).
 
 The loss follows the family's ``objective``: classifiers train on cross-entropy and report
-accuracy; reconstruction families (autoencoders) train on MSE against their input and report
-the validation and test MSE (no accuracy: there is no label to be right about). Families Kiln
-does not train (``trains`` false, family onnx) never reach this stage: dodo runs the import
-stage (passes/import_model.py) for them."""
+accuracy; reconstruction families (autoencoders: anomaly detectors) train on MSE against their
+input, on the normal classes' samples only (``anomaly.normal``), and report the validation and
+test MSE of the normal samples and the validation and test ROC AUC of the anomaly score over
+every sample (passes/support/anomaly.py; no accuracy: there is no label to be right about).
+Families Kiln does not train (``trains`` false, family onnx) never reach this stage: dodo runs
+the import stage (passes/import_model.py) for them."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from kiln.artifacts import Layout, sha256_file, write_json
 from kiln.errors import ManifestError, PassError
 from kiln.schema import Project
 from passes.support.common import accuracy, load_split, save_checkpoint
-from passes.support.training import fit, reconstruction_error
+from passes.support.anomaly import evaluate as anomaly_metrics
+from passes.support.anomaly import fit_split, normal_indices
+from passes.support.training import fit
 
 log = logging.getLogger("kiln.train")
 
@@ -36,8 +40,8 @@ def run(project: Project, layout: Layout) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
 
     data_dir = layout.data
-    xtr, ytr = load_split(data_dir, "train")
-    xva, yva = load_split(data_dir, "val")
+    xtr, ytr = fit_split(project, data_dir, "train")  # an anomaly detector's: the normal samples only
+    xva, yva = fit_split(project, data_dir, "val")
     xte, yte = load_split(data_dir, "test")
     model, cx = _model(project)
     log.info("train %s: %d params, %d MACs, %d activations, %d train / %d val samples, %d epochs, %s",
@@ -50,8 +54,9 @@ def run(project: Project, layout: Layout) -> dict:
     if objective == "reconstruction":
         best_epoch = min(history, key=lambda r: r["val_mse"])  # first of the best, as fit keeps it
         metrics.update(best_epoch=best_epoch["epoch"], val_mse=best_epoch["val_mse"],
-                       test_mse=reconstruction_error(model, xte))
-        summary = f"val mse {metrics['val_mse']:.5f}, test mse {metrics['test_mse']:.5f}"
+                       **_anomaly(project, model, data_dir, len(ytr)))
+        summary = (f"val mse {metrics['val_mse']:.5f}, test mse {metrics['test_mse']:.5f}, "
+                   f"val auc {_shown(metrics['val_auc'])}, test auc {_shown(metrics['test_auc'])}")
     else:
         best_epoch = max(history, key=lambda r: r["val_accuracy"])
         test_acc, _ = accuracy(model, xte, yte)
@@ -63,10 +68,27 @@ def run(project: Project, layout: Layout) -> dict:
         "state_dict": best_state, "architecture": arch.model_dump(), "channels": ds.channels,
         "num_classes": ds.num_classes, "image_size": list(ds.image_size), "metrics": metrics,
     }
+    if objective == "reconstruction":  # the checkpoint says what it was trained on
+        ckpt["anomaly"] = {"normal": list(project.anomaly.normal), "normal_labels": normal_indices(project)}
     save_checkpoint(layout.model_pt, ckpt)
     write_json(layout.metrics, metrics)
     log.info("train %s: best epoch %d, %s", project.name, best_epoch["epoch"], summary)
     return metrics
+
+
+def _anomaly(project: Project, model, data_dir, train_samples: int) -> dict:
+    """An anomaly detector's figures: the MSE of the normal test samples, and the ROC AUC of the
+    score over the whole validation and test splits (normal against anomalous)."""
+    normal = normal_indices(project)
+    val = anomaly_metrics(model, *load_split(data_dir, "val"), normal, "the val split")
+    test = anomaly_metrics(model, *load_split(data_dir, "test"), normal, "the test split")
+    return {"normal": list(project.anomaly.normal), "train_samples": train_samples, "val_auc": val["auc"],
+            "test_mse": test["mse"], "test_auc": test["auc"],
+            "anomalous": {"val": val["anomalous"], "test": test["anomalous"]}}
+
+
+def _shown(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _model(project: Project):

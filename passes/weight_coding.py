@@ -25,7 +25,8 @@ weights, so the size reported is that of a real, lossless encoding.
 Settings (kiln.schema.WeightCodingSettings, validated when the manifest loads): ``bits``
 (default 4), ``first_bits`` (default 8), ``linear_bits`` (default ``bits``), ``index_bits``
 (default 5), ``iterations`` (k-means, default 30), ``finetune_epochs`` (default 1: the shared
-values are fine-tuned on the training split, cluster assignments fixed).
+values are fine-tuned on the training split, cluster assignments fixed; an anomaly detector's
+normal samples only, on its reconstruction loss).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import numpy as np
 
 from kiln.errors import PassError
 from kiln.schema import WeightCodingSettings
-from passes.support.common import bn_after, load_split, stored_weight_bytes, trace, weight_layers, weights_sha256
+from passes.support.anomaly import fit_split
+from passes.support.common import bn_after, stored_weight_bytes, trace, weight_layers, weights_sha256
 from passes.support.training import fit
 
 log = logging.getLogger("kiln.weight_coding")
@@ -278,7 +280,7 @@ def run(model, ckpt: dict, settings: WeightCodingSettings, ctx) -> tuple[Any, di
         cfg = ctx.project.training
         torch.manual_seed(ctx.seed)
         torch.set_num_threads(cfg.threads)
-        xtr, ytr = load_split(ctx.data_dir, "train")
+        xtr, ytr = fit_split(ctx.project, ctx.data_dir, "train")  # an anomaly detector's: normal samples only
         fit(model, xtr, ytr, epochs=s.finetune_epochs, batch=cfg.batch, lr=s.finetune_lr or cfg.lr / 3,
             aug=ctx.project.dataset.augment, gen=torch.Generator().manual_seed(ctx.seed),
             after_step=lambda m: tie_to_clusters(m, clusters), tag=f"weight coding {ctx.project.name}",

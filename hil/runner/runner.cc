@@ -1,11 +1,14 @@
 // kiln-runner: runs a TVM Relax model.so on a board, with no Python there.
 //
-//   kiln-runner --model model.so --input inputs.bin --shape 3,32,32 [--warmup 10] [--threads N]
+//   kiln-runner --model model.so --input inputs.bin --shape 3,32,32 [--dtype float32]
+//               [--warmup 10] [--threads N] [--outputs 0|1]
 //
-// inputs.bin holds N raw little-endian float32 samples of `shape` (no batch dim); each is run
-// once at batch 1 and timed on its own. The result is exactly one JSON object on stdout:
-//   {"runner": "kiln-runner 1", "count": N, "output_dim": K, "predictions": [...],
-//    "latencies_us": [...], "peak_rss_kb": int, "threads": int|null, "checksum": double}
+// inputs.bin holds N raw little-endian samples of `shape` (no batch dim) in `dtype` (float32,
+// or the raw int16 audio / uint8 pixels a model with a front end takes); each is run once at
+// batch 1 and timed on its own. The result is exactly one JSON object on stdout:
+//   {"runner": "kiln-runner 2", "count": N, "output_dim": K, "predictions": [...],
+//    "latencies_us": [...], "peak_rss_kb": int, "threads": int|null, "checksum": double,
+//    "dtype": "...", "outputs": [[...], ...] (with --outputs 1: every output value, per sample)}
 // Any error goes to stderr and exits 2; stdout is then left empty (the JSON is assembled in
 // memory and printed only after everything succeeded), so a host never parses half a result.
 //
@@ -39,7 +42,7 @@ namespace ffi = tvm::ffi;
 
 namespace {
 
-constexpr const char* kRunnerVersion = "kiln-runner 1";
+constexpr const char* kRunnerVersion = "kiln-runner 2";
 constexpr int kExitError = 2;
 // Values of tvm::runtime::memory::AllocatorType / ThreadGroup::AffinityMode. Those enums sit in
 // headers the wheels do not ship, so they are restated here (checked against TVM 0.27 sources).
@@ -57,7 +60,18 @@ struct Options {
   std::vector<int64_t> shape;  // without the batch dimension
   int64_t warmup = 10;
   int64_t threads = 0;  // 0: not given, leave TVM's default
+  std::string dtype = "float32";
+  bool outputs = false;
 };
+
+// The input dtypes a model may take: float32 features, or a front end's raw samples.
+DLDataType ParseDtype(const std::string& text) {
+  if (text == "float32") return DLDataType{kDLFloat, 32, 1};
+  if (text == "int16") return DLDataType{kDLInt, 16, 1};
+  if (text == "uint8") return DLDataType{kDLUInt, 8, 1};
+  if (text == "int8") return DLDataType{kDLInt, 8, 1};
+  throw UsageError("--dtype: expected float32, int16, uint8 or int8, got '" + text + "'");
+}
 
 int64_t ParseInt(const std::string& flag, const std::string& text, int64_t min_value) {
   // std::stoll accepts "12abc" and leading spaces; demand the whole string be digits.
@@ -96,7 +110,7 @@ Options ParseArgs(int argc, char** argv) {
     if (flag == "--help" || flag == "-h") {
       throw UsageError(
           "usage: kiln-runner --model model.so --input inputs.bin --shape 3,32,32 "
-          "[--warmup 10] [--threads N]");
+          "[--dtype float32|int16|uint8|int8] [--warmup 10] [--threads N] [--outputs 0|1]");
     }
     if (i + 1 >= argc) throw UsageError(flag + ": missing value");
     std::string value = argv[++i];
@@ -111,13 +125,19 @@ Options ParseArgs(int argc, char** argv) {
       opt.warmup = ParseInt(flag, value, 0);
     } else if (flag == "--threads") {
       opt.threads = ParseInt(flag, value, 1);
+    } else if (flag == "--dtype") {
+      ParseDtype(value);
+      opt.dtype = value;
+    } else if (flag == "--outputs") {
+      if (value != "0" && value != "1") throw UsageError("--outputs: expected 0 or 1, got '" + value + "'");
+      opt.outputs = value == "1";
     } else {
       throw UsageError("unknown argument '" + flag +
-                       "' (expected --model, --input, --shape, --warmup, --threads)");
+                       "' (expected --model, --input, --shape, --dtype, --warmup, --threads, --outputs)");
     }
   }
   if (opt.model.empty()) throw UsageError("--model: required (path to a TVM model.so)");
-  if (opt.input.empty()) throw UsageError("--input: required (path to raw float32 inputs)");
+  if (opt.input.empty()) throw UsageError("--input: required (path to raw input samples)");
   if (!have_shape) throw UsageError("--shape: required (sample shape without batch, e.g. 3,32,32)");
   return opt;
 }
@@ -131,19 +151,19 @@ void RequireRegularFile(const std::string& flag, const std::string& path) {
 }
 
 // Reads all samples; the file size must be a whole number (>= 1) of samples.
-std::vector<float> ReadInputs(const std::string& path, int64_t sample_elems, int64_t* count) {
+std::vector<char> ReadInputs(const std::string& path, int64_t sample_bytes, const std::string& dtype,
+                             int64_t* count) {
   RequireRegularFile("--input", path);
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw UsageError("--input: cannot open " + path);
   const int64_t size = static_cast<int64_t>(in.tellg());
-  const int64_t sample_bytes = sample_elems * static_cast<int64_t>(sizeof(float));
   if (size == 0 || size % sample_bytes != 0) {
     throw UsageError("--input: " + path + " has " + std::to_string(size) +
                      " bytes, expected a non-zero multiple of " + std::to_string(sample_bytes) +
-                     " (one float32 sample of the --shape)");
+                     " (one " + dtype + " sample of the --shape)");
   }
   *count = size / sample_bytes;
-  std::vector<float> data(static_cast<size_t>(size / sizeof(float)));
+  std::vector<char> data(static_cast<size_t>(size));
   in.seekg(0);
   if (!in.read(reinterpret_cast<char*>(data.data()), size)) {
     throw UsageError("--input: short read from " + path);
@@ -283,7 +303,9 @@ std::string Run(const Options& opt) {
     sample_elems *= d;
   }
   int64_t count = 0;
-  std::vector<float> inputs = ReadInputs(opt.input, sample_elems, &count);
+  const DLDataType in_dtype = ParseDtype(opt.dtype);
+  const int64_t sample_bytes = sample_elems * in_dtype.bits / 8;
+  std::vector<char> inputs = ReadInputs(opt.input, sample_bytes, opt.dtype, &count);
   RequireRegularFile("--model", opt.model);
 
   int64_t threads = opt.threads > 0 ? ConfigureThreads(opt.threads) : 0;
@@ -295,9 +317,9 @@ std::string Run(const Options& opt) {
   in_shape.insert(in_shape.end(), opt.shape.begin(), opt.shape.end());
   ffi::Tensor input =
       ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(in_shape.data(), in_shape.size()),
-                               DLDataType{kDLFloat, 32, 1}, DLDevice{kDLCPU, 0});
+                               in_dtype, DLDevice{kDLCPU, 0});
   auto load_sample = [&](int64_t i) {
-    std::memcpy(input.data_ptr(), inputs.data() + i * sample_elems, sample_elems * sizeof(float));
+    std::memcpy(input.data_ptr(), inputs.data() + i * sample_bytes, sample_bytes);
   };
 
   // One inference: call main and copy the logits out. Both are inside the timed region.
@@ -317,6 +339,7 @@ std::string Run(const Options& opt) {
   };
 
   std::vector<int64_t> predictions;
+  std::vector<float> all_outputs;  // with --outputs: every value, sample after sample
   std::vector<double> latencies_us;
   double checksum = 0.0;
   int64_t output_dim = -1;
@@ -336,6 +359,7 @@ std::string Run(const Options& opt) {
                          std::to_string(k) + " values, expected " + std::to_string(output_dim));
       }
       output_dim = k;
+      if (opt.outputs) all_outputs.insert(all_outputs.end(), logits.begin(), logits.end());
       int64_t best = 0;  // first maximum, like numpy/torch argmax
       for (int64_t j = 0; j < k; ++j) {
         checksum += static_cast<double>(logits[j]);
@@ -364,7 +388,19 @@ std::string Run(const Options& opt) {
   } else {
     js << "null";
   }
-  js << ", \"checksum\": " << JsonDouble(checksum, "%.17g") << "}\n";
+  js << ", \"checksum\": " << JsonDouble(checksum, "%.17g") << ", \"dtype\": \"" << opt.dtype << "\"";
+  if (opt.outputs) {
+    js << ", \"outputs\": [";
+    for (int64_t i = 0; i < count; ++i) {
+      js << (i ? ", [" : "[");
+      for (int64_t j = 0; j < output_dim; ++j) {
+        js << (j ? ", " : "") << JsonDouble(all_outputs[i * output_dim + j], "%.9g");
+      }
+      js << "]";
+    }
+    js << "]";
+  }
+  js << "}\n";
   return js.str();
 }
 

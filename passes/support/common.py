@@ -21,10 +21,13 @@ def load_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_tensor(x: np.ndarray):
-    """uint8 NHWC images -> float32 NCHW in [0, 1], the models' (and the runner's) input."""
+    """The net's float32 NCHW input from a split's samples: uint8 NHWC images are scaled to
+    [0, 1] (no front end: the board is fed them so); float32 NHWC samples are a front end's
+    features (passes/frontends/), taken as they are."""
     import torch
 
-    return torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
+    return t.div_(255.0) if x.dtype == np.uint8 else t
 
 
 def accuracy(model, x: np.ndarray, y: np.ndarray, batch: int = 512) -> tuple[float, np.ndarray]:

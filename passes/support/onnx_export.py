@@ -182,32 +182,149 @@ def export_float(model, shape: tuple[int, ...], path: Path) -> None:
 
 
 def export_checkpoint(model_pt: Path, data_dir: Path, out_onnx: Path, out_json: Path, samples: int = 64,
-                      atol: float = 1e-4) -> dict:
+                      atol: float = 1e-4, objective: str = "classification") -> dict:
     """Export the checkpoint ``model_pt`` to ``out_onnx`` once it agrees with torch on the first
-    ``samples`` validation images of ``data_dir``; its report (shape, parity) to ``out_json``."""
+    ``samples`` validation samples of ``data_dir``; its report (shape, parity) to ``out_json``."""
     model, ckpt = load_checkpoint(model_pt)
-    return export_model(model, ckpt, data_dir, out_onnx, out_json, samples, atol)
+    return export_model(model, ckpt, data_dir, out_onnx, out_json, samples, atol, objective)
+
+
+def _front_end(data_dir: Path):
+    """The data stage's front end (front_end.json) as a torch module on raw samples, or None."""
+    path = Path(data_dir) / "front_end.json"
+    if not path.is_file():
+        return None, None
+    from pydantic import TypeAdapter
+
+    from kiln.artifacts import read_json
+    from kiln.schema import FrontEnd
+    from passes import frontends
+
+    info = read_json(path)
+    fe = TypeAdapter(FrontEnd).validate_python(info["settings"])
+    return frontends.build(fe, info["layout"], tuple(info["raw_shape"]), info["stats"], info["sample_rate"],
+                           info["raw_dtype"]), info
+
+
+def export_front_end(data_dir: Path, out_onnx: Path) -> dict | None:
+    """The front end alone (raw samples in, features out), for the on-board check of its
+    features against the host's; None when the app has none."""
+    import torch
+
+    fe_module, info = _front_end(data_dir)
+    if fe_module is None:
+        return None
+    raw = torch.zeros((1, *info["raw_shape"]), dtype=getattr(torch, info["raw_dtype"]))
+    with atomic_path(out_onnx) as tmp:
+        torch.onnx.export(fe_module.eval(), raw, str(tmp), input_names=[INPUT], output_names=["features"],
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    return {"file": out_onnx.name, "input_shape": [1, *info["raw_shape"]], "input_dtype": info["raw_dtype"],
+            "sha256": sha256_file(out_onnx)}
+
+
+def _rename(graph, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+
+
+def wrap(net, fe_module, fe_info: dict | None, score: bool):
+    """The deployed graph around the net's ONNX: the front end in front (raw samples in: the
+    board is fed int16 audio, uint8 pixels, raw sensor values and the library computes the
+    features) and, for anomaly detection, the score behind (the mean squared reconstruction
+    error of the features, (1, 1)). The front end is exported by torch from its own module
+    and spliced in node by node (names prefixed ``front_end/``)."""
+    import io
+
+    import onnx
+    import torch
+    from onnx import TensorProto, helper
+
+    g = net.graph
+    features = "features" if fe_module is not None else INPUT
+    if fe_module is not None:
+        _rename(g, INPUT, features)
+        buf = io.BytesIO()
+        raw = torch.zeros((1, *fe_info["raw_shape"]), dtype=getattr(torch, fe_info["raw_dtype"]))
+        torch.onnx.export(fe_module.eval(), raw, buf, input_names=[INPUT], output_names=[features],
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        fe = onnx.load_from_string(buf.getvalue()).graph
+        keep = {INPUT, features}
+        names = {n for node in fe.node for n in [*node.input, *node.output]} | {i.name for i in fe.initializer}
+        for n in names - keep - {""}:
+            _rename(fe, n, f"front_end/{n}")
+        for init in fe.initializer:
+            init.name = f"front_end/{init.name}"
+        for node in fe.node:
+            node.name = f"front_end/{node.name}"
+        nodes = [*fe.node, *g.node]  # protobuf lists take no slice assignment
+        del g.node[:]
+        g.node.extend(nodes)
+        g.initializer.extend(fe.initializer)
+        del g.input[:]
+        g.input.append(fe.input[0])
+    if score:
+        net_out = "reconstruction"
+        _rename(g, OUTPUT, net_out)
+        g.initializer.append(onnx.numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "score/shape"))
+        g.node.extend([
+            helper.make_node("Reshape", [features, "score/shape"], ["score/flat"], name="score/flatten"),
+            helper.make_node("Sub", [net_out, "score/flat"], ["score/diff"], name="score/sub"),
+            helper.make_node("Mul", ["score/diff", "score/diff"], ["score/sq"], name="score/square"),
+            helper.make_node("ReduceMean", ["score/sq"], [OUTPUT], name="score/mean", axes=[1], keepdims=1),
+        ])
+        del g.output[:]
+        g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [1, 1]))
+    onnx.checker.check_model(net)
+    return net
+
+
+class _Deployed:
+    """The torch reference of the deployed graph on the net's features: the net, and the score
+    behind it for anomaly detection (the front end's part is checked on the raw samples)."""
+
+    def __init__(self, model, score: bool):
+        self.model, self.score = model, score
+
+    def __call__(self, x):
+        out = self.model(x)
+        return ((out - x.flatten(1)) ** 2).mean(1, keepdim=True) if self.score else out
 
 
 def export_model(model, ckpt: dict, data_dir: Path, out_onnx: Path, out_json: Path, samples: int = 64,
-                 atol: float = 1e-4) -> dict:
+                 atol: float = 1e-4, objective: str = "classification") -> dict:
     """:func:`export_checkpoint` of a model already built (the float model of ``ckpt``, its
-    weights as the checkpoint holds them; a quantized checkpoint's twin is made here)."""
+    weights as the checkpoint holds them; a quantized checkpoint's twin is made here). With a
+    front end (the data stage's front_end.json), the ONNX model takes the raw samples and ONNX
+    Runtime is fed the raw validation samples, torch the features the host computed from
+    them; a reconstruction objective ends in the anomaly score."""
     import onnx
     import onnxruntime as ort
     import torch
 
     quant = ckpt.get("quantization")
     shape = (1, ckpt["channels"], *ckpt["image_size"])
+    score = objective == "reconstruction" or bool(ckpt.get("anomaly"))  # a detector ends in its score
+    fe_module, fe_info = _front_end(data_dir)
     x, _ = load_split(data_dir, "val")
     batch = to_tensor(x[:samples])
+    if fe_info is not None:
+        with np.load(Path(data_dir) / "raw.npz") as z:
+            feed = z["val"][:samples]
+        in_shape, in_dtype = [1, *fe_info["raw_shape"]], fe_info["raw_dtype"]
+    else:
+        feed, in_shape, in_dtype = batch.numpy(), list(shape), "float32"
     with atomic_path(out_onnx) as tmp:
         if quant:
             with torch.no_grad():
-                onnx.save(qdq_model(model, quant, shape), str(tmp))
+                net = qdq_model(model, quant, shape)
             model = fake_quant(model, quant)  # the reference: what the int8 library computes
         else:
             export_float(model, shape, tmp)
+            net = onnx.load(str(tmp))
+        if fe_module is not None or score:
+            net = wrap(net, fe_module, fe_info, score)
+        onnx.save(net, str(tmp))
         opts = ort.SessionOptions()
         if quant:
             # ONNX Runtime's fused x86 int8 kernels (QLinearConv, u8s8 via VPMADDUBSW) saturate
@@ -215,19 +332,26 @@ def export_model(model, ckpt: dict, data_dir: Path, out_onnx: Path, out_json: Pa
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         sess = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
         with torch.no_grad():
-            ref = model(batch).numpy()
-        got = np.concatenate([sess.run([OUTPUT], {INPUT: batch[i : i + 1].numpy()})[0] for i in range(len(batch))])
+            ref = _Deployed(model, score)(batch).numpy()
+        got = np.concatenate([sess.run([OUTPUT], {INPUT: feed[i : i + 1]})[0] for i in range(len(feed))]) \
+            if len(feed) else ref[:0]
         diff = float(np.abs(ref - got).max()) if len(batch) else 0.0
         agree = float((ref.argmax(1) == got.argmax(1)).mean()) if len(batch) else 1.0
-        if quant and quant["mode"] == "int8":
+        if score:  # one value per sample: judged relative to the scores' own size
+            tol, min_agree = max(atol, 1e-3 * float(np.abs(ref).max()) if len(batch) else 0.0), 1.0
+            if quant and quant["mode"] == "int8":
+                tol *= 50  # the input's int8 code may round the other way on a front end's float noise
+        elif quant and quant["mode"] == "int8":
             step = float(ref.max() - ref.min()) / 255 if len(batch) else 0.0
             tol, min_agree = INT8_TOL_STEPS * step, INT8_MIN_AGREEMENT
         else:
-            tol, min_agree = atol, 1.0
+            tol, min_agree = atol * (10 if fe_module is not None else 1), 1.0
         if diff > tol or agree < min_agree:
             raise PassError(f"export: ONNX output differs from torch (max |diff| {diff:.2e} > {tol:.2e}, "
                             f"argmax agreement {agree:.3f}, need {min_agree})")
-    info = {"opset": OPSET, "input": INPUT, "input_shape": list(shape), "output": OUTPUT,
+    info = {"opset": OPSET, "input": INPUT, "input_shape": in_shape, "input_dtype": in_dtype, "output": OUTPUT,
+            "net_input_shape": list(shape), "front_end": fe_info["kind"] if fe_info else None,
+            "output_kind": "anomaly score" if score else "logits",
             "num_classes": ckpt["num_classes"], "parity_max_abs_diff": diff, "parity_tolerance": tol,
             "parity_agreement": agree, "parity_samples": len(batch), "quantization": quant["mode"] if quant else None,
             "onnx_bytes": out_onnx.stat().st_size, "sha256": sha256_file(out_onnx)}

@@ -8,6 +8,8 @@ import logging
 import math
 import time
 
+import numpy as np
+
 from passes.support.common import accuracy, to_tensor
 
 log = logging.getLogger("kiln.train")
@@ -40,18 +42,13 @@ LOSSES = ("classification", "reconstruction")
 
 
 def reconstruction_error(model, x, batch: int = 512) -> float:
-    """Mean squared error between ``model``'s output and its flattened input (uint8 NHWC
-    samples, as the model sees them: NCHW in [0, 1]); the validation metric of autoencoders."""
-    import torch
+    """Mean squared error between ``model``'s output and its flattened input over samples ``x``
+    (as a split stores them; the model sees ``to_tensor`` of them): the mean of the per-sample
+    anomaly scores (passes/support/anomaly.py), the validation metric of autoencoders."""
+    from passes.support.anomaly import scores
 
-    model.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            xb = to_tensor(x[i : i + batch])
-            total += float(((model(xb) - xb.flatten(1)) ** 2).mean(1).sum())
-            n += len(xb)
-    return total / n if n else 0.0
+    s = scores(model, x, batch)
+    return float(s.mean()) if len(s) else 0.0
 
 
 def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, yva=None,
@@ -64,7 +61,8 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
     ``loss``: "classification" (cross-entropy on the labels; rows have ``val_accuracy`` when
     validation samples are given) or "reconstruction" (MSE between the output and the
     flattened, augmented input: autoencoders; labels are not used; rows have ``val_mse``, the
-    best epoch is the lowest)."""
+    best epoch is the lowest). An anomaly detector's callers pass its normal samples only
+    (passes/support/anomaly.py ``fit_split``), for training and for validation."""
     import torch
 
     if loss not in LOSSES:
@@ -84,7 +82,8 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
         total = 0.0
         for i in range(0, len(order), batch):
             idx = order[i : i + batch]
-            xb = augment(x_t[idx], aug, gen)
+            # augmentation is for pixels in [0, 1]; a front end's features are left as they are
+            xb = augment(x_t[idx], aug, gen) if x.dtype == np.uint8 else x_t[idx]
             out = model(xb)
             value = loss_fn(out, xb.flatten(1)) if reconstruct else loss_fn(out, y_t[idx])
             opt.zero_grad()

@@ -77,7 +77,9 @@ def import_onnx(onnx_path: Path, input_shape: list[int]):
 
     model = onnx.load(str(onnx_path))
     name = model.graph.input[0].name
-    mod = from_onnx(model, shape_dict={name: input_shape}, keep_params_in_input=False)
+    # a model with a front end takes the raw samples (int16 audio, uint8 pixels): its own dtype
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type).name
+    mod = from_onnx(model, shape_dict={name: input_shape}, dtype_dict={name: dtype}, keep_params_in_input=False)
     mod = relax.transform.DecomposeOpsForInference()(mod)
     return relax_int8.lower(mod)
 

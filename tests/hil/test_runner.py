@@ -30,7 +30,7 @@ TARGETS = {
                 "aarch64-linux-gnu-g++"),
 }
 JSON_KEYS = {"runner", "count", "output_dim", "predictions", "latencies_us", "peak_rss_kb",
-             "threads", "checksum"}
+             "threads", "checksum", "dtype"}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_predictions_match_torch_on_both_boards(model, x86, a64):
     results = {"x86_64": _result(x86, model, "--warmup", "2"),
                "aarch64": _result(a64, model, "--warmup", "1")}
     for arch, out in results.items():
-        assert out["runner"] == "kiln-runner 1"
+        assert out["runner"] == "kiln-runner 2"
         assert out["count"] == COUNT and out["output_dim"] == CLASSES, arch
         assert out["predictions"] == expected, arch
         assert len(out["latencies_us"]) == COUNT and min(out["latencies_us"]) > 0
@@ -136,6 +136,64 @@ def test_predictions_match_torch_on_both_boards(model, x86, a64):
                                                 abs=1e-3)
     assert results["x86_64"]["predictions"] == results["aarch64"]["predictions"]
     assert results["x86_64"]["checksum"] == pytest.approx(results["aarch64"]["checksum"], abs=1e-4)
+
+
+def _raw_model(root, dtype: str, length: int, arch: str):
+    """An ONNX model taking raw ``dtype`` samples (as a front end's library does): cast, scale,
+    one matmul; compiled for ``arch``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(1).standard_normal((length, 3)).astype("f4")
+    elem = {"int16": TensorProto.INT16, "uint8": TensorProto.UINT8}[dtype]
+    g = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["f"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["f", "s"], ["fs"]), helper.make_node("MatMul", ["fs", "w"], ["logits"])],
+        "raw", [helper.make_tensor_value_info("input", elem, [1, length])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(1 / 256, "f4"), "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path = root / f"raw_{dtype}.onnx"
+    onnx.save(m, str(path))
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target, cc = TARGETS[arch]
+    mod = from_onnx(m, shape_dict={"input": [1, length]}, dtype_dict={"input": dtype})
+    so = root / f"raw_{dtype}_{arch}.so"
+    relax.build(mod, target=tvm.target.Target(target)).export_library(str(so), **({"cc": cc} if cc else {}))
+    return so, w
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8"])
+def test_raw_samples_in_their_own_dtype_and_every_output_back(x86, a64, tmp_path, dtype):
+    """--dtype feeds int16 audio / uint8 pixels as they are; --outputs 1 returns every value."""
+    length, count = 40, 6
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(2).integers(info.min, info.max, (count, length), endpoint=True).astype(dtype)
+    (tmp_path / "raw.bin").write_bytes(x.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
+    for board, arch in ((x86, "x86_64"), (a64, "aarch64")):
+        so, w = _raw_model(tmp_path, dtype, length, arch)
+        argv = [*board["prefix"], str(board["runner"]), "--model", str(so), "--input", str(tmp_path / "raw.bin"),
+                "--shape", str(length), "--dtype", dtype, "--outputs", "1", "--warmup", "0"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["dtype"] == dtype and out["count"] == count
+        want = (x.astype("f8") / 256) @ w.astype("f8")
+        np.testing.assert_allclose(np.asarray(out["outputs"]), want, rtol=1e-4, atol=1e-3)
+        assert out["predictions"] == want.argmax(1).tolist()
+    # a file that is not a whole number of int16 samples is refused, naming the dtype
+    (tmp_path / "odd.bin").write_bytes(b"\0" * (length * np.dtype(dtype).itemsize + 1))
+    proc = subprocess.run([str(x86["runner"]), "--model", str(so), "--input", str(tmp_path / "odd.bin"),
+                           "--shape", str(length), "--dtype", dtype], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"one {dtype} sample" in proc.stderr
+
+
+def test_unknown_dtype_exits_2(model, x86):
+    proc = _run(x86, "--dtype", "float64", inputs=model["inputs"])
+    assert proc.returncode == 2 and "--dtype: expected float32, int16, uint8 or int8" in proc.stderr
 
 
 def test_threads_are_applied(model, x86):

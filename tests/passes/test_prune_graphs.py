@@ -278,6 +278,8 @@ def test_an_autoencoder_is_pruned_and_fine_tuned_on_its_reconstruction(splits):
     its rounds report val_mse; its output layer keeps the input's size."""
     data = copy.deepcopy(SMALL)
     data["architecture"] = {"family": "autoencoder", "widths": [32, 16], "bottleneck": 8}
+    data["requirements"] = {}  # an anomaly detector: digits 0-8 normal, 9 anomalous
+    data["anomaly"] = {"normal": [str(d) for d in range(9)]}
     proj = Project.model_validate(data)
     torch.manual_seed(0)
     model = build(proj.architecture, 1, 10, (8, 8)).eval()

@@ -86,7 +86,13 @@ def _project(arch: dict, *, channels=1, classes=3, image_size=(16, 16), epochs=1
         "architecture": arch,
         "training": {"epochs": epochs, "batch": 16, "lr": 0.003, "seed": 0, "threads": 1},
         "targets": ["x86-host"],
+        # a reconstruction objective detects anomalies: class 0 is normal
+        **({"anomaly": {"normal": ["0"]}} if _reconstructs(arch) else {}),
     }
+
+
+def _reconstructs(arch: dict) -> bool:
+    return arch["family"] in ("autoencoder", "mlperf_ad") or arch.get("objective") == "reconstruction"
 
 
 def _data_then_train(kiln_env, manifest: dict):
@@ -211,6 +217,7 @@ def test_module_family_declares_a_reconstruction_objective(kiln_env):
     *_, metrics, _ = _data_then_train(kiln_env, manifest)
     assert metrics["objective"] == "reconstruction" and "val_mse" in metrics and "val_accuracy" not in metrics
     manifest["architecture"]["objective"] = "classification"  # (1, 8) out, 3 classes
+    del manifest["anomaly"]  # a classifier has no normal classes
     with pytest.raises(ManifestError, match=r"AE returns \(1, 8\) for a \(1, 1, 1, 8\) input, expected \(1, 3\)"):
         _data_then_train(kiln_env, manifest)
 

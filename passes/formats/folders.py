@@ -1,0 +1,281 @@
+"""What the class-folder formats share (image_folders, audio_folders): finding the data,
+scanning ``<root>/<class>/<file>`` or ``<root>/{train,val,test}/<class>/<file>``, the class
+list, reporting what is skipped, the ``Loaded`` they return, and writing a synthetic tree.
+
+The rules, the same for every folder format:
+
+* classes are the class folders' names, sorted, unless the manifest lists them (the list fixes
+  the output order); with train/ val/ test/ they are read from train/;
+* a file that is not data (another extension, a ``.DS_Store``) or a folder inside a class
+  folder is reported and skipped; so is a file the format cannot read (its loader says why);
+* a class folder without data files, a data set of one class, a listed class without a folder,
+  a class in val/ or test/ that train/ lacks, and a mix of split and class folders are errors
+  naming the folder or field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kiln.artifacts import ROOT, read_json, write_json
+from kiln.errors import ManifestError, PassError
+from passes.formats import Loaded
+
+log = logging.getLogger("kiln.data")
+
+SPLITS = ("train", "val", "test")
+MARKER = ".kiln-synthetic.json"  # written into a synthetic tree: what generated it, with which params
+EXAMPLES = 5  # skipped files named in the log and the report
+
+
+@dataclass
+class Scan:
+    """The files of a class-folder tree: per split, (file, class index) sorted by class then name.
+
+    ``splits`` always has "train" (everything, without split folders); "val"/"test" only when the
+    tree has those folders. ``skipped`` holds "path: reason" of files that are not data."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[tuple[Path, int]]]
+    skipped: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # class folders not in dataset.classes
+
+
+def resolve(path: str) -> Path:
+    """``dataset.path``, relative paths against the repository root."""
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
+
+
+def _subdirs(d: Path) -> list[Path]:
+    """The folders in ``d``, sorted by name; hidden ones (.git, .ipynb_checkpoints) are not classes."""
+    return sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _is_data(p: Path, exts: tuple[str, ...]) -> bool:
+    return p.is_file() and p.suffix.lower() in exts
+
+
+def split_dirs(root: Path) -> dict[str, Path] | None:
+    """{split: folder} when ``root`` holds train/ (val/, test/) above its class folders, else None
+    (``root`` holds the class folders). A mix of both is ambiguous: a PassError."""
+    names = [d.name for d in _subdirs(root)]
+    present = [n for n in names if n in SPLITS]
+    if not present:
+        return None
+    others = [n for n in names if n not in SPLITS]
+    if "train" not in present:
+        if others:  # a class named "test" among class folders: the tree has no split folders
+            return None
+        raise PassError(f"data: {root} holds {'/ '.join(present)}/ but no train/ folder; expected "
+                        f"<root>/<class>/... or <root>/train/<class>/... (val/ and test/ optional)")
+    if others:
+        raise PassError(f"data: {root} mixes split folders ({', '.join(present)}) with other folders "
+                        f"({', '.join(others[:5])}); put every class folder under train/ (val/, test/)")
+    return {n: root / n for n in SPLITS if n in present}
+
+
+def has_data(root: Path, exts: tuple[str, ...]) -> bool:
+    """True when ``root`` holds at least one data file in a class folder (cheap: stops at the
+    first). Used by ``locate`` to tell a team's data from a path that is not there yet."""
+    if not root.is_dir():
+        return False
+    try:
+        splits = split_dirs(root)
+    except PassError:
+        return True  # something is there: let load say what is wrong with it
+    for top in (splits or {"train": root}).values():
+        for d in _subdirs(top):
+            if any(_is_data(p, exts) for p in d.iterdir()):
+                return True
+    return False
+
+
+def locate(ds, layout, exts: tuple[str, ...], what: str) -> tuple[Path, bool]:
+    """(``dataset.path``, False) when it holds data, else (the synthetic tree, True) when
+    ``dataset.synthetic`` is set, else a ManifestError naming ``dataset.path``."""
+    path = resolve(ds.path)
+    if has_data(path, exts):
+        return path, False
+    if ds.synthetic is None:
+        raise ManifestError(
+            f"field 'dataset.path': {path} holds no {what} in class folders (expected <path>/<class>/*"
+            f"{'|*'.join(exts)} or <path>/train/<class>/...) and dataset.synthetic is null")
+    return layout.synthetic, True
+
+
+def infer_classes(root: Path) -> list[str]:
+    """The class folders' names, sorted (from train/ when the tree has split folders)."""
+    splits = split_dirs(root)
+    top = splits["train"] if splits else root
+    return [d.name for d in _subdirs(top)]
+
+
+def infer(ds, root: Path, exts: tuple[str, ...], what: str, synthetic_names: Callable[[int], list[str]]) -> dict:
+    """{"classes": [...]}: the folders' names (sorted) when ``root`` holds data, else the
+    generator's names when the data will be synthesized there, sorted too: the order ``load``
+    reads them in once they are folders."""
+    root = Path(root)
+    if not has_data(root, exts):
+        if ds.synthetic is None:
+            raise ManifestError(f"field 'dataset.path': {root} holds no {what} to read the classes from")
+        return {"classes": sorted(synthetic_names(ds.synthetic.classes))}
+    names = infer_classes(root)
+    if len(names) < 2:
+        raise ManifestError(f"field 'dataset.classes': {root} holds {len(names)} class folder(s) "
+                            f"({', '.join(names) or 'none'}); a classifier needs at least two")
+    return {"classes": names}
+
+
+def _scan_split(top: Path, split: str, classes: list[str], exts: tuple[str, ...], scan: Scan,
+                listed: bool) -> list[tuple[Path, int]]:
+    index = {name: i for i, name in enumerate(classes)}
+    files: list[tuple[Path, int]] = []
+    for d in _subdirs(top):
+        if d.name not in index:
+            if listed or split == "train":
+                scan.ignored.append(str(d))
+                continue
+            raise PassError(f"data: {d}: class {d.name!r} is in {split}/ but not in train/ "
+                            f"(classes: {', '.join(classes)})")
+        found = 0
+        for p in sorted(d.iterdir(), key=lambda p: p.name):
+            if _is_data(p, exts):
+                files.append((p, index[d.name]))
+                found += 1
+            else:
+                kind = "a folder" if p.is_dir() else f"not a {'/'.join(exts)} file"
+                scan.skipped.append(f"{p}: {kind}")
+        if not found:
+            raise PassError(f"data: class folder {d} holds no {'/'.join(exts)} files (an empty class)")
+    for p in sorted(top.iterdir(), key=lambda p: p.name):
+        if p.is_file() and p.name != MARKER:
+            scan.skipped.append(f"{p}: not in a class folder")
+    return sorted(files, key=lambda f: (f[1], f[0].name))
+
+
+def scan(root: Path, listed: list[str] | None, exts: tuple[str, ...]) -> Scan:
+    """Scan a class-folder tree. ``listed``: the manifest's ``classes`` (fixes the order), or None
+    (the folders' names, sorted). Raises PassError for the errors in this module's docstring."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PassError(f"data: {root} is not a folder; expected <root>/<class>/... class folders")
+    splits = split_dirs(root) or {"train": root}
+    top = splits["train"]
+    found = [d.name for d in _subdirs(top)]
+    if listed:
+        missing = [c for c in listed if c not in found]
+        if missing:
+            raise PassError(f"data: field 'dataset.classes': class {missing[0]!r} has no folder {top / missing[0]} "
+                            f"(folders: {', '.join(found) or 'none'})")
+        classes = list(listed)
+    else:
+        classes = found
+    if len(classes) < 2:
+        raise PassError(f"data: {top} holds {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); "
+                        "a classifier needs at least two classes")
+    result = Scan(root, classes, {})
+    for split, d in splits.items():
+        result.splits[split] = _scan_split(d, split, classes, exts, result, bool(listed))
+    if result.ignored:
+        log.warning("data: ignoring %d folder(s) not in dataset.classes: %s", len(result.ignored),
+                    "; ".join(result.ignored[:EXAMPLES]))
+    return result
+
+
+def load_files(files: list[tuple[Path, int]], read: Callable[[Path], np.ndarray], shape: tuple[int, ...],
+               dtype, skipped: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Read each file with ``read`` (which raises ``Unreadable`` with the reason) into one
+    (N, *shape) array and int64 labels; unreadable files go to ``skipped``."""
+    x = np.empty((len(files), *shape), dtype)
+    y = np.empty(len(files), np.int64)
+    n = 0
+    for path, label in files:
+        try:
+            x[n] = read(path)
+        except Unreadable as e:
+            skipped.append(f"{path}: {e}")
+            continue
+        y[n] = label
+        n += 1
+    return x[:n].copy(), y[:n].copy()  # copy: don't keep the over-allocated buffer alive
+
+
+class Unreadable(Exception):
+    """A file a format cannot read (corrupt, or not in the manifest's sample rate/channels/width):
+    reported and skipped, never raised to the user."""
+
+
+def check_classes(scan_: Scan, y: np.ndarray, split: str) -> None:
+    """Every class keeps a readable training sample: one whose files are all unreadable is an error."""
+    counts = np.bincount(y, minlength=len(scan_.classes))
+    empty = [c for c, n in zip(scan_.classes, counts) if n == 0]
+    if split == "train" and empty:
+        raise PassError(f"data: none of the files of class {empty[0]!r} under {scan_.root} could be read "
+                        f"(see the skipped files above)")
+
+
+def load_tree(ds, root: Path, exts: tuple[str, ...], read: Callable[[Path], np.ndarray], dtype,
+              fmt: str) -> Loaded:
+    """Scan and read a class-folder tree into a ``Loaded``: per split (N, *ds.raw_shape()) of
+    ``dtype`` and int64 labels in class order; what was skipped is logged and reported."""
+    root = Path(root)
+    sc = scan(root, ds.classes, exts)
+    shape = tuple(ds.raw_shape())
+    arrays = {}
+    for split, files in sc.splits.items():
+        arrays[split] = load_files(files, read, shape, dtype, sc.skipped)
+        check_classes(sc, arrays[split][1], split)
+        if split != "train" and not len(arrays[split][1]):
+            raise PassError(f"data: {root / split} holds no readable files")
+    if sc.skipped:
+        log.warning("data: skipped %d file(s) under %s, first: %s", len(sc.skipped), root,
+                    "; ".join(sc.skipped[:EXAMPLES]))
+    n = sum(len(a[1]) for a in arrays.values())
+    report = {"source": str(root), "samples": n, "images": n, "skipped": len(sc.skipped),
+              "skipped_examples": sc.skipped[:EXAMPLES], "ignored_folders": sc.ignored[:EXAMPLES],
+              "splits": {s: len(a[1]) for s, a in arrays.items()}}
+    marker = root / MARKER
+    source = {"format": fmt, "num_classes": len(sc.classes), "channels": ds.channels, "classes": sc.classes,
+              "synthetic": read_json(marker) if marker.is_file() else None,
+              "test_source": "test/ folder" if "test" in arrays else "split of the class folders"}
+    log.info("data: loaded %s from %s", ", ".join(f"{len(a[1])} {s}" for s, a in arrays.items()), root)
+    return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"))
+
+
+def write_tree(dest: Path, marker: dict, fill: Callable[[Path], int]) -> dict:
+    """Write a synthetic tree at ``dest`` atomically: ``fill(tmp)`` writes the files (returns how
+    many) into a folder beside ``dest`` that is renamed into place, so ``dest`` is either absent,
+    the old tree or complete. An existing ``dest`` is replaced only if it is a synthetic tree
+    (has the marker) or empty: a team's data is never overwritten."""
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or (not (dest / MARKER).is_file() and any(dest.iterdir()))):
+        raise PassError(f"data: {dest} exists and is not a Kiln synthetic set (no {MARKER}); refusing to overwrite it")
+    start = time.perf_counter()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        count = fill(tmp)
+        write_json(tmp / MARKER, marker)
+        if dest.exists():  # a folder can't be os.replace'd onto a non-empty one: swap
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / "tree")
+            os.replace(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    log.info("data: synthesized %d files at %s in %.1f s", count, dest, seconds)
+    return {**marker, "root": str(dest), "files": count, "seconds": round(seconds, 2)}
