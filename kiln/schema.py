@@ -182,6 +182,12 @@ class _FrontEndBase(Strict):
                      ) -> tuple[int, int, int]:
         raise NotImplementedError
 
+    def cost(self, layout: str, raw_shape: tuple[int, ...], sample_rate: float | None = None) -> tuple[int, int]:
+        """(float32 constants, multiply-accumulates) per sample, for kiln/sizing.py: the front end
+        runs in float inside the library, also in an int8 one."""
+        c, h, w = self.output_shape(layout, raw_shape, sample_rate)
+        return 0, c * h * w
+
 
 class _SpectralFrontEnd(_FrontEndBase):
     """Framed power spectrum -> mel bands -> log, as matmuls against fixed bases (TVM's ONNX
@@ -221,6 +227,18 @@ class _SpectralFrontEnd(_FrontEndBase):
 
     def bins(self) -> int:
         return self.mels
+
+    def cost(self, layout, raw_shape, sample_rate=None):
+        """The DFT over the FFT bins a mel band can use (fmin to fmax), the power, the mel
+        matmul and, for MFCC, the DCT (an estimate: passes/frontends/spectral.py drops the bins
+        whose mel weights are all zero)."""
+        win, _ = self.window(sample_rate)
+        frames = self.frames(raw_shape[0], sample_rate)
+        step = sample_rate / self.fft
+        nbins = min(self.fft // 2, int(self.fmax / step) + 1) - int(self.fmin / step) + 1
+        dct = self.mels * self.coefficients if hasattr(self, "coefficients") else 0
+        consts = 2 * win * nbins + nbins * self.mels + dct
+        return consts, frames * (2 * win * nbins + 2 * nbins + nbins * self.mels + dct)
 
 
 class MfccFrontEnd(_SpectralFrontEnd):

@@ -99,17 +99,29 @@ def estimate(project, board) -> dict[str, Any] | None:
     return estimate_from(project, board, c)
 
 
+def front_end_cost(project) -> tuple[int, int]:
+    """(float32 constants, MACs) of the dataset's front end, which runs in float inside the
+    library (an int8 one too); (0, 0) without one."""
+    ds = project.dataset
+    fe = getattr(ds, "front_end", None)
+    if fe is None:
+        return 0, 0
+    return fe.cost(ds.layout, ds.raw_shape(), getattr(ds, "sample_rate", None))
+
+
 def estimate_from(project, board, c) -> dict[str, Any]:
     """The estimate from a known complexity ``c`` (``kiln.nets.Complexity``: params, macs and,
     where the family counts them, activations)."""
     prec = precision(project)
+    fe_consts, fe_macs = front_end_cost(project)
     act_elems = int(getattr(c, "activations", 0) or 0)  # 0 until a family counts them
-    weight_bytes = int(c.params) * weight_bytes_per_param(project)
+    weight_bytes = int(c.params) * weight_bytes_per_param(project) + 4 * fe_consts
     act_bytes = act_elems * (1 if prec == "int8" else 4)
     mem = {"runtime_kb": float(board.runtime_overhead_kb), "weights_kb": WEIGHT_COPIES * weight_bytes / 1024,
            "activations_kb": act_bytes / 1024}
     out: dict[str, Any] = {
         "macs": int(c.macs), "params": int(c.params), "weight_bytes": weight_bytes, "activations": act_elems,
+        "front_end": {"constants": fe_consts, "macs": fe_macs} if fe_macs else None,
         "precision": prec, "peak_memory_kb": round(sum(mem.values()), 1), "memory_breakdown_kb": mem,
         "latency_ms": None, "threads": None, "tuned": is_tuned(project, board), "basis": None,
     }
@@ -124,13 +136,16 @@ def estimate_from(project, board, c) -> dict[str, Any]:
         if out["tuned"]:
             per_core = (f.int8_macs_per_s or f.fp32_macs_per_s) if prec == "int8" else f.fp32_macs_per_s
             threads, rate = board.cores, per_core * board.cores
+            fe_rate = f.fp32_macs_per_s * board.cores
             out["basis"] = f"tuned {prec} kernels: {per_core:.3g} MAC/s per core x {threads} cores"
         else:
             rate = f.untuned_macs_per_s or f.fp32_macs_per_s * UNTUNED_RATIO
-            threads = 1
+            threads, fe_rate = 1, rate
             out["basis"] = f"untuned kernels (no parallel loops): {rate:.3g} MAC/s on one core"
+        if fe_macs:
+            out["basis"] += f"; front end {fe_macs:,} float MACs"
         out["threads"] = threads
-        out["latency_ms"] = CALL_OVERHEAD_MS + c.macs / rate * 1e3
+        out["latency_ms"] = CALL_OVERHEAD_MS + c.macs / rate * 1e3 + fe_macs / fe_rate * 1e3
     return out
 
 
