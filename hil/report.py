@@ -63,6 +63,11 @@ def table(report: dict) -> str:
                      "agree: share of scores within hil/validate.py SCORE_RTOL of the reference board's")
     if any(r.get("latency_emulated") for r in report["boards"].values()):
         lines.append("* latency and memory measured under emulation (qemu-user): reported, not enforced")
+    fe = {n: r["front_end"] for n, r in report["boards"].items() if r.get("front_end")}
+    if fe:
+        lines.append("front end in the library against the host's features (max relative difference, "
+                     f"first {next(iter(fe.values()))['samples']} raw test samples): "
+                     + ", ".join(f"{n} {v['max_rel_diff']:.1e}" for n, v in fe.items()))
     lines += sizing_table(report)
     lines.append("PASSED" if report["passed"] else "FAILED:\n  " + "\n  ".join(report["failures"]))
     return "\n".join(lines)

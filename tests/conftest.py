@@ -72,3 +72,19 @@ def last_result(app_build: Path, instance: str) -> dict:
 
     report = json.loads((app_build / "report.json").read_text())
     return json.loads((app_build / "runs" / report["run_id"] / instance / "result.json").read_text())
+
+
+def local_lab(tmp_path: Path, name: str) -> dict:
+    """Projects and build in ``tmp_path`` and a lab of x86-host (native) and rpi4 (qemu), both
+    reached locally: the env for :func:`run_doit`, the projects and the build folders."""
+    import os
+
+    import yaml
+
+    inv = tmp_path / "lab.yaml"
+    inv.write_text(yaml.safe_dump({"name": name, "boards": [
+        {"name": "x86-host", "type": "x86-host", "transport": {"kind": "local"}},
+        {"name": "rpi4", "type": "rpi4", "transport": {"kind": "local"}, "emulated": True}]}))
+    projects = tmp_path / "projects"
+    env = dict(os.environ, KILN_LAB=str(inv), KILN_PROJECTS=str(projects), KILN_BUILD=str(tmp_path / "build"))
+    return {"env": env, "projects": projects, "build": tmp_path / "build"}

@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-import yaml
 
-from tests.conftest import last_result, run_doit, write_project
+from tests.conftest import last_result, local_lab, run_doit, write_project
 
 pytestmark = pytest.mark.slow
 
@@ -70,13 +68,7 @@ def app(name: str, architecture: dict, passes: list, epochs: int = 3) -> dict:
 @pytest.fixture
 def lab(tmp_path):
     """Projects and build in tmp; a lab of x86-host (native) and rpi4 (qemu), both local."""
-    inv = tmp_path / "lab.yaml"
-    inv.write_text(yaml.safe_dump({"name": "byo", "boards": [
-        {"name": "x86-host", "type": "x86-host", "transport": {"kind": "local"}},
-        {"name": "rpi4", "type": "rpi4", "transport": {"kind": "local"}, "emulated": True}]}))
-    projects = tmp_path / "projects"
-    env = dict(os.environ, KILN_LAB=str(inv), KILN_PROJECTS=str(projects), KILN_BUILD=str(tmp_path / "build"))
-    return {"env": env, "projects": projects, "build": tmp_path / "build"}
+    return local_lab(tmp_path, "byo")
 
 
 def deployed(lab, name: str):

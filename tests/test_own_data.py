@@ -14,13 +14,11 @@ Every app is int8, and every board checks its front end's features against the h
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
-import yaml
 
-from tests.conftest import last_result, run_doit, write_project
+from tests.conftest import last_result, local_lab, run_doit, write_project
 
 pytestmark = pytest.mark.slow
 BOARDS = ["x86-host", "rpi4"]
@@ -28,13 +26,7 @@ BOARDS = ["x86-host", "rpi4"]
 
 @pytest.fixture
 def lab(tmp_path):
-    inv = tmp_path / "lab.yaml"
-    inv.write_text(yaml.safe_dump({"name": "own", "boards": [
-        {"name": "x86-host", "type": "x86-host", "transport": {"kind": "local"}},
-        {"name": "rpi4", "type": "rpi4", "transport": {"kind": "local"}, "emulated": True}]}))
-    projects = tmp_path / "projects"
-    env = dict(os.environ, KILN_LAB=str(inv), KILN_PROJECTS=str(projects), KILN_BUILD=str(tmp_path / "build"))
-    return {"env": env, "projects": projects, "build": tmp_path / "build"}
+    return local_lab(tmp_path, "own")
 
 
 def app(name: str, dataset: dict, architecture: dict, requirements: dict, epochs: int = 6, **extra) -> dict:

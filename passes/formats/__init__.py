@@ -15,8 +15,20 @@ and writes what a format loads. A format module has
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
+
+from kiln.artifacts import write_json
+from kiln.errors import PassError
+
+log = logging.getLogger("kiln.data")
+MARKER = ".kiln-synthetic.json"  # written into a synthetic tree: what generated it, with which params
 
 
 @dataclass
@@ -31,3 +43,31 @@ class Loaded:
     report: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)
     val: tuple[Any, Any] | None = None
+
+
+def write_tree(dest: Path, marker: dict, fill: Callable[[Path], int | None]) -> dict:
+    """Write a synthetic tree at ``dest`` atomically: ``fill(tmp)`` writes the files (returns how
+    many) into a folder beside ``dest`` that is renamed into place, so ``dest`` is either absent,
+    the old tree or complete. An existing ``dest`` is replaced only if it is a synthetic tree
+    (has the marker) or empty: a team's data is never overwritten."""
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or (not (dest / MARKER).is_file() and any(dest.iterdir()))):
+        raise PassError(f"data: {dest} exists and is not a Kiln synthetic set (no {MARKER}); refusing to overwrite it")
+    start = time.perf_counter()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        count = fill(tmp) or 0
+        write_json(tmp / MARKER, marker)
+        if dest.exists():  # a folder can't be os.replace'd onto a non-empty one: swap
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / "tree")
+            os.replace(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    log.info("data: synthesized %d files at %s in %.1f s", count, dest, seconds)
+    return {**marker, "root": str(dest), "files": count, "seconds": round(seconds, 2)}

@@ -145,17 +145,7 @@ def synthesize(ds, dest: Path) -> dict:
               "per_class": syn.per_class, "test_per_class": syn.test_per_class, "seed": syn.seed,
               "sample_rate": ds.sample_rate, "samples": length}
 
-    def fill(tmp: Path) -> int:
-        count = 0
-        for split, n, stream in (("train", syn.per_class, 1), ("test", syn.test_per_class, 2)):
-            for k, name in enumerate(names):
-                d = tmp / split / name
-                d.mkdir(parents=True)
-                rng = np.random.default_rng([syn.seed, stream, k])
-                for i in range(n):
-                    (d / f"{name}_{i:04d}.wav").write_bytes(wav_bytes(clip(k, ds.sample_rate, length, rng),
-                                                                     ds.sample_rate))
-                    count += 1
-        return count
+    def write(d: Path, k: int, name: str, i: int, rng) -> None:
+        (d / f"{name}_{i:04d}.wav").write_bytes(wav_bytes(clip(k, ds.sample_rate, length, rng), ds.sample_rate))
 
-    return folders.write_tree(dest, marker, fill)
+    return folders.write_class_tree(dest, marker, names, syn, write)

@@ -20,18 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.artifacts import ROOT
 from kiln.errors import ManifestError, PassError
 from passes.formats import Loaded
-from passes.formats.csvio import (SPLITS, UnreadableCsv, check_classes, read_header, read_marker, read_table, scan,
+from passes.formats.csvio import (SPLITS, locate_csv, UnreadableCsv, check_classes, read_header, read_marker, read_table, scan,
                                   warn_skipped, write_csv, write_tree)
 
 log = logging.getLogger("kiln.data")
-
-
-def _path(ds) -> Path:
-    p = Path(ds.path).expanduser()
-    return p if p.is_absolute() else ROOT / p
 
 
 def _has_data(path: Path) -> bool:
@@ -43,13 +37,8 @@ def _has_data(path: Path) -> bool:
 def locate(ds, layout) -> tuple[Path, bool]:
     """(``dataset.path``, False) when it is a CSV file or a folder of them, else (the
     synthetic table, True)."""
-    path = _path(ds)
-    if _has_data(path):
-        return path, False
-    if ds.synthetic is None:
-        raise ManifestError(f"field 'dataset.path': {path} is no CSV file nor a folder of them and "
-                            "dataset.synthetic is null; put the table there or enable synthetic data")
-    return layout.synthetic, True
+    return locate_csv(ds, layout, _has_data, "is no CSV file nor a folder of them and dataset.synthetic is null; "
+                      "put the table there or enable synthetic data")
 
 
 def _files(root: Path, skipped: list[str]) -> dict[str, list[Path]]:
@@ -209,7 +198,7 @@ def synthesize(ds, dest: Path) -> dict:
             write_csv(tmp / f"{split}.csv", [*features, ds.label],
                       [[*(f"{v:.5f}" for v in row), names[c]] for row, c in zip(x, y)])
 
-    write_tree(dest, fill, marker)
+    out = write_tree(dest, marker, fill)
     log.info("data: synthesized a table of %d features, %d + %d rows per class at %s", len(features),
              syn.per_class, syn.test_per_class, dest)
-    return {**marker, "root": str(dest)}
+    return out

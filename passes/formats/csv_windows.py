@@ -28,21 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.artifacts import ROOT
 from kiln.errors import ManifestError, PassError
 from passes.formats import Loaded
-from passes.formats.csvio import (SPLITS, UnreadableCsv, check_classes, has_splits, read_marker, read_table, scan,
+from passes.formats.csvio import (SPLITS, locate_csv, UnreadableCsv, check_classes, has_splits, read_marker, read_table, scan,
                                   warn_skipped, write_csv, write_tree)
 
 log = logging.getLogger("kiln.data")
 GAP = 1.5       # a step over GAP sample periods is a gap: reported, and it ends the segment
 FAST = 0.5      # a step under FAST periods disagrees with sample_rate: reported
 RATE_TOL = 0.02  # the median step may differ from 1 / sample_rate by this fraction before it is reported
-
-
-def _path(ds) -> Path:
-    p = Path(ds.path).expanduser()
-    return p if p.is_absolute() else ROOT / p
 
 
 def _has_data(path: Path) -> bool:
@@ -53,13 +47,8 @@ def _has_data(path: Path) -> bool:
 
 def locate(ds, layout) -> tuple[Path, bool]:
     """(``dataset.path``, False) when it holds CSV files, else (the synthetic tree, True)."""
-    path = _path(ds)
-    if _has_data(path):
-        return path, False
-    if ds.synthetic is None:
-        raise ManifestError(f"field 'dataset.path': {path} holds no CSV files and dataset.synthetic is null; "
-                            "put the recordings there (see passes/formats/csv_windows.py) or enable synthetic data")
-    return layout.synthetic, True
+    return locate_csv(ds, layout, _has_data, "holds no CSV files and dataset.synthetic is null; put the "
+                      "recordings there (see passes/formats/csv_windows.py) or enable synthetic data")
 
 
 def infer(ds, root: Path) -> dict:
@@ -390,7 +379,7 @@ def synthesize(ds, dest: Path) -> dict:
         _write_split(ds, tmp / "train", names, syn.per_class, 3, np.random.default_rng([syn.seed, 1]))
         _write_split(ds, tmp / "test", names, syn.test_per_class, 2, np.random.default_rng([syn.seed, 2]))
 
-    write_tree(dest, fill, marker)
+    out = write_tree(dest, marker, fill)
     log.info("data: synthesized %d train + %d test windows of %s at %s", syn.per_class * len(names),
              syn.test_per_class * len(names), ", ".join(names), dest)
-    return {**marker, "root": str(dest)}
+    return out

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from kiln.artifacts import write_json
-from kiln.errors import PassError
+from kiln.artifacts import ROOT
+from kiln.errors import ManifestError, PassError
+from passes.formats import MARKER, write_tree  # noqa: F401 (write_tree: the formats' writer)
 
 log = logging.getLogger("kiln.data")
-MARKER = ".kiln-synthetic.json"  # what synthesize writes beside its CSV files (as gtsrb's generator)
 SPLITS = ("train", "val", "test")
 
 
@@ -170,29 +167,6 @@ def check_classes(names: list[str], counts: dict[str, int], where: str, listed: 
                         "needs at least two")
 
 
-def write_tree(dest: Path, fill: Callable[[Path], None], marker: dict) -> None:
-    """Build a synthetic tree beside ``dest`` with ``fill(tmp)``, add the marker, rename it into
-    place: ``dest`` is absent, the old tree or the complete new one, never half written. An
-    existing ``dest`` is replaced only if it is a synthetic tree (has the marker) or empty."""
-    dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or (not (dest / MARKER).is_file() and any(dest.iterdir()))):
-        raise PassError(f"data: {dest} exists and is not a Kiln synthetic set (no {MARKER}); refusing to overwrite it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        fill(tmp)
-        write_json(tmp / MARKER, marker)
-        if dest.exists():  # a directory can't be os.replace'd onto a non-empty one: swap
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, old / "tree")
-            os.replace(tmp, dest)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     """Plain comma-separated, \\n line ends (the same bytes on every platform)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,3 +181,20 @@ def read_marker(root: Path) -> dict | None:
 
     marker = Path(root) / MARKER
     return read_json(marker) if marker.is_file() else None
+
+
+def data_path(ds) -> Path:
+    """``dataset.path``, relative paths from the repo."""
+    p = Path(ds.path).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
+def locate_csv(ds, layout, has_data: Callable[[Path], bool], missing: str) -> tuple[Path, bool]:
+    """(``dataset.path``, False) when ``has_data`` finds its CSV data there, else (the
+    synthetic tree, True); with ``dataset.synthetic: null`` a ManifestError ending in ``missing``."""
+    path = data_path(ds)
+    if has_data(path):
+        return path, False
+    if ds.synthetic is None:
+        raise ManifestError(f"field 'dataset.path': {path} {missing}")
+    return layout.synthetic, True

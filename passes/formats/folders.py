@@ -16,24 +16,19 @@ The rules, the same for every folder format:
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from kiln.artifacts import ROOT, read_json, write_json
+from kiln.artifacts import ROOT, read_json
 from kiln.errors import ManifestError, PassError
-from passes.formats import Loaded
+from passes.formats import MARKER, Loaded, write_tree  # noqa: F401 (write_tree: the formats' writer)
 
 log = logging.getLogger("kiln.data")
 
 SPLITS = ("train", "val", "test")
-MARKER = ".kiln-synthetic.json"  # written into a synthetic tree: what generated it, with which params
 EXAMPLES = 5  # skipped files named in the log and the report
 
 
@@ -253,29 +248,23 @@ def load_tree(ds, root: Path, exts: tuple[str, ...], read: Callable[[Path], np.n
     return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"))
 
 
-def write_tree(dest: Path, marker: dict, fill: Callable[[Path], int]) -> dict:
-    """Write a synthetic tree at ``dest`` atomically: ``fill(tmp)`` writes the files (returns how
-    many) into a folder beside ``dest`` that is renamed into place, so ``dest`` is either absent,
-    the old tree or complete. An existing ``dest`` is replaced only if it is a synthetic tree
-    (has the marker) or empty: a team's data is never overwritten."""
-    dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or (not (dest / MARKER).is_file() and any(dest.iterdir()))):
-        raise PassError(f"data: {dest} exists and is not a Kiln synthetic set (no {MARKER}); refusing to overwrite it")
-    start = time.perf_counter()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        count = fill(tmp)
-        write_json(tmp / MARKER, marker)
-        if dest.exists():  # a folder can't be os.replace'd onto a non-empty one: swap
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, old / "tree")
-            os.replace(tmp, dest)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    log.info("data: synthesized %d files at %s in %.1f s", count, dest, seconds)
-    return {**marker, "root": str(dest), "files": count, "seconds": round(seconds, 2)}
+
+
+def write_class_tree(dest: Path, marker: dict, names: list[str], syn, write: Callable) -> dict:
+    """A synthetic ``<dest>/{train,test}/<class>/`` tree: ``write(folder, k, name, i, rng)``
+    writes sample ``i`` of class ``k``; ``syn.per_class`` / ``test_per_class`` samples per class,
+    train and test each from their own seeded stream per class (deterministic bytes)."""
+
+    def fill(tmp: Path) -> int:
+        count = 0
+        for split, n, stream in (("train", syn.per_class, 1), ("test", syn.test_per_class, 2)):
+            for k, name in enumerate(names):
+                d = tmp / split / name
+                d.mkdir(parents=True)
+                rng = np.random.default_rng([syn.seed, stream, k])
+                for i in range(n):
+                    write(d, k, name, i, rng)
+                    count += 1
+        return count
+
+    return write_tree(dest, marker, fill)

@@ -10,22 +10,17 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from kiln.artifacts import write_json
 from kiln.errors import PassError
+from passes.formats import MARKER, write_tree  # noqa: F401 (MARKER: gtsrb.py reads it from here)
 
 log = logging.getLogger("kiln.data")
 
 NUM_CLASSES = 43
-MARKER = ".kiln-synthetic.json"
 GENERATOR_VERSION = 1  # bump whenever the drawing changes, so cached trees are regenerated
 CSV_COLUMNS = ("Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId")
 TEST_CSV = "GT-final_test.csv"
@@ -421,28 +416,8 @@ def synthesize_gtsrb(dest: Path, per_class: int, test_per_class: int, seed: int)
     if per_class < 1 or test_per_class < 0 or seed < 0:
         raise PassError(f"data: synthesize_gtsrb needs per_class >= 1, test_per_class >= 0, seed >= 0; "
                         f"got {per_class}, {test_per_class}, {seed}")
-    if dest.exists() and (not dest.is_dir() or (not (dest / MARKER).is_file() and any(dest.iterdir()))):
-        raise PassError(f"data: {dest} exists and is not a Kiln synthetic set (no {MARKER}); "
-                        f"refusing to overwrite it")
     marker = {"generator": "kiln synthetic GTSRB", "version": GENERATOR_VERSION, "per_class": per_class,
               "test_per_class": test_per_class, "seed": seed, "num_classes": NUM_CLASSES,
               "train_images": per_class * NUM_CLASSES, "test_images": test_per_class * NUM_CLASSES}
-    start = time.perf_counter()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        _synthesize_into(tmp, per_class, test_per_class, seed)
-        write_json(tmp / MARKER, marker)
-        if dest.exists():  # a directory can't be os.replace'd onto a non-empty one: swap
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, old / "tree")
-            os.replace(tmp, dest)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    seconds = time.perf_counter() - start
-    log.info("data: synthesized %d train + %d test images at %s in %.1f s",
-             marker["train_images"], marker["test_images"], dest, seconds)
-    return {**marker, "root": str(dest), "seconds": round(seconds, 2)}
+    return write_tree(dest, marker, lambda tmp: _synthesize_into(tmp, per_class, test_per_class, seed)
+                      or marker["train_images"] + marker["test_images"])

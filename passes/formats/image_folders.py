@@ -155,17 +155,8 @@ def synthesize(ds, dest: Path) -> dict:
     marker = {"generator": "kiln synthetic image_folders", "version": GENERATOR_VERSION, "classes": names,
               "per_class": syn.per_class, "test_per_class": syn.test_per_class, "seed": syn.seed, "side": SIDE}
 
-    def fill(tmp: Path) -> int:
-        count = 0
-        for split, n, stream in (("train", syn.per_class, 1), ("test", syn.test_per_class, 2)):
-            for k, name in enumerate(names):
-                d = tmp / split / name
-                d.mkdir(parents=True)
-                rng = np.random.default_rng([syn.seed, stream, k])
-                for i in range(n):
-                    ext = _ext(i)
-                    (d / f"{name}_{i:04d}{ext}").write_bytes(_encode(draw_sample(k, rng), ext))
-                    count += 1
-        return count
+    def write(d: Path, k: int, name: str, i: int, rng) -> None:
+        ext = _ext(i)
+        (d / f"{name}_{i:04d}{ext}").write_bytes(_encode(draw_sample(k, rng), ext))
 
-    return folders.write_tree(dest, marker, fill)
+    return folders.write_class_tree(dest, marker, names, syn, write)
