@@ -330,3 +330,13 @@ def task_deploy():
                "targets": [str(lay.report)],
                "uptodate": [config_changed({"requirements": p.requirements.model_dump(), "boards": names})],
                "teardown": [(run, ["hil.lab:close_opened"])]}
+
+
+def task_nightly():
+    """Every app on every lab board whose type it targets, boards in parallel: health, leases, retries, history, reports."""
+    apps = dict(APPS)  # a broken manifest is listed by doit list; boards=a,b narrows the lab, not the apps
+    builds = [f"compile:{app}@{t}" for app, p in apps.items() for t in p.targets]
+    busy = get_var("busy", os.environ.get("KILN_NIGHTLY_BUSY", "wait"))
+    return {"actions": [(run, ["hil.nightly:task_action", apps, BOARDS, LAB_FILE, RUN_ID, busy, BOARDS_CHOSEN])],
+            "task_dep": ["schema", *(f"runner:{a}" for a in sorted({b.arch for b in BOARDS.values()})), *builds],
+            "uptodate": [False], "verbosity": 2, "teardown": [(run, ["hil.lab:close_opened"])]}

@@ -9,6 +9,7 @@ process is gone (never a live run's, never another host's)."""
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import logging
 import os
@@ -142,7 +143,10 @@ def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], tim
 
 
 def _upload(t: Board, files: dict[str, Path], run_dir: str, log) -> int:
-    """Send what the board's cache lacks, then link every file into the run directory."""
+    """Send what the board's cache lacks, then link every file into the run directory. Over a
+    slow link (a transport with a ``line_rate`` under SLOW_LINK_BPS: a serial console) each
+    file is sent compressed when that pays and unpacked on the board into its cache name;
+    _verify then checks its sha256 as for any file. Returns the raw bytes sent."""
     hashes = {name: sha256_file(path) for name, path in files.items()}
     t.run(["mkdir", "-p", CACHE, run_dir], timeout=30)
     r = t.run(["sha256sum", "--", *sorted({f"{CACHE}/{h}" for h in hashes.values()})], timeout=300)
@@ -151,21 +155,202 @@ def _upload(t: Board, files: dict[str, Path], run_dir: str, log) -> int:
         digest, _, name = line.partition("  ")
         if name.strip() == f"{CACHE}/{digest}":
             cached.add(digest)
+    codecs = _board_codecs(t, log) if _slow_link(t) and set(hashes.values()) - cached else None
     sent = 0
     for name, path in files.items():
         h = hashes[name]
+        size = path.stat().st_size
         if h in cached:
-            log.info("%s: already on the board (sha256 %s), not sent again", name, h[:12])
+            log.info("%s: already on the board (sha256 %s), not sent again", name, h[:12],
+                     extra={"kiln_upload": {"file": name, "raw_bytes": size, "codec": "cached",
+                                            "compressed_bytes": 0, "sent_bytes": 0, "wire_bytes": 0,
+                                            "compress_s": 0.0, "upload_s": 0.0, "unpack_s": 0.0}})
         else:
-            log.info("%s: uploading %d bytes", name, path.stat().st_size)
-            t.put(path, f"{CACHE}/{h}")
+            _send_one(t, name, path, h, size, codecs, log)
             cached.add(h)
-            sent += path.stat().st_size
+            sent += size
         r = t.run(["ln", "-f", f"{CACHE}/{h}", f"{run_dir}/{name}"], timeout=30)
         if r.returncode != 0:
             raise TransportError(f"cannot place {name} in {run_dir}: {r.stderr.strip()[:200]}")
     t.run(["chmod", "+x", *[n for n in files if n == "kiln-runner"]], timeout=30, cwd=run_dir)
     return sent
+
+
+# -- compressed uploads over slow links ----------------------------------------------------------
+
+SLOW_LINK_BPS = 1_000_000  # a link under this (bytes/s) spends far longer sending than compressing
+MIN_GAIN = 0.97            # send a file compressed only if that saves at least 3% of its bytes
+_PROBE_BYTES = 1 << 20     # prefix on which the host picks the best xz filter chain
+_ELF_BCJ = {0x3E: "--x86", 0x28: "--arm", 0xB7: "--arm64"}  # ELF e_machine -> xz branch filter
+
+
+def _slow_link(t: Board) -> bool:
+    rate = getattr(t, "line_rate", None)  # bytes/s, from transports that know their line (serial)
+    return rate is not None and rate < SLOW_LINK_BPS
+
+
+def _board_codecs(t: Board, log) -> dict:
+    """What the board can unpack (asked once per deploy): {"xz": version int or 0 (an xz that
+    does not say, e.g. busybox's), "gzip": bool}. Never fails the deploy: none found is raw."""
+    script = ('if command -v xz >/dev/null 2>&1; then echo "xz $(xz --robot --version 2>/dev/null | '
+              "sed -n 's/^XZ_VERSION=//p')\"; fi; if command -v gzip >/dev/null 2>&1; then echo gzip; fi")
+    try:
+        out = t.run(["sh", "-c", script], timeout=30).stdout.split("\n")
+    except KilnError as e:
+        log.warning("cannot ask the board for xz/gzip (%s): uploading uncompressed", e)
+        return {"xz": None, "gzip": False}
+    xz = next((w.split()[1:] for w in out if w.split()[:1] == ["xz"]), None)
+    found = {"xz": None if xz is None else int(xz[0]) if xz and xz[0].isdigit() else 0, "gzip": "gzip" in out}
+    log.info("slow link: the board unpacks %s", "xz" if found["xz"] is not None else
+             "gzip" if found["gzip"] else "nothing (uploads go uncompressed)")
+    return found
+
+
+def _compressed_cache() -> Path:
+    from kiln.artifacts import build_root
+    return build_root() / "cache" / "compressed"
+
+
+def _compress(path: Path, sha: str, codecs: dict, log) -> tuple[Path | None, str, float]:
+    """(compressed copy, codec, seconds spent compressing) for a board with ``codecs``; the copy
+    is kept in build/cache/compressed/<sha>.<ext>, so a later deploy does not compress again.
+    (None, "raw", s) when the board unpacks nothing or no codec here exists."""
+    import shutil
+
+    host_xz = shutil.which("xz")
+    if codecs["xz"] is not None and host_xz:
+        with path.open("rb") as f:
+            head = f.read(20)
+        bcj = _ELF_BCJ.get(int.from_bytes(head[18:20], "little")) if head[:4] == b"\x7fELF" else None
+        if bcj == "--arm64" and (codecs["xz"] < 50040000 or not _host_xz_has_arm64(host_xz)):
+            bcj = None  # xz's ARM64 filter is 5.4's: an older xz on the board cannot undo it
+        ext = f"{bcj[2:]}.xz" if bcj else "xz"
+        codec = "xz"
+    elif codecs["gzip"] or codecs["xz"] is not None:
+        bcj, ext, codec = None, "gz", "gzip"
+        if not codecs["gzip"]:
+            return None, "raw", 0.0  # the board has xz but this host has no xz to make it
+    else:
+        return None, "raw", 0.0
+    out = _compressed_cache() / f"{sha}.{ext}"
+    if out.is_file():
+        return out, codec, 0.0
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from kiln.artifacts import atomic_path
+
+    with atomic_path(out) as tmp:
+        if codec == "gzip":
+            import gzip
+
+            with path.open("rb") as src, gzip.GzipFile(tmp, "wb", compresslevel=9, mtime=0) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        else:
+            chain = [bcj] if bcj else _best_xz_chain(host_xz, path)
+            _run_xz(host_xz, [*chain, _lzma2("preset=9e", path.stat().st_size, lc4=not bcj and bool(chain))],
+                    path, tmp)
+    return out, codec, time.perf_counter() - t0
+
+
+def _lzma2(preset: str, size: int, lc4: bool = False) -> str:
+    """LZMA2 options: the dictionary no larger than the file (rounded up to a power of two),
+    so the board needs no more memory to unpack it than the file's size; lc=4 after a delta
+    filter (its small residues predict the next byte well)."""
+    d = 1 << max(16, min(26, (max(size, 1) - 1).bit_length()))
+    return f"--lzma2={preset},dict={d}" + (",lc=4" if lc4 else "")
+
+
+def _run_xz(host_xz: str, args: list[str], src: Path, dst: Path) -> None:
+    import subprocess
+
+    with src.open("rb") as fi, open(dst, "wb") as fo:
+        r = subprocess.run([host_xz, "-T1", "-c", "-q", *args], stdin=fi, stdout=fo, stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        raise TransportError(f"compressing {src} with xz {' '.join(args)} failed: {r.stderr.decode()[:300]}")
+
+
+def _host_xz_has_arm64(host_xz: str) -> bool:
+    import subprocess
+
+    r = subprocess.run([host_xz, "--arm64", "--lzma2=preset=0", "-c", "-q"], input=b"", capture_output=True)
+    return r.returncode == 0
+
+
+def _byte_strides(sample: bytes) -> tuple[int, int] | None:
+    """For data laid out as rows of interleaved channels (uint8 pixels H x W x C, int16 audio):
+    (channel stride, row stride), the distances at which bytes repeat best; None for data
+    that does not (each byte as unlike its neighbours as a random one)."""
+    import numpy as np
+
+    a = np.frombuffer(sample, np.uint8).astype(np.int16)
+    if len(a) < 8192:
+        return None
+    mad = lambda k: float(np.abs(a[k:] - a[:-k]).mean())  # noqa: E731
+    near = {k: mad(k) for k in range(1, 17)}
+    c = min(near, key=near.get)
+    if near[c] > 0.8 * 85.0:  # 85: the mean |x - y| of two random bytes; nothing to predict
+        return None
+    rows = {r: mad(r) for r in range(2 * c, min(4096, len(a) // 4) + 1, c)}
+    return c, min(rows, key=rows.get)
+
+
+def _best_xz_chain(host_xz: str, path: Path) -> list[str]:
+    """xz filters before LZMA2 for this file: none, a delta along the channel stride, along the
+    row, or both (the gradient predictor x - left - up + up-left), whichever packs the file's
+    first MiB smallest at a fast preset."""
+    import tempfile
+
+    with path.open("rb") as f:
+        sample = f.read(_PROBE_BYTES)
+    strides = _byte_strides(sample[:1 << 16])
+    if strides is None:
+        return []
+    c, row = strides
+    chains = [[], [f"--delta=dist={c}"], [f"--delta=dist={row}"], [f"--delta=dist={c}", f"--delta=dist={row}"]]
+    sizes = []
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "probe", Path(d) / "probe.xz"
+        src.write_bytes(sample)
+        for chain in chains:
+            _run_xz(host_xz, [*chain, _lzma2("preset=6", len(sample), lc4=bool(chain))], src, dst)
+            sizes.append(dst.stat().st_size)
+    return chains[sizes.index(min(sizes))]
+
+
+def _send_one(t: Board, name: str, path: Path, sha: str, size: int, codecs: dict | None, log) -> None:
+    """Put one file into the board's cache as ``cache/<sha>``: compressed when ``codecs`` (a
+    slow link) and that pays, then unpacked there; else as it is."""
+    packed, codec, comp_s = _compress(path, sha, codecs, log) if codecs else (None, "raw", 0.0)
+    psize = packed.stat().st_size if packed else size
+    if packed is not None and psize > MIN_GAIN * size:
+        log.info("%s: %s packs %d bytes only to %d: sent as it is", name, codec, size, psize)
+        packed, codec, psize = None, "raw", size
+    t0 = time.perf_counter()
+    if packed is None:
+        log.info("%s: uploading %d bytes", name, size)
+        t.put(path, f"{CACHE}/{sha}")
+        unpack_s = 0.0
+    else:
+        remote = f"{CACHE}/{packed.name}"
+        log.info("%s: uploading %d bytes as %d (%s, ratio %.2f%s)", name, size, psize, codec, size / max(psize, 1),
+                 f", compressed in {comp_s:.1f} s" if comp_s else ", compressed copy cached on the host")
+        t.put(packed, remote)
+        up = time.perf_counter()
+        # unpack beside the cache name and rename: a half-unpacked file never looks cached
+        unpack = ('"$1" -dc -- "$2" > "$3.unpack" && mv -f -- "$3.unpack" "$3"; r=$?; '
+                  'rm -f -- "$2" "$3.unpack"; exit $r')
+        r = t.run(["sh", "-c", unpack, "sh", "xz" if codec == "xz" else "gzip", remote, f"{CACHE}/{sha}"],
+                  timeout=max(60.0, size / 2e6))
+        if r.returncode != 0:
+            raise TransportError(f"{name}: unpacking {remote} ({codec}) on the board failed "
+                                 f"(exit {r.returncode}): {r.stderr.strip()[:300]}")
+        unpack_s = time.perf_counter() - up
+    secs = time.perf_counter() - t0
+    wire = (getattr(t, "last_put", None) or {}).get("wire_bytes")
+    log.info("%s: %d bytes in %.1f s (%.0f B/s of the file's bytes)", name, size, secs, size / secs if secs else 0,
+             extra={"kiln_upload": {"file": name, "raw_bytes": size, "codec": codec, "compressed_bytes": psize,
+                                    "sent_bytes": psize, "wire_bytes": wire, "compress_s": round(comp_s, 3),
+                                    "upload_s": round(secs - unpack_s, 3), "unpack_s": round(unpack_s, 3)}})
 
 
 def _verify(t: Board, files: dict[str, Path], run_dir: str) -> None:
@@ -213,6 +398,9 @@ def _run(t: Board, argv: list[str], run_dir: str, timeout: float) -> dict:
 
 DTYPE_BYTES = {"float32": 4, "int16": 2, "uint8": 1, "int8": 1}
 FRONT_END_SAMPLES = 8  # raw test samples the front end's own library is run on, per board
+# at most this many feature values come back as JSON (about 12 bytes each): over a serial line
+# at 115200 baud, 8 samples of a 32x32x3 image's features took 39 s; one takes 5
+FRONT_END_VALUES = 4096
 
 
 def _inputs_for(layout, samples: int | None, dest: Path) -> tuple[Path, list[int], int]:
@@ -239,25 +427,58 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
     ``instance`` (as the lab describes it), run the runner and record its raw output (or its
     failure) in runs/<run id>/<instance>/run.json and last/<instance>.json. A board failure is
     recorded, not raised: the other boards and the report go on."""
-    import tempfile
-
-    from hil.emulation import launcher
     from hil.lab import open_lab
-    from hil.transport import open_transport
-    from kiln.artifacts import build_root, read_json, runner_dir, write_json
     from kiln.config import load_inventory
     from kiln.errors import ManifestError
 
     blog = logging.getLogger(f"kiln.board.{instance.name}")
-    record = {"instance": instance.name, "type": board.name, "emulated": instance.emulated, "run_id": run_id,
-              "transport": instance.link}
+    try:
+        inv_path = open_lab(lab_path)  # the emulated lab starts on demand
+        live = next((b for b in load_inventory(inv_path).boards if b.name == instance.name), None)
+        if live is None:
+            raise ManifestError(f"{inv_path}: no board instance '{instance.name}' (the lab changed since "
+                                "the task list was made; run doit again)")
+        record = job(project, board, live, layout, inv_path.parent, run_id)
+    except KilnError as e:
+        blog.error("%s", e)
+        record = {**_record_head(board, instance, run_id), "error": {"step": "prepare", "message": str(e)}}
+    write_record(layout, instance.name, run_id, record)
+    return record
+
+
+def write_record(layout, instance: str, run_id: str, record: dict) -> None:
+    """The run's record, then the instance's last run (the doit target: the run is complete)."""
+    from kiln.artifacts import write_json
+
+    write_json(layout.run_json(run_id, instance), record)
+    write_json(layout.last_run(instance), record)
+
+
+def _record_head(board, instance, run_id: str) -> dict:
+    return {"instance": instance.name, "type": board.name, "emulated": instance.emulated, "run_id": run_id,
+            "transport": instance.link}
+
+
+def job(project, board, live, layout, lab_dir: Path, run_id: str, latency_windows: int = 0) -> dict:
+    """One app on one live lab instance (its transport given in full): upload, run, and the
+    record of what the board returned; a board failure is in the record (``error``), not
+    raised. ``latency_windows``: with N > 0 the runner times N windows of back-to-back
+    inferences besides each inference (the nightly's comparable latency)."""
+    import tempfile
+
+    from hil.emulation import launcher
+    from hil.transport import open_transport
+    from kiln.artifacts import build_root, read_json, runner_dir
+
+    blog = logging.getLogger(f"kiln.board.{live.name}")
+    record = _record_head(board, live, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             rdir = runner_dir(board.arch)
             files = {n: rdir / n for n in ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")}
             files["model.so"] = layout.library(board.name)
             samples = requested = project.validation.samples
-            cap = board.emulation.max_samples if instance.emulated and board.emulation else None
+            cap = board.emulation.max_samples if live.emulated and board.emulation else None
             if cap and (samples is None or samples > cap):
                 blog.info("emulated board: validating on the first %d test samples (emulation.max_samples)", cap)
                 samples = cap
@@ -267,28 +488,27 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
                 blog.warning("app '%s': validation.samples is %d but its test set has only %d samples: "
                              "sending %d", project.name, requested, sent, sent)
             dtype = read_json(layout.data / "data.json")["test_inputs"].get("dtype", "float32")
-            runner = [*(launcher(board) if instance.emulated else []), "./kiln-runner"]
+            runner = [*(launcher(board) if live.emulated else []), "./kiln-runner"]
             common = ["--shape", ",".join(map(str, shape)), "--dtype", dtype, "--threads", str(board.cores)]
             objective = getattr(project.architecture, "objective", "classification")
             argv = [*runner, "--model", "model.so", "--input", "inputs.bin", *common,
                     "--warmup", str(project.validation.warmup), "--outputs", "1" if objective == "reconstruction" else "0"]
+            if latency_windows:
+                argv += ["--windows", str(latency_windows)]
             checks = {}
             fe_lib = layout.board_type(board.name) / "front_end.so"
             if (layout.data / "front_end.json").is_file() and fe_lib.is_file():
                 # the front end alone, on a few raw samples: its features against the host's
                 files["front_end.so"] = fe_lib
-                files["front_end_inputs.bin"], _, n_fe = _inputs_for(layout, min(FRONT_END_SAMPLES, sent),
+                per_sample = math.prod(read_json(layout.data / "front_end.json")["output_shape"])
+                n_fe = max(1, min(FRONT_END_SAMPLES, sent, FRONT_END_VALUES // per_sample))
+                files["front_end_inputs.bin"], _, n_fe = _inputs_for(layout, n_fe,
                                                                       Path(tmp) / "front_end_inputs.bin")
                 checks["front_end"] = [*runner, "--model", "front_end.so", "--input", "front_end_inputs.bin", *common,
                                        "--warmup", "0", "--outputs", "1"]
-            inv_path = open_lab(lab_path)  # the emulated lab starts on demand
-            live = next((b for b in load_inventory(inv_path).boards if b.name == instance.name), None)
-            if live is None:
-                raise ManifestError(f"{inv_path}: no board instance '{instance.name}' (the lab changed since "
-                                    "the task list was made; run doit again)")
             blog.info("deploying %s to %s (%s over %s%s)", project.name, live.name, board.name, live.link,
-                      ", emulated" if instance.emulated else "")
-            transport = open_transport(live, inv_path.parent, build_root() / "lab" / "local")
+                      ", emulated" if live.emulated else "")
+            transport = open_transport(live, lab_dir, build_root() / "lab" / "local")
             record.update(deploy(transport, files, argv, project.validation.timeout_s, live.name, checks))
         except DeployError as e:
             blog.error("%s", e)
@@ -296,6 +516,4 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
         except KilnError as e:
             blog.error("%s", e)
             record["error"] = {"step": "prepare", "message": str(e)}
-    write_json(layout.run_json(run_id, instance.name), record)
-    write_json(layout.last_run(instance.name), record)  # last: the doit target says the run is complete
     return record

@@ -121,6 +121,16 @@ class _ImageDataset(_DatasetBase):
             raise ValueError("each side must be between 1 and 1024")
         return v
 
+    def raw_shape(self) -> tuple[int, ...]:
+        """One raw sample as the board gets it with a front end: (H, W, C) uint8 pixels."""
+        return (*self.image_size, self.channels)
+
+
+# The images' optional front end (gtsrb, digits, synthetic; image_folders says the same): with it
+# the board is fed uint8 pixels, a quarter of float32's bytes (what a slow serial link carries).
+_IMAGE_FRONT_END = ("in the library (board fed uint8 pixels, 4x fewer bytes than float32); unset: the "
+                    "host scales pixels to [0, 1] and the board is fed float32")
+
 
 class GtsrbDataset(_ImageDataset):
     """The GTSRB on-disk layout (RGB, 43 classes): passes/formats/gtsrb.py."""
@@ -134,6 +144,7 @@ class GtsrbDataset(_ImageDataset):
     synthetic: Synthetic | None = Field(
         default_factory=Synthetic, description="generated under build/ when path holds no GTSRB tree; null: never"
     )
+    front_end: NormalizeFrontEnd | None = Field(None, description=_IMAGE_FRONT_END)
 
 
 class DigitsDataset(_ImageDataset):
@@ -146,6 +157,7 @@ class DigitsDataset(_ImageDataset):
     format: Literal["digits"]
     path: str = Field("sklearn", description="'sklearn' (the real set scikit-learn ships) or a digits.csv(.gz) file; "
                       "relative paths are relative to the repo")
+    front_end: NormalizeFrontEnd | None = Field(None, description=_IMAGE_FRONT_END)
 
 
 class SyntheticDataset(_ImageDataset):
@@ -161,6 +173,7 @@ class SyntheticDataset(_ImageDataset):
     per_class: int = Field(200, ge=1, le=10_000, description="training samples per class (val split off these)")
     test_per_class: int = Field(40, ge=1, le=10_000, description="test samples per class")
     seed: int = 0
+    front_end: NormalizeFrontEnd | None = Field(None, description=_IMAGE_FRONT_END)
 
     @property
     def num_classes(self) -> int:

@@ -72,7 +72,8 @@ def imports(name: str) -> list[str]:
         parts = m.split(".")
         for i in range(1, len(parts) + 1):
             sub = ".".join(parts[:i])
-            if module_file(sub) is not None and sub not in out:
+            # a package importing its own modules runs its own __init__ already: not a dependency
+            if module_file(sub) is not None and sub not in out and sub != name:
                 out.append(sub)
     return out
 

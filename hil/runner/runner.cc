@@ -1,14 +1,16 @@
 // kiln-runner: runs a TVM Relax model.so on a board, with no Python there.
 //
 //   kiln-runner --model model.so --input inputs.bin --shape 3,32,32 [--dtype float32]
-//               [--warmup 10] [--threads N] [--outputs 0|1]
+//               [--warmup 10] [--threads N] [--outputs 0|1] [--windows N [--window-size M]]
 //
 // inputs.bin holds N raw little-endian samples of `shape` (no batch dim) in `dtype` (float32,
 // or the raw int16 audio / uint8 pixels a model with a front end takes); each is run once at
 // batch 1 and timed on its own. The result is exactly one JSON object on stdout:
 //   {"runner": "kiln-runner 2", "count": N, "output_dim": K, "predictions": [...],
 //    "latencies_us": [...], "peak_rss_kb": int, "threads": int|null, "checksum": double,
-//    "dtype": "...", "outputs": [[...], ...] (with --outputs 1: every output value, per sample)}
+//    "dtype": "...", "outputs": [[...], ...] (with --outputs 1: every output value, per sample),
+//    "windows_us": [...] (with --windows N: N windows of M back-to-back inferences, cycling through
+//    the samples, each timed as a whole: its mean per inference, MLPerf Tiny's way)}
 // Any error goes to stderr and exits 2; stdout is then left empty (the JSON is assembled in
 // memory and printed only after everything succeeded), so a host never parses half a result.
 //
@@ -62,6 +64,8 @@ struct Options {
   int64_t threads = 0;  // 0: not given, leave TVM's default
   std::string dtype = "float32";
   bool outputs = false;
+  int64_t windows = 0;      // 0: no windows
+  int64_t window_size = 0;  // 0: the number of samples
 };
 
 // The input dtypes a model may take: float32 features, or a front end's raw samples.
@@ -110,7 +114,8 @@ Options ParseArgs(int argc, char** argv) {
     if (flag == "--help" || flag == "-h") {
       throw UsageError(
           "usage: kiln-runner --model model.so --input inputs.bin --shape 3,32,32 "
-          "[--dtype float32|int16|uint8|int8] [--warmup 10] [--threads N] [--outputs 0|1]");
+          "[--dtype float32|int16|uint8|int8] [--warmup 10] [--threads N] [--outputs 0|1] "
+          "[--windows N [--window-size M]]");
     }
     if (i + 1 >= argc) throw UsageError(flag + ": missing value");
     std::string value = argv[++i];
@@ -128,12 +133,17 @@ Options ParseArgs(int argc, char** argv) {
     } else if (flag == "--dtype") {
       ParseDtype(value);
       opt.dtype = value;
+    } else if (flag == "--windows") {
+      opt.windows = ParseInt(flag, value, 1);
+    } else if (flag == "--window-size") {
+      opt.window_size = ParseInt(flag, value, 1);
     } else if (flag == "--outputs") {
       if (value != "0" && value != "1") throw UsageError("--outputs: expected 0 or 1, got '" + value + "'");
       opt.outputs = value == "1";
     } else {
       throw UsageError("unknown argument '" + flag +
-                       "' (expected --model, --input, --shape, --dtype, --warmup, --threads, --outputs)");
+                       "' (expected --model, --input, --shape, --dtype, --warmup, --threads, --outputs, --windows, "
+                       "--window-size)");
     }
   }
   if (opt.model.empty()) throw UsageError("--model: required (path to a TVM model.so)");
@@ -341,6 +351,7 @@ std::string Run(const Options& opt) {
   std::vector<int64_t> predictions;
   std::vector<float> all_outputs;  // with --outputs: every value, sample after sample
   std::vector<double> latencies_us;
+  std::vector<double> windows_us;
   double checksum = 0.0;
   int64_t output_dim = -1;
   try {
@@ -367,6 +378,16 @@ std::string Run(const Options& opt) {
       }
       predictions.push_back(best);
     }
+    const int64_t size = opt.window_size > 0 ? opt.window_size : count;
+    for (int64_t w = 0; w < opt.windows; ++w) {
+      auto t0 = std::chrono::steady_clock::now();
+      for (int64_t j = 0; j < size; ++j) {
+        load_sample(j % count);
+        infer();
+      }
+      auto t1 = std::chrono::steady_clock::now();
+      windows_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / size);
+    }
   } catch (const ffi::Error& e) {
     std::string shape = "(1";
     for (int64_t d : opt.shape) shape += "," + std::to_string(d);
@@ -389,6 +410,11 @@ std::string Run(const Options& opt) {
     js << "null";
   }
   js << ", \"checksum\": " << JsonDouble(checksum, "%.17g") << ", \"dtype\": \"" << opt.dtype << "\"";
+  if (opt.windows > 0) {
+    js << ", \"windows_us\": [";
+    for (size_t i = 0; i < windows_us.size(); ++i) js << (i ? ", " : "") << JsonDouble(windows_us[i], "%.3f");
+    js << "]";
+  }
   if (opt.outputs) {
     js << ", \"outputs\": [";
     for (int64_t i = 0; i < count; ++i) {

@@ -177,6 +177,12 @@ class SerialTransport(Retrying, CommandProtocol, FileTransferProtocol):
         self._require_open()
         return self._workdir
 
+    @property
+    def line_rate(self) -> float:
+        """The line's raw rate in bytes/s (8N1: 10 bits a byte). A slow link: hil.deploy
+        compresses what it uploads over it."""
+        return self.spec.baud / 10.0
+
     def _require_open(self) -> None:
         if self._ser is None or self._workdir is None:
             raise TransportError(f"board '{self.board}': transport used before open()")

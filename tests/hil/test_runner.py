@@ -191,6 +191,20 @@ def test_raw_samples_in_their_own_dtype_and_every_output_back(x86, a64, tmp_path
     assert proc.returncode == 2 and f"one {dtype} sample" in proc.stderr
 
 
+def test_windows_of_back_to_back_inferences(model, x86):
+    """--windows N times N windows of --window-size back-to-back inferences, each as a whole;
+    without the flag there is no windows_us (the JSON of a deploy is unchanged)."""
+    proc = _run(x86, "--windows", "5", "--window-size", "7", "--warmup", "1", inputs=model["inputs"])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["windows_us"]) == 5 and all(w > 0 for w in out["windows_us"])
+    # a window's mean per inference is of the size of one inference, not of 7
+    assert max(out["windows_us"]) < 7 * max(out["latencies_us"])
+    assert "windows_us" not in _result(x86, model, "--warmup", "0")
+    bad = _run(x86, "--windows", "0", inputs=model["inputs"])
+    assert bad.returncode == 2 and "--windows: expected an integer >= 1" in bad.stderr
+
+
 def test_unknown_dtype_exits_2(model, x86):
     proc = _run(x86, "--dtype", "float64", inputs=model["inputs"])
     assert proc.returncode == 2 and "--dtype: expected float32, int16, uint8 or int8" in proc.stderr

@@ -1,0 +1,361 @@
+"""Board health: LAVA's states, their history in SQLite, and the quick check a board gets
+before its first job of a night.
+
+States (LAVA's device health):
+``unknown``      never checked (or set so by an admin: the next check decides)
+``good``         its last check passed: jobs run on it
+``bad``          its last check failed: it is skipped, and checked again next time; a check
+                 that passes returns it to ``good`` by itself (no admin needed)
+``maintenance``, ``retired``  set only by a command; checks never change them and are not
+                 even run, so a board on a bench or gone for good is left alone
+
+History is ``<build>/lab/health.sqlite`` (stdlib sqlite3, WAL, so that nightly runs and the
+command can read and write at once): ``boards`` holds each board's current state, ``history``
+one row per state set or check recorded, with when, why and by whom.
+
+The check (:func:`health_check`): the board is reachable and the runner, deployed the way
+every job deploys it (hil.deploy.deploy), runs a known model and prints the known output.
+The model is tiny and fixed (a 4->3 matmul plus bias, numpy-made weights), built with TVM for
+the board type once and cached under ``<build>/health/<type>/``; its expected output is
+computed with numpy. It is compiled here with TVM directly because hil never imports passes/.
+
+    python -m hil.lab.health set <board> <state> --reason "..." [--by NAME]
+    python -m hil.lab.health show [board] [--last N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import json
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kiln.artifacts import atomic_path, build_root, read_json, runner_dir, sha256_file, write_bytes, write_json
+from kiln.errors import KilnError
+from kiln.schema import Board, Instance
+
+STATES = ("good", "unknown", "bad", "maintenance", "retired")
+BY_COMMAND_ONLY = ("maintenance", "retired")  # checks neither change these nor run
+CHECK_TIMEOUT_S = 60.0
+TOLERANCE = 1e-5
+MODEL_VERSION = 1  # bump when the known model or its input changes: the caches rebuild
+RUNNER_FILES = ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")
+
+
+class HealthError(KilnError):
+    """A health state or command is invalid (names the state or board)."""
+
+
+def db_path() -> Path:
+    return build_root() / "lab" / "health.sqlite"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _by() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@contextlib.contextmanager
+def _db(path: Path | None):
+    """A connection in one IMMEDIATE transaction: a read-modify-write by two processes at once
+    (two nightlies checking one board) is serialised rather than interleaved."""
+    path = Path(path) if path is not None else db_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE IF NOT EXISTS boards (board TEXT PRIMARY KEY, state TEXT NOT NULL, "
+                    "since TEXT NOT NULL, reason TEXT NOT NULL, by TEXT NOT NULL)")
+        con.execute("CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY, board TEXT NOT NULL, "
+                    "at TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL, by TEXT NOT NULL)")
+        con.execute("CREATE INDEX IF NOT EXISTS history_board ON history (board, id)")
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as e:
+        raise HealthError(f"health database {path}: {e}") from e
+    finally:
+        con.close()
+
+
+def _check_state(state: str) -> None:
+    if state not in STATES:
+        raise HealthError(f"unknown health state '{state}' (states: {', '.join(STATES)})")
+
+
+def _current(con, board: str) -> str:
+    row = con.execute("SELECT state FROM boards WHERE board = ?", (board,)).fetchone()
+    return row[0] if row else "unknown"
+
+
+def _set(con, board: str, state: str, reason: str, by: str) -> None:
+    at = _now()
+    con.execute("INSERT INTO boards VALUES (?, ?, ?, ?, ?) ON CONFLICT(board) DO UPDATE SET "
+                "state = excluded.state, since = CASE WHEN boards.state = excluded.state THEN boards.since "
+                "ELSE excluded.since END, reason = excluded.reason, by = excluded.by",
+                (board, state, at, reason, by))
+    con.execute("INSERT INTO history (board, at, state, reason, by) VALUES (?, ?, ?, ?, ?)",
+                (board, at, state, reason, by))
+
+
+def state(board: str, db: Path | None = None) -> str:
+    """The board's current state; ``unknown`` for a board never seen."""
+    with _db(db) as con:
+        return _current(con, board)
+
+
+def set_state(board: str, new: str, reason: str, by: str | None = None, db: Path | None = None) -> None:
+    """Set a state by command (any state; the only way into maintenance or retired, and out)."""
+    _check_state(new)
+    with _db(db) as con:
+        _set(con, board, new, reason, by or _by())
+
+
+def history(board: str, last: int = 20, db: Path | None = None) -> list[tuple[str, str, str]]:
+    """The board's last ``last`` history rows, oldest first: ``[(at, state, reason)]``."""
+    with _db(db) as con:
+        rows = con.execute("SELECT at, state, reason FROM history WHERE board = ? ORDER BY id DESC LIMIT ?",
+                           (board, last)).fetchall()
+    return [tuple(r) for r in reversed(rows)]
+
+
+def boards(db: Path | None = None) -> list[tuple[str, str, str, str, str]]:
+    """Every board with a state: ``[(board, state, since, reason, by)]`` by name."""
+    with _db(db) as con:
+        return [tuple(r) for r in con.execute("SELECT board, state, since, reason, by FROM boards ORDER BY board")]
+
+
+def record_check(board: str, passed: bool, detail: str = "", db: Path | None = None) -> str:
+    """Record a check's outcome and return the board's state after it: a failed check makes it
+    ``bad``, a passed one ``good`` (a bad board thus recovers by itself); a board in maintenance
+    or retired keeps its state (its check should not have run; it is not recorded)."""
+    with _db(db) as con:
+        now = _current(con, board)
+        if now in BY_COMMAND_ONLY:
+            return now
+        new = "good" if passed else "bad"
+        _set(con, board, new, ("check passed" if passed else "check failed") + (f": {detail}" if detail else ""),
+             "health check")
+        return new
+
+
+def should_check(board: str, db: Path | None = None) -> bool:
+    """Whether the board gets a check: not when it is in maintenance or retired."""
+    return state(board, db) not in BY_COMMAND_ONLY
+
+
+# -- the known model ---------------------------------------------------------------------
+
+def _known():
+    """The fixed model and input: weights (4x3), bias (3) and two input samples (2x4)."""
+    import numpy as np
+
+    rng = np.random.default_rng(14)
+    w = rng.uniform(-1, 1, (4, 3)).astype(np.float32)
+    b = rng.uniform(-1, 1, 3).astype(np.float32)
+    x = rng.uniform(-1, 1, (2, 4)).astype(np.float32)
+    return w, b, x
+
+
+def _onnx(w, b) -> bytes:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "kiln_health", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _target(board: Board) -> dict:
+    """The board's TVM target, but ``mcpu: host`` dropped (LLVM's generic CPU of the host's
+    triple): resolving it is the compile stage's (passes/), and the check is about the runner
+    and the runtime, not the CPU's vector extensions."""
+    return {k: v for k, v in board.tvm_target.items() if not (k == "mcpu" and v == "host")}
+
+
+def _cache_key(board: Board) -> str:
+    import tvm
+
+    spec = {"v": MODEL_VERSION, "target": _target(board), "cc": board.cc, "tvm": tvm.__version__}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def health_model(board: Board) -> Path:
+    """``<build>/health/<type>/``, holding model.so, inputs.bin and expected.json (the numpy
+    output), built once per board type and TVM version (a file lock keeps concurrent checks of
+    one type from building it twice)."""
+    import numpy as np
+
+    out = build_root() / "health" / board.name
+    out.mkdir(parents=True, exist_ok=True)
+    # the file lock keeps processes apart; the thread lock the nightly's board workers (TVM's
+    # build is not safe to run in two threads of one process at once)
+    with _BUILD_LOCK, open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        key = _cache_key(board)
+        info = out / "expected.json"
+        if info.exists() and read_json(info).get("key") == key and (out / "model.so").is_file():
+            return out
+        w, b, x = _known()
+        write_bytes(out / "model.onnx", _onnx(w, b))
+        _compile(board, out / "model.onnx", out / "model.so")
+        write_bytes(out / "inputs.bin", x.tobytes())
+        expected = (x.astype(np.float64) @ w.astype(np.float64) + b).tolist()
+        # written last: it vouches for the files next to it
+        write_json(info, {"key": key, "target": _target(board), "shape": [4], "samples": len(x),
+                          "expected": expected, "model_sha256": sha256_file(out / "model.so")})
+    return out
+
+
+def _compile(board: Board, onnx_path: Path, out_so: Path) -> None:
+    import onnx
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        mod = from_onnx(onnx.load(str(onnx_path)), shape_dict={"x": [1, 4]}, keep_params_in_input=False)
+        ex = relax.build(mod, target=tvm.target.Target(_target(board)))
+        with atomic_path(out_so) as tmp:
+            so_tmp = tmp.with_suffix(".so")  # export_library picks the compiler by the suffix
+            ex.export_library(str(so_tmp), cc=board.cc)
+            so_tmp.replace(tmp)
+    except Exception as e:  # TVM's and the linker's errors have their own types
+        raise HealthError(f"health model for board type '{board.name}' (target {_target(board)}, cc "
+                          f"{board.cc}) did not build: {e}") from e
+
+
+# -- the check ---------------------------------------------------------------------------
+
+def _compare(outputs, expected: list[list[float]]) -> str | None:
+    """None when the runner's outputs match numpy's, else what differs."""
+    import numpy as np
+
+    got = np.asarray(outputs if outputs is not None else [], dtype=np.float64)
+    want = np.asarray(expected, dtype=np.float64)
+    if got.size != want.size:
+        return f"runner gave {got.size} output values, expected {want.size} ({want.shape})"
+    diff = np.abs(got.reshape(want.shape) - want)
+    if not np.all(diff <= TOLERANCE + TOLERANCE * np.abs(want)):
+        i = np.unravel_index(int(np.argmax(diff)), want.shape)
+        return (f"runner output {got.reshape(want.shape)[i]:.7g} at sample {i[0]} value {i[1]} != known "
+                f"{want[i]:.7g} (|diff| {diff[i]:.2g} > {TOLERANCE:g})")
+    return None
+
+
+def _bundle(board: Board) -> dict[str, Path]:
+    rdir = runner_dir(board.arch)
+    missing = [n for n in RUNNER_FILES if not (rdir / n).is_file()]
+    if missing:
+        raise HealthError(f"runner bundle {rdir} lacks {', '.join(missing)} (build it: "
+                          f"python -m hil.runner.build --arch {board.arch} --out {rdir})")
+    return {n: rdir / n for n in RUNNER_FILES}
+
+
+def health_check(instance: Instance, board_type: Board, lab_dir: Path, timeout_s: float = CHECK_TIMEOUT_S) -> dict:
+    """Check one board: deploy the runner and the known model, compare its outputs.
+    Returns ``{"passed", "seconds", "error"}``; ``error`` names the step that failed
+    (``prepare``, deploy's ``connect``/``upload``/``verify``/``run``, or ``outputs``)."""
+    from hil.deploy import DeployError, deploy
+    from hil.emulation import launcher
+    from hil.transport import open_transport
+
+    t0 = time.perf_counter()
+    error = None
+    try:
+        try:
+            model = health_model(board_type)
+            files = {**_bundle(board_type), "model.so": model / "model.so", "inputs.bin": model / "inputs.bin"}
+            runner = [*(launcher(board_type) if instance.emulated else []), "./kiln-runner"]
+            transport = open_transport(instance, Path(lab_dir), build_root() / "lab" / "local")
+        except KilnError as e:
+            raise DeployError("prepare", e) from e
+        argv = [*runner, "--model", "model.so", "--input", "inputs.bin", "--shape", "4", "--dtype", "float32",
+                "--threads", "1", "--warmup", "0", "--outputs", "1"]
+        out = deploy(transport, files, argv, timeout_s, instance.name)
+        wrong = _compare(out["runner"].get("outputs"), read_json(model / "expected.json")["expected"])
+        if wrong:
+            error = f"outputs: {wrong}"
+    except DeployError as e:
+        error = f"{e.step}: {e.cause}"
+    return {"passed": error is None, "seconds": round(time.perf_counter() - t0, 3), "error": error}
+
+
+def check_board(instance: Instance, board_type: Board, lab_dir: Path, db: Path | None = None,
+                timeout_s: float = CHECK_TIMEOUT_S) -> tuple[str, dict | None]:
+    """A board's check before its first job, recorded: ``(state after, check or None)``. A board
+    in maintenance or retired is not checked (None); jobs run only where the state is ``good``."""
+    now = state(instance.name, db)
+    if now in BY_COMMAND_ONLY:
+        return now, None
+    check = health_check(instance, board_type, lab_dir, timeout_s)
+    return record_check(instance.name, check["passed"], check["error"] or "", db), check
+
+
+# -- the command -------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hil.lab.health", description="Board health states and history.")
+    parser.add_argument("--db", type=Path, default=None, help=f"health database (default {db_path()})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("set", help="set a board's state (the only way into or out of maintenance/retired)")
+    s.add_argument("board")
+    s.add_argument("state", help=f"one of {', '.join(STATES)}")
+    s.add_argument("--reason", required=True, help="why, for the history")
+    s.add_argument("--by", default=None, help="who (default user@host)")
+    sh = sub.add_parser("show", help="every board's state, or one board's history")
+    sh.add_argument("board", nargs="?")
+    sh.add_argument("--last", type=int, default=20, help="history rows to show (default 20)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "set":
+            if args.state not in STATES:  # argparse's own words, exit 2, like any bad argument
+                parser.error(f"argument state: unknown health state '{args.state}' (choose from {', '.join(STATES)})")
+            set_state(args.board, args.state, args.reason, args.by, args.db)
+            print(f"{args.board}: {args.state} ({args.reason})")
+        elif args.board:
+            rows = history(args.board, args.last, args.db)
+            print(f"{args.board}: {state(args.board, args.db)}")
+            for at, st, reason in rows:
+                print(f"  {at}  {st:<11}  {reason}")
+            if not rows:
+                print("  (no history)")
+        else:
+            for board, st, since, reason, by in boards(args.db):
+                print(f"{board:<20} {st:<11} since {since}  {reason} ({by})")
+    except KilnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""Nightly lab runs: every app on every lab board whose type it targets, boards in parallel.
+
+``doit nightly`` first builds every app's kernel libraries (each build stage once per app and
+board type, through doit's own tasks), then this module runs the jobs:
+
+* one worker thread per lab instance, one job at a time on it; the jobs of a board type wait in
+  one queue, so several boards of a type share them;
+* each worker holds a lease on its board for as long as it works there (hil/lab/leases.py): a
+  second nightly run at the same time never uses that board; it waits for it, or skips it
+  (``busy``), and says which;
+* before its first job a board gets its health check (hil/lab/health.py); a board that fails
+  it is marked bad and skipped; maintenance and retired boards are never used;
+* a job that fails for the infrastructure (link, upload, timeout, board gone) is retried on
+  another board of the same type, when there is one; one that passes only on a retry is
+  recorded as flaky, never as a plain pass;
+* every job's latency is also measured as the median of ``windows`` windows of back-to-back
+  inferences (MLPerf Tiny's way), so that nights can be compared.
+
+Then each app is validated by hil/validate.py as a deploy is, the night goes into the history
+(hil/history.py), regressions are flagged against the previous nights, and the reports are
+written to build/nightly/<run id>/: nightly.json (schema kiln-nightly/1), junit.xml and
+report.html. The exit code (``python -m hil.nightly``, and the night's ``exit_code``) is 0 when
+everything passed, 1 on a failed requirement or a regression, 2 when only the infrastructure
+failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kiln.artifacts import Layout, build_root, read_json, write_json
+from kiln.errors import KilnError, ValidationError
+
+log = logging.getLogger("kiln.nightly")
+SCHEMA = "kiln-nightly/1"
+WINDOWS = 5  # latency windows per job (MLPerf Tiny's runner takes the median of 5)
+WINDOW_SIZE = 20  # back-to-back inferences per window (at most the samples sent)
+INFRA_STEPS = {"prepare", "connect", "upload", "verify", "lease"}
+INFRA_WORDS = ("timed out", "timeout", "connection", "link", "unreachable", "broken pipe", "no route")
+EXIT_PASSED, EXIT_FAILED, EXIT_INFRA = 0, 1, 2
+
+
+def nightly_root() -> Path:
+    return build_root() / "nightly"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Job:
+    app: str
+    type: str
+    attempts: list[dict] = field(default_factory=list)
+    excluded: set[str] = field(default_factory=set)  # instances it failed on for the infrastructure
+    record: dict | None = None  # the last run's record (hil/deploy.py)
+    board: str | None = None  # the instance that gave the record
+
+
+def infra_failure(error: dict | None) -> bool:
+    """Whether a run's error is the infrastructure's (link, upload, timeout, board gone), not
+    the model's: the connect/upload/verify steps, and a run that timed out or lost its link."""
+    if not error:
+        return False
+    if error.get("step") in INFRA_STEPS:
+        return True
+    msg = str(error.get("message", "")).lower()
+    return any(w in msg for w in INFRA_WORDS)
+
+
+class Night:
+    """One nightly run over a live inventory."""
+
+    def __init__(self, apps: dict, boards: dict, inventory, lab_dir: Path, run_id: str, busy: str = "wait",
+                 windows: int = WINDOWS, lease_timeout_s: float = 3600, max_attempts: int = 2,
+                 only: list[str] | None = None):
+        from hil.lab import compile_only
+
+        self.apps, self.boards, self.inventory, self.lab_dir = apps, boards, inventory, lab_dir
+        self.run_id, self.busy, self.windows = run_id, busy, windows
+        self.lease_timeout_s, self.max_attempts = lease_timeout_s, max_attempts
+        left_out = set()  # types of the boards boards=a,b leaves out: not part of this night
+        if only:  # boards=a,b: the night on those boards alone
+            unknown = sorted(set(only) - {b.name for b in inventory.boards})
+            if unknown:
+                raise ValidationError(f"nightly: boards={','.join(only)}: no board {', '.join(unknown)} in lab "
+                                      f"'{inventory.name}' (its boards: {', '.join(b.name for b in inventory.boards)})")
+            inventory = inventory.model_copy(update={"boards": [b for b in inventory.boards if b.name in only]})
+            left_out = {b.type for b in self.inventory.boards} - {b.type for b in inventory.boards}
+            self.inventory = inventory
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{run_id}"
+        self.lock = threading.Lock()
+        self.board_info: dict[str, dict] = {}
+        self.queues: dict[str, queue.Queue] = {}
+        self.jobs: list[Job] = []
+        self.listed: list[dict] = []  # compile-only and unrunnable pairs: listed, not run
+        live_types = {b.type for b in inventory.boards}
+        for app, p in apps.items():
+            built_only = set(compile_only(p, boards))
+            for t in p.targets:
+                if t in left_out:
+                    continue
+                if t in built_only:
+                    self.listed.append({"app": app, "type": t, "status": "not_validated",
+                                        "reason": "compile-only board type: its runtime cannot run in this lab"})
+                elif t not in live_types:
+                    self.listed.append({"app": app, "type": t, "status": "skipped",
+                                        "reason": f"the lab has no board of type {t}"})
+                else:
+                    job = Job(app, t)
+                    self.jobs.append(job)
+                    self.queues.setdefault(t, queue.Queue()).put(job)
+
+    # -- workers ------------------------------------------------------------------------------
+    def _usable(self, inst) -> bool:
+        """Health before the board's first job: maintenance and retired boards are not used;
+        the others are checked, and a failed check marks the board bad."""
+        from hil.lab import health
+
+        now, check = health.check_board(inst, self.boards[inst.type], self.lab_dir)
+        self.board_info[inst.name] = {"type": inst.type, "health": now, "check": check}
+        if check is None:
+            log.info("board %s is %s: not used", inst.name, now)
+            return False
+        if not check["passed"]:
+            log.warning("board %s failed its health check (%s): marked bad, skipped", inst.name, check.get("error"))
+        return check["passed"]
+
+    def _others(self, job: Job, inst) -> bool:
+        """Another usable board of the job's type that it has not failed on."""
+        return any(b.type == job.type and b.name != inst.name and b.name not in job.excluded
+                   and self.board_info.get(b.name, {}).get("health") not in ("bad", "maintenance", "retired")
+                   for b in self.inventory.boards)
+
+    def _run_job(self, job: Job, inst, lease) -> None:
+        from hil import deploy
+
+        p = self.apps[job.app]
+        t0, start = time.perf_counter(), time.time()
+        rec = deploy.job(p, self.boards[job.type], inst, Layout(job.app), self.lab_dir, self.run_id,
+                         latency_windows=self.windows)
+        if lease.lost:  # never a result from a board this run no longer holds
+            rec = {k: v for k, v in rec.items() if k not in ("runner", "checks")}
+            rec["error"] = {"step": "lease", "message": f"the lease on {inst.name} lapsed during the job: "
+                            "its result is not used"}
+        err = rec.get("error")
+        outcome = "infra" if infra_failure(err) else ("fail" if err else "ran")
+        job.attempts.append({"board": inst.name, "outcome": outcome, "error": err and err["message"][:500],
+                             "seconds": round(time.perf_counter() - t0, 2), "start": start, "end": time.time()})
+        if outcome == "infra" and len(job.attempts) < self.max_attempts and self._others(job, inst):
+            log.warning("%s on %s: infrastructure failure (%s): retried on another %s", job.app, inst.name,
+                        err["message"][:200], job.type)
+            job.excluded.add(inst.name)
+            self.queues[job.type].put(job)
+            return
+        job.record, job.board = rec, inst.name
+        deploy.write_record(Layout(job.app), inst.name, self.run_id, rec)
+
+    def _worker(self, inst) -> None:
+        from hil.lab import leases
+
+        q = self.queues.get(inst.type)
+        if q is None:
+            return
+        try:
+            lease = leases.acquire(inst.name, self.holder, wait=self.busy == "wait", timeout_s=self.lease_timeout_s)
+        except KilnError as e:
+            lease = None
+            log.warning("board %s: %s", inst.name, e)
+        if lease is None:
+            from hil.lab import health
+
+            self.board_info[inst.name] = {"type": inst.type, "health": health.state(inst.name), "check": None,
+                                          "busy": f"held by another run: skipped (busy={self.busy})"}
+            log.warning("board %s is leased by another run: skipped (busy=%s)", inst.name, self.busy)
+            return
+        with lease:
+            if not self._usable(inst):
+                return
+            passed_over: list[Job] = []
+            while True:
+                try:
+                    job = q.get_nowait()
+                except queue.Empty:
+                    break
+                if inst.name in job.excluded:  # failed here already: leave it to another board
+                    passed_over.append(job)
+                    continue
+                self._run_job(job, inst, lease)
+            for job in passed_over:
+                q.put(job)
+
+    def run_jobs(self) -> None:
+        threads = [threading.Thread(target=self._worker, args=(b,), name=f"nightly-{b.name}", daemon=True)
+                   for b in self.inventory.boards]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    # -- results ------------------------------------------------------------------------------
+    def _validate(self) -> dict[str, dict]:
+        """hil/validate.py over each app's boards that returned a record: per-board results."""
+        from hil import validate
+
+        out: dict[str, dict] = {}
+        for app, p in self.apps.items():
+            names = sorted({j.board for j in self.jobs if j.app == app and j.board})
+            if not names:
+                continue
+            lay = Layout(app)
+            try:
+                validate.run(p, lay, names, [], self.inventory.name, self.run_id)
+            except ValidationError as e:
+                log.info("%s: %s", app, e)
+            for n in names:
+                out[(app, n)] = read_json(lay.result(self.run_id, n))
+        return out
+
+    def job_entry(self, job: Job, result: dict | None) -> dict:
+        # a job no board took is named by its board type (the contract's board is always a name)
+        entry = {"app": job.app, "board": job.board or job.type, "type": job.type, "attempts": job.attempts,
+                 "flaky": False, "requirements": [], "metrics": dict(NO_METRICS), "error": None, "reason": None}
+        if job.record is None:  # every attempt failed for the infrastructure, or no board took it
+            entry.update(status="infra" if job.attempts else "skipped",
+                         reason="no usable board of this type" if not job.attempts else None,
+                         error={"step": "infrastructure", "message": job.attempts[-1]["error"]} if job.attempts else None)
+            return entry
+        if "error" in job.record:
+            entry["error"] = job.record["error"]
+            entry["status"] = "infra" if infra_failure(job.record["error"]) else "fail"
+            return entry
+        res = result or {}
+        entry["requirements"] = res.get("requirements", [])
+        entry["status"] = "pass" if res.get("passed") else "fail"
+        job.attempts[-1]["outcome"] = entry["status"]  # the attempt that ran: judged now
+        entry["flaky"] = entry["status"] == "pass" and any(a["outcome"] == "infra" for a in job.attempts)
+        entry["metrics"] = metrics(job.record, res)
+        return entry
+
+    def report(self, started: str, wall_s: float) -> dict:
+        results = self._validate()
+        jobs = [self.job_entry(j, results.get((j.app, j.board))) for j in self.jobs]
+        jobs += [{"app": x["app"], "board": x["type"], "type": x["type"], "status": x["status"], "flaky": False,
+                  "attempts": [], "requirements": [], "metrics": dict(NO_METRICS), "error": None, "reason": x["reason"]}
+                 for x in self.listed]
+        from hil.lab import health
+
+        for b in self.inventory.boards:  # boards no job needed: their state as it stands
+            self.board_info.setdefault(b.name, {"type": b.type, "health": health.state(b.name), "check": None})
+        return {"schema": SCHEMA, "run_id": self.run_id, "started": started, "finished": _now(),
+                "wall_s": round(wall_s, 2), "lab": self.inventory.name, "host": socket.gethostname(),
+                "boards": self.board_info, "jobs": jobs, "regressions": [], "exit_code": None}
+
+
+NO_METRICS = {"accuracy": None, "auc": None, "latency_ms": None, "latency_windows_ms": None,
+              "latency_ms_median_of_windows": None, "model_bytes": None, "memory_kb": None, "emulated": False}
+
+
+def metrics(record: dict, result: dict) -> dict:
+    """What a night compares: quality, latency (per inference and the median of the windows),
+    size and memory, and whether the board was emulated."""
+    runner = record.get("runner", {})
+    windows = [w / 1000.0 for w in runner.get("windows_us") or []]
+    return {"accuracy": result.get("accuracy"), "auc": result.get("auc"), "latency_ms": result.get("latency_ms"),
+            "latency_windows_ms": windows or None,
+            "latency_ms_median_of_windows": statistics.median(windows) if windows else None,
+            "model_bytes": result.get("model_bytes"), "memory_kb": result.get("memory_kb"),
+            "emulated": bool(result.get("latency_emulated", record.get("emulated")))}
+
+
+def exit_code(night: dict) -> int:
+    """0: every job passed; 1: a failed requirement or a regression; 2: the infrastructure alone
+    failed (a job lost to it, a job no board could take, a board that failed its health check)."""
+    statuses = [j["status"] for j in night["jobs"]]
+    if "fail" in statuses or night["regressions"]:
+        return EXIT_FAILED
+    checks = [b.get("check") for b in night["boards"].values()]
+    if "infra" in statuses or "skipped" in statuses or any(c and not c["passed"] for c in checks):
+        return EXIT_INFRA
+    return EXIT_PASSED
+
+
+def run(apps: dict, boards: dict, lab_path: Path, run_id: str, busy: str = "wait",
+        out_root: Path | None = None, only: list[str] | None = None) -> dict:
+    """One nightly run: jobs on the lab, validation, history, regressions and the reports.
+    Returns the night (nightly.json's contents)."""
+    from hil import history as hist
+    from hil.lab import close_opened, open_lab
+    from hil.reports import write_reports
+    from hil.reports.schema import validate
+    from kiln.config import load_inventory
+
+    out_root = out_root or nightly_root()
+    out = out_root / run_id
+    started, t0 = _now(), time.perf_counter()
+    inv_path = open_lab(lab_path)
+    try:
+        night = Night(apps, boards, load_inventory(inv_path), inv_path.parent, run_id, busy=busy, only=only)
+        log.info("nightly %s: %d jobs on %d boards (%d listed only)", run_id, len(night.jobs),
+                 len(night.inventory.boards), len(night.listed))
+        night.run_jobs()
+        result = night.report(started, time.perf_counter() - t0)
+    finally:
+        close_opened()
+    db = hist.History(out_root / "history.sqlite")
+    result["regressions"] = hist.regressions(db, result)
+    result["exit_code"] = exit_code(result)
+    validate(result)
+    write_json(out / "nightly.json", result)
+    db.record(result)
+    write_reports(result, out, history=db)
+    write_json(out_root / "latest.json", {"run_id": run_id, "dir": str(out), "exit_code": result["exit_code"]})
+    log.info("nightly %s: %s; reports in %s", run_id, summary(result), out)
+    return result
+
+
+def summary(night: dict) -> str:
+    counts: dict[str, int] = {}
+    for j in night["jobs"]:
+        counts[j["status"]] = counts.get(j["status"], 0) + 1
+    flaky = sum(j["flaky"] for j in night["jobs"])
+    return (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + (f", {flaky} flaky" if flaky else "")
+            + f", {len(night['regressions'])} regression(s), exit {night['exit_code']}")
+
+
+def task_action(apps: dict, boards: dict, lab_path: Path, run_id: str, busy: str = "wait",
+                only: list[str] | None = None) -> None:
+    """doit nightly's action: the night's exit code is in nightly.json and latest.json; a
+    night that did not pass fails the task, naming why (CI reads the code: python -m hil.nightly)."""
+    if busy not in ("wait", "skip"):
+        raise ValidationError(f"nightly: busy={busy!r}: expected wait (for a board another run holds) or skip")
+    night = run(apps, boards, lab_path, run_id, busy=busy, only=only)
+    print(summary(night))
+    if night["exit_code"] != EXIT_PASSED:
+        raise ValidationError(f"nightly {run_id}: {summary(night)} (build/nightly/{run_id}/report.html)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hil.nightly [--busy wait|skip]``: ``doit nightly``, with the night's exit code
+    (0 passed, 1 failed requirements or regressions, 2 infrastructure only)."""
+    import argparse
+    import subprocess
+    import sys
+
+    from kiln.artifacts import ROOT, new_run_id
+
+    ap = argparse.ArgumentParser(prog="python -m hil.nightly", description=main.__doc__)
+    ap.add_argument("--busy", choices=("wait", "skip"), default="wait",
+                    help="a board leased by another run: wait for it, or skip it")
+    args = ap.parse_args(argv)
+    run_id = os.environ.get("KILN_RUN_ID") or new_run_id()
+    env = dict(os.environ, KILN_RUN_ID=run_id, KILN_NIGHTLY_BUSY=args.busy)
+    proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT), "nightly"],
+                          env=env)
+    latest = nightly_root() / run_id / "nightly.json"
+    if latest.is_file():
+        return int(read_json(latest)["exit_code"])
+    return EXIT_INFRA if proc.returncode else EXIT_PASSED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

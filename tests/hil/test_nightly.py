@@ -1,0 +1,142 @@
+"""`doit nightly` end to end on a real lab: two tiny apps on x86-host (native, twice: one of
+the two is broken on purpose) and rpi4 (qemu), all reached locally or over a closed SSH port.
+
+* the broken board fails its health check, is reported bad and skipped, its type's jobs run on
+  the other x86-host, every job passes, the run finishes and writes its three reports;
+* the night's latency is the median of the runner's windows of back-to-back inferences;
+* two nightly runs started together never use one board at once (leases);
+* the night goes into the history: a second night compares against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+import yaml
+
+from tests.conftest import DOIT, TINY, local_lab, write_project
+
+pytestmark = pytest.mark.slow
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return port
+
+
+@pytest.fixture
+def night_lab(tmp_path):
+    lab = local_lab(tmp_path, "night")
+    inv = yaml.safe_load((tmp_path / "lab.yaml").read_text())
+    key = tmp_path / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (tmp_path / "known_hosts").write_text("")
+    inv["boards"].append({"name": "x86-broken", "type": "x86-host", "transport": {
+        "kind": "ssh", "host": "127.0.0.1", "port": _closed_port(), "user": "root", "key": str(key),
+        "known_hosts": str(tmp_path / "known_hosts"), "retries": 0, "connect_timeout_s": 2}})
+    (tmp_path / "lab.yaml").write_text(yaml.safe_dump(inv))
+    for name, targets in (("tiny", ["x86-host", "rpi4"]), ("tiny2", ["x86-host"])):
+        d = copy.deepcopy(TINY)
+        d.update(name=name, targets=targets, tuning={"trials": 0})
+        write_project(lab["projects"], d)
+    return lab
+
+
+def _nightly(lab, *args, timeout=900):
+    return subprocess.run([*DOIT, "nightly", *args], env=lab["env"], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _night(lab, run_id: str) -> dict:
+    return json.loads((lab["build"] / "nightly" / run_id / "nightly.json").read_text())
+
+
+def test_a_broken_board_is_marked_bad_and_skipped_while_the_others_pass(night_lab):
+    lab = night_lab
+    env = dict(lab["env"], KILN_RUN_ID="night-1")
+    p = subprocess.run([*DOIT, "nightly"], env=env, capture_output=True, text=True, timeout=900)
+    out = p.stdout + p.stderr
+    assert (lab["build"] / "nightly" / "night-1" / "nightly.json").is_file(), out[-4000:]
+    night = _night(lab, "night-1")
+    assert night["schema"] == "kiln-nightly/1"
+    assert night["boards"]["x86-broken"]["health"] == "bad", night["boards"]
+    assert night["boards"]["x86-broken"]["check"]["error"].startswith("connect"), night["boards"]["x86-broken"]
+    assert night["boards"]["x86-host"]["health"] == night["boards"]["rpi4"]["health"] == "good"
+    jobs = {(j["app"], j["type"]): j for j in night["jobs"]}
+    assert set(jobs) == {("tiny", "x86-host"), ("tiny", "rpi4"), ("tiny2", "x86-host")}
+    assert all(j["status"] == "pass" and j["board"] != "x86-broken" for j in jobs.values()), jobs
+    for j in jobs.values():  # comparable latency: the median of >= 5 windows
+        m = j["metrics"]
+        assert len(m["latency_windows_ms"]) >= 5 and m["latency_ms_median_of_windows"] > 0
+    # the run finishes, says the infrastructure (a bad board) is what went wrong: exit code 2
+    assert night["exit_code"] == 2 and p.returncode != 0, out[-3000:]
+    d = lab["build"] / "nightly" / "night-1"
+    suites = ET.parse(d / "junit.xml").getroot()
+    assert {s.get("name") for s in suites.iter("testsuite")} == {"tiny", "tiny2"}
+    html = (d / "report.html").read_text()
+    assert "<svg" in html and "x86-broken" in html and "http://" not in html.replace("http://www.w3.org", "")
+    # the health state outlives the night: the next one finds the board bad and checks it again
+    from hil.lab import health
+
+    assert health.history("x86-broken", db=lab["build"] / "lab" / "health.sqlite")[-1][1] == "bad"
+
+    # a second night: the history has the first one, nothing regressed
+    env = dict(lab["env"], KILN_RUN_ID="night-2")
+    subprocess.run([*DOIT, "nightly"], env=env, capture_output=True, text=True, timeout=900)
+    second = _night(lab, "night-2")
+    assert second["regressions"] == [] and all(j["status"] == "pass" for j in second["jobs"])
+    from hil.history import History
+
+    runs = History(lab["build"] / "nightly" / "history.sqlite").runs(last=10)
+    assert [r if isinstance(r, str) else r["run_id"] for r in runs][-2:] == ["night-1", "night-2"]
+
+
+def test_two_nightly_runs_at_once_never_share_a_board(night_lab):
+    lab = night_lab
+    procs = [subprocess.Popen([*DOIT, "nightly", "boards=x86-host,rpi4"], env=dict(lab["env"], KILN_RUN_ID=f"pair-{i}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (1, 2)]
+    logs = [p.communicate(timeout=1200)[0] for p in procs]
+    nights = [_night(lab, f"pair-{i}") for i in (1, 2)]
+    spans: dict[str, list[tuple[float, float, str]]] = {}
+    for night in nights:
+        assert all(j["status"] == "pass" for j in night["jobs"]), (night["jobs"], logs)
+        for j in night["jobs"]:
+            for a in j["attempts"]:
+                spans.setdefault(a["board"], []).append((a["start"], a["end"], night["run_id"]))
+    for board, s in spans.items():
+        s.sort()
+        for (a0, a1, ra), (b0, b1, rb) in zip(s, s[1:]):
+            assert b0 >= a1 or ra == rb, f"{board}: {ra} and {rb} used it at once"
+    assert any("waiting" in log for log in logs)  # the later run said it waits for the board
+
+
+def test_busy_skip_says_which_boards_it_skipped(night_lab):
+    from hil.lab import leases
+
+    lab = night_lab
+    root = lab["build"] / "lab" / "leases"
+    with leases.acquire("rpi4", "someone else", root=root):
+        p = subprocess.run([*DOIT, "nightly", "busy=skip", "boards=x86-host,rpi4"],
+                           env=dict(lab["env"], KILN_RUN_ID="skip-1"), capture_output=True, text=True, timeout=900)
+    assert (lab["build"] / "nightly" / "skip-1" / "nightly.json").is_file(), p.stdout[-3000:]
+    night = _night(lab, "skip-1")
+    assert "skipped" in night["boards"]["rpi4"]["busy"]
+    rpi4 = next(j for j in night["jobs"] if j["type"] == "rpi4")
+    assert rpi4["status"] == "skipped" and night["exit_code"] == 2, (night, p.stdout[-2000:])
+    assert all(j["status"] == "pass" for j in night["jobs"] if j["type"] == "x86-host")
+
+
+def test_python_m_hil_nightly_exits_with_the_nights_code(night_lab):
+    lab = night_lab
+    p = subprocess.run([sys.executable, "-m", "hil.nightly", "--busy", "wait"], env=dict(lab["env"], KILN_RUN_ID="cli-1"),
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == _night(lab, "cli-1")["exit_code"] == 2, p.stdout[-2000:] + p.stderr[-2000:]
