@@ -15,6 +15,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -140,3 +141,50 @@ def test_python_m_hil_nightly_exits_with_the_nights_code(night_lab):
     p = subprocess.run([sys.executable, "-m", "hil.nightly", "--busy", "wait"], env=dict(lab["env"], KILN_RUN_ID="cli-1"),
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == _night(lab, "cli-1")["exit_code"] == 2, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+def test_an_infrastructure_failure_is_retried_on_another_board_of_its_type_and_marked_flaky(tmp_path, monkeypatch):
+    """Fault injection (a unit test): the first board's deploy loses its link; the job runs
+    again on the other board of the type, passes there, and is recorded as flaky, not as a
+    plain pass. A job whose every board failed for the infrastructure is an infra job."""
+    from hil import deploy, nightly
+    from hil.lab import health
+    from kiln.config import load_board
+    from kiln.schema import Project, StaticLab
+
+    monkeypatch.setenv("KILN_BUILD", str(tmp_path / "build"))
+    project = Project.model_validate({**copy.deepcopy(TINY), "targets": ["x86-host"]})
+    inv = StaticLab(name="two", boards=[{"name": n, "type": "x86-host", "transport": {"kind": "local"}}
+                                        for n in ("bad-link", "good")])
+    calls = []
+
+    def fake_job(project, board, live, layout, lab_dir, run_id, latency_windows=0):
+        calls.append(live.name)
+        if live.name == "bad-link":
+            return {"instance": live.name, "error": {"step": "upload", "message": "link dropped mid-upload"}}
+        return {"instance": live.name, "runner": {"windows_us": [10.0] * 5}, "emulated": False}
+
+    monkeypatch.setattr(deploy, "job", fake_job)
+    monkeypatch.setattr(deploy, "write_record", lambda *a: None)
+    def check(inst, b, d):  # the good board comes up later: the job meets the bad link first
+        if inst.name == "good":
+            time.sleep(0.5)
+        return "good", {"passed": True, "seconds": 0.0, "error": None}
+
+    monkeypatch.setattr(health, "check_board", check)
+    night = nightly.Night({"tiny": project}, {"x86-host": load_board("x86-host")}, inv, tmp_path, "fault-1")
+    night.run_jobs()
+    (job,) = night.jobs
+    assert calls == ["bad-link", "good"]
+    assert [a["board"] for a in job.attempts] == ["bad-link", "good"] and job.board == "good"
+    entry = night.job_entry(job, {"passed": True, "requirements": [], "accuracy": 1.0, "latency_ms": None})
+    assert entry["status"] == "pass" and entry["flaky"] is True
+    assert [a["outcome"] for a in entry["attempts"]] == ["infra", "pass"]
+
+    # the same fault with no other board of the type: an infrastructure job, not a test failure
+    inv1 = StaticLab(name="one", boards=[{"name": "bad-link", "type": "x86-host", "transport": {"kind": "local"}}])
+    night = nightly.Night({"tiny": project}, {"x86-host": load_board("x86-host")}, inv1, tmp_path, "fault-2")
+    night.run_jobs()
+    entry = night.job_entry(night.jobs[0], None)
+    assert entry["status"] == "infra" and entry["flaky"] is False
+    assert nightly.exit_code({"jobs": [entry], "regressions": [], "boards": {}}) == nightly.EXIT_INFRA
