@@ -201,12 +201,18 @@ class Night:
                 q.put(job)
 
     def run_jobs(self) -> None:
-        threads = [threading.Thread(target=self._worker, args=(b,), name=f"nightly-{b.name}", daemon=True)
-                   for b in self.inventory.boards]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        """Every board's worker at once; but a board tagged ``native`` is this machine, whose
+        cores the emulated boards would share: its jobs run first, alone, so that its timings
+        are its own (measured: traffic_signs' p99 on x86-host, 0.16 ms deployed alone, was 4.9 and
+        10.6 ms in two nights with three qemu boards beside it: the second failed its 10 ms limit)."""
+        native = [b for b in self.inventory.boards if "native" in (b.tags or [])]
+        for group in (native, [b for b in self.inventory.boards if b not in native]):
+            threads = [threading.Thread(target=self._worker, args=(b,), name=f"nightly-{b.name}", daemon=True)
+                       for b in group]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
 
     # -- results ------------------------------------------------------------------------------
     def _validate(self) -> dict[str, dict]:
