@@ -33,6 +33,7 @@ about ``window / 2`` nights later: a regression nobody fixes becomes the new nor
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import sqlite3
@@ -40,6 +41,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Iterable
 
+from kiln.artifacts import file_lock
 from kiln.errors import KilnError, ValidationError
 
 SCHEMA_VERSION = 1
@@ -125,24 +127,27 @@ class History:
         memory = str(path) == ":memory:"
         if not memory:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # autocommit mode: each write below opens its own BEGIN IMMEDIATE transaction
-            self._db = sqlite3.connect(str(path) if memory else self.path, timeout=BUSY_TIMEOUT_S,
-                                       isolation_level=None)
-            self._db.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            if not memory:
-                self._db.execute("pragma journal_mode = wal")
-            self._db.execute("pragma foreign_keys = on")
-        except sqlite3.DatabaseError as e:
-            raise KilnError(f"history {self.path}: cannot open it as SQLite: {e}") from e
-        try:
-            self._prepare()
-        except sqlite3.DatabaseError as e:
-            self._db.close()
-            raise KilnError(f"history {self.path}: cannot open it as SQLite: {e}") from e
-        except KilnError:
-            self._db.close()
-            raise
+        # opening (WAL switch, tables) under a file lock: two nightlies creating the file at
+        # once otherwise get "database is locked" at once (kiln.artifacts.file_lock)
+        with contextlib.nullcontext() if memory else file_lock(self.path.with_name(self.path.name + ".lock")):
+            try:
+                # autocommit mode: each write below opens its own BEGIN IMMEDIATE transaction
+                self._db = sqlite3.connect(str(path) if memory else self.path, timeout=BUSY_TIMEOUT_S,
+                                           isolation_level=None)
+                self._db.execute(f"pragma busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                if not memory:
+                    self._db.execute("pragma journal_mode = wal")
+                self._db.execute("pragma foreign_keys = on")
+            except sqlite3.DatabaseError as e:
+                raise KilnError(f"history {self.path}: cannot open it as SQLite: {e}") from e
+            try:
+                self._prepare()
+            except sqlite3.DatabaseError as e:
+                self._db.close()
+                raise KilnError(f"history {self.path}: cannot open it as SQLite: {e}") from e
+            except KilnError:
+                self._db.close()
+                raise
 
     # -- schema -----------------------------------------------------------------------------
     def _prepare(self) -> None:

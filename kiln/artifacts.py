@@ -162,3 +162,21 @@ def runtime_cache() -> Path:
     """Downloaded board runtimes: ``$KILN_CACHE`` or ``<repo>/build/cache``, shared by every
     build directory (tests build elsewhere but reuse the ~100 MB aarch64 wheel)."""
     return Path(os.environ.get("KILN_CACHE", ROOT / "build" / "cache")).resolve()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created if missing) for the ``with`` block, between
+    processes; the kernel drops it if the holder dies. SQLite answers "database is locked" at
+    once, whatever its busy timeout, when two processes create one file and switch it to WAL
+    together: its users open it under this lock."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

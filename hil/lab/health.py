@@ -39,7 +39,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kiln.artifacts import atomic_path, build_root, read_json, runner_dir, sha256_file, write_bytes, write_json
+from kiln.artifacts import atomic_path, build_root, file_lock, read_json, runner_dir, sha256_file, write_bytes, write_json
 from kiln.errors import KilnError
 from kiln.schema import Board, Instance
 
@@ -79,12 +79,15 @@ def _db(path: Path | None):
     path.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("CREATE TABLE IF NOT EXISTS boards (board TEXT PRIMARY KEY, state TEXT NOT NULL, "
-                    "since TEXT NOT NULL, reason TEXT NOT NULL, by TEXT NOT NULL)")
-        con.execute("CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY, board TEXT NOT NULL, "
-                    "at TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL, by TEXT NOT NULL)")
-        con.execute("CREATE INDEX IF NOT EXISTS history_board ON history (board, id)")
+        # the WAL switch and the tables under a file lock: two processes creating the file at
+        # once otherwise get "database is locked" at once (kiln.artifacts.file_lock)
+        with file_lock(path.with_name(path.name + ".lock")):
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("CREATE TABLE IF NOT EXISTS boards (board TEXT PRIMARY KEY, state TEXT NOT NULL, "
+                        "since TEXT NOT NULL, reason TEXT NOT NULL, by TEXT NOT NULL)")
+            con.execute("CREATE TABLE IF NOT EXISTS history (id INTEGER PRIMARY KEY, board TEXT NOT NULL, "
+                        "at TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL, by TEXT NOT NULL)")
+            con.execute("CREATE INDEX IF NOT EXISTS history_board ON history (board, id)")
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con
