@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kiln-installed
-APT_PACKAGES := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user openssh-server socat iproute2 g++ chromium
+APT_PACKAGES := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user openssh-server socat iproute2 g++ chromium ser2net
 
 .PHONY: deploy test setup system-packages list clean
 
@@ -34,6 +34,9 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "kiln: $(PYTHON) not found (Kiln needs Python 3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
+	@# pyserial and labgrid's pyserial-labgrid install the same `serial` module: keep the fork alone
+	@if $(PY) -m pip show -q pyserial >/dev/null 2>&1; then \
+	  $(PY) -m pip uninstall -y -q pyserial && $(PY) -m pip install -q --force-reinstall --no-deps pyserial-labgrid==3.5.0.2; fi
 	touch $@
 
 clean:

@@ -58,6 +58,8 @@ from hil.transport.retry import Retrying
 from kiln import schema
 from kiln.errors import TransportError
 
+URL_READ_S = 0.02  # a network console's read timeout, set once (see check_serial_module)
+
 # The board's half of the protocol (comments and indentation are not sent).
 DATA_FILES = ("serial_board.sh",)  # kiln.sources: editing it reruns the tasks that use this transport
 BOARD_SH = "\n".join(
@@ -124,7 +126,11 @@ class SerialTransport(Retrying, CommandProtocol, FileTransferProtocol):
     def __init__(self, board: str, spec: schema.SerialTransport, base_dir: Path):
         self.board = board
         self.spec = spec
-        self.port = spec.port if spec.port.startswith("/") else str((Path(base_dir) / spec.port).resolve())
+        if not spec.port or spec.port.startswith("labgrid://"):  # known once its place is held
+            raise TransportError(f"board '{board}': its serial transport names no port (a labgrid place's port "
+                                 "is filled in when the place is acquired: acquire it first)")
+        self.port = spec.port if spec.port.startswith("/") or "://" in spec.port \
+            else str((Path(base_dir) / spec.port).resolve())
         self.log = logging.getLogger(f"kiln.board.{board}")
         self._ser: serial.Serial | None = None
         self._workdir: str | None = None
@@ -145,10 +151,16 @@ class SerialTransport(Retrying, CommandProtocol, FileTransferProtocol):
     def open(self) -> None:
         if self._ser is not None:
             return
+        check_serial_module()
         try:
-            # exclusive: two transports typing into one console would garble each other.
-            self._ser = serial.Serial(self.port, self.spec.baud, timeout=0,
-                                      write_timeout=max(self.spec.timeout_s, 1.0), exclusive=True)
+            if "://" in self.port:  # a console served over the network: rfc2217://host:port (ser2net)
+                # The read timeout is set once: each change is a round trip on plain pyserial.
+                # (pyserial's RFC2217 client has no write timeout: TCP's own send buffer stands in)
+                self._ser = serial.serial_for_url(self.port, self.spec.baud, timeout=URL_READ_S)
+            else:
+                # exclusive: two transports typing into one console would garble each other.
+                self._ser = serial.Serial(self.port, self.spec.baud, timeout=0,
+                                          write_timeout=max(self.spec.timeout_s, 1.0), exclusive=True)
         except (serial.SerialException, OSError, ValueError) as e:
             raise TransportError(f"board '{self.board}': cannot open serial port {self.port}: {e}") from e
         try:
@@ -605,7 +617,7 @@ class SerialTransport(Retrying, CommandProtocol, FileTransferProtocol):
 
     def _readline(self, deadline: float) -> str | None:
         """The next line from the board, or None at the deadline (a partial line stays buffered)."""
-        fd = self._ser.fileno()
+        fd = None if "://" in self.port else self._ser.fileno()
         while True:
             i = self._rbuf.find(b"\n")
             if i >= 0:
@@ -615,7 +627,15 @@ class SerialTransport(Retrying, CommandProtocol, FileTransferProtocol):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            if select.select([fd], [], [], remaining)[0]:
+            if fd is None:  # a URL port has no descriptor: reads wait up to URL_READ_S
+                try:
+                    data = self._ser.read(max(1, self._ser.in_waiting))
+                except (serial.SerialException, OSError) as e:
+                    raise EOFError(f"serial port {self.port}: {e}") from e
+                if data:
+                    self.stats["wire_bytes_in"] += len(data)
+                    self._rbuf += data
+            elif select.select([fd], [], [], remaining)[0]:
                 data = os.read(fd, 65536)
                 if not data:
                     raise EOFError(f"serial port {self.port} closed")
@@ -632,6 +652,36 @@ class SerialTransport(Retrying, CommandProtocol, FileTransferProtocol):
         seen = "; last seen: " + " | ".join(repr(s) for s in self._seen)
         self._seen.clear()
         return seen
+
+
+SERIAL_DIST = ("pyserial-labgrid", "3.5.0.2")  # pyproject.toml's pin
+
+
+def check_serial_module() -> None:
+    """The ``serial`` module must be labgrid's fork, alone. pyserial and pyserial-labgrid
+    install the same files (whichever is installed last wins; pip says nothing), so a venv
+    with both is broken in a way no import shows. Kiln uses the fork because labgrid needs
+    it, and because its RFC2217 client does not renegotiate the line on every timeout change
+    (~150 ms each with plain pyserial)."""
+    from importlib import metadata
+
+    try:
+        metadata.version("pyserial")
+        both = True
+    except metadata.PackageNotFoundError:
+        both = False
+    try:
+        have = metadata.version(SERIAL_DIST[0])
+    except metadata.PackageNotFoundError:
+        have = None
+    fix = (f"pip uninstall -y pyserial && pip install --force-reinstall --no-deps "
+           f"{SERIAL_DIST[0]}=={SERIAL_DIST[1]} (or: make setup)")
+    if both:
+        raise TransportError(f"both pyserial and {SERIAL_DIST[0]} are installed; they install the same "
+                             f"'serial' module and the last one wins: {fix}")
+    if have != SERIAL_DIST[1]:
+        raise TransportError(f"the 'serial' module is not {SERIAL_DIST[0]} {SERIAL_DIST[1]} "
+                             f"(found {have or 'another distribution'}): {fix}")
 
 
 def open_transport(instance: schema.Instance, lab_dir: Path, local_root: Path) -> SerialTransport:
