@@ -83,8 +83,10 @@ class Night:
 
     def __init__(self, apps: dict, boards: dict, inventory, lab_dir: Path, run_id: str, busy: str = "wait",
                  windows: int = WINDOWS, lease_timeout_s: float = 3600, max_attempts: int = 2,
-                 only: list[str] | None = None):
-        from hil.lab import compile_only
+                 only: list[str] | None = None, leasing=None):
+        from hil.lab import LocalLeasing, compile_only
+
+        self.leasing = leasing or LocalLeasing()  # the lab's own leases and shared health (labgrid)
 
         self.apps, self.boards, self.inventory, self.lab_dir = apps, boards, inventory, lab_dir
         self.run_id, self.busy, self.windows = run_id, busy, windows
@@ -127,8 +129,15 @@ class Night:
         the others are checked, and a failed check marks the board bad."""
         from hil.lab import health
 
+        shared = self.leasing.shared_health(inst.name)  # another runner's word, on a shared lab
+        if shared in ("bad", "maintenance", "retired"):
+            self.board_info[inst.name] = {"type": inst.type, "health": shared, "check": None}
+            log.info("board %s is %s for every runner of the lab: not used", inst.name, shared)
+            return False
         now, check = health.check_board(inst, self.boards[inst.type], self.lab_dir)
         self.board_info[inst.name] = {"type": inst.type, "health": now, "check": check}
+        if check is not None:
+            self.leasing.publish_health(inst.name, now)
         if check is None:
             log.info("board %s is %s: not used", inst.name, now)
             return False
@@ -167,13 +176,12 @@ class Night:
         deploy.write_record(Layout(job.app), inst.name, self.run_id, rec)
 
     def _worker(self, inst) -> None:
-        from hil.lab import leases
-
         q = self.queues.get(inst.type)
         if q is None:
             return
         try:
-            lease = leases.acquire(inst.name, self.holder, wait=self.busy == "wait", timeout_s=self.lease_timeout_s)
+            lease = self.leasing.acquire(inst.name, self.holder, wait=self.busy == "wait",
+                                         timeout_s=self.lease_timeout_s)
         except KilnError as e:
             lease = None
             log.warning("board %s: %s", inst.name, e)
@@ -185,6 +193,13 @@ class Night:
             log.warning("board %s is leased by another run: skipped (busy=%s)", inst.name, self.busy)
             return
         with lease:
+            try:
+                inst = self.leasing.bind(inst, lease)  # a labgrid serial board's port: known once held
+            except KilnError as e:
+                self.board_info[inst.name] = {"type": inst.type, "health": "unknown", "check": None,
+                                              "busy": f"not reachable under its lease: {e}"}
+                log.warning("board %s: %s", inst.name, e)
+                return
             if not self._usable(inst):
                 return
             passed_over: list[Job] = []
@@ -302,7 +317,7 @@ def run(apps: dict, boards: dict, lab_path: Path, run_id: str, busy: str = "wait
     """One nightly run: jobs on the lab, validation, history, regressions and the reports.
     Returns the night (nightly.json's contents)."""
     from hil import history as hist
-    from hil.lab import close_opened, open_lab
+    from hil.lab import close_opened, leasing, open_lab
     from hil.reports import write_reports
     from hil.reports.schema import validate
     from kiln.config import load_inventory
@@ -312,7 +327,8 @@ def run(apps: dict, boards: dict, lab_path: Path, run_id: str, busy: str = "wait
     started, t0 = _now(), time.perf_counter()
     inv_path = open_lab(lab_path)
     try:
-        night = Night(apps, boards, load_inventory(inv_path), inv_path.parent, run_id, busy=busy, only=only)
+        night = Night(apps, boards, load_inventory(inv_path), inv_path.parent, run_id, busy=busy, only=only,
+                      leasing=leasing(lab_path))
         log.info("nightly %s: %d jobs on %d boards (%d listed only)", run_id, len(night.jobs),
                  len(night.inventory.boards), len(night.listed))
         night.run_jobs()

@@ -51,7 +51,10 @@ def _field_path(loc: tuple, raw: Any) -> str:
 
 
 def _format(path: Path, err: PydanticError, raw: Any) -> str:
-    lines = [f"{path}: invalid {err.title}:"]
+    title = err.title
+    if "[" in title:  # a union's generated name (tagged-union[function-after[...]]): say what it is
+        title = f"'{raw['backend']}' lab" if isinstance(raw.get("backend"), str) else "file"
+    lines = [f"{path}: invalid {title}:"]
     for e in err.errors():
         where = _field_path(e["loc"], raw)
         got = e.get("input")

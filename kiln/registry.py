@@ -66,6 +66,8 @@ def module_name(setting: Any) -> str:
     cls = setting if isinstance(setting, type) else type(setting)
     if isinstance(setting, schema._Step):
         cls = type(setting.settings)
+    if getattr(setting, "emulate", None) and hasattr(cls, "emulated_by"):
+        return cls.emulated_by  # a lab started on this machine: its emulator wraps the real backend
     return cls.implementation
 
 

@@ -9,6 +9,7 @@ opened. Nothing here imports a backend (the emulated lab imports the lab, never 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -22,8 +23,11 @@ _opened: list[tuple[object, Path]] = []  # (lab, its file) opened by this proces
 
 
 def describe(path: Path):
-    """The lab in ``path`` as described (boards, types, links), without starting anything."""
-    return load_lab(path)
+    """The lab in ``path`` as described (boards, types, links), without starting anything; a
+    backend that finds its boards (labgrid, without a ``boards`` list) is asked for them."""
+    lab = load_lab(path)
+    backend = implementation(lab)
+    return backend.describe(lab, Path(path)) if hasattr(backend, "describe") else lab
 
 
 def compile_only(project: Project, boards: dict[str, Board]) -> list[str]:
@@ -78,3 +82,44 @@ def close_opened() -> None:
             implementation(lab).close_lab(lab, path)
         except (KilnError, OSError) as e:  # teardown goes on; the error is reported
             log.warning("lab %s: closing failed: %s", path, e)
+
+
+class LocalLeasing:
+    """Leases on this machine's lease directory (hil/lab/leases.py) and health in its own
+    database: the static and emulated labs. A deploy alone takes no lease there (as before)."""
+
+    def acquire(self, board: str, holder: str = "", wait: bool = True, timeout_s: float | None = None):
+        from hil.lab import leases
+
+        return leases.acquire(board, holder, wait=wait, timeout_s=timeout_s)
+
+    def bind(self, inst, lease):
+        return inst  # its transport is the lab file's
+
+    def shared_health(self, board: str) -> str | None:
+        return None
+
+    def publish_health(self, board: str, state: str) -> None:
+        return None
+
+    deploy_lease = False
+
+
+def leasing(path: Path):
+    """Who leases the lab's boards and shares their health: its backend, when it has its own
+    (labgrid: through the coordinator), else this machine's lease directory."""
+    lab = load_lab(path)
+    backend = implementation(lab)
+    return backend.Leasing(lab) if hasattr(backend, "Leasing") else LocalLeasing()
+
+
+@contextlib.contextmanager
+def deploy_lease(path: Path, inst, timeout_s: float = 3600.0):
+    """(lease, instance as reached under it) for a lone deploy on its board: a lease on a shared
+    lab (labgrid: waits for the place), none on this machine's own labs."""
+    lz = leasing(path)
+    if not getattr(lz, "deploy_lease", True):
+        yield None, inst
+        return
+    with lz.acquire(inst.name, wait=True, timeout_s=timeout_s) as lease:
+        yield lease, lz.bind(inst, lease)

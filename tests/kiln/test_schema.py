@@ -109,8 +109,11 @@ def test_static_inventory_needs_full_transports_emulated_lab_does_not(tmp_path):
     assert lab.backend == "emulated" and lab.boards[0].link == "ssh"
     with pytest.raises(ManifestError, match="must be opened first"):
         config.load_inventory(inv)
-    inv.write_text("backend: labgrid\nboards:\n  - {name: a, type: rpi4}\n")
+    inv.write_text("backend: labgridd\nboards:\n  - {name: a, type: rpi4}\n")
     with pytest.raises(ManifestError, match="unknown lab backend"):
+        config.load_lab(inv)
+    inv.write_text("backend: labgrid\nboards:\n  - {name: a, type: rpi4}\n")
+    with pytest.raises(ManifestError, match=r"invalid 'labgrid' lab:\n  field 'coordinator': Field required"):
         config.load_lab(inv)
 
 
