@@ -130,18 +130,24 @@ def task_check_targets():
 
 
 def task_lab_up():
-    """Start the emulated lab (sshd and serial boards) and keep it up; deploys start it on demand anyway."""
+    """Start the emulated lab (sshd and serial boards), or the multi-host labgrid lab when $KILN_LAB
+    names one with ``emulate``, and keep it up; deploys start it on demand anyway."""
     from hil.emulator import lab as emulated_lab
 
+    if LAB is not None and LAB.backend == "labgrid" and getattr(LAB, "emulate", None):
+        return {"actions": [(run, ["hil.emulator.multihost:up", None, LAB_FILE])], "uptodate": [False],
+                "verbosity": 2}
     if LAB is not None and LAB.backend != "emulated":
-        return {"actions": [(fail, [f"{LAB_FILE}: lab '{LAB.name}' is a {LAB.backend} lab, not the emulated one: "
-                                    "nothing to start"])], "uptodate": [False]}
+        return {"actions": [(fail, [f"{LAB_FILE}: lab '{LAB.name}' is a {LAB.backend} lab that this machine does "
+                                    "not start: nothing to start"])], "uptodate": [False]}
     return {"actions": [(run, ["hil.emulator.lab:up", LAB_FILE])], "uptodate": [emulated_lab.held_by_hand],
             "verbosity": 2}
 
 
 def task_lab_down():
-    """Stop the emulated lab's boards."""
+    """Stop the emulated lab's boards (the multi-host lab too, when $KILN_LAB names it)."""
+    if LAB is not None and LAB.backend == "labgrid" and getattr(LAB, "emulate", None):
+        return {"actions": [(run, ["hil.emulator.multihost:down"])], "uptodate": [False]}
     return {"actions": [(run, ["hil.emulator.lab:down"])], "uptodate": [False]}
 
 

@@ -56,6 +56,7 @@ class SSHBoard:
     state: Path = field(default=Path())
     host_key: str = ""  # "ssh-ed25519 AAAA...", for known_hosts lines
     home: Path | None = None  # the board's own home, mounted over the user's for its sshd
+    own_netns: bool = True  # False: netns is someone else's (start_sshd(netns=...)); stop leaves it
 
     def known_hosts_entry(self, host: str | None = None, port: int | None = None) -> str:
         """A known_hosts line for this board's host key, as reached at host:port (e.g. via a
@@ -74,18 +75,18 @@ class SSHBoard:
 
 
 def start_sshd(name: str, state_dir: Path, port: int | None = None,
-               use_netns: bool | None = None) -> SSHBoard:
+               use_netns: bool | None = None, netns: tuple[str, str] | None = None) -> SSHBoard:
     """Start sshd for board ``name``; returns once its port accepts connections.
 
     use_netns: None = a namespace when root and ``ip netns add`` works, else loopback.
+    netns: (an existing namespace, an address of it): run sshd there, on that address and
+    ``port`` (default 22), e.g. several boards on one emulated host (hil/emulator/multihost.py);
+    the namespace stays the caller's: stop_sshd leaves it.
     """
+    if netns is not None:
+        return _start_in(name, Path(state_dir), port or 22, *netns)
     d = Path(state_dir).resolve() / name
-    (d / "work").mkdir(parents=True, exist_ok=True)
-    _keygen(d / "host_key", f"kiln-{name}-host")
-    _keygen(d / "client_key", f"kiln-{name}-client")
-    shutil.copyfile(d / "client_key.pub", d / "authorized_keys")
-    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation dir
-    host_key = " ".join((d / "host_key.pub").read_text().split()[:2])
+    host_key = _prepare(d, name)
 
     netns = veth = None
     if use_netns is None:
@@ -120,8 +121,31 @@ def start_sshd(name: str, state_dir: Path, port: int | None = None,
     return board
 
 
+def _prepare(d: Path, name: str) -> str:
+    """The board's dirs and keys (authorized_keys: its own client key); its host key line."""
+    (d / "work").mkdir(parents=True, exist_ok=True)
+    _keygen(d / "host_key", f"kiln-{name}-host")
+    _keygen(d / "client_key", f"kiln-{name}-client")
+    shutil.copyfile(d / "client_key.pub", d / "authorized_keys")
+    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation dir
+    return " ".join((d / "host_key.pub").read_text().split()[:2])
+
+
+def _start_in(name: str, state_dir: Path, port: int, ns: str, address: str) -> SSHBoard:
+    d = state_dir.resolve() / name
+    host_key = _prepare(d, name)
+    board = SSHBoard(name, address, port, _user(), d / "client_key", d / "known_hosts", d / "work", 0,
+                     ns, None, d, host_key, _own_home(d), own_netns=False)
+    (d / "known_hosts").write_text(board.known_hosts_entry())
+    board.pid = _launch(board)
+    (d / "board.json").write_text(json.dumps(asdict(board), default=str, indent=1))
+    log.info("board %s: sshd pid %d on %s:%d in netns %s", name, board.pid, address, port, ns)
+    return board
+
+
 def stop_sshd(board: SSHBoard) -> None:
-    """Stop the board's sshd and its sessions, remove its namespace and veth. Idempotent."""
+    """Stop the board's sshd and its sessions, remove its namespace and veth (not a namespace
+    that was the caller's). Idempotent."""
     procs = []
     try:
         main = psutil.Process(board.pid)
@@ -133,7 +157,7 @@ def stop_sshd(board: SSHBoard) -> None:
     popen = _procs.pop(board.pid, None)
     if popen is not None:
         popen.wait(timeout=5)
-    if board.netns:
+    if board.netns and board.own_netns:
         _netns_down(board.netns, board.veth)
 
 
