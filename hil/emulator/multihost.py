@@ -561,9 +561,31 @@ def _stop_board(b: dict) -> None:
         log.warning("multihost: stopping board %s failed: %s", b["handle"].get("name"), e)
 
 
+def in_host_namespace() -> bool:
+    """Whether this process runs outside every lab host's network namespace (named ones are
+    bind mounts under /run/netns: the same inode as /proc/self/ns/net when inside)."""
+    try:
+        me = os.stat("/proc/self/ns/net")
+    except OSError:
+        return True
+    for f in Path("/run/netns").glob("kiln-lg-*"):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
+                return False
+    return True
+
+
+def _from_host(what: str) -> None:
+    if not in_host_namespace():  # inside, the bridge and the other namespaces cannot be seen
+        raise MultihostError(f"multihost {what}: run it from this machine's own network namespace, not a lab "
+                             "host's (a runner there only uses the lab)")
+
+
 def up(lab=None, lab_path: Path = SPEC) -> None:
     """Start the lab (or what of it is dead); a no-op when every part is alive. A fresh start
     that fails stops what it started (its logs stay in state_dir())."""
+    _from_host("up")
     lab = lab or load_spec(Path(lab_path))
     plan = _plan(lab)
     with _locked():
@@ -650,6 +672,7 @@ def _teardown(st: dict) -> None:
 
 def down(forget: bool = False) -> None:
     """Stop the whole lab; places.yaml stays (places survive a down/up) unless ``forget``."""
+    _from_host("down")
     with _locked():
         _teardown(_read_state())
         (state_dir() / "state.json").unlink(missing_ok=True)
@@ -691,8 +714,8 @@ def ssh_files() -> tuple[Path, Path]:
 # -- the lab backend of a LabgridLab with ``emulate`` (kiln.registry.module_name) -------------
 # hil.lab.labgrid does the work; this adds the start and the SSH files the lab created.
 
-def _with_own_ssh(lab):
-    key, known = ssh_files()
+def _with_own_ssh(lab, where: Path | None = None):
+    key, known = ssh_files() if where is None else (where / "client_key", where / "known_hosts")
     return lab.model_copy(update={"ssh": lab.ssh.model_copy(update={"key": str(key), "known_hosts": str(known)})})
 
 
@@ -710,6 +733,12 @@ def open_lab(lab, path: Path) -> Path:
     for the other runners: ``doit lab_down`` stops it)."""
     from hil.lab import labgrid
 
+    if not in_host_namespace():  # a runner host of the lab: it uses the lab, whoever started it
+        return labgrid.open_lab(_with_own_ssh(lab), path)
+    other = _foreign()
+    if other:  # another build on this machine started it (a second runner's checkout): use that one
+        log.info("multihost: using the lab started by %s", other)
+        return labgrid.open_lab(_with_own_ssh(lab, Path(other)), path)
     up(lab, Path(path))
     return labgrid.open_lab(_with_own_ssh(lab), path)
 

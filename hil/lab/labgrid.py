@@ -338,9 +338,13 @@ class Lease:
         return f"<labgrid lease {self.board} by {self.client.identity}>"
 
     def _renew(self) -> None:
+        # Counted from when the renewal was sent, not answered: the coordinator applied it (and a
+        # reaper saw it) after this, so the holder gives up before any reaper's ttl runs out,
+        # however late the answer comes.
+        sent = time.monotonic()
         self.seq += 1
         self.client.set_tags(self.board, **{LEASE_TAG: f"{self.client.identity}#{self.seq}"})
-        self.valid_until = time.monotonic() + self.ttl_s / 2
+        self.valid_until = sent + self.ttl_s / 2
 
     def _lose(self, why: str) -> None:
         if self.lost_reason is None:
@@ -594,6 +598,7 @@ class Leasing:
             ports = [r["params"] for r in p.get("resources", []) if r["cls"] == "NetworkSerialPort"]
             url = serial_url(ports[0]) if ports else None
             if url:
+                log.info("place %s: its console is at %s while held", inst.name, url)
                 return inst.model_copy(update={"transport": inst.transport.model_copy(update={"port": url})})
             lease.check()
             if time.monotonic() - t0 > within_s:
@@ -619,6 +624,25 @@ class Leasing:
 
 # -- the command ---------------------------------------------------------------------------------
 
+def _hold(c: Client, place: str, for_s: float | None, wait_s: float) -> int:
+    import json
+
+    t0 = time.monotonic()
+    lease = acquire_place(c, place, wait=wait_s > 0, timeout_s=wait_s)
+    say = lambda **kw: print(json.dumps({"place": place, "identity": c.identity, "t": time.time(), **kw}), flush=True)  # noqa: E731
+    if lease is None:
+        say(state="busy", waited_s=round(time.monotonic() - t0, 3))
+        return 3
+    say(state="held", waited_s=round(time.monotonic() - t0, 3))
+    with lease:
+        while for_s is None or time.monotonic() - t0 < for_s:
+            say(state="lost" if lease.lost else "held", reason=lease.lost_reason, re_leased=lease.re_leased,
+                renewals=lease.seq)
+            time.sleep(1.0)
+    say(state="released" if not lease.lost_reason else "lost", reason=lease.lost_reason)
+    return 0 if not lease.lost_reason else 4
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
@@ -637,6 +661,12 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("lab", nargs="?", default=default)
     r = sub.add_parser("reap", help="run a reaper until stopped")
     r.add_argument("lab", nargs="?", default=default)
+    hd = sub.add_parser("hold", help="hold a place (by hand: maintenance, a debug session) until ^C or --for; "
+                        "prints one JSON line a second: the lease's state")
+    hd.add_argument("place")
+    hd.add_argument("lab", nargs="?", default=default)
+    hd.add_argument("--for", dest="for_s", type=float, default=None, help="seconds to hold it (default: until ^C)")
+    hd.add_argument("--wait", type=float, default=0.0, help="seconds to wait for it when busy (default: none)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
@@ -655,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
 
             health.set_state(a.place, a.state, a.reason)
             print(f"{a.place}: {a.state} ({a.reason})")
+        elif a.cmd == "hold":
+            return _hold(c, a.place, a.for_s, a.wait)
         else:
             print(f"reaping for {c.address} as {c.identity} (ttl {c.ttl_s:g} s); ^C stops", flush=True)
             while True:
