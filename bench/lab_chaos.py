@@ -82,9 +82,11 @@ def worker(lab_path: str, log_path: str, seed: int) -> None:
             seen_valid = time.time()  # the job would use results up to here
             time.sleep(0.05)
         lost = lease.lost
-        lease.release()
+        # the hold ends here (the job is done with the board): logged before the release, which
+        # may block for seconds when this host is cut off (and a kill then would lose the line)
         out.write(json.dumps({"ev": "end", "pid": me, "place": place, "t": seen_valid, "lost": lost,
                               "reason": lease.lost_reason}) + "\n")
+        lease.release()
 
 
 # -- the orchestrator ------------------------------------------------------------------------------
@@ -221,10 +223,12 @@ class Bench:
         holds = self._holds(logs, kills)
         overlaps = []
         for place in PLACES:
-            hs = sorted(h for h in holds if h[2] == place)
-            for (a0, a1, _, ida), (b0, b1, _, idb) in zip(hs, hs[1:]):
-                if b0 < a1 and ida != idb:
-                    overlaps.append((place, ida, idb, round(a1 - b0, 3)))
+            end, by = float("-inf"), None  # the latest end so far among the earlier holds, and whose
+            for t0, t1, _, who, _lost in sorted(h for h in holds if h[2] == place):
+                if t0 < end and who != by:
+                    overlaps.append((place, by, who, round(end - t0, 3)))
+                if t1 > end:
+                    end, by = t1, who
         lost = sum(1 for h in holds if h[4])
         self.rows.append((f"chaos ({a.cycles} cycles, ttl {lab.lease_ttl_s:g} s, {a.workers} holders)",
                           f"{len(holds)} holds, {lost} ended by a lost lease, faults {faults}, "

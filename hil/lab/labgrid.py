@@ -10,7 +10,7 @@ What labgrid lacks, and Kiln adds with labgrid's public calls only:
 
 Leases. An acquired place stays acquired when its holder dies (labgrid issue #1739). Every Kiln
     runner has its own identity (``<runner>/kiln-<pid>-<random>``: labgrid's host/user), and a
-    place it holds carries the tag ``kiln_lease=<identity>#<n>``, which its holder rewrites
+    place it holds carries the tag ``kiln_lease=<identity>#<n>`` (n never repeats), which its holder rewrites
     every ``ttl/5`` seconds. Every Kiln process that talks to the coordinator runs a *reaper*:
     a place acquired by a Kiln identity whose lease tag it has watched stand still for ``ttl``
     seconds (by its own monotonic clock: no clock is compared across hosts) is released with
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -101,6 +102,7 @@ class Client:
         self._seen: dict[str, tuple[str, str, float]] = {}      # reaper: place -> (holder, tag, since)
         self._allocated: dict[str, float] = {}                  # reaper: reservation token -> since
         self.reaped: list[dict] = []
+        self.renewals = itertools.count(1)  # lease tags' numbers (Lease._renew)
         self._connect(connect_timeout_s)
         threading.Thread(target=self._watch, name="labgrid-watch", daemon=True).start()
         if reap:
@@ -343,7 +345,10 @@ class Lease:
         # however late the answer comes.
         sent = time.monotonic()
         self.seq += 1
-        self.client.set_tags(self.board, **{LEASE_TAG: f"{self.client.identity}#{self.seq}"})
+        # numbered across all of this client's leases: a new lease of one holder on one place must
+        # never repeat an old tag, or a reaper that missed the place's free moment would take
+        # the tag for one that stood still (seen in bench/lab_chaos.py: a double allocation)
+        self.client.set_tags(self.board, **{LEASE_TAG: f"{self.client.identity}#{next(self.client.renewals)}"})
         self.valid_until = sent + self.ttl_s / 2
 
     def _lose(self, why: str) -> None:
