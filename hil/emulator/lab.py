@@ -25,9 +25,7 @@ Kiln from before holders (its state has no ``holders`` mark) is treated as start
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -38,7 +36,8 @@ from pathlib import Path
 import psutil
 import yaml
 
-from kiln.artifacts import ROOT, build_root, write_bytes, write_json
+from hil.emulator import read_state
+from kiln.artifacts import ROOT, build_root, file_lock, write_bytes, write_json
 from kiln.config import load_lab
 from kiln.errors import KilnError, ManifestError
 from kiln.schema import EmulatedLab, Inventory
@@ -63,22 +62,12 @@ def load_spec(path: Path = SPEC) -> EmulatedLab:
     return spec
 
 
-@contextlib.contextmanager
 def _locked():
-    state_dir().mkdir(parents=True, exist_ok=True)
-    with open(state_dir() / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(state_dir() / ".lock")
 
 
 def _read_state() -> dict:
-    try:
-        return json.loads((state_dir() / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_state(state_dir())
 
 
 def _alive(pid: int) -> bool:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import inspect
 import ipaddress
@@ -49,7 +48,8 @@ from pathlib import Path
 import psutil
 import yaml
 
-from kiln.artifacts import ROOT, build_root, write_json
+from hil.emulator import read_state
+from kiln.artifacts import ROOT, build_root, file_lock, write_json
 from kiln.errors import KilnError
 
 log = logging.getLogger("kiln.multihost")
@@ -126,22 +126,12 @@ def _plan(lab) -> dict:
 
 # -- state ------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
 def _locked():
-    state_dir().mkdir(parents=True, exist_ok=True)
-    with open(state_dir() / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(state_dir() / ".lock")
 
 
 def _read_state() -> dict:
-    try:
-        return json.loads((state_dir() / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_state(state_dir())
 
 
 def _save(st: dict) -> None:
