@@ -11,7 +11,7 @@ chaos    ``--cycles`` random faults while ``--workers`` holders on both runner h
          hold and release the four places: kill -9 of a holder (restarted), a runner host cut
          off and healed, an exporter cut off or killed and restarted, the coordinator killed and
          restarted. Every holder logs when it held each place, by its own lease's word (from
-         acquire until release, or until it last saw its lease valid); a dead holder's hold ends
+         acquire until release, or until it last saw ``lease.valid``); a dead holder's hold ends
          at its kill. Two holds of one place that overlap are a double allocation (goal: 0).
          Runs on a copy of the lab file with ``--ttl`` (short, so that leases lapse often).
 nightly  wall time of `doit nightly` (two tiny apps on the four boards): one runner alone, two
@@ -77,7 +77,7 @@ def worker(lab_path: str, log_path: str, seed: int) -> None:
         out.write(json.dumps({"ev": "start", "pid": me, "place": place, "t": t0, "id": c.identity}) + "\n")
         seen_valid, until = t0, t0 + rnd.uniform(0.2, 2.0)
         while time.time() < until:
-            if lease.lost:
+            if not lease.valid:  # lost, or its stream to the coordinator broke: stop trusting it
                 break
             seen_valid = time.time()  # the job would use results up to here
             time.sleep(0.05)
@@ -101,6 +101,7 @@ class Bench:
         from hil.emulator import multihost
 
         self.mh = multihost
+        multihost.down(forget=True)  # fresh places: no health tag or lease left by an earlier run
         self.rows: list[tuple[str, str]] = []
 
     def lab_file(self, ttl: float | None) -> Path:

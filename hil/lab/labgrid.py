@@ -98,6 +98,8 @@ class Client:
         threading.Thread(target=self.loop.run_forever, name="labgrid-loop", daemon=True).start()
         self.session = None
         self.connects = 0
+        self.reconnected_at: float | None = None  # monotonic: the last reconnect (not the first connect)
+        self.wakers: list[threading.Event] = []   # leases to renew at once after a reconnect
         self.closed = threading.Event()
         self._seen: dict[str, tuple[str, str, float]] = {}      # reaper: place -> (holder, tag, since)
         self._allocated: dict[str, float] = {}                  # reaper: reservation token -> since
@@ -159,6 +161,10 @@ class Client:
             raise LabgridError(f"labgrid coordinator {self.address}: cannot connect within {timeout:g} s "
                                f"({type(e).__name__}: {e or 'no answer'})") from e
         self.connects += 1
+        if self.connects > 1:
+            self.reconnected_at = time.monotonic()
+            for w in list(self.wakers):
+                w.set()
 
     @property
     def up(self) -> bool:
@@ -315,8 +321,12 @@ class Lease:
         self.lost_reason: str | None = None
         self.released = False
         self.re_leased = 0
+        self.ports_before: dict[str, object] = {}  # resource -> its port when acquired (a stale one, maybe)
+        self.epoch = client.connects  # the client connection its last renewal went through
         self._gone_since: float | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        client.wakers.append(self._wake)
         self._renew()
         threading.Thread(target=self._beat, name=f"lease-{place}", daemon=True).start()
 
@@ -325,6 +335,14 @@ class Lease:
         if self.lost_reason is None and not self.released and time.monotonic() > self.valid_until:
             self.lost_reason = f"no renewal confirmed by the coordinator for {self.ttl_s / 2:g} s"
         return self.lost_reason is not None
+
+    @property
+    def valid(self) -> bool:
+        """Whether the holder may trust the place is its own right now: not lost, and its stream
+        to the coordinator has not broken since the last renewal (a coordinator restart drops
+        every acquisition at once; the next renewal acquires it again, or loses it)."""
+        c = self.client
+        return not self.lost and c.up and c.connects == self.epoch
 
     def check(self) -> None:
         if self.lost:
@@ -343,13 +361,14 @@ class Lease:
         # Counted from when the renewal was sent, not answered: the coordinator applied it (and a
         # reaper saw it) after this, so the holder gives up before any reaper's ttl runs out,
         # however late the answer comes.
-        sent = time.monotonic()
+        sent, epoch = time.monotonic(), self.client.connects
         self.seq += 1
         # numbered across all of this client's leases: a new lease of one holder on one place must
         # never repeat an old tag, or a reaper that missed the place's free moment would take
         # the tag for one that stood still (seen in bench/lab_chaos.py: a double allocation)
         self.client.set_tags(self.board, **{LEASE_TAG: f"{self.client.identity}#{next(self.client.renewals)}"})
         self.valid_until = sent + self.ttl_s / 2
+        self.epoch = epoch
 
     def _lose(self, why: str) -> None:
         if self.lost_reason is None:
@@ -358,8 +377,10 @@ class Lease:
 
     def _beat(self) -> None:
         every = self.ttl_s / 5
-        while not self._stop.wait(every):
-            if self.lost:
+        while not self._stop.is_set():
+            self._wake.wait(every)  # a reconnect wakes it at once: re-acquire before the exporters are back
+            self._wake.clear()
+            if self._stop.is_set() or self.lost:
                 return
             try:
                 self._keep()
@@ -377,6 +398,11 @@ class Lease:
             tag = p["tags"].get(LEASE_TAG, "")
             if tag and not tag.startswith(c.identity + "#"):
                 return self._lose(f"after a coordinator restart the place's lease names {tag}")
+            if not tag and p["resources"] and all(r["avail"] for r in p["resources"]):
+                # its tag is gone (the coordinator saved places.yaml before this lease began) and
+                # its board has been usable: another runner may have held it meanwhile
+                return self._lose("after a coordinator restart the place was free and usable before this "
+                                  "runner could acquire it again")
             try:
                 c.call("AcquirePlace", placename=self.board)
             except LabgridError as e:
@@ -398,6 +424,9 @@ class Lease:
         if self.released:
             return
         self._stop.set()
+        self._wake.set()
+        with contextlib.suppress(ValueError):
+            self.client.wakers.remove(self._wake)
         was_lost = self.lost
         self.released = True
         if was_lost:
@@ -417,7 +446,11 @@ def _free_for(client: Client, p: dict) -> bool:
     if not p["resources"] or not all(r["avail"] for r in p["resources"]):
         return False  # its exporter is down: nothing to use it with
     tag = p["tags"].get(LEASE_TAG, "")
-    return not tag or tag.startswith(client.identity + "#")
+    if tag and not tag.startswith(client.identity + "#"):
+        return False
+    # Just after this client reconnected (a coordinator restart, likely) the holders of places are
+    # acquiring theirs again, or giving up (ttl/2 at most): a place looks free meanwhile.
+    return client.reconnected_at is None or time.monotonic() - client.reconnected_at > client.ttl_s / 2
 
 
 def acquire_place(client: Client, place: str, wait: bool = True, timeout_s: float | None = None) -> Lease | None:
@@ -434,7 +467,9 @@ def acquire_place(client: Client, place: str, wait: bool = True, timeout_s: floa
             try:
                 client.call("AcquirePlace", placename=place)
                 try:
-                    return Lease(client, place)
+                    lease = Lease(client, place)
+                    lease.ports_before = {r["path"]: r["params"].get("port") for r in p["resources"]}
+                    return lease
                 except LabgridError:
                     with contextlib.suppress(LabgridError):
                         client.call("ReleasePlace", placename=place, fromuser=client.identity)
@@ -510,6 +545,14 @@ def serial_url(params: dict) -> str | None:
     if params.get("protocol", "rfc2217") != "rfc2217":
         return f"socket://{params['host']}:{int(params['port'])}"
     return f"rfc2217://{params['host']}:{int(params['port'])}?ign_set_control"
+
+
+def _listening(params: dict) -> bool:
+    try:
+        socket.create_connection((params["host"], int(params["port"])), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
 
 
 def discover(lab, client: Client | None = None) -> list[dict]:
@@ -600,9 +643,11 @@ class Leasing:
         t0 = time.monotonic()
         while True:
             p = self.client.places().get(inst.name, {})
-            ports = [r["params"] for r in p.get("resources", []) if r["cls"] == "NetworkSerialPort"]
-            url = serial_url(ports[0]) if ports else None
-            if url:
+            ports = [r for r in p.get("resources", []) if r["cls"] == "NetworkSerialPort"]
+            # the port the previous holder's ser2net had may still be published: wait for ours
+            url = serial_url(ports[0]["params"]) if ports and ports[0]["params"].get("port") != \
+                lease.ports_before.get(ports[0]["path"]) else None
+            if url and _listening(ports[0]["params"]):
                 log.info("place %s: its console is at %s while held", inst.name, url)
                 return inst.model_copy(update={"transport": inst.transport.model_copy(update={"port": url})})
             lease.check()
