@@ -32,7 +32,8 @@ Health. A place's ``kiln_health`` tag (good / bad / maintenance / retired) is wh
     runner sees it; each runner's own health check writes it.
 
     python -m hil.lab.labgrid places [LAB.yaml]        # places, holders, leases, health
-    python -m hil.lab.labgrid health PLACE STATE --reason TEXT [LAB.yaml]
+    python -m hil.lab.labgrid health PLACE STATE [LAB.yaml] --reason TEXT
+    python -m hil.lab.labgrid hold PLACE [LAB.yaml] [--for S] [--wait S]   # by hand: maintenance
     python -m hil.lab.labgrid reap [LAB.yaml]          # a reaper that runs until stopped
 """
 
@@ -391,6 +392,8 @@ class Lease:
         """One heartbeat: still ours (or ours again after a coordinator restart), and its
         resources there; then the renewal."""
         c = self.client
+        if c.connects != self.epoch and c.session is not None:  # a new stream: its view first
+            c._run(c.session.sync_with_coordinator())
         p = c.places().get(self.board)
         if p is None:
             raise LabgridError(f"place {self.board} not (yet) known to the coordinator")
@@ -398,11 +401,9 @@ class Lease:
             tag = p["tags"].get(LEASE_TAG, "")
             if tag and not tag.startswith(c.identity + "#"):
                 return self._lose(f"after a coordinator restart the place's lease names {tag}")
-            if not tag and p["resources"] and all(r["avail"] for r in p["resources"]):
-                # its tag is gone (the coordinator saved places.yaml before this lease began) and
-                # its board has been usable: another runner may have held it meanwhile
-                return self._lose("after a coordinator restart the place was free and usable before this "
-                                  "runner could acquire it again")
+            # No tag: the coordinator saved places.yaml (every ~15 s) before this lease began. A
+            # waiter that saw the restart holds off ttl/2 (_free_for) and this renewal runs at
+            # once on the reconnect, so the place is taken back before anyone else may try.
             try:
                 c.call("AcquirePlace", placename=self.board)
             except LabgridError as e:
@@ -527,9 +528,9 @@ def _transport(lab, lab_path: Path, place: str, p: dict) -> dict:
                 "connect_timeout_s": lab.ssh.connect_timeout_s, "retries": lab.ssh.retries}
     if "NetworkSerialPort" in by_cls:
         r = by_cls["NetworkSerialPort"]["params"]
-        # the port exists only while the place is held: Leasing.bind fills it in then
-        return {"kind": "serial", "port": serial_url(r) or f"{UNBOUND}{lab.coordinator}/{place}",
-                "baud": int(r.get("speed") or 115200)}
+        # the port exists only while the place is held, and one published now is its holder's:
+        # Leasing.bind fills in ours once we hold it
+        return {"kind": "serial", "port": f"{UNBOUND}{lab.coordinator}/{place}", "baud": int(r.get("speed") or 115200)}
     raise ManifestError(f"place '{place}': no NetworkService or NetworkSerialPort among its resources "
                         f"({', '.join(r['path'] for r in p['resources']) or 'none'}): Kiln reaches a board over "
                         "SSH or a serial console")

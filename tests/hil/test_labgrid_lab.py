@@ -232,8 +232,8 @@ def test_coordinator_restarted_jobs_are_re_leased_within_10_s(lg):
     c, mh = lg["client"], lg["mh"]
     leases = [acquire_place(c, b, wait=True, timeout_s=30) for b in ("x86-host", "rpi4")]
     try:
-        # a job's lease that the coordinator has saved (places.yaml, every ~15 s): a younger one
-        # whose board is usable again before its holder is back is lost instead (conservative)
+        # a job's lease that the coordinator has saved (places.yaml, every ~15 s) is restored
+        # with its tag; a younger one is taken back by its holder's renewal on the reconnect
         saved = mh.state_dir() / "coordinator" / "places.yaml"
         t0 = time.monotonic()
         while c.identity not in (saved.read_text() if saved.exists() else ""):
@@ -272,3 +272,27 @@ def test_an_exporter_cut_off_loses_the_lease(lg):
     assert "unavailable" in lost["reason"], lost
     print(f"x86-avx2's lease lost {lost['t'] - cut:.1f} s after exp2 was cut off")
     free(lg)
+
+
+def test_a_reservation_left_allocated_is_cancelled_after_the_ttl(lg):
+    """A reservation allocated to a place and never used (its owner forgot it) keeps every
+    waiter out for labgrid's own timeout (~60-90 s); Kiln's reaper cancels it after ttl."""
+    from labgrid.remote.generated import labgrid_coordinator_pb2 as pb
+
+    from hil.lab.labgrid import acquire_place
+
+    free(lg)
+    c, ttl = lg["client"], lg["lab"].lease_ttl_s
+    c.call("CreateReservation", filters={"main": pb.Reservation.Filter(filter={"name": "rpi4"})}, prio=0.0)
+    t0 = time.monotonic()
+    while c.places()["rpi4"]["reservation"] is None:
+        assert time.monotonic() - t0 < 10, "the coordinator did not allocate the reservation to rpi4"
+        time.sleep(0.2)
+    assert acquire_place(c, "rpi4", wait=False) is None  # reserved: not free for a waiter
+    lease = acquire_place(c, "rpi4", wait=True, timeout_s=ttl + 20)
+    took = time.monotonic() - t0
+    assert lease is not None, "rpi4 still reserved"
+    lease.release()
+    assert not [r for r in c.reservations() if r.state.name == "allocated"]
+    print(f"a forgotten reservation on rpi4 cancelled, the place taken {took:.1f} s after it was allocated")
+    assert ttl <= took < ttl + 10
