@@ -427,7 +427,7 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
     ``instance`` (as the lab describes it), run the runner and record its raw output (or its
     failure) in runs/<run id>/<instance>/run.json and last/<instance>.json. A board failure is
     recorded, not raised: the other boards and the report go on."""
-    from hil.lab import deploy_lease, open_lab
+    from hil.lab import deploy_lease, fenced, open_lab
     from kiln.config import load_inventory
     from kiln.errors import ManifestError
 
@@ -439,11 +439,7 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
             raise ManifestError(f"{inv_path}: no board instance '{instance.name}' (the lab changed since "
                                 "the task list was made; run doit again)")
         with deploy_lease(lab_path, live) as (lease, live):  # a shared lab's board: held for the job
-            record = job(project, board, live, layout, inv_path.parent, run_id)
-            if lease is not None and lease.lost:  # never a result from a board no longer held
-                record = {k: v for k, v in record.items() if k not in ("runner", "checks")}
-                record["error"] = {"step": "lease", "message": f"the lease on {instance.name} was lost during "
-                                   f"the job ({lease.lost_reason}): its result is not used"}
+            record = fenced(job(project, board, live, layout, inv_path.parent, run_id), lease, instance.name)
     except KilnError as e:
         blog.error("%s", e)
         record = {**_record_head(board, instance, run_id), "error": {"step": "prepare", "message": str(e)}}

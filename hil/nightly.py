@@ -153,15 +153,12 @@ class Night:
 
     def _run_job(self, job: Job, inst, lease) -> None:
         from hil import deploy
+        from hil.lab import fenced
 
         p = self.apps[job.app]
         t0, start = time.perf_counter(), time.time()
-        rec = deploy.job(p, self.boards[job.type], inst, Layout(job.app), self.lab_dir, self.run_id,
-                         latency_windows=self.windows)
-        if lease.lost:  # never a result from a board this run no longer holds
-            rec = {k: v for k, v in rec.items() if k not in ("runner", "checks")}
-            rec["error"] = {"step": "lease", "message": f"the lease on {inst.name} lapsed during the job: "
-                            "its result is not used"}
+        rec = fenced(deploy.job(p, self.boards[job.type], inst, Layout(job.app), self.lab_dir, self.run_id,
+                                latency_windows=self.windows), lease, inst.name)
         err = rec.get("error")
         outcome = "infra" if infra_failure(err) else ("fail" if err else "ran")
         job.attempts.append({"board": inst.name, "outcome": outcome, "error": err and err["message"][:500],

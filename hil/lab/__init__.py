@@ -113,6 +113,18 @@ def leasing(path: Path):
     return backend.Leasing(lab) if hasattr(backend, "Leasing") else LocalLeasing()
 
 
+def fenced(record: dict, lease, board: str) -> dict:
+    """A job's record on ``board``; when its lease was lost during the job, the record without
+    its results and with the error step ``lease``: never a result from a board no longer held."""
+    if lease is None or not lease.lost:
+        return record
+    why = getattr(lease, "lost_reason", None) or "another holder took the board"
+    out = {k: v for k, v in record.items() if k not in ("runner", "checks")}
+    out["error"] = {"step": "lease", "message": f"the lease on {board} was lost during the job ({why}): "
+                    "its result is not used"}
+    return out
+
+
 @contextlib.contextmanager
 def deploy_lease(path: Path, inst, timeout_s: float = 3600.0):
     """(lease, instance as reached under it) for a lone deploy on its board: a lease on a shared

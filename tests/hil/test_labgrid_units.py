@@ -79,3 +79,22 @@ def test_a_place_serial_port_is_known_only_while_held():
         SerialTransport("b", Spec(kind="serial", port="labgrid://10.0.0.1:20408/b"), ".")
     t = SerialTransport("b", Spec(kind="serial", port="rfc2217://10.0.0.2:1?ign_set_control"), "/somewhere")
     assert t.port == "rfc2217://10.0.0.2:1?ign_set_control"  # a URL is not a path under the lab dir
+
+
+def test_a_job_whose_lease_was_lost_keeps_no_result():
+    """hil.lab.fenced, as deploy and nightly use it (a fake lease: the real ones are lost by the
+    faults of tests/hil/test_labgrid_lab.py)."""
+    from types import SimpleNamespace
+
+    from hil.lab import fenced
+    from hil.nightly import infra_failure
+
+    rec = {"instance": "rpi4", "runner": {"predictions": [1, 2]}, "checks": {"model": "ok"}, "timings_s": {}}
+    assert fenced(rec, None, "rpi4") is rec
+    assert fenced(rec, SimpleNamespace(lost=False), "rpi4") is rec
+    out = fenced(rec, SimpleNamespace(lost=True, lost_reason="no renewal confirmed for 7.5 s"), "rpi4")
+    assert "runner" not in out and "checks" not in out and out["instance"] == "rpi4"
+    assert out["error"]["step"] == "lease" and "no renewal confirmed for 7.5 s" in out["error"]["message"]
+    assert infra_failure(out["error"])  # retried on another board of the type, never a verdict on the model
+    local = fenced(rec, SimpleNamespace(lost=True), "rpi4")  # hil/lab/leases.py's lease has no reason
+    assert "another holder took the board" in local["error"]["message"]
