@@ -138,8 +138,8 @@ def task_lab_up():
         return {"actions": [(run, ["hil.emulator.multihost:up", None, LAB_FILE])], "uptodate": [False],
                 "verbosity": 2}
     if LAB is not None and LAB.backend != "emulated":
-        return {"actions": [(fail, [f"{LAB_FILE}: lab '{LAB.name}' is a {LAB.backend} lab that this machine does "
-                                    "not start: nothing to start"])], "uptodate": [False]}
+        return {"actions": [(fail, [f"{LAB_FILE}: lab '{LAB.name}' is a {LAB.backend} lab, not the emulated one "
+                                    "(nor a labgrid lab with 'emulate'): nothing to start"])], "uptodate": [False]}
     return {"actions": [(run, ["hil.emulator.lab:up", LAB_FILE])], "uptodate": [emulated_lab.held_by_hand],
             "verbosity": 2}
 
