@@ -291,8 +291,7 @@ class Bench:
                 p.wait()
             makespan.append(time.perf_counter() - t0)
             shared += [wall(f"shared-{h}-{r}") for h in ("run1", "run2")]
-            t0 = time.perf_counter()
-            for k in ("a", "b"):
+            for k in ("a", "b"):  # timed by their own wall_s
                 night("run1", f"back-{k}-{r}").wait()
             back.append(wall(f"back-a-{r}") + wall(f"back-b-{r}"))
         self.rows.append(("nightly wall (s): one runner alone", spread(alone)))
