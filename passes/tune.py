@@ -33,7 +33,8 @@ from kiln.artifacts import Layout, read_json, tuning_root, write_json
 from kiln.config import trial_budget
 from kiln.errors import PassError
 from kiln.schema import Board, Project
-from passes.support.tvm_build import (host_isa_flags, import_cpu_tensor_intrinsics, import_onnx, open_database, prepare,
+from passes.support.tvm_build import (design_space, host_isa_flags, import_cpu_tensor_intrinsics, import_onnx,
+                                      open_database, prepare,
                                       register_cpu_pool_rules, repair_database, resolve_target, target_key)
 
 log = logging.getLogger("kiln.tune")
@@ -218,11 +219,12 @@ def _groups(plan: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
 
 def _tune_group(group: list[tuple[Any, int]], db, db_dir: Path, ms) -> None:
     per_task = group[0][1]
+    target = group[0][0].target
     # more than one search round per task: an xgboost cost model steers the later rounds;
     # a single round is random sampling, where training the model would only cost time
     per_iter = min(SEARCH_ROUND, per_task)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted_tasks=[t for t, _ in group], work_dir=str(db_dir / "logs"), space="post-order-apply",
+        extracted_tasks=[t for t, _ in group], work_dir=str(db_dir / "logs"), space=design_space(target),
         # a smaller population than MetaSchedule's 512: the search itself, not the
         # measurements, dominated tuning time on 2 cores
         strategy=ms.search_strategy.EvolutionarySearch(population_size=128, genetic_num_iters=3),

@@ -307,6 +307,11 @@ def apply(mod, target, db_dir: Path):
     return mod, {"tuned": len(tuned), "untuned": sorted(set(before) - set(tuned))}
 
 
+def design_space(target):
+    """MetaSchedule's design space for ``target`` (placeholder: the default, filled in for int8)."""
+    return "post-order-apply"
+
+
 def import_cpu_tensor_intrinsics() -> None:
     """Register the x86 and arm tensor intrinsics without importing the GPU tables.
 
