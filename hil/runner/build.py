@@ -27,8 +27,10 @@ from pathlib import Path
 from kiln.artifacts import build_root, sha256_file, write_json
 from kiln.errors import KilnError, PassError
 
-DATA_FILES = ("runner.cc",)  # kiln.sources: editing it rebuilds the runner
+DATA_FILES = ("runner.cc", "rpc_server.h")  # kiln.sources: editing them rebuilds the runner
 RUNNER_SOURCE = Path(__file__).resolve().with_name(DATA_FILES[0])
+# the runner's TVM RPC server mode (--rpc-serve: MetaSchedule measuring on the board), included by runner.cc
+RPC_SOURCE = Path(__file__).resolve().with_name(DATA_FILES[1])
 RUNNER_NAME = "kiln-runner"
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 ARCHES = ("x86_64", "aarch64")
@@ -222,6 +224,7 @@ def build_runner(arch: str, out_dir: str | os.PathLike, cache_dir: str | os.Path
             "compiler_version": _compiler_version(cxx),
             "tvm_versions": tvm_versions(),
             "source_sha256": sha256_file(RUNNER_SOURCE),
+            "rpc_source_sha256": sha256_file(RPC_SOURCE),
             "files": {name: sha256_file(tmp / name) for name in (RUNNER_NAME, *RUNTIME_LIBS)},
         })
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700

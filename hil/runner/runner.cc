@@ -14,6 +14,12 @@
 // Any error goes to stderr and exits 2; stdout is then left empty (the JSON is assembled in
 // memory and printed only after everything succeeded), so a host never parses half a result.
 //
+//   kiln-runner --rpc-serve PORT --rpc-key KEY [--rpc-host 127.0.0.1] [--threads N]
+//
+// serves TVM RPC (MetaSchedule measuring candidates on the board, see rpc_server.h): it prints
+// "kiln-runner rpc listening on HOST:PORT" once ready (PORT 0: a free port, the line says which)
+// and runs until SIGTERM/SIGINT.
+//
 // Links only libtvm_runtime.so + libtvm_ffi.so (the Relax VM lives in libtvm_runtime.so).
 
 #include <tvm/ffi/container/array.h>
@@ -21,6 +27,8 @@
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
+
+#include "rpc_server.h"
 
 #include <elf.h>
 #include <sys/resource.h>
@@ -433,6 +441,7 @@ std::string Run(const Options& opt) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && std::string(argv[1]) == "--rpc-serve") return kiln::RpcServeMain(argc, argv);
   std::string out;
   try {
     out = Run(ParseArgs(argc, argv));
