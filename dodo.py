@@ -279,7 +279,8 @@ def task_tune():
                    "actions": [(stale_report, [lay]), (run, ["passes.tune:run", p, board, lay])],
                    "file_dep": [str(lay.onnx), str(lay.export_json), *sources.files("passes.tune")],
                    "targets": [str(lay.tune_json(t))],
-                   "uptodate": [config_changed({"board": board.model_dump(), "trials": trial_budget(p, board)})]}
+                   "uptodate": [config_changed({"board": board.model_dump(), "trials": trial_budget(p, board),
+                                                 "measure": os.environ.get("KILN_TUNE_MEASURE") or p.tuning.measure})]}
 
 
 def task_compile():

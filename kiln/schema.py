@@ -943,6 +943,11 @@ class Tuning(Strict):
     trials: int | None = Field(
         None, ge=0, description="trial budget per board type for this model; unset: the board type's tune_trials"
     )
+    measure: Literal["auto", "native", "rpc"] = Field(
+        "auto", description="where candidates are timed: native (on this machine, for a board type whose code runs "
+        "here; auto is the same), or rpc (on every SSH instance of the board type in the lab, over TVM RPC through "
+        "kiln-runner --rpc-serve; qemu-emulated instances are skipped); $KILN_TUNE_MEASURE overrides it"
+    )
 
 
 def dataset_class_names(ds) -> list[str] | None:

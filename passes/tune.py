@@ -14,6 +14,13 @@ timed here, and the report says so. qemu-user timings are never used as a cost s
 that can be neither measured natively nor reached over TVM RPC is not tuned and the report
 gives the reason.
 
+Measuring on the board (``tuning.measure: rpc`` in the manifest, or ``$KILN_TUNE_MEASURE=rpc``):
+every instance of the board type in the lab ($KILN_LAB, else the emulated lab, started on
+demand) that can serve TVM RPC runs ``kiln-runner --rpc-serve`` (hil/rpc.py) and MetaSchedule
+times candidates there (passes/support/rpc_measure.py), several boards of one type sharing the
+trials. Emulated (qemu-user) and serial instances are skipped, and tune.json says why; with none
+left the board type is compiled untuned. tune.json records ``measured: "rpc"`` and the boards.
+
 Two things make MetaSchedule usable on a 2-core build machine (see README, "Tuning"):
 - candidates are built in this process, one after another; MetaSchedule's default builder
   starts fresh worker processes for every batch, each of which imports every tensor-intrinsic
@@ -23,15 +30,18 @@ Two things make MetaSchedule usable on a 2-core build machine (see README, "Tuni
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from kiln.artifacts import Layout, read_json, tuning_root, write_json
 from kiln.config import trial_budget
-from kiln.errors import PassError
+from kiln.errors import KilnError, PassError
 from kiln.schema import Board, Project
 from passes.support.tvm_build import (design_space, host_isa_flags, import_cpu_tensor_intrinsics, import_onnx,
                                       open_database, prepare,
@@ -54,11 +64,30 @@ _MCPU_FLAGS = {
 }
 
 
-def where_to_measure(board: Board, target: dict[str, Any]) -> tuple[str | None, str]:
+MEASURES = ("auto", "native", "rpc")
+MEASURE_ENV = "KILN_TUNE_MEASURE"
+
+
+def measure_mode(project: Project) -> str:
+    """Where the project's candidates are timed: $KILN_TUNE_MEASURE when set, else the manifest's
+    tuning.measure."""
+    env = os.environ.get(MEASURE_ENV)
+    if env is None or env == "":
+        return project.tuning.measure
+    if env not in MEASURES:
+        raise PassError(f"${MEASURE_ENV}: expected one of {', '.join(MEASURES)}, got '{env}'")
+    return env
+
+
+def where_to_measure(board: Board, target: dict[str, Any], measure: str = "auto",
+                     lab_path: Path | None = None) -> tuple[str | None, str]:
     """(mode, why): mode ``native`` when candidates built for this board's target can be timed on
-    this machine, else None with the reason it is not tuned."""
+    this machine, ``rpc`` when ``measure`` asks for the board itself and the lab has an instance
+    that can serve TVM RPC, else None with the reason it is not tuned."""
     import platform
 
+    if measure == "rpc":
+        return _rpc_usable(board, lab_path)
     if board.arch != platform.machine():
         return None, (
             f"{board.arch} board: its code cannot run natively here, qemu-user timings are not a cost "
@@ -74,6 +103,25 @@ def where_to_measure(board: Board, target: dict[str, Any]) -> tuple[str | None, 
     if missing:
         return None, f"this CPU lacks {sorted(missing)} needed by mcpu '{mcpu}'; compiled untuned"
     return "native", f"tuned on this machine for the board's target (mcpu {mcpu}); this CPU implements its ISA"
+
+
+def _rpc_usable(board: Board, lab_path: Path | None) -> tuple[str | None, str]:
+    """("rpc", why) when the lab (as described: nothing is started yet) has an instance of
+    ``board`` that can serve TVM RPC, else (None, why naming each instance left out)."""
+    from hil.lab import describe
+    from hil.rpc import lab_file, measuring_instances
+
+    path = Path(lab_path or lab_file())
+    try:
+        usable, skipped = measuring_instances(board, describe(path).boards)
+    except KilnError as e:
+        raise PassError(f"tune for board '{board.name}': measuring over TVM RPC needs the lab {path}: {e}") from e
+    left_out = "; ".join(f"{n}: {w}" for n, w in skipped.items())
+    if not usable:
+        return None, (f"measure: rpc, but lab {path} has no instance of {board.name} that can serve TVM RPC"
+                      + (f" ({left_out})" if left_out else "") + "; compiled untuned")
+    return "rpc", (f"measured on the board over TVM RPC ({', '.join(i.name for i in usable)} in lab {path})"
+                   + (f"; skipped {left_out}" if left_out else ""))
 
 
 def _in_process_builder():
@@ -101,13 +149,15 @@ def run(project: Project, board: Board, layout: Layout) -> dict:
     trial budget of the manifest or the board type; the report goes to ``layout.tune_json``."""
     shape = read_json(layout.export_json)["input_shape"]
     return tune_onnx(board, layout.onnx, shape, tuning_root(), trial_budget(project, board),
-                     layout.tune_json(board.name))
+                     layout.tune_json(board.name), measure=measure_mode(project))
 
 
 def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, trials: int,
-              out_json: Path) -> dict:
+              out_json: Path, measure: str = "auto", lab_path: Path | None = None) -> dict:
     """Tune ``onnx_path``'s untuned tasks for ``board`` with up to ``trials`` trials in all, into
-    the database under ``db_root``; the report (tune.json) goes to ``out_json``."""
+    the database under ``db_root``; the report (tune.json) goes to ``out_json``. ``measure``:
+    auto/native (on this machine when the board's code runs here) or rpc (on the boards of the
+    lab in ``lab_path``, default $KILN_LAB or the emulated lab)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
@@ -115,7 +165,7 @@ def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Pa
     t0 = time.perf_counter()
     target_dict = resolve_target(board)
     db_dir = db_root / target_key(board, target_dict)
-    mode, why = where_to_measure(board, target_dict)
+    mode, why = where_to_measure(board, target_dict, measure, lab_path)
     info: dict[str, Any] = {"board": board.name, "target": target_dict, "database": str(db_dir), "measured": mode,
                             "why": why, "trial_budget": trials, "tasks": [], "trials_run": 0}
     if mode is None or trials == 0:
@@ -159,21 +209,26 @@ def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Pa
         # with "'NoneType' object has no attribute 'format'", so they are left out of the tune
         for h in [h for h in ms_log.handlers if h.get_name() is None]:
             ms_log.removeHandler(h)
-        for k, group in enumerate(_groups(todo), 1):
-            log.info("tune %s: group %d: %s, %d trials each", board.name, k, ", ".join(t.task_name for t, _ in group),
-                     group[0][1])
-            try:
-                _tune_group(group, db, db_dir, ms)
-            except Exception as e:  # MetaSchedule raises TVM's own error types
-                raise PassError(f"tune for board '{board.name}' (target {target_dict}): MetaSchedule failed on "
-                                f"{', '.join(t.task_name for t, _ in group)}: {e} (its log: {db_dir / 'logs'}; records so "
-                                "far are kept; set tuning.trials: 0 in the manifest to compile untuned)") from e
-            for t, n in group:
-                spent[_key(t)] = have[extracted.index(t)] + n
-            write_json(db_dir / SPENT, spent)
+        with _measuring(board, mode, lab_path, info) as (runner, builder, endpoints):
+            for k, group in enumerate(_groups(todo), 1):
+                log.info("tune %s: group %d: %s, %d trials each", board.name, k,
+                         ", ".join(t.task_name for t, _ in group), group[0][1])
+                before = sum(_records(db, t) for t, _ in group)
+                try:
+                    _tune_group(group, db, db_dir, ms, runner=runner, builder=builder)
+                except Exception as e:  # MetaSchedule raises TVM's own error types
+                    raise PassError(f"tune for board '{board.name}' (target {target_dict}): MetaSchedule failed on "
+                                    f"{', '.join(t.task_name for t, _ in group)}: {e} (its log: {db_dir / 'logs'}; records "
+                                    "so far are kept; set tuning.trials: 0 in the manifest to compile untuned)") from e
+                _check_boards(board, endpoints, group, before, sum(_records(db, t) for t, _ in group), db_dir)
+                for t, n in group:
+                    spent[_key(t)] = have[extracted.index(t)] + n
+                write_json(db_dir / SPENT, spent)
         info["trials_run"] = sum(_records(db, t) for t in extracted) - sum(records_before)
     else:
         log.info("tune %s: all %d kernels already tuned in %s; no trials", board.name, len(extracted), db_dir)
+    if mode == "rpc":
+        info.setdefault("boards", [])  # no kernel left to tune: no board was used
     info["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(out_json, info)
     return info
@@ -217,7 +272,53 @@ def _groups(plan: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
     return list(by_n.values())
 
 
-def _tune_group(group: list[tuple[Any, int]], db, db_dir: Path, ms) -> None:
+@contextlib.contextmanager
+def _measuring(board: Board, mode: str, lab_path: Path | None, info: dict):
+    """(runner, builder, endpoints) for ``mode``: MetaSchedule's local runner and the in-process
+    builder for native, for rpc the board servers (up for the block) and their RPC runner."""
+    if mode != "rpc":
+        yield None, None, []
+        return
+    from hil.rpc import board_endpoints
+    from passes.support.rpc_measure import rpc_runner, so_builder
+
+    try:
+        with board_endpoints(board, lab_path) as (endpoints, skipped), \
+                tempfile.TemporaryDirectory(prefix="kiln-rpc-locks-") as locks:
+            if not endpoints:
+                raise PassError(f"tune for board '{board.name}': no instance of it can serve TVM RPC now "
+                                f"({'; '.join(f'{n}: {w}' for n, w in skipped.items()) or 'none in the lab'})")
+            info["boards"] = [ep.board for ep in endpoints]
+            info["skipped_boards"] = skipped
+            log.info("tune %s: measuring over TVM RPC on %s", board.name,
+                     ", ".join(f"{ep.board} ({ep.host}:{ep.port})" for ep in endpoints))
+            yield (rpc_runner([(ep.host, ep.port, ep.key) for ep in endpoints], Path(locks)),
+                   so_builder(board.cc), endpoints)
+            # candidates measured on each board (its server's sessions): several boards share the trials
+            info["sessions"] = {ep.board: ep.sessions() for ep in endpoints}
+    except KilnError as e:
+        if isinstance(e, PassError):
+            raise
+        raise PassError(f"tune for board '{board.name}' over TVM RPC: {e}") from e
+
+
+def _check_boards(board: Board, endpoints: list, group, before: int, after: int, db_dir: Path) -> None:
+    """After a group measured on boards: each board's server still answers, and kernels that had
+    no records have some now (a board that fails every candidate leaves MetaSchedule running
+    on, recording none; kernels with records may find no new candidate in a small space)."""
+    for ep in endpoints:
+        try:
+            ep.check()
+        except KilnError as e:
+            raise PassError(f"tune for board '{board.name}': lost a measuring board during the tune: {e} "
+                            f"(records so far are kept in {db_dir})") from e
+    if endpoints and before == 0 and after == 0:
+        raise PassError(f"tune for board '{board.name}': no candidate of {', '.join(t.task_name for t, _ in group)} "
+                        f"was measured on {', '.join(ep.board for ep in endpoints)} over TVM RPC (every run failed; "
+                        f"MetaSchedule's log: {db_dir / 'logs'})")
+
+
+def _tune_group(group: list[tuple[Any, int]], db, db_dir: Path, ms, runner=None, builder=None) -> None:
     per_task = group[0][1]
     target = group[0][0].target
     # more than one search round per task: an xgboost cost model steers the later rounds;
@@ -232,8 +333,8 @@ def _tune_group(group: list[tuple[Any, int]], db, db_dir: Path, ms) -> None:
     )
     ms.tune.tune_tasks(
         tasks=contexts, task_weights=weights, work_dir=str(db_dir / "logs"), max_trials_global=per_task * len(group),
-        max_trials_per_task=per_task, num_trials_per_iter=per_iter, builder=_in_process_builder(),
-        runner=ms.runner.LocalRunner(timeout_sec=30), database=db,
+        max_trials_per_task=per_task, num_trials_per_iter=per_iter, builder=builder or _in_process_builder(),
+        runner=runner or ms.runner.LocalRunner(timeout_sec=30), database=db,
         cost_model="xgb" if per_task > per_iter else "random",
     )
 
