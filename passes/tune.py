@@ -183,7 +183,9 @@ def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Pa
     # spent per kernel no longer say how many records it has
     damaged = repair_database(db_dir)
     db = open_database(db_dir)
-    extracted = ms.relax_integration.extract_tasks(mod, target)
+    # kernels with a fixed schedule (the packed int8 convs, tvm_build.prepare) are not tuned
+    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
+                 if not (t.dispatched[0]["main"].attrs or {}).get("tirx.is_scheduled")]
     flops = [float(estimate_tir_flops(t.dispatched[0])) * t.weight for t in extracted]
     spent = {} if damaged else _spent(db_dir)
     records_before = [_records(db, t) for t in extracted]

@@ -55,6 +55,11 @@ MOVE_OPS = ("relax.nn.max_pool2d", "relax.reshape", "relax.flatten", "relax.stri
             "relax.take", "relax.permute_dims", "relax.expand_dims")
 
 
+# the blocked layout of the packed int8 conv: 16 output channels x 4 input channels, the tile
+# of vpdpbusd (dot_16x4_vnni) and of Kiln's AVX2 intrinsic
+OC_BLOCK, IC_BLOCK = 16, 4
+
+
 class _Skip(Exception):
     """A matched pattern this lowering does not handle: leave the expression as it is."""
 
@@ -201,6 +206,7 @@ class _Rewrites:
 
     def __init__(self, bb):
         self.bb = bb  # a BlockBuilder on the module: it adds the new kernels under unique names
+        self._packed: dict = {}  # packed conv kernel (GlobalVar) -> what built it (pool_into_conv)
 
     # -- conv2d + bias + relu + quantize ------------------------------------------------------
     def conv_int8(self):
@@ -229,6 +235,9 @@ class _Rewrites:
                 bias = _bias(m[b_val] if b_dq not in m else None, m.get(b_dq), acc_scale)
             bias = _int32(bias - zp_x * wq.reshape(len(s_w), -1).astype(np.int64).sum(1))
             data, padding = m[xq], [int(p) for p in attrs.padding]
+            mult = requant_multiplier(s_x, s_w, s_out)
+            if int(attrs.groups) == 1 and _dtype(data) == "uint8" and zp_x == 0:
+                return self._packed_conv(data, wq, bias, mult, attrs, padding, zp_out, relu in m, out_dtype)
             if zp_x != 0 and any(padding):  # pad with the zero point, the code of 0.0 (int8 only)
                 top, left, bottom, right = padding
                 data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zp_x))
@@ -236,8 +245,121 @@ class _Rewrites:
             acc = relax.op.nn.conv2d(data, relax.const(wq, "int8"), strides=attrs.strides, padding=padding,
                                      dilation=attrs.dilation, groups=attrs.groups, out_dtype="int32")
             acc = relax.op.add(acc, relax.const(bias.reshape(1, -1, 1, 1), "int32"))
-            mult = requant_multiplier(s_x, s_w, s_out)
             return _requantize(acc, mult, (1, -1, 1, 1), zp_out, relu in m, out_dtype)
+
+        return root, rewrite
+
+    def _packed_conv(self, data, wq: np.ndarray, bias: np.ndarray, mult: np.ndarray, attrs, padding: list[int],
+                     zp_out: int, relu: bool, out_dtype: str):
+        """The conv as one packed int8 kernel (:meth:`_emit_packed`); remembered, so that a
+        max pool on its output can be folded in (:meth:`pool_into_conv`)."""
+        spec = {"data": data, "wq": wq, "bias": bias, "mult": np.broadcast_to(mult.reshape(-1), (wq.shape[0],)),
+                "strides": [int(v) for v in attrs.strides], "dilation": [int(v) for v in attrs.dilation],
+                "padding": padding, "zp_out": zp_out, "relu": relu, "out_dtype": out_dtype}
+        return self._emit_packed(spec, None)
+
+    def _emit_packed(self, spec: dict, pool: tuple[int, int, int, int] | None):
+        """One kernel: uint8 x int8 conv in the blocked layout of the x86/ARM dot-product
+        intrinsics, with its bias and requantization (and a max pool ``(kh, kw, sh, sw)`` of
+        its output, unpadded), NCHW in and out.
+
+        Inside: the input is padded and packed to ``[N, ceil(C/4), H', W', 4]`` (zeros in the
+        padded channels, exact), the weight (a constant, packed here) is ``[ceil(O/16),
+        ceil(C/4), KH, KW, 16, 4]``, and the int32 accumulator ``[N, ceil(O/16), OH, OW, 16]``
+        sums over (C/4, KH, KW, 4) with the 4-deep channel reduction innermost next to 16
+        output channels: exactly the shape of ``dot_16x4_vnni`` (vpdpbusd: 16 int32 lanes += 4
+        uint8 x int8 products each, exact), which MetaSchedule's x86 rules tensorize on a VNNI
+        target, and of Kiln's AVX2 intrinsic (passes/support/int8_intrin.py). The requantize
+        epilogue is element by element in the same blocked layout (MetaSchedule fuses it into
+        the conv's tiles) and is _requantize's arithmetic (same float32 ops, same order): the
+        library stays bit-exact with the fake-quant twin. Last, the 8-bit codes are gathered
+        back to NCHW, through the max pool's window when one is folded in (max commutes with
+        the monotone requantization, so pooling codes is what the graph computed)."""
+        from functools import reduce
+
+        from tvm import relax, te, tirx
+
+        wq, relu, out_dtype, zp_out = spec["wq"], spec["relu"], spec["out_dtype"], spec["zp_out"]
+        out_c, in_c, kh, kw = wq.shape
+        oc_blocks, ic_blocks = -(-out_c // OC_BLOCK), -(-in_c // IC_BLOCK)
+        wpad = np.zeros((oc_blocks * OC_BLOCK, ic_blocks * IC_BLOCK, kh, kw), np.int8)
+        wpad[:out_c, :in_c] = wq
+        # [O/16, 16, C/4, 4, KH, KW] -> [O/16, C/4, KH, KW, 16, 4]
+        wpack = wpad.reshape(oc_blocks, OC_BLOCK, ic_blocks, IC_BLOCK, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+        bias = np.zeros(oc_blocks * OC_BLOCK, np.int32)
+        bias[:out_c] = spec["bias"]
+        mult = np.zeros(oc_blocks * OC_BLOCK, np.float32)
+        mult[:out_c] = spec["mult"]
+        (sh, sw), (dh, dw) = spec["strides"], spec["dilation"]
+        top, left, bottom, right = spec["padding"]
+        qmin, qmax = act_range(out_dtype)
+        lo = max(qmin, zp_out) if relu else qmin
+
+        def kernel(x, w_t, b_t, m_t):
+            n, _, h, wd = x.shape
+            hp, wp = h + top + bottom, wd + left + right
+            oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+
+            def pack(b, co, y, xx, c4):
+                c, yy, xi = co * IC_BLOCK + c4, y - top, xx - left
+                inside = tirx.all(c < in_c, yy >= 0, yy < h, xi >= 0, xi < wd)
+                return tirx.if_then_else(inside, x[b, tirx.min(c, in_c - 1), yy, xi], tirx.const(0, "uint8"))
+
+            xp = te.compute((n, ic_blocks, hp, wp, IC_BLOCK), pack, name="data_packed")
+            rco, rkh, rkw, rc4 = (te.reduce_axis((0, ic_blocks), "rco"), te.reduce_axis((0, kh), "rkh"),
+                                  te.reduce_axis((0, kw), "rkw"), te.reduce_axis((0, IC_BLOCK), "rc4"))
+            acc = te.compute(
+                (n, oc_blocks, oh, ow, OC_BLOCK),
+                lambda b, o, y, xx, o16: te.sum(
+                    xp[b, rco, y * sh + rkh * dh, xx * sw + rkw * dw, rc4].astype("int32")
+                    * w_t[o, rco, rkh, rkw, o16, rc4].astype("int32"), axis=[rco, rkh, rkw, rc4]),
+                name="conv2d_packed_int8")
+
+            def requant(b, o, y, xx, o16):
+                c = o * OC_BLOCK + o16
+                v = tirx.round((acc[b, o, y, xx, o16] + b_t[c]).astype("float32") * m_t[c])
+                if zp_out:
+                    v = v + tirx.const(float(zp_out), "float32")
+                v = tirx.max(tirx.min(v, tirx.const(float(qmax), "float32")), tirx.const(float(lo), "float32"))
+                return v.astype(out_dtype)
+
+            codes = te.compute((n, oc_blocks, oh, ow, OC_BLOCK), requant, name="requantize")
+            if pool is None:
+                return te.compute((n, out_c, oh, ow),
+                                  lambda b, c, y, xx: codes[b, c // OC_BLOCK, y, xx, c % OC_BLOCK], name="to_nchw")
+            pkh, pkw, psh, psw = pool
+            return te.compute(
+                (n, out_c, (oh - pkh) // psh + 1, (ow - pkw) // psw + 1),
+                lambda b, c, y, xx: reduce(tirx.max, [codes[b, c // OC_BLOCK, y * psh + i, xx * psw + j, c % OC_BLOCK]
+                                                      for i in range(pkh) for j in range(pkw)]),
+                name="max_pool_to_nchw")
+
+        args = [spec["data"], relax.const(wpack, "int8"), relax.const(bias, "int32"), relax.const(mult, "float32")]
+        prim, call_args, out_ty = relax.utils.gen_call_tir_inputs(kernel, *args)
+        gv = self.bb.add_func(prim, "conv2d_int8_packed" + ("_max_pool" if pool else ""))
+        self._packed[gv] = spec
+        return relax.call_tir(gv, call_args, out_ty)
+
+    def pool_into_conv(self):
+        """max_pool2d(packed int8 conv) -> one kernel with the pool folded in (no padding,
+        dilation 1, floor mode, NCHW; windows up to 4x4): one parallel region and one call
+        fewer, and the conv's codes never leave the cache."""
+        from tvm.relax.dpl import is_op, wildcard
+
+        conv = is_op("relax.call_tir")(wildcard(), wildcard())
+        root = is_op("relax.nn.max_pool2d")(conv)
+
+        def rewrite(orig, m):
+            spec = self._packed.get(m[conv].args[0])
+            a = orig.attrs
+            if (spec is None or any(int(p) for p in a.padding) or any(int(d) != 1 for d in a.dilation)
+                    or bool(a.ceil_mode) or a.layout != "NCHW" or (a.out_layout or "NCHW") != "NCHW"):
+                raise _Skip
+            (pkh, pkw), (psh, psw) = [int(v) for v in a.pool_size], [int(v) for v in a.strides]
+            if pkh * pkw > 16:
+                raise _Skip
+            # the conv's input as the graph has it now (later rewrites may have rebound it)
+            return self._emit_packed({**spec, "data": m[conv].args[1].fields[0]}, (pkh, pkw, psh, psw))
 
         return root, rewrite
 
@@ -617,7 +739,7 @@ def lower(mod):
     bb = relax.BlockBuilder(mod)
     rw = _Rewrites(bb)
     order = [rw.conv_int8(), rw.dense_int8(), rw.dense_float_out(True), rw.dense_float_out(False),
-             rw.mean_int8(), rw.add_sub_int8(), rw.mul_int8(), rw.lut_int8(), rw.relu_int8(), rw.moves(),
+             rw.mean_int8(), rw.add_sub_int8(), rw.mul_int8(), rw.lut_int8(), rw.relu_int8(), rw.moves(), rw.pool_into_conv(),
              rw.same_params(), rw.weight_only("conv"), rw.weight_only("dense"), rw.dequantize_output()]
     for gv, func in funcs:
         for pattern, rewriter in order:

@@ -21,6 +21,8 @@ from typing import Any
 from kiln.artifacts import atomic_path, sha256_file, write_bytes, write_json
 from kiln.errors import PassError
 from kiln.schema import Board
+from passes.support import int8_intrin
+from passes.support.int8_intrin import design_space  # noqa: F401  (tune.py imports it from here)
 
 log = logging.getLogger("kiln.compile")
 
@@ -151,11 +153,14 @@ def target_key(board: Board, target: dict[str, Any]) -> str:
 
 def prepare(mod, target):
     """Legalize and fuse ``mod`` the way MetaSchedule extracts tasks and the compile stage applies
-    the database (relax's zero pipeline)."""
+    the database (relax's zero pipeline); the packed int8 convs get their fixed schedule
+    (int8_intrin.schedule_packed_convs) and are marked scheduled."""
     from tvm import relax
 
     with target:
-        return relax.get_pipeline("zero")(mod)
+        mod = relax.get_pipeline("zero")(mod)
+    import_cpu_tensor_intrinsics()
+    return int8_intrin.schedule_packed_convs(mod, target)  # a fixed schedule, never tuned
 
 
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
@@ -307,11 +312,6 @@ def apply(mod, target, db_dir: Path):
     return mod, {"tuned": len(tuned), "untuned": sorted(set(before) - set(tuned))}
 
 
-def design_space(target):
-    """MetaSchedule's design space for ``target`` (placeholder: the default, filled in for int8)."""
-    return "post-order-apply"
-
-
 def import_cpu_tensor_intrinsics() -> None:
     """Register the x86 and arm tensor intrinsics without importing the GPU tables.
 
@@ -322,6 +322,7 @@ def import_cpu_tensor_intrinsics() -> None:
 
     name = "tvm.s_tir.tensor_intrin"
     if name in sys.modules:
+        int8_intrin.register()
         return
     import tvm.s_tir as s_tir
 
@@ -335,6 +336,7 @@ def import_cpu_tensor_intrinsics() -> None:
     except Exception:
         del sys.modules[name]
         raise
+    int8_intrin.register()  # after TVM's x86 table: it replaces TVM's broken dot_16x4_vnni
 
 
 # TOPI marks every pooling block with a custom schedule rule (``schedule_rule`` =

@@ -28,7 +28,7 @@ from passes.support.common import load_split, to_tensor
 from passes.support.int8 import graph_plan
 from passes.support.onnx_export import export_float, export_model
 from passes.support.tvm_build import compile_onnx, import_onnx, prepare, resolve_target
-from tests.passes.conftest import small_project
+from tests.passes.conftest import int8_convs, small_project
 
 CLASSES = 5
 SAMPLES = 48  # validation samples compared
@@ -325,12 +325,15 @@ def test_lowered_relax_module_is_integer(graph):
 
     mod = import_onnx(graph["onnx"], graph["shape"])
     layers = graph["ckpt"]["quantization"]["layers"]
-    for op, kind in (("relax.nn.conv2d", "conv"), ("relax.matmul", "linear")):
-        calls = _calls(mod, op)
-        assert len(calls) == sum(s["kind"] == kind for s in layers.values()), op
-        for c in calls:  # 8-bit activations x int8 weights -> int32
-            assert str(c.args[0].ty.dtype) in ("uint8", "int8") and str(c.args[1].ty.dtype) == "int8"
-            assert str(c.attrs.out_dtype) == "int32"
+    convs = int8_convs(mod)  # relax.nn.conv2d ops and the packed kernels (uint8, zero point 0)
+    dense = [{"data": str(c.args[0].ty.dtype), "weight": str(c.args[1].ty.dtype), "acc": str(c.attrs.out_dtype)}
+             for c in _calls(mod, "relax.matmul")]
+    for found, kind in ((convs, "conv"), (dense, "linear")):
+        assert len(found) == sum(s["kind"] == kind for s in layers.values()), kind
+        for c in found:  # 8-bit activations x int8 weights -> int32
+            assert c["data"] in ("uint8", "int8") and c["weight"] == "int8" and c["acc"] == "int32"
+    for c in convs:  # the packed kernel only where its exactness argument holds
+        assert not c["packed"] or c["data"] == "uint8"
     # no float path left: the one quantize is the float input's
     assert not _calls(mod, "relax.dequantize")
     assert [c.args[0].same_as(mod["main"].params[0]) for c in _calls(mod, "relax.quantize")] == [True]
@@ -344,12 +347,14 @@ def test_lowered_relax_module_is_integer(graph):
     relax.build(folded, target=tvm.target.Target({"kind": "llvm"}))
 
 
-def test_x86_library_computes_the_twin_bit_for_bit(graph, tmp_path):
-    """The compile stage's own path (compile_onnx for x86-host: resolve_target, fusion, build,
-    export with the board's compiler), the library loaded and run in-process."""
+@pytest.mark.parametrize("board_name", ["x86-host", "x86-avx2"])
+def test_x86_library_computes_the_twin_bit_for_bit(graph, tmp_path, board_name):
+    """The compile stage's own path (compile_onnx: resolve_target, fusion, build, export with
+    the board's compiler), the library loaded and run in-process: on x86-host the packed convs
+    use VNNI (vpdpbusd), on x86-avx2 (Haswell, which this CPU runs) Kiln's exact AVX2 one."""
     import tvm
 
-    board = load_board("x86-host")
+    board = load_board(board_name)
     so = tmp_path / "model.so"
     compile_onnx(board, graph["onnx"], graph["shape"], so, tmp_path / "compile.json")
     got = _run_vm(tvm.runtime.load_module(str(so)), graph["x"].numpy())

@@ -22,7 +22,7 @@ from passes.support.common import load_checkpoint, load_split, rebuild, save_che
 from passes.support.onnx_export import export_checkpoint
 from passes.support.tvm_build import import_onnx
 from tests.conftest import write_project
-from tests.passes.conftest import randomize_bn, small_manifest, small_project, write_splits
+from tests.passes.conftest import int8_convs, randomize_bn, small_manifest, small_project, write_splits
 
 TARGET = {"kind": "llvm", "num-cores": 2}
 
@@ -174,16 +174,19 @@ def test_lowered_module_is_int8_with_int32_accumulation(small_trained, tmp_path)
 
     twin, ckpt, onnx_path, _ = exported(small_trained, tmp_path)
     mod = import_onnx(onnx_path, [1, ckpt["channels"], *ckpt["image_size"]])
-    convs, dense = calls(mod, "relax.nn.conv2d"), calls(mod, "relax.matmul")
+    convs, dense = int8_convs(mod), calls(mod, "relax.matmul")
     assert len(convs) == len(small_project().architecture.widths) and len(dense) == 1
-    for c in convs + dense:  # uint8 activations x int8 weights -> int32
-        assert str(c.args[0].ty.dtype) == "uint8" and str(c.args[1].ty.dtype) == "int8"
-        assert str(c.attrs.out_dtype) == "int32"
+    # uint8 activations with zero point 0: every conv is the packed kernel of the dot-product
+    # intrinsics (its padding inside, no explicit pad)
+    assert all(c["packed"] for c in convs) and not calls(mod, "relax.nn.pad")
+    for c in convs + [{"data": str(d.args[0].ty.dtype), "weight": str(d.args[1].ty.dtype),
+                       "acc": str(d.attrs.out_dtype)} for d in dense]:  # uint8 x int8 -> int32
+        assert (c["data"], c["weight"], c["acc"]) == ("uint8", "int8", "int32")
     assert not calls(mod, "relax.dequantize")  # no float path left
-    # zero point 0: the convs pad with their own padding attribute, no explicit pad
-    assert not calls(mod, "relax.nn.pad") and all(any(int(p) for p in c.attrs.padding) for c in convs)
     shapes = weight_shapes(twin)
-    sizes = {int(np.prod(s)) for s in shapes}
+    # a packed conv weight is padded to blocks of 16 output x 4 input channels
+    sizes = {int(np.prod(s)) if len(s) == 2 else -(-s[0] // 16) * 16 * -(-s[1] // 4) * 4 * s[2] * s[3]
+             for s in shapes}
     # the weights are int8 constants, and FoldConstant (in the tuning pipeline) leaves them so
     with tvm.target.Target(TARGET):
         folded = relax.get_pipeline("zero")(mod)
@@ -229,8 +232,11 @@ def test_negative_activations_stay_asymmetric_int8(small_trained, tmp_path):
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
     assert np.abs(got - ref).max() <= 4 * (ref.max() - ref.min()) / 255
     mod = import_onnx(tmp_path / "n.onnx", [1, *x.shape[1:]])
-    convs = calls(mod, "relax.nn.conv2d")
-    assert [str(c.args[0].ty.dtype) for c in convs] == ["uint8", "int8"] and len(calls(mod, "relax.nn.pad")) == 1
+    convs = int8_convs(mod)
+    # the uint8 one (zero point 0) is the packed kernel; the int8 one, with its zero point, pads
+    # with that code explicitly and stays a conv2d op
+    assert [(c["data"], c["packed"]) for c in convs] == [("uint8", True), ("int8", False)]
+    assert len(calls(mod, "relax.nn.pad")) == 1
     np.testing.assert_array_equal(run_library(mod, x.numpy()), ref)
 
 
