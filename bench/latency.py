@@ -2,13 +2,17 @@
 (generic x86-64, then the board's mcpu), TVM tuned (the build's MetaSchedule database), ONNX
 Runtime and PyTorch eager, at batch 1 with the same thread count.
 
-For each app it benchmarks the trained fp32 network (model.pt, exported here to a temporary
-ONNX file) and the deployed model (model.onnx: the compressed one the boards run). Every
-engine is timed by the same Python loop (perf_counter around one call), in interleaved rounds
-so that machine noise lands on all of them alike. Kernels the tuning database lacks are tuned
+For each app it benchmarks, as the board is fed (raw samples in, through the app's front end):
+- **fp32, deployed widths**: the compressed network (compressed.pt) in float, exported here;
+- **int8 deployed**: model.onnx, the library the boards run (when the app is quantized);
+- with ``--trained``, also the trained fp32 network (model.pt) before compression.
+Every engine is timed by the same Python loop (perf_counter around one call), in interleaved
+rounds so that machine noise lands on all of them alike; the spread is the range of the
+per-round medians over their median. The summary gives TVM tuned against ONNX Runtime and
+int8 against the fp32 library of the same widths. Kernels the tuning database lacks are tuned
 first with --trials trials (0: report them untuned).
 
-Run after a build (``make deploy`` or ``doit deploy:<app>``):
+Run after a build (``make deploy`` or ``doit deploy:<app>``), with nothing else at work:
     .venv/bin/python bench/latency.py [--apps traffic_signs check_digits] [--threads 2]
 """
 
@@ -30,6 +34,7 @@ def parse_args():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per engine")
     ap.add_argument("--calls", type=int, default=200, help="timed calls per engine per round")
+    ap.add_argument("--trained", action="store_true", help="also the trained fp32 network (model.pt)")
     ap.add_argument("--trials", type=int, default=None,
                     help="MetaSchedule trials for kernels the database lacks (default: the x86-host board's tune_trials)")
     return ap.parse_args()
@@ -68,29 +73,49 @@ def timed(fn, calls: int) -> list[float]:
     return out
 
 
-def tvm_engine(onnx_path: Path, shape: list[int], target_dict: dict, database: Path | None):
+def onnx_input(onnx_path: Path) -> tuple[list[int], str]:
+    """The model's input as the board feeds it: (shape at batch 1, numpy dtype)."""
+    import onnx
+
+    inp = onnx.load(str(onnx_path), load_external_data=False).graph.input[0]
+    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    return [1, *shape[1:]], onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type).name
+
+
+def sample(shape: list[int], dtype: str) -> np.ndarray:
+    """One random input: uniform [0, 1) for floats, the type's range for integers (raw pixels)."""
+    rng = np.random.default_rng(0)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+    return rng.random(shape, dtype=np.float32).astype(dtype)
+
+
+def tvm_engine(onnx_path: Path, target_dict: dict, database: Path | None):
     import tvm
     from tvm import relax
 
     from passes.support import tvm_build
 
+    shape, dtype = onnx_input(onnx_path)
     target = tvm.target.Target(target_dict)
     mod = tvm_build.import_onnx(onnx_path, shape)
     if database is not None:
         mod, _ = tvm_build.apply(mod, target, database)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
-    x = tvm.runtime.tensor(np.random.default_rng(0).random(shape, dtype=np.float32))
+    x = tvm.runtime.tensor(sample(shape, dtype))
     f = vm["main"]
     return lambda: f(x)
 
 
-def ort_engine(onnx_path: Path, shape: list[int], threads: int):
+def ort_engine(onnx_path: Path, threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     s = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    feed = {s.get_inputs()[0].name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+    shape, dtype = onnx_input(onnx_path)
+    feed = {s.get_inputs()[0].name: sample(shape, dtype)}
     return lambda: s.run(None, feed)
 
 
@@ -108,21 +133,30 @@ def torch_engine(model, shape: list[int], threads: int):
     return call
 
 
-def bench_model(onnx_path: Path, shape: list[int], torch_model, args, board, tune_json: Path):
+def spread(samples: list[float], rounds: int) -> float:
+    """Range of the per-round medians over their median (samples are in round order)."""
+    per = [float(np.median(r)) for r in np.array_split(np.asarray(samples), rounds)]
+    return (max(per) - min(per)) / float(np.median(per))
+
+
+def bench_model(onnx_path: Path, feature_shape: list[int], torch_model, args, board, tune_json: Path):
+    """Tune what the database lacks, then time every engine in interleaved rounds:
+    (tune report, {engine: (median s, p99 s, spread)})."""
     from passes import tune
     from passes.support import tvm_build
 
     target = tvm_build.resolve_target(board)
     generic = {k: v for k, v in target.items() if k not in ("mcpu", "mattr")}
     trials = board.tune_trials if args.trials is None else args.trials
+    shape, _ = onnx_input(onnx_path)
     tune_info = tune.tune_onnx(board, onnx_path, shape, tuning_root(), trials, tune_json)
     db = Path(tune_info["database"]) if tune_info["measured"] else None
     engines = {
-        "TVM untuned (generic x86-64)": tvm_engine(onnx_path, shape, generic, None),
-        f"TVM untuned (mcpu {target.get('mcpu')})": tvm_engine(onnx_path, shape, target, None),
-        "TVM tuned": tvm_engine(onnx_path, shape, target, db) if db else None,
-        "ONNX Runtime": ort_engine(onnx_path, shape, args.threads),
-        "PyTorch eager": torch_engine(torch_model, shape, args.threads) if torch_model is not None else None,
+        "TVM untuned (generic x86-64)": tvm_engine(onnx_path, generic, None),
+        f"TVM untuned (mcpu {target.get('mcpu')})": tvm_engine(onnx_path, target, None),
+        "TVM tuned": tvm_engine(onnx_path, target, db) if db else None,
+        "ONNX Runtime": ort_engine(onnx_path, args.threads),
+        "PyTorch eager": torch_engine(torch_model, feature_shape, args.threads) if torch_model is not None else None,
     }
     engines = {k: v for k, v in engines.items() if v is not None}
     times: dict[str, list[float]] = {k: [] for k in engines}
@@ -131,7 +165,21 @@ def bench_model(onnx_path: Path, shape: list[int], torch_model, args, board, tun
     for _ in range(args.rounds):
         for name, fn in engines.items():
             times[name] += timed(fn, args.calls)
-    return tune_info, {k: (float(np.median(v)), float(np.percentile(v, 99))) for k, v in times.items()}
+    return tune_info, {k: (float(np.median(v)), float(np.percentile(v, 99)), spread(v, args.rounds))
+                       for k, v in times.items()}
+
+
+def fp32_of_deployed(lay: Layout, out_dir: Path):
+    """The compressed network in float (its QAT weights as trained, no fake quantization),
+    exported with the app's front end as the deployed model is: (onnx path, torch model)."""
+    from passes.support.common import load_checkpoint
+    from passes.support.onnx_export import export_model
+
+    model, ckpt = load_checkpoint(lay.compressed_pt)
+    ckpt = {k: v for k, v in ckpt.items() if k != "quantization"}
+    out = out_dir / f"{lay.app}-fp32-deployed-widths.onnx"
+    export_model(model, ckpt, lay.data, out, out_dir / f"{lay.app}-fp32-deployed-widths.json")
+    return out, model
 
 
 def main() -> int:
@@ -144,8 +192,9 @@ def main() -> int:
     peak, peak_how = peak_gflops(args.threads)
     print(f"# bench/latency.py: batch 1, {args.threads} threads, x86-host; peak {peak:.0f} GFLOP/s ({peak_how})")
     print("# same Python timing loop for every engine; medians over "
-          f"{args.rounds} interleaved rounds x {args.calls} calls")
-    summary = []
+          f"{args.rounds} interleaved rounds x {args.calls} calls; spread: range of the round medians / median")
+    print("# TVM and ONNX Runtime take the raw input through the app's front end; PyTorch eager the features")
+    summary, tuned = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for app in args.apps:
             lay = Layout(app)
@@ -153,33 +202,47 @@ def main() -> int:
             if missing:
                 print(f"\n## {app}: skipped, {', '.join(missing)} missing; build it first: .venv/bin/doit deploy:{app}")
                 continue
-            fp32, ckpt = load_checkpoint(lay.model_pt)
-            shape = [1, ckpt["channels"], *ckpt["image_size"]]
-            fp32_onnx = Path(tmp) / f"{app}-fp32.onnx"
-            export_float(fp32, tuple(shape), fp32_onnx)
             deployed, dckpt = load_checkpoint(lay.compressed_pt)
-            models = [("fp32 trained", fp32_onnx, fp32, measure(fp32, tuple(shape[1:])).macs)]
+            shape = [1, dckpt["channels"], *dckpt["image_size"]]
             quantized = bool(dckpt.get("quantization"))
-            models.append(("deployed" + (" int8" if quantized else ""), lay.onnx, None if quantized else deployed,
-                           measure(deployed, tuple(shape[1:])).macs))
+            models = []
+            if args.trained:
+                fp32, _ = load_checkpoint(lay.model_pt)
+                fp32_onnx = Path(tmp) / f"{app}-fp32.onnx"
+                export_float(fp32, tuple(shape), fp32_onnx)
+                models.append(("fp32 trained", fp32_onnx, fp32, measure(fp32, tuple(shape[1:])).macs))
+            deployed_macs = measure(deployed, tuple(shape[1:])).macs
+            if quantized:
+                fp32_onnx, fp32_model = fp32_of_deployed(lay, Path(tmp))
+                models.append(("fp32 deployed widths", fp32_onnx, fp32_model, deployed_macs))
+                models.append(("int8 deployed", lay.onnx, None, deployed_macs))
+            else:
+                models.append(("fp32 deployed", lay.onnx, deployed, deployed_macs))
             for label, onnx_path, tmodel, macs in models:
                 tune_info, res = bench_model(onnx_path, shape, tmodel, args, board,
                                              Path(tmp) / f"{app}-{label.replace(' ', '-')}-tune.json")
                 print(f"\n## {app}, {label}: {macs:,} MACs; tuning: {tune_info['trials_run']} trials run now, "
                       f"{tune_info.get('tasks_reused', 0)}/{len(tune_info['tasks'])} kernels from the database, "
                       f"{tune_info['seconds']:.0f} s ({tune_info['why']})")
-                print("| engine | median µs | p99 µs | GFLOP/s | % of peak | vs ONNX Runtime |")
-                print("|---|---|---|---|---|---|")
+                print("| engine | median µs | p99 µs | spread | GOP/s | % of fp32 peak | vs ONNX Runtime |")
+                print("|---|---|---|---|---|---|---|")
                 ort_med = res["ONNX Runtime"][0]
-                for name, (med, p99) in res.items():
-                    gflops = 2 * macs / med / 1e9
-                    print(f"| {name} | {med * 1e6:.1f} | {p99 * 1e6:.1f} | {gflops:.1f} | {100 * gflops / peak:.1f} | "
-                          f"{med / ort_med:.2f}x |")
+                for name, (med, p99, spr) in res.items():
+                    gops = 2 * macs / med / 1e9
+                    print(f"| {name} | {med * 1e6:.1f} | {p99 * 1e6:.1f} | {100 * spr:.0f}% | {gops:.1f} | "
+                          f"{100 * gops / peak:.1f} | {med / ort_med:.2f}x |")
                 if "TVM tuned" in res:
                     summary.append((app, label, res["TVM tuned"][0] / ort_med))
+                    tuned[(app, label)] = res["TVM tuned"][0]
     print("\n# TVM tuned / ONNX Runtime, median:")
     for app, label, ratio in summary:
         print(f"#   {app} {label}: {ratio:.2f}x")
+    pairs = [(app, t8, tuned[(app, "fp32 deployed widths")]) for (app, label), t8 in tuned.items()
+             if label == "int8 deployed" and (app, "fp32 deployed widths") in tuned]
+    if pairs:
+        print("# TVM tuned int8 / TVM tuned fp32 of the same widths, median:")
+        for app, t8, t32 in pairs:
+            print(f"#   {app}: {t8 * 1e6:.1f} / {t32 * 1e6:.1f} µs = {t8 / t32:.2f}x")
     return 0
 
 
