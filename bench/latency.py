@@ -170,16 +170,14 @@ def bench_model(onnx_path: Path, feature_shape: list[int], torch_model, args, bo
 
 
 def fp32_of_deployed(lay: Layout, out_dir: Path):
-    """The compressed network in float (its QAT weights as trained, no fake quantization),
-    exported with the app's front end as the deployed model is: (onnx path, torch model)."""
+    """The compressed network in float with the app's front end, as the deployed model is
+    exported: (onnx path, torch model)."""
     from passes.support.common import load_checkpoint
-    from passes.support.onnx_export import export_model
+    from passes.support.onnx_export import export_float_of
 
-    model, ckpt = load_checkpoint(lay.compressed_pt)
-    ckpt = {k: v for k, v in ckpt.items() if k != "quantization"}
     out = out_dir / f"{lay.app}-fp32-deployed-widths.onnx"
-    export_model(model, ckpt, lay.data, out, out_dir / f"{lay.app}-fp32-deployed-widths.json")
-    return out, model
+    export_float_of(lay.compressed_pt, lay.data, out, out_dir / f"{lay.app}-fp32-deployed-widths.json")
+    return out, load_checkpoint(lay.compressed_pt)[0]
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """Tuning on the board over TVM RPC, and what it buys on that board: the emulated lab's x86-host
 board (a real sshd in its own network namespace) serves ``kiln-runner --rpc-serve``; MetaSchedule
-tunes the deployed traffic_signs model (build/traffic_signs/model.onnx) with N trials measured
+tunes traffic_signs (by default the float network of its deployed widths, exported here: the int8
+library, model.onnx, has no kernel left that is tuned) with N trials measured
 there through the SSH port forward, into a fresh database; then the untuned and the tuned
 library are each run ON THE BOARD by the runner (uploaded over SSH like a deploy), in
 interleaved rounds, and the table gives both medians, their ratio and the spread of the rounds.
@@ -30,6 +31,9 @@ sys.path.insert(0, str(ROOT))
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--app", default="traffic_signs")
+    ap.add_argument("--model", choices=("fp32", "deployed"), default="fp32",
+                    help="fp32: the float network of the deployed widths (a quantized app's int8 library has "
+                         "only kernels that are never tuned: packed convs, tiny ones); deployed: model.onnx")
     ap.add_argument("--trials", type=int, default=128, help="MetaSchedule trials, all measured over RPC")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of untuned/tuned runs on the board")
     ap.add_argument("--samples", type=int, default=200, help="test samples per run (each timed on its own)")
@@ -62,6 +66,11 @@ def main() -> int:
     from hil.lab import close_opened
 
     try:
+        if args.model == "fp32":
+            from passes.support.onnx_export import export_float_of
+
+            onnx = work / "fp32.onnx"
+            shape = export_float_of(lay.compressed_pt, data, onnx, work / "fp32-export.json")["input_shape"]
         return run(args, onnx, shape, data, info, work, lab, name)
     except KilnError as e:
         print(f"kiln: {e}", file=sys.stderr)
@@ -121,7 +130,7 @@ def run(args, onnx, shape, data, info, work, lab, name) -> int:
         return (max(v) - min(v)) / statistics.median(v) * 100
 
     u, tu = statistics.median(medians["untuned"]), statistics.median(medians["tuned"])
-    print(f"\n# {args.app} on the emulated lab's x86-host board ({name}, sshd in its own netns); "
+    print(f"\n# {args.app} ({'fp32 of the deployed widths' if args.model == 'fp32' else 'deployed'}) on the emulated lab's x86-host board ({name}, sshd in its own netns); "
           f"MetaSchedule measured over TVM RPC through an SSH port forward; on-board runner timings, "
           f"{args.rounds} interleaved rounds x {args.samples} samples, {board.cores} threads")
     print("| trials | tuning s | records | untuned median µs | tuned median µs | untuned/tuned | spread untuned / tuned |")

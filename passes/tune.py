@@ -44,7 +44,7 @@ from kiln.config import trial_budget
 from kiln.errors import KilnError, PassError
 from kiln.schema import Board, Project
 from passes.support.tvm_build import (design_space, host_isa_flags, import_cpu_tensor_intrinsics, import_onnx,
-                                      open_database, prepare,
+                                      open_database, prepare, tunable,
                                       register_cpu_pool_rules, repair_database, resolve_target, target_key)
 
 log = logging.getLogger("kiln.tune")
@@ -183,9 +183,9 @@ def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Pa
     # spent per kernel no longer say how many records it has
     damaged = repair_database(db_dir)
     db = open_database(db_dir)
-    # kernels with a fixed schedule (the packed int8 convs, tvm_build.prepare) are not tuned
-    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target)
-                 if not (t.dispatched[0]["main"].attrs or {}).get("tirx.is_scheduled")]
+    # kernels with a fixed schedule (the packed int8 convs, tvm_build.prepare) and tiny ones
+    # are not tuned (tvm_build.tunable)
+    extracted = [t for t in ms.relax_integration.extract_tasks(mod, target) if tunable(t.dispatched[0]["main"])]
     flops = [float(estimate_tir_flops(t.dispatched[0])) * t.weight for t in extracted]
     spent = {} if damaged else _spent(db_dir)
     records_before = [_records(db, t) for t in extracted]

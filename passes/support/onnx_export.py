@@ -189,6 +189,14 @@ def export_checkpoint(model_pt: Path, data_dir: Path, out_onnx: Path, out_json: 
     return export_model(model, ckpt, data_dir, out_onnx, out_json, samples, atol, objective)
 
 
+def export_float_of(model_pt: Path, data_dir: Path, out_onnx: Path, out_json: Path) -> dict:
+    """The float network of a quantized checkpoint (its weights as trained, no fake
+    quantization), exported as :func:`export_checkpoint` exports the deployed model (the front
+    end in front): the fp32 library of the same widths that benchmarks set the int8 one against."""
+    model, ckpt = load_checkpoint(model_pt)
+    return export_model(model, {k: v for k, v in ckpt.items() if k != "quantization"}, data_dir, out_onnx, out_json)
+
+
 def _front_end(data_dir: Path):
     """The data stage's front end (front_end.json) as a torch module on raw samples, or None."""
     path = Path(data_dir) / "front_end.json"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kiln.config import load_board
+from kiln.errors import PassError
 from passes import tune
 from passes.support import tvm_build
 
@@ -293,3 +294,23 @@ def test_a_corrupt_line_elsewhere_is_dropped_and_the_rest_kept(tuned, tmp_path, 
     assert out["tuned_kernels"]["tuned"] > 0
     caplog.clear()
     assert tvm_build.repair_database(db) is False and not caplog.records
+
+
+def test_tiny_and_fixed_kernels_are_not_tuned(tmp_path, monkeypatch):
+    """At the default threshold the tiny CNN's kernels (all under 20 k FLOPs) are left untuned,
+    and say so with no trials; the packed int8 convs never are (they carry a fixed schedule)."""
+    import tvm
+
+    board = load_board("x86-host")
+    monkeypatch.delenv(tvm_build.MIN_FLOPS_ENV, raising=False)
+    info = tune.tune_onnx(board, tiny_onnx(tmp_path / "a.onnx", 0), SHAPE, tmp_path / "db", 12, tmp_path / "a.json")
+    assert info["trials_run"] == 0 and info["tasks"] == []
+    monkeypatch.setenv(tvm_build.MIN_FLOPS_ENV, "0")
+    mod = tvm_build.prepare(tvm_build.import_onnx(tmp_path / "a.onnx", SHAPE),
+                            tvm.target.Target(tvm_build.resolve_target(board)))
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert funcs and all(tvm_build.tunable(f) for f in funcs)
+    assert not tvm_build.tunable(funcs[0].with_attr("tirx.is_scheduled", True))
+    monkeypatch.setenv(tvm_build.MIN_FLOPS_ENV, "lots")
+    with pytest.raises(PassError, match="KILN_TUNE_MIN_FLOPS"):
+        tvm_build.tunable(funcs[0])
