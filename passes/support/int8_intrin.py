@@ -128,7 +128,7 @@ def design_space(target) -> Any:
     from tvm.s_tir import meta_schedule as ms
 
     register()
-    reuse_write = {"req": "may", "levels": [1, 2], "scope": "global"}
+    reuse_write = ms.schedule_rule.ReuseType(req="may", levels=[1, 2], scope="global")
     rules = [
         ms.schedule_rule.ApplyCustomRule(),
         ms.schedule_rule.InlineConstantScalars(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,16 @@ def test_tiny_and_fixed_kernels_are_not_tuned(tmp_path, monkeypatch):
     monkeypatch.setenv(tvm_build.MIN_FLOPS_ENV, "lots")
     with pytest.raises(PassError, match="KILN_TUNE_MIN_FLOPS"):
         tvm_build.tunable(funcs[0])
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or "avx2" not in Path("/proc/cpuinfo").read_text(),
+                    reason="needs an AVX2 x86_64 host")
+def test_x86_avx2_is_tuned_with_kilns_rule_list(tmp_path):
+    """x86-avx2 (Haswell) tunes natively on an AVX2 host with int8_intrin.design_space's own x86
+    rule list (Kiln's exact AVX2 intrinsic in it): records are written and the library builds."""
+    board = load_board("x86-avx2")
+    onnx_path = tiny_onnx(tmp_path / "a.onnx", 0)
+    info = tune.tune_onnx(board, onnx_path, SHAPE, tmp_path / "db", 16, tmp_path / "a.json")
+    assert info["measured"] == "native" and info["trials_run"] > 0, info
+    compiled = tvm_build.compile_onnx(board, onnx_path, SHAPE, tmp_path / "m.so", tmp_path / "c.json", tuning=info)
+    assert compiled["tuned_kernels"]["tuned"] > 0
