@@ -102,20 +102,13 @@ def register() -> None:
 
 
 def intrin_for(target) -> str | None:
-    """The int8 intrinsic Kiln uses on an x86 ``target`` whose features MetaSchedule's own rule
-    choice misses (AVX2 without VNNI or AVX-512): None where its defaults apply."""
-    import tvm_ffi
-
-    if str(target.kind.name) != "llvm":
-        return None
-    has = tvm_ffi.get_global_func("target.target_has_feature")
-    if has("avx512vnni", target) or has("avxvnni", target):
-        return None  # DefaultX86("vnni"), with the re-registered intrinsic
-    # AVX-512 without VNNI: DefaultX86("avx512") would tile with TVM's saturating
-    # dot_16x4_avx512; such CPUs have AVX2, so the exact intrinsic replaces it
-    if has("avx2", target):
-        return AVX2
-    return None
+    """The int8 intrinsic Kiln's own MetaSchedule rule list tiles with on ``target``: None where
+    MetaSchedule's defaults apply (VNNI: ``DefaultX86("vnni")`` asks for the re-registered
+    ``dot_16x4_vnni``). Elsewhere on AVX2 x86 (AVX-512 without VNNI included, whose
+    ``DefaultX86("avx512")`` would tile with TVM's saturating ``dot_16x4_avx512``) it is the
+    exact AVX2 one: the same choice as the packed convs' (:func:`packed_intrin`)."""
+    intrin = packed_intrin(target)
+    return None if intrin == VNNI else intrin
 
 
 def design_space(target) -> Any:
