@@ -93,8 +93,10 @@ def doit(lg, runner: str, *args: str, run_id: str | None = None) -> subprocess.P
                            stderr=subprocess.STDOUT, text=True)
 
 
-def night(lg, run_id: str) -> dict:
-    return json.loads((lg["build"] / "nightly" / run_id / "nightly.json").read_text())
+def night(lg, run_id: str, log: str = "") -> dict:
+    path = lg["build"] / "nightly" / run_id / "nightly.json"
+    assert path.is_file(), f"the nightly {run_id} wrote no {path.name}; its output ends:\n{log[-4000:]}"
+    return json.loads(path.read_text())
 
 
 def test_doit_deploy_then_two_nightlies_from_two_runners_never_share_a_board(lg):
@@ -118,7 +120,7 @@ def test_doit_deploy_then_two_nightlies_from_two_runners_never_share_a_board(lg)
     logs = {r: p.communicate(timeout=900)[0] for r, p in procs.items()}
     spans: dict[str, list] = {}
     for r in procs:
-        n = night(lg, f"pair-{r}")
+        n = night(lg, f"pair-{r}", logs[r])
         assert n["exit_code"] == 0 and all(j["status"] == "pass" for j in n["jobs"]), (n["jobs"], logs[r][-3000:])
         assert len(n["jobs"]) == 6
         for j in n["jobs"]:
@@ -139,7 +141,7 @@ def test_doit_deploy_then_two_nightlies_from_two_runners_never_share_a_board(lg)
     try:
         p = doit(lg, "run2", "nightly", run_id="shared-bad")
         out = p.communicate(timeout=900)[0]
-        n = night(lg, "shared-bad")
+        n = night(lg, "shared-bad", out)
         assert n["boards"]["rpi4"]["health"] == "bad" and n["boards"]["rpi4"]["check"] is None, n["boards"]
         assert all(a["board"] != "rpi4" for j in n["jobs"] for a in j["attempts"]), out[-3000:]
         assert {j["status"] for j in n["jobs"] if j["type"] != "rpi4"} == {"pass"}
