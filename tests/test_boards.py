@@ -89,6 +89,15 @@ def test_board_added_as_yaml_is_deployed_to_alone_with_check_digits(lab):
 def test_check_targets_names_file_and_field(lab):
     ok = run_doit(lab["env"], "check_targets")
     assert ok.returncode == 0 and "board type x86-avx2" in ok.stdout, ok.stdout + ok.stderr
+    # a board type no app targets needs no lab instance (rpi5: the tests run it under qemu)
+    assert "board type rpi5: no instance in lab 'desk' and no app targets it" in ok.stdout
+    tiny = copy.deepcopy(TINY)
+    tiny["targets"] = ["x86-host", "rpi5"]
+    write_project(lab["tmp"] / "projects", tiny)
+    once = run_doit(lab["env"], "check_targets")
+    assert once.returncode != 0 and "board type 'rpi5'" in once.stdout and "has no instance in lab 'desk'" in once.stdout
+    assert "app(s) ['tiny'] target it" in once.stdout, once.stdout
+    shutil.rmtree(lab["tmp"] / "projects")
     t = yaml.safe_load((lab["targets"] / "rpi3.yaml").read_text())
     t["emulation"]["cpu"] = "cortex-z9"
     (lab["targets"] / "rpi3.yaml").write_text(yaml.safe_dump(t))
