@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from passes.support import int8_intrin_arm
+
 VNNI = "dot_16x4_vnni"  # the name MetaSchedule's DefaultX86("vnni") asks for
 AVX2 = "kiln_dot_16x4_avx2"
 _registered = False
@@ -98,6 +100,7 @@ def register() -> None:
     desc, vnni, avx2 = _intrinsics()
     TensorIntrin.register(VNNI, desc, vnni, override=True)
     TensorIntrin.register(AVX2, desc, avx2, override=True)
+    int8_intrin_arm.register(desc)  # the aarch64 one, against the same tile description
     _registered = True
 
 
@@ -162,7 +165,9 @@ PARALLEL_MACS = 4_000_000
 
 def packed_intrin(target) -> str | None:
     """The 16x4 intrinsic the packed conv is tensorized with on ``target``: VNNI where it has
-    it, the exact AVX2 one on other AVX2 x86, None elsewhere (a plain vectorized loop)."""
+    it, the exact AVX2 one on other AVX2 x86, on aarch64 the exact udot one where it has
+    dotprod and the NEON smlal one elsewhere (passes/support/int8_intrin_arm.py), None on
+    other CPUs (a plain loop LLVM vectorizes)."""
     import tvm_ffi
 
     if str(target.kind.name) != "llvm":
@@ -172,6 +177,8 @@ def packed_intrin(target) -> str | None:
         return VNNI
     if has("avx2", target):
         return AVX2
+    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        return int8_intrin_arm.intrin_for(lambda feature: bool(has(feature, target)))
     return None
 
 

@@ -4,8 +4,9 @@ unrolled LSTM cell and a GRU cell (slices, sigmoid, tanh, mul, add, sub), each w
 head, random (seeded) weights and calibration data. For each: the int8 twin agrees with the
 float model, the QDQ ONNX passes parity in ONNX Runtime, the lowered Relax module computes in
 integers (8-bit inputs, int32 accumulation, no dequantize or quantize left), and the library
-compiled for this host computes the twin's outputs bit for bit; the ResNet block and the LSTM
-cell also cross-compiled for rpi4 and run under qemu-aarch64 by kiln-runner. Also: the float
+compiled for this host computes the twin's outputs bit for bit; each graph also cross-compiled
+for rpi4 (the NEON intrinsic; those with packed convs also for rpi5, whose dotprod gets the
+udot intrinsic) and run under qemu-aarch64 by kiln-runner. Also: the float
 export of every graph imports and builds, and an op outside the vocabulary is refused naming
 its node."""
 
@@ -377,7 +378,7 @@ def test_float_export_of_every_graph_imports_and_builds(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# (e) aarch64: cross-compiled for rpi4, run by kiln-runner under qemu-aarch64
+# (e) aarch64: cross-compiled for rpi4 and rpi5, run by kiln-runner under qemu-aarch64
 
 
 def _byte_reader(mod, sample_shape: list[int], classes: int):
@@ -436,9 +437,18 @@ def a64_runner(tmp_path_factory):
     return build.build_runner("aarch64", tmp_path_factory.mktemp("a64") / "bundle", runtime_cache())
 
 
+# the graphs with packed int8 convs (uint8 input, zero point 0), the only kernels whose code
+# rpi5's dotprod intrinsic changes against rpi4: rpi5 runs these only, rpi4 every graph
+PACKED_GRAPHS = ["resblock", "dsblock", "seq1d", "gates"]
+AARCH64_CASES = [("rpi4", n) for n in GRAPHS] + [("rpi5", n) for n in PACKED_GRAPHS]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(GRAPHS))
-def test_rpi4_library_under_qemu_computes_the_twin_bit_for_bit(name, a64_runner, tmp_path):
+@pytest.mark.parametrize(("board_name", "name"), AARCH64_CASES)
+def test_aarch64_library_under_qemu_computes_the_twin_bit_for_bit(board_name, name, a64_runner, tmp_path):
+    """rpi4 (Cortex-A72: the packed convs use Kiln's exact NEON smlal intrinsic) and rpi5
+    (Cortex-A76 with dotprod: its exact udot one; both passes/support/int8_intrin_arm.py), each
+    run under qemu-aarch64 with its own -cpu."""
     import tvm
     from tvm import relax
 
@@ -452,13 +462,16 @@ def test_rpi4_library_under_qemu_computes_the_twin_bit_for_bit(name, a64_runner,
     x = to_tensor(load_split(data, "val")[0][:6])
     with torch.no_grad():
         ref = twin(x).numpy()
-    wrapped = _byte_reader(import_onnx(root / "q.onnx", [1, *shape]), shape, CLASSES)
+    imported = import_onnx(root / "q.onnx", [1, *shape])
+    if name in PACKED_GRAPHS:  # the list above stays true
+        assert any(c["packed"] for c in int8_convs(imported)), name
+    wrapped = _byte_reader(imported, shape, CLASSES)
     inputs = _selector_inputs(x.numpy(), CLASSES)
     # the decoding itself, checked on this host in-process
     host = relax.build(prepare(wrapped, tvm.target.Target({"kind": "llvm"})), target=tvm.target.Target({"kind": "llvm"}))
     np.testing.assert_array_equal(_decode(_run_vm(host, inputs).argmax(1), len(x), CLASSES), ref)
-    # the rpi4 build: its board target and cross compiler, the compile stage's fusion
-    board = load_board("rpi4")
+    # the board's build: its target and cross compiler, the compile stage's fusion
+    board = load_board(board_name)
     target = tvm.target.Target(resolve_target(board))
     so = root / "model.so"
     relax.build(prepare(wrapped, target), target=target).export_library(str(so), cc=board.cc)
@@ -469,6 +482,51 @@ def test_rpi4_library_under_qemu_computes_the_twin_bit_for_bit(name, a64_runner,
     assert proc.returncode == 0, proc.stderr
     got = _decode(json.loads(proc.stdout)["predictions"], len(x), CLASSES)
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize(("board_name", "want"), [("rpi5", "kiln_dot_16x4_udot"), ("rpi4", "kiln_dot_16x4_neon"),
+                                                  ("rpi3", "kiln_dot_16x4_neon"), ("x86-avx2", "kiln_dot_16x4_avx2")])
+def test_packed_intrin_follows_the_board_target(board_name, want):
+    """aarch64 with dotprod (rpi5's Cortex-A76) gets the udot intrinsic; without it (rpi4's
+    A72, rpi3's A53) the NEON smlal one; x86 keeps its own."""
+    import tvm
+
+    from passes.support.int8_intrin import packed_intrin
+
+    assert packed_intrin(tvm.target.Target(resolve_target(load_board(board_name)))) == want
+
+
+def _conv_asm(so) -> dict[str, str]:
+    """The aarch64 disassembly of each packed conv function of the library ``so``."""
+    dump = subprocess.run(["aarch64-linux-gnu-objdump", "-d", "--no-show-raw-insn", str(so)],
+                          capture_output=True, text=True, check=True).stdout
+    funcs: dict[str, str] = {}
+    name = None
+    for line in dump.splitlines():
+        if line.endswith(">:"):
+            name = line.split("<", 1)[1][:-2]
+        elif name and "conv2d_int8_packed" in name and not name.startswith("__tvm_ffi"):
+            funcs[name] = funcs.get(name, "") + line + "\n"
+    return funcs
+
+
+@pytest.mark.parametrize("graph", ["resblock"], indirect=True)
+def test_rpi5_packed_convs_use_udot_and_rpi4_does_not(graph, tmp_path):
+    """The compile stage's own build: on rpi5 each packed conv kernel runs udot (never sdot:
+    the identity makes both operands unsigned), on rpi4 none does (an A72 has no dotprod: it
+    would stop with SIGILL) and smlal does the work."""
+    if shutil.which("aarch64-linux-gnu-objdump") is None:
+        pytest.skip("aarch64-linux-gnu-objdump not installed (Debian: binutils-aarch64-linux-gnu)")
+    for board_name in ("rpi5", "rpi4"):
+        so = tmp_path / f"{board_name}.so"
+        compile_onnx(load_board(board_name), graph["onnx"], graph["shape"], so, tmp_path / f"{board_name}.json")
+        funcs = _conv_asm(so)
+        assert funcs and len(funcs) == sum(c["packed"] for c in int8_convs(import_onnx(graph["onnx"], graph["shape"])))
+        for fname, asm in funcs.items():
+            assert "\tsdot" not in asm, fname
+            assert ("\tudot" in asm) == (board_name == "rpi5"), (board_name, fname)
+            if board_name == "rpi4":  # the NEON intrinsic: widening multiply-accumulates by element
+                assert "\tsmlal" in asm, fname
 
 
 # ---------------------------------------------------------------------------------------------
