@@ -79,7 +79,9 @@ def test_int8_pruned_model_is_tuned_for_x86_and_not_for_the_emulated_arm_board(e
     assert json.loads((b / "export.json").read_text())["quantization"] == "int8"
     x86 = json.loads((b / "type" / "x86-host" / "tune.json").read_text())
     assert x86["measured"] == "native" and 0 < x86["trials_run"] <= 12
-    assert json.loads((b / "type" / "x86-host" / "compile.json").read_text())["tuned_kernels"]["tuned"] > 0
+    # each kernel took its tuned records, or its untuned form where that measured faster
+    kernels = json.loads((b / "type" / "x86-host" / "compile.json").read_text())["tuned_kernels"]
+    assert kernels["tuned"] + len(kernels["held"]) > 0, kernels
     arm = json.loads((b / "type" / "rpi4" / "tune.json").read_text())
     assert arm["measured"] is None and "qemu-user timings are not a cost signal" in arm["why"]
     assert json.loads((b / "type" / "rpi4" / "compile.json").read_text())["tuned_kernels"] is None

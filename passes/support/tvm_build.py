@@ -332,17 +332,44 @@ def tunable(func) -> bool:
     return flops >= min_tune_flops()
 
 
+UNTUNED = "kiln-untuned.json"  # kernels whose untuned form beat every tuned record (passes/tune.py)
+
+
+def kernel_key(func) -> str:
+    """A PrimFunc's key in UNTUNED: its structural hash without the ``global_symbol`` that
+    MetaSchedule's task extraction adds (so the tune's task and the build's kernel agree)."""
+    import tvm_ffi
+
+    if func.attrs and "global_symbol" in func.attrs:
+        func = func.without_attr("global_symbol")
+    return str(tvm_ffi.structural_hash(func))
+
+
+def read_untuned(db_dir: Path) -> dict:
+    """UNTUNED's entries ({} if absent or unreadable: then every kernel takes its best record)."""
+    try:
+        data = json.loads((Path(db_dir) / UNTUNED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def apply(mod, target, db_dir: Path):
-    """``(mod with the tuned schedules from db_dir applied, {"tuned": n, "untuned": [names]})``;
-    kernels without a record stay as they are."""
+    """``(mod with the tuned schedules from db_dir applied, {"tuned": n, "untuned": [names],
+    "held": [names]})``; kernels without a record, and those whose untuned form measured faster
+    than every record (UNTUNED: "held"), stay as they are."""
     from tvm import relax, tirx
 
     if not (db_dir / "database_tuning_record.json").exists():
         raise PassError(f"tuning database {db_dir} is missing; rerun the tune task")
     import_cpu_tensor_intrinsics()
     mod = prepare(mod, target)
-    # kernels that are never tuned keep their own schedule, whatever records the database holds
-    held = {gv: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and not tunable(f)}
+    # kernels that are never tuned keep their own schedule, whatever records the database holds;
+    # so do those the tune measured faster untuned
+    slower = read_untuned(db_dir)
+    held = {gv: f for gv, f in mod.functions.items()
+            if isinstance(f, tirx.PrimFunc) and (not tunable(f) or kernel_key(f) in slower)}
+    faster_untuned = sorted(gv.name_hint for gv, f in held.items() if tunable(f))
     for gv in held:
         del mod[gv]
     before = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
@@ -352,7 +379,7 @@ def apply(mod, target, db_dir: Path):
         mod[gv] = f
     after = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
     tuned = sorted(n for n in before if n in after and not after[n].same_as(before[n]))
-    return mod, {"tuned": len(tuned), "untuned": sorted(set(before) - set(tuned))}
+    return mod, {"tuned": len(tuned), "untuned": sorted(set(before) - set(tuned)), "held": faster_untuned}
 
 
 def import_cpu_tensor_intrinsics() -> None:

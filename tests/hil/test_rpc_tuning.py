@@ -210,7 +210,8 @@ def test_deploy_tunes_over_rpc_on_the_ssh_board_and_runs_the_tuned_library_there
     records = Path(tune_json["database"]) / "database_tuning_record.json"
     assert len(records.read_text().splitlines()) >= tune_json["trials_run"]
     compiled = json.loads((build / "tiny" / "type" / "x86-host" / "compile.json").read_text())
-    assert compiled["tuned_kernels"]["tuned"] > 0, compiled
+    # each kernel took its records, or its untuned form where that measured faster on the board
+    assert compiled["tuned_kernels"]["tuned"] + len(compiled["tuned_kernels"]["held"]) > 0, compiled
     run = json.loads((build / "tiny" / "last" / f"{name}.json").read_text())
     assert "error" not in run, run
     assert run["runner"]["count"] == data["validation"]["samples"]

@@ -34,6 +34,11 @@ def tiny_onnx(path, seed: int):
     return path
 
 
+def settled(compiled: dict) -> int:
+    """Kernels of a compile that took their tuned records or, measured faster, their untuned form."""
+    return compiled["tuned_kernels"]["tuned"] + len(compiled["tuned_kernels"]["held"])
+
+
 def run_library(so, x):
     import tvm
     from tvm import relax
@@ -77,8 +82,14 @@ def test_tune_then_compile_and_retrained_model_reuses_the_records(tmp_path):
     assert (db / "database_tuning_record.json").stat().st_size > 0
 
     # the compile stage applies the records; the tuned library computes what the untuned one does
+    # every kernel takes its records, or its untuned form where that measured faster (held)
     info = tvm_build.compile_onnx(board, tmp_path / "a.onnx", SHAPE, tmp_path / "tuned.so", tmp_path / "c.json", tuning=first)
-    assert info["tuned_kernels"]["tuned"] > 0
+    measured = [t for t in first["tasks"] if "schedule" in t]  # those the search gave records
+    assert measured and settled(info) == len(measured), (info, first["tasks"])
+    # without the baselines' list every kernel takes its records
+    (db / tvm_build.UNTUNED).unlink()
+    info = tvm_build.compile_onnx(board, tmp_path / "a.onnx", SHAPE, tmp_path / "tuned.so", tmp_path / "c.json", tuning=first)
+    assert info["tuned_kernels"]["tuned"] == len(measured) and not info["tuned_kernels"]["held"], info
     tvm_build.compile_onnx(board, tmp_path / "a.onnx", SHAPE, tmp_path / "plain.so", tmp_path / "p.json")
     x = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
     np.testing.assert_allclose(run_library(tmp_path / "tuned.so", x), run_library(tmp_path / "plain.so", x), rtol=1e-4, atol=1e-5)
@@ -243,7 +254,7 @@ def test_a_torn_last_line_is_dropped_and_tuning_goes_on(tuned, tmp_path, caplog,
     assert (db / REC).read_bytes().startswith(b"".join(rec[:-1]))
     assert info["trials_run"] > 0 and len(read_records(db)) >= len(rec)
     out = tvm_build.compile_onnx(board, onnx, SHAPE, tmp_path / "m.so", tmp_path / "c.json", tuning=info)
-    assert out["tuned_kernels"]["tuned"] > 0
+    assert settled(out) > 0
 
 
 def test_a_torn_last_workload_is_dropped_with_its_records(tuned, tmp_path, caplog):
@@ -292,7 +303,7 @@ def test_a_corrupt_line_elsewhere_is_dropped_and_the_rest_kept(tuned, tmp_path, 
         [w for k, w in enumerate(wl) if k != lost_wl]
     assert tvm_build.repair_database(db) is False  # once repaired, nothing more to drop
     out = tvm_build.compile_onnx(board, onnx, SHAPE, tmp_path / "m.so", tmp_path / "c.json", tuning={**info, "database": str(db)})
-    assert out["tuned_kernels"]["tuned"] > 0
+    assert settled(out) > 0
     caplog.clear()
     assert tvm_build.repair_database(db) is False and not caplog.records
 
@@ -327,4 +338,103 @@ def test_x86_avx2_is_tuned_with_kilns_rule_list(tmp_path):
     info = tune.tune_onnx(board, onnx_path, SHAPE, tmp_path / "db", 16, tmp_path / "a.json")
     assert info["measured"] == "native" and info["trials_run"] > 0, info
     compiled = tvm_build.compile_onnx(board, onnx_path, SHAPE, tmp_path / "m.so", tmp_path / "c.json", tuning=info)
-    assert compiled["tuned_kernels"]["tuned"] > 0
+    assert settled(compiled) > 0
+
+
+# --- the untuned baseline: tuned is never slower than untuned, kernel by kernel ----------------
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="tunes for the x86 host")
+def test_each_kernel_keeps_the_faster_of_its_untuned_and_best_tuned_form(tmp_path):
+    """After the search each tuned kernel's untuned form is measured by the same runner; the
+    report says which one the build takes, kiln-untuned.json lists exactly those kept untuned,
+    and the compile stage applies records to the others only."""
+    board = load_board("x86-host")
+    onnx_path = tiny_onnx(tmp_path / "a.onnx", 0)
+    info = tune.tune_onnx(board, onnx_path, SHAPE, tmp_path / "db", 12, tmp_path / "a.json")
+    # the kernels the plan gave trials: each has records, and its baseline was measured
+    measured = [t for t in info["tasks"] if "schedule" in t]
+    assert sorted(t["name"] for t in measured) == sorted(n for n, k in info["plan"].items() if k), info
+    for t in measured:
+        assert t["untuned_us"] > 0 and t["tuned_us"] > 0, t
+        assert t["schedule"] == ("untuned" if t["untuned_us"] <= t["tuned_us"] else "tuned"), t
+    kept = json.loads((Path(info["database"]) / tvm_build.UNTUNED).read_text())
+    assert sorted(v["kernel"] for v in kept.values()) == sorted(t["name"] for t in measured if t["schedule"] == "untuned")
+    compiled = tvm_build.compile_onnx(board, onnx_path, SHAPE, tmp_path / "m.so", tmp_path / "c.json", tuning=info)
+    assert compiled["tuned_kernels"]["tuned"] == sum(t["schedule"] == "tuned" for t in measured), (compiled, measured)
+    assert compiled["tuned_kernels"]["held"] == sorted(t["name"] for t in measured if t["schedule"] == "untuned")
+
+
+class _Runner:
+    """A MetaSchedule runner that reports every candidate as taking ``secs`` (or failing)."""
+
+    def __init__(self, secs: float | None):
+        self.secs = secs
+
+    def run(self, inputs):
+        from tvm.s_tir.meta_schedule.runner import RunnerResult
+
+        class Done:
+            def __init__(self, result):
+                self._result = result
+
+            def result(self):
+                return self._result
+
+        if self.secs is None:
+            return [Done(RunnerResult(None, "injected: the board went away")) for _ in inputs]
+        return [Done(RunnerResult([self.secs], None)) for _ in inputs]
+
+
+def _tuned_tasks(tmp_path):
+    """The tiny CNN tuned with a few trials: (board, onnx path, tune report, its tasks, database)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    board = load_board("x86-host")
+    onnx_path = tiny_onnx(tmp_path / "a.onnx", 0)
+    info = tune.tune_onnx(board, onnx_path, SHAPE, tmp_path / "db", 12, tmp_path / "a.json")
+    target = tvm.target.Target(tvm_build.resolve_target(board))
+    mod = tvm_build.prepare(tvm_build.import_onnx(onnx_path, SHAPE), target)
+    db = tvm_build.open_database(Path(info["database"]))
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if tune._records(db, t)]
+    assert tasks
+    return board, onnx_path, info, tasks, db
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="tunes for the x86 host")
+def test_an_untuned_kernel_measured_faster_is_held_out_of_the_database(tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+
+    board, onnx_path, info, tasks, db = _tuned_tasks(tmp_path)
+    db_dir = Path(info["database"])
+    # every untuned form "measures" 1 ns: all of them beat their records
+    tune._baselines(tasks, db, db_dir, ms, tune._in_process_builder(), _Runner(1e-9), info, board)
+    held = tvm_build.read_untuned(db_dir)
+    assert sorted(v["kernel"] for v in held.values()) == sorted(t.task_name for t in tasks)
+    names = {t.task_name for t in tasks}
+    assert all(t["schedule"] == "untuned" for t in info["tasks"] if t["name"] in names)
+    compiled = tvm_build.compile_onnx(board, onnx_path, SHAPE, tmp_path / "m.so", tmp_path / "c.json", tuning=info)
+    assert compiled["tuned_kernels"]["tuned"] == 0
+    # and 1 s: every record beats it, and the kernels leave the list again
+    tune._baselines(tasks, db, db_dir, ms, tune._in_process_builder(), _Runner(1.0), info, board)
+    assert tvm_build.read_untuned(db_dir) == {}
+    assert all(t["schedule"] == "tuned" for t in info["tasks"] if t["name"] in names)
+    compiled = tvm_build.compile_onnx(board, onnx_path, SHAPE, tmp_path / "m.so", tmp_path / "c.json", tuning=info)
+    assert compiled["tuned_kernels"]["tuned"] == len(tasks)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="tunes for the x86 host")
+def test_a_baseline_that_fails_to_run_keeps_the_tuned_records(tmp_path, caplog):
+    from tvm.s_tir import meta_schedule as ms
+
+    board, _, info, tasks, db = _tuned_tasks(tmp_path)
+    db_dir = Path(info["database"])
+    (db_dir / tvm_build.UNTUNED).write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="kiln.tune"):
+        tune._baselines(tasks, db, db_dir, ms, tune._in_process_builder(), _Runner(None), info, board)
+    assert tvm_build.read_untuned(db_dir) == {}
+    assert "did not run for its baseline: injected: the board went away" in caplog.text
+    # an unreadable list is no list: every kernel takes its records
+    (db_dir / tvm_build.UNTUNED).write_text("not json")
+    assert tvm_build.read_untuned(db_dir) == {}
