@@ -109,9 +109,10 @@ def intrin_for(target) -> str | None:
     MetaSchedule's defaults apply (VNNI: ``DefaultX86("vnni")`` asks for the re-registered
     ``dot_16x4_vnni``). Elsewhere on AVX2 x86 (AVX-512 without VNNI included, whose
     ``DefaultX86("avx512")`` would tile with TVM's saturating ``dot_16x4_avx512``) it is the
-    exact AVX2 one: the same choice as the packed convs' (:func:`packed_intrin`)."""
+    exact AVX2 one: the same choice as the packed convs' (:func:`packed_intrin`). On aarch64
+    it is None too: MetaSchedule's ARM defaults (the rule list above is x86's)."""
     intrin = packed_intrin(target)
-    return None if intrin == VNNI else intrin
+    return intrin if intrin == AVX2 else None
 
 
 def design_space(target) -> Any:
@@ -220,6 +221,15 @@ def schedule_packed(func, target):
     sch.reorder(b, o, y, x0, rco, rkh, rkw, x1, o16, rc4)
     outer = sch.fuse(b, o, y, x0)
     sch.reverse_compute_at(rq, outer)
+    macs = 1
+    for loop in (outer, rco, rkh, rkw):
+        macs *= int(sch.get(loop).extent)
+    if macs * tile * 64 >= PARALLEL_MACS:
+        # before tensorize: the blockized intrinsic block is neither a complete nor a reduction
+        # block, and 'parallel' refuses a loop over it (every conv past PARALLEL_MACS failed)
+        sch.parallel(outer)
+        sch.parallel(sch.fuse(*sch.get_loops(pack)[:3]))
+        sch.parallel(sch.fuse(*sch.get_loops(gather)[:2]))
     init = sch.decompose_reduction(conv, rco)
     intrin = packed_intrin(target)
     if intrin is not None:
@@ -231,13 +241,6 @@ def schedule_packed(func, target):
     sch.unroll(x1)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(rq)[-1])
-    macs = 1
-    for loop in (outer, rco, rkh, rkw):
-        macs *= int(sch.get(loop).extent)
-    if macs * tile * 64 >= PARALLEL_MACS:
-        sch.parallel(outer)
-        sch.parallel(sch.fuse(*sch.get_loops(pack)[:3]))
-        sch.parallel(sch.fuse(*sch.get_loops(gather)[:2]))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 

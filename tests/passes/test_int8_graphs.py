@@ -362,6 +362,34 @@ def test_x86_library_computes_the_twin_bit_for_bit(graph, tmp_path, board_name):
     np.testing.assert_array_equal(got, graph["ref"])
 
 
+def test_packed_convs_past_the_parallel_threshold_run_in_parallel_bit_for_bit(tmp_path, monkeypatch):
+    """A ResBlock wide enough that its packed convs pass int8_intrin.PARALLEL_MACS (64 channels
+    at 16x16: 9.4 M MACs in the second conv, with the residual add fused behind it): the
+    schedule parallelizes them (it used to fail with a ScheduleError once the intrinsic was
+    tensorized), and the x86 libraries still compute the twin bit for bit."""
+    import tvm
+
+    from passes.support import int8_intrin
+
+    monkeypatch.setitem(GRAPHS, "wideres", (lambda: ResBlock(c=16, w=64), (16, 16, 16)))
+    _, model, twin, ckpt, data = _quantized("wideres", tmp_path)
+    export_model(model, ckpt, data, tmp_path / "q.onnx", tmp_path / "q.json")
+    shape = [1, ckpt["channels"], *ckpt["image_size"]]
+    x = to_tensor(load_split(data, "val")[0][:8])
+    with torch.no_grad():
+        ref = twin(x).numpy()
+    for name in ("x86-host", "x86-avx2"):
+        board = load_board(name)
+        target = tvm.target.Target(resolve_target(board))
+        mod = prepare(import_onnx(tmp_path / "q.onnx", shape), target)
+        packed = [f for gv, f in mod.functions_items() if "conv2d_int8_packed" in gv.name_hint]
+        assert packed and any("T.parallel(" in f.script() for f in packed), f"{name}: no packed conv runs in parallel"
+        so = tmp_path / f"{name}.so"
+        compile_onnx(board, tmp_path / "q.onnx", shape, so, tmp_path / f"{name}.json")
+        np.testing.assert_array_equal(_run_vm(tvm.runtime.load_module(str(so)), x.numpy()), ref, err_msg=name)
+    assert int8_intrin.PARALLEL_MACS < 16 * 16 * 64 * 64 * 9
+
+
 def test_float_export_of_every_graph_imports_and_builds(tmp_path):
     import tvm
     from tvm import relax
@@ -491,9 +519,12 @@ def test_packed_intrin_follows_the_board_target(board_name, want):
     A72, rpi3's A53) the NEON smlal one; x86 keeps its own."""
     import tvm
 
-    from passes.support.int8_intrin import packed_intrin
+    from passes.support.int8_intrin import AVX2, intrin_for, packed_intrin
 
-    assert packed_intrin(tvm.target.Target(resolve_target(load_board(board_name)))) == want
+    target = tvm.target.Target(resolve_target(load_board(board_name)))
+    assert packed_intrin(target) == want
+    # MetaSchedule's design space takes Kiln's rule list on AVX2-only x86 alone
+    assert intrin_for(target) == (AVX2 if want == AVX2 else None)
 
 
 def _conv_asm(so) -> dict[str, str]:
