@@ -238,23 +238,42 @@ def run_json(app: dict, pid: int | None = None) -> dict:
     return json.loads((app["app"] / "runs" / run_id / app["ssh"] / "run.json").read_text())
 
 
+def waits_on_a_task_lock(app: dict, pid: int, timeout: float = 180.0) -> str:
+    """Wait until doit process ``pid`` holds a task lock file of the build open (kiln.tasks: one
+    doit process at a time runs a task); its name."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            held = [Path(f.path).name for f in psutil.Process(pid).open_files() if "/.locks/" in f.path]
+        except psutil.Error:
+            held = []
+        if held:
+            return held[0]
+        time.sleep(0.05)
+    raise AssertionError(f"doit process {pid} never took a task lock")
+
+
 def test_two_deploys_at_once_share_the_lab(app):
     set_validation(app, run_s=2)
     first = start_doit(app)  # starts the lab
     runner_of(app, first.pid)
-    first.send_signal(signal.SIGSTOP)  # held mid-deploy until the second one is running its runner
+    first.send_signal(signal.SIGSTOP)  # held mid-deploy, its runner on the board
     try:
         set_validation(app, run_s=25)
         second = start_doit(app)
-        runner_of(app, second.pid)
+        # the same board's hil task of the same app: the second waits for the first's to end
+        # (kiln.tasks runs a task in one doit process at a time), then runs its own
+        assert waits_on_a_task_lock(app, second.pid).startswith("hil")
     finally:
         first.send_signal(signal.SIGCONT)
-    out1, err1 = first.communicate(timeout=180)  # the first ends (and hands the lab back) ...
+    runner_of(app, second.pid)
+    out1, err1 = first.communicate(timeout=180)  # the first ends and leaves the lab to the second
     assert first.returncode == 0, out1[-2000:] + err1[-3000:]
-    assert_lab_up(app)  # ... under the second, still running
+    assert f"left up for the deploy(s) still holding it (pid {second.pid})" in err1, err1[-3000:]
     out2, err2 = second.communicate(timeout=300)
     assert second.returncode == 0, out2[-2000:] + err2[-3000:]
     assert "EOFError" not in err2 and "PASSED" in out2
+    assert "another doit process in this build is running it; waiting for it" in err2
     for p in (first, second):
         rec = run_json(app, p.pid)
         assert "error" not in rec and rec["runner"]["count"] == 24, rec.get("error")
