@@ -99,7 +99,7 @@ def where_to_measure(board: Board, target: dict[str, Any], measure: str = "auto"
     if board.arch != platform.machine():
         return None, (
             f"{board.arch} board: its code cannot run natively here, qemu-user timings are not a cost "
-            "signal; compiled untuned (tuning.measure: rpc tunes it on a real board of the type over TVM RPC)"
+            "signal; compiled untuned. tuning.measure: rpc tunes it on a real board of the type, over TVM RPC"
         )
     if board.emulation is None and board.tvm_target.get("mcpu") == "host":
         return "native", "the host itself"
