@@ -1,5 +1,6 @@
-"""Kiln's x86 int8 tensor intrinsics, the fixed schedule of the packed int8 conv that uses
-them, and the MetaSchedule design space for the other kernels.
+"""Kiln's x86 int8 tensor intrinsics (the aarch64 ones are in int8_intrin_arm.py, registered
+from here), the fixed schedule of the packed int8 conv that uses them, and the MetaSchedule
+design space for the other kernels.
 
 Every intrinsic here computes the same 16x4 tile, the one the packed int8 conv of
 passes/support/relax_int8.py (``_emit_packed``) is laid out for::

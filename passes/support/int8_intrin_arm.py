@@ -85,7 +85,8 @@ def _udot_impl():
 def _neon_impl():
     """16 ``smlal`` by element: C[4q:4q+4] += B[4q:4q+4, k] (int8 -> int16) * A[k] (uint8 ->
     int16, exact: 255 fits) for k < 4, q < 4. B's rows hold k innermost, so its 64 bytes are
-    loaded once and deinterleaved into the 4 columns B[:, k] (LLVM: one ``ld4``)."""
+    loaded once and deinterleaved into the 4 columns B[:, k] (LLVM makes lane moves of it, not
+    one ``ld4``: see the note under ``NEON``)."""
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
