@@ -70,7 +70,10 @@ def tree_fingerprint(root: str | os.PathLike) -> str:
     """Hash of every file's relative path, size and mtime under ``root`` ('' if absent).
 
     Cheap enough for tens of thousands of images, and it changes when a file is added,
-    removed or rewritten, which is what an incremental data task needs to know.
+    removed or rewritten, which is what an incremental data task needs to know. Symlinks are
+    followed as the formats' loaders follow them (a class folder that is a link to another
+    folder: its files count, under the link's name, and so does where it points); a link to a
+    folder it is inside of (a loop) is hashed by its target, not walked, so it cannot hang.
     """
     root = Path(root)
     if root.is_file():  # a data set that is one file (e.g. digits.csv.gz)
@@ -78,13 +81,51 @@ def tree_fingerprint(root: str | os.PathLike) -> str:
         return hashlib.sha256(f"{root.name}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
     if not root.is_dir():
         return ""
-    rows = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            st = os.stat(os.path.join(dirpath, name))
-            rows.append(f"{os.path.relpath(os.path.join(dirpath, name), root)}\0{st.st_size}\0{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+    return hashlib.sha256("\n".join(row for _, row in _tree_rows(root)).encode()).hexdigest()
+
+
+def tree_files(root: str | os.PathLike) -> list[str]:
+    """The files ``tree_fingerprint`` hashes: paths relative to ``root`` (links followed)."""
+    return [rel for rel, row in _tree_rows(Path(root)) if rel is not None]
+
+
+def _tree_rows(root: Path) -> Iterator[tuple[str | None, str]]:
+    """(relative path of a file or None, its fingerprint row), depth first, a folder's files
+    (sorted) before its subfolders (sorted): for a tree without links, the rows (and so the
+    fingerprint) that os.walk gave before links were followed."""
+    # (path, relative path, is a link, the (device, inode) of the folders above it)
+    stack: list[tuple[str, str, bool, frozenset]] = [(str(root), "", False, frozenset())]
+    while stack:
+        path, rel, link, above = stack.pop()
+        try:
+            st = os.stat(path)
+            if link:
+                yield None, f"{rel}\0-> {os.path.realpath(path)}"
+            key = (st.st_dev, st.st_ino)
+            if key in above:  # a link to a folder this one is inside of: a loop
+                yield None, f"{rel}\0loop"
+                continue
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as e:  # unlistable, or gone since it was listed
+            yield None, f"{rel}\0unreadable {e.errno}"
+            continue
+        subdirs = []
+        for e in entries:
+            name = os.path.join(rel, e.name)
+            try:
+                is_dir = e.is_dir()  # follows a link
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append((e.path, name, e.is_symlink(), above | {key}))
+                continue
+            try:
+                fst = os.stat(e.path)
+            except OSError as err:  # a dangling link (the loaders skip it): still part of the tree
+                yield None, f"{name}\0broken {err.errno}"
+                continue
+            yield name, f"{name}\0{fst.st_size}\0{fst.st_mtime_ns}"
+        stack.extend(reversed(subdirs))
 
 
 class Layout:

@@ -2,9 +2,10 @@
 the classes), 16-bit PCM mono, the layout of the Speech Commands keyword set and of Edge
 Impulse's and ST's audio uploads.
 
-Clips are read with Python's ``wave`` module at ``dataset.sample_rate``: a clip at another
-rate, with several channels or not 16-bit PCM is reported and skipped (never resampled or
-mixed down behind the team's back), as is a file that is not a readable WAV. Shorter clips are
+Clips are read with Python's ``wave`` module at ``dataset.sample_rate`` (a WAVE_FORMAT_EXTENSIBLE
+file, which it refuses before Python 3.12, by our own RIFF reader when its SubFormat is PCM): a
+clip at another rate, with several channels or not 16-bit PCM is reported and skipped (never
+resampled or mixed down behind the team's back), as is a file that is not a readable WAV. Shorter clips are
 zero-padded at the end, longer ones cut to ``clip_seconds``: int16 N x L. The folder rules are
 passes/formats/folders.py's. ``synthesize`` writes keyword-like clips in the same layout.
 """
@@ -49,24 +50,79 @@ def load(ds, root: Path) -> Loaded:
 
 def read_wav(path: Path, sample_rate: int) -> np.ndarray:
     """The int16 samples of a 16-bit PCM mono WAV at ``sample_rate``. Raises Unreadable saying
-    what differs (rate, channels, sample width) or why it cannot be read."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            rate, channels, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
-            if channels != 1:
-                raise Unreadable(f"{channels} channels, expected mono (not mixed down)")
-            if width != 2:
-                raise Unreadable(f"{8 * width}-bit samples, expected 16-bit PCM")
-            if rate != sample_rate:
-                raise Unreadable(f"sample rate {rate} Hz, expected dataset.sample_rate {sample_rate} Hz "
-                                 "(not resampled)")
-            frames = w.readframes(w.getnframes())
-    except (wave.Error, EOFError, OSError) as e:  # not RIFF/WAVE, truncated header, a float WAV
-        raise Unreadable(f"not a readable WAV ({type(e).__name__}: {e})") from e
+    what differs (rate, channels, sample width) or why it cannot be read. A
+    WAVE_FORMAT_EXTENSIBLE file is read when its SubFormat is PCM (``_read_extensible``)."""
+    rate, channels, width, frames = _decode_wav(path)
+    if channels != 1:
+        raise Unreadable(f"{channels} channels, expected mono (not mixed down)")
+    if width != 2:
+        raise Unreadable(f"{8 * width}-bit samples, expected 16-bit PCM")
+    if rate != sample_rate:
+        raise Unreadable(f"sample rate {rate} Hz, expected dataset.sample_rate {sample_rate} Hz "
+                         "(not resampled)")
     if len(frames) < 2:
         raise Unreadable("no samples")
     # a truncated data chunk can end mid-sample: drop the odd byte
     return np.frombuffer(frames[: len(frames) // 2 * 2], "<i2").astype(np.int16)
+
+
+def _decode_wav(path: Path) -> tuple[int, int, int, bytes]:
+    """(rate, channels, bytes per sample, the data chunk's bytes): the ``wave`` module's reading,
+    or ours where it refuses WAVE_FORMAT_EXTENSIBLE (Python before 3.12: "unknown format: 65534")."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getframerate(), w.getnchannels(), w.getsampwidth(), w.readframes(w.getnframes())
+    except wave.Error as e:  # not RIFF/WAVE, a float or compressed WAV, or an extensible one
+        try:
+            ext = _read_extensible(path)
+        except OSError as e2:
+            raise Unreadable(f"not a readable WAV ({type(e2).__name__}: {e2})") from e2
+        if ext is None:
+            raise Unreadable(f"not a readable WAV ({type(e).__name__}: {e})") from e
+        return ext
+    except (EOFError, OSError) as e:  # truncated header
+        raise Unreadable(f"not a readable WAV ({type(e).__name__}: {e})") from e
+
+
+WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+# a SubFormat GUID is a format tag (2 bytes, little-endian) followed by these 14 bytes
+_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")
+_FORMAT_NAMES = {1: "PCM", 2: "MS ADPCM", 3: "IEEE float", 6: "A-law", 7: "mu-law", 0x11: "IMA ADPCM"}
+
+
+def _read_extensible(path: Path) -> tuple[int, int, int, bytes] | None:
+    """(rate, channels, bytes per sample, data) of a WAVE_FORMAT_EXTENSIBLE file whose SubFormat
+    is integer PCM; None when the file is not one (its fmt tag is another); Unreadable naming
+    the SubFormat when it is not PCM, or saying what is malformed. Raises OSError."""
+    data = Path(path).read_bytes()
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    fmt = body = None
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        chunk = data[pos + 8:pos + 8 + size]  # a truncated data chunk: what is there
+        if cid == b"fmt " and fmt is None:
+            fmt = chunk
+        elif cid == b"data" and body is None:
+            body = chunk
+        pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    if fmt is None or len(fmt) < 2 or int.from_bytes(fmt[:2], "little") != WAVE_FORMAT_EXTENSIBLE:
+        return None
+    if len(fmt) < 40:
+        raise Unreadable(f"WAVE_FORMAT_EXTENSIBLE fmt chunk of {len(fmt)} bytes, expected 40 "
+                         "(with its SubFormat)")
+    channels, rate = int.from_bytes(fmt[2:4], "little"), int.from_bytes(fmt[4:8], "little")
+    bits = int.from_bytes(fmt[14:16], "little")
+    guid = fmt[24:40]
+    tag = int.from_bytes(guid[:2], "little")
+    if guid[2:] != _GUID_TAIL or tag != 1:
+        name = _FORMAT_NAMES.get(tag, f"format {tag}") if guid[2:] == _GUID_TAIL else "an unknown GUID"
+        raise Unreadable(f"WAVE_FORMAT_EXTENSIBLE (65534) with SubFormat {name} ({guid.hex()}), "
+                         "expected 16-bit PCM")
+    if body is None:
+        raise Unreadable("WAVE_FORMAT_EXTENSIBLE file without a data chunk")
+    return rate, channels, (bits + 7) // 8, body
 
 
 def fit_length(x: np.ndarray, length: int) -> np.ndarray:

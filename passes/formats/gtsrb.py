@@ -18,6 +18,8 @@ from PIL import Image
 from kiln.artifacts import ROOT, read_json
 from kiln.errors import ManifestError, PassError
 from passes.formats import Loaded
+from passes.formats.folders import Unreadable
+from passes.formats.image_folders import open_image
 from passes.formats.gtsrb_synth import CSV_COLUMNS, MARKER, NUM_CLASSES, TEST_CSV, synthesize_gtsrb
 
 log = logging.getLogger("kiln.data")
@@ -94,9 +96,9 @@ def _parse_row(csv_path: Path, line: int, row: list[str], idx: dict[str, int]):
 
 
 def _load_image(path: Path, roi, size_hw) -> np.ndarray:
-    """Crop to the (inclusive) ROI, resize bilinear. Raises OSError/ValueError on a bad image."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")  # forces the decode, so truncated files fail here
+    """Crop to the (inclusive) ROI, resize bilinear. Raises Unreadable/ValueError on a bad image.
+    Decoded as image_folders decodes (EXIF orientation applied, 16-bit scaled to 8 bits)."""
+    im = open_image(path, "RGB")
     x1, y1 = max(0, roi[0]), max(0, roi[1])
     x2, y2 = min(im.width - 1, roi[2]), min(im.height - 1, roi[3])
     if x2 < x1 or y2 < y1:
@@ -112,9 +114,10 @@ def _load_rows(rows, size_hw, root: Path, skipped: list) -> tuple[np.ndarray, np
     for path, roi, cid in rows:
         try:
             x[n] = _load_image(path, roi, size_hw)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            # FileNotFoundError and PIL's UnidentifiedImageError are OSErrors
-            reason = "missing" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+        except (Unreadable, ValueError) as e:
+            # open_image wraps what Pillow raises (a missing file: FileNotFoundError) in Unreadable
+            missing = isinstance(e.__cause__, FileNotFoundError)
+            reason = "missing" if missing else str(e) if isinstance(e, Unreadable) else f"{type(e).__name__}: {e}"
             skipped.append({"path": path.relative_to(root).as_posix(), "reason": reason})
             continue
         y[n] = cid

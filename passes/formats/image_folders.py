@@ -2,7 +2,8 @@
 ``<root>/{train,val,test}/<class>/...``), the layout most teams' own images come in (Edge
 Impulse's and ST's model zoo's image folders, torchvision's ImageFolder).
 
-Each image is converted to RGB or grayscale (``dataset.color``) and resized bilinear to
+Each image is turned upright by its EXIF orientation, 16-bit images are scaled to 8 bits (the
+high byte), then it is converted to RGB or grayscale (``dataset.color``) and resized bilinear to
 ``dataset.image_size``: uint8 N x H x W x C. The folder rules (classes, splits, what is skipped
 or refused) are passes/formats/folders.py's. ``synthesize`` writes simple shapes in class
 colours, as PNG (some JPEG and BMP) files in the same layout.
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from passes.formats import Loaded, folders
 from passes.formats.folders import Unreadable
@@ -51,17 +53,45 @@ def load(ds, root: Path) -> Loaded:
 
 
 def read_image(path: Path, mode: str, size_hw: tuple[int, int]) -> np.ndarray:
-    """(H, W, C) uint8: converted to ``mode`` (RGB or L), resized bilinear. Raises Unreadable."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert(mode)  # forces the decode, so a truncated file fails here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        # PIL's UnidentifiedImageError is an OSError
-        raise Unreadable(f"{type(e).__name__}: {e}") from e
+    """(H, W, C) uint8: decoded by ``open_image`` (displayed orientation, 16-bit scaled to 8),
+    resized bilinear. Raises Unreadable."""
+    im = open_image(path, mode)
     if im.size != (size_hw[1], size_hw[0]):
         im = im.resize((size_hw[1], size_hw[0]), Image.BILINEAR)
     a = np.asarray(im, np.uint8)
     return a[..., None] if a.ndim == 2 else a
+
+
+# Pillow's modes for one 16-bit channel (PNG gives I;16, a 16-bit PGM/PPM gives I)
+_WIDE = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def open_image(path: Path, mode: str) -> Image.Image:
+    """The image at ``path`` as every viewer shows it, in ``mode`` (RGB or L), decoded (so a
+    truncated file fails here). Raises Unreadable with the reason.
+
+    * The EXIF Orientation tag is applied (``ImageOps.exif_transpose``): a phone photo stored
+      in sensor orientation comes out upright, as displayed.
+    * A 16-bit grayscale image (mode I;16 / I) keeps its high byte (value >> 8): Pillow's own
+      conversion to L clips every value above 255 to white. Pillow already reads 16-bit RGB(A)
+      PNGs by their high byte, so both kinds map the same way; the full 16-bit range maps to
+      0..255 whatever the image holds (no per-image stretch that would change its brightness).
+      Values outside 0..65535 (a 32-bit image) are refused.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces the decode, so a truncated file fails here
+            im = ImageOps.exif_transpose(im)
+            if im.mode in _WIDE:
+                a = np.asarray(im)
+                if a.size and (int(a.min()) < 0 or int(a.max()) > 0xFFFF):
+                    raise Unreadable(f"{im.mode} pixels span {int(a.min())}..{int(a.max())}, expected 8- or "
+                                     "16-bit values")
+                im = Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L")
+            return im.convert(mode)
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as e:
+        # PIL's UnidentifiedImageError is an OSError; struct.error: a malformed EXIF block
+        raise Unreadable(f"{type(e).__name__}: {e}") from e
 
 
 # --- the synthetic generator ------------------------------------------------------------------
