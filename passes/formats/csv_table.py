@@ -4,8 +4,12 @@
 ``val.csv``, ``test.csv``: the splits), or a folder of any ``*.csv`` files that are read one
 after the other as the training data. Other files in the folder are reported and skipped.
 
-The features are ``dataset.features`` or, unset, every column but the label in file order
-(``infer`` reads only the header). The label column holds class names (any strings; numbers
+The features are ``dataset.features`` or, unset, every column but the label in file order,
+less the index pandas' ``to_csv`` writes: a column without a name, or one that holds the row
+number (0..n-1 or 1..n, +1 per row) in the first file, is left out with a warning naming the
+file and column (a listed one stays, warned of). ``infer`` streams the first file only until no
+column can be an index, and the label column when the classes are not listed; its answer is
+cached under build/infer/ by the files' sizes and mtimes. The label column holds class names (any strings; numbers
 are names too). A missing value, a cell that is not a number or a ragged row is a PassError
 naming file, line and column. Raw samples: float32 N x F, as the board receives them.
 
@@ -22,8 +26,9 @@ import numpy as np
 
 from kiln.errors import ManifestError, PassError
 from passes.formats import Loaded
-from passes.formats.csvio import (SPLITS, locate_csv, UnreadableCsv, check_classes, read_header, read_marker, read_table, scan,
-                                  warn_skipped, write_csv, write_tree)
+from passes.formats.csvio import (SPLITS, RunningIndex, UnreadableCsv, cached_infer, check_classes, collect, label_values,
+                                  locate_csv, open_rows, read_marker, read_table, scan, unnamed, warn_skipped, write_csv,
+                                  write_tree)
 
 log = logging.getLogger("kiln.data")
 
@@ -55,46 +60,115 @@ def _files(root: Path, skipped: list[str]) -> dict[str, list[Path]]:
     return {"train": found}
 
 
-def _features(ds, header: list[str]) -> list[str]:
-    return list(ds.features) if ds.features else [c for c in header if c != ds.label]
+def _candidates(ds, header: list[str]) -> tuple[list[int], list[str]]:
+    """(positions of the columns that may be features, notes on the unnamed ones left out):
+    every column but the label when ``dataset.features`` is unset."""
+    keep, notes = [], []
+    for i, c in enumerate(header):
+        if c == ds.label:
+            continue
+        if unnamed(c):
+            notes.append(f"column {i + 1} ({c!r}) has no name")
+        else:
+            keep.append(i)
+    return keep, notes
+
+
+def _choose(path: Path, header: list[str], watch: RunningIndex, unnamed_notes: list[str]) -> tuple[list[str], list[str]]:
+    """(the feature columns, warnings): ``dataset.features`` unset, every column but the label,
+    less the unnamed ones and those that hold the row number (pandas' index: a model would learn
+    the row order -- a table sorted by class gives a perfect, meaningless score)."""
+    index = watch.found()
+    features = [header[i] for i in watch.positions if header[i] not in index]
+    why = unnamed_notes + [f"column {c!r} holds the row number (0..n-1 or 1..n)" for c in index]
+    notes = [f"data: {path}: {w}: left out of the features (a pandas index written by to_csv?); list "
+             "dataset.features to choose the columns yourself" for w in why]
+    return features, notes
+
+
+def _warn_listed_index(ds, table) -> None:
+    """``dataset.features`` lists a column that holds the row number: the user asked for it,
+    so it stays, but the score it gives is likely meaningless."""
+    positions = table.index(list(ds.features))
+    watch = RunningIndex(table.header, positions)
+    watch.watch(zip(table.lines, table.rows))
+    for c in watch.found():
+        log.warning("data: %s: column %r listed in dataset.features holds the row number (0..n-1 or 1..n): the "
+                    "model may learn the row order rather than the data", table.path, c)
+
+
+def _infer_table(ds, files: dict[str, list[Path]]) -> tuple[dict, list[str]]:
+    """(infer's answer, warnings), reading the files as streams: the first file's header and,
+    ``dataset.features`` unset, its rows until no column can be an index; ``dataset.classes``
+    unset, every file's label column."""
+    first = files["train"][0]
+    out, notes, found = {}, [], set()
+    try:
+        with open_rows(first) as (header, rows):
+            if ds.label not in header:
+                raise PassError(f"data: {first}:1: missing column {ds.label!r} (dataset.label; header: "
+                                f"{','.join(header)!r})")
+            positions, unnamed_notes = ([], []) if ds.features else _candidates(ds, header)
+            watch = RunningIndex(header, positions)
+            try:
+                if ds.classes:
+                    watch.watch(rows)
+                else:
+                    collect(first, ds.label, header.index(ds.label), rows, found, watch)
+            except UnreadableCsv:
+                watch = RunningIndex(header, positions)  # load skips this file: no verdict on its rows
+            out["features"], notes = (list(ds.features), []) if ds.features else \
+                _choose(first, header, watch, unnamed_notes)
+    except UnreadableCsv as e:
+        raise PassError(f"data: {first}: cannot read the header line: {str(e).removeprefix('data: ')}") from e
+    if not ds.classes:
+        for path in (p for ps in files.values() for p in ps if p != first):
+            try:
+                found |= label_values(path, ds.label)
+            except UnreadableCsv:
+                continue  # load reports it
+        out["classes"] = sorted(found)
+    return out, notes
 
 
 def infer(ds, root: Path) -> dict:
-    """The feature columns (from the first file's header) and, unless listed, the class names
-    (sorted); the generator's when the table is still to be synthesized."""
+    """The feature columns (the first file's, less an index column) and, unless listed, the
+    class names (sorted); the generator's when the table is still to be synthesized. The
+    answer is cached under build/infer/ by the files' paths, sizes and mtimes: a second load
+    reads no CSV."""
     root = Path(root)
     if not _has_data(root):
         if ds.synthetic is None:
             raise ManifestError(f"field 'dataset.path': {root} holds no CSV table")
         return {"classes": synthetic_classes(ds), "features": synthetic_features(ds)}
     files = _files(root, [])
-    header = read_header(files["train"][0])
-    if ds.label not in header:
-        raise PassError(f"data: {files['train'][0]}:1: missing column {ds.label!r} (dataset.label; header: "
-                        f"{','.join(header)!r})")
-    out = {"features": _features(ds, header)}
-    if not ds.classes:
-        found: set[str] = set()
-        for path in (p for ps in files.values() for p in ps):
-            try:
-                found.update(read_table(path).strings(ds.label))
-            except UnreadableCsv:
-                continue  # load reports it
-        out["classes"] = sorted(found)
-    return out
+    settings = {"label": ds.label, "features": ds.features, "classes": bool(ds.classes)}
+    return cached_infer("csv_table", settings, root, [p for ps in files.values() for p in ps], [__file__],
+                        lambda: _infer_table(ds, files))
 
 
-def _read(ds, path: Path, features: list[str] | None, skipped: list[str]):
-    """(x float32 (n, F), labels, features) of one file, or None when it is not readable CSV."""
+def _read(ds, path: Path, features: list[str] | None, skipped: list[str], first: bool = False):
+    """(x float32 (n, F), labels, features) of one file, or None when it is not readable CSV.
+    ``features`` None: the file's columns but the label, less an index column (warned);
+    ``first`` (the first file read): a listed feature that holds the row number is warned of."""
     try:
         table = read_table(path)
     except UnreadableCsv as e:
         skipped.append(str(e).removeprefix("data: "))
         return None
     table.index([ds.label])
-    features = features or _features(ds, table.header)
+    if first and ds.features:
+        _warn_listed_index(ds, table)
+    if features is None:
+        positions, unnamed_notes = _candidates(ds, table.header)
+        watch = RunningIndex(table.header, positions)
+        watch.watch(zip(table.lines, table.rows))
+        features, notes = _choose(path, table.header, watch, unnamed_notes)
+        for note in notes:
+            log.warning("%s", note)
     if not features:
-        raise PassError(f"data: {path}:1: no feature columns (the header has only the label {ds.label!r})")
+        raise PassError(f"data: {path}:1: no feature columns (the header has only the label {ds.label!r}"
+                        " and unnamed or index columns)")
     return table.numbers(features).astype(np.float32), table.strings(ds.label), features
 
 
@@ -108,7 +182,7 @@ def load(ds, root: Path) -> Loaded:
     parts: dict[str, list] = {}
     for split, paths in _files(root, skipped).items():
         for path in paths:
-            got = _read(ds, path, features, skipped)
+            got = _read(ds, path, features, skipped, first=not parts)
             if got is not None:
                 features = got[2]
                 parts.setdefault(split, []).append(got[:2])

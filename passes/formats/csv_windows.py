@@ -30,8 +30,8 @@ import numpy as np
 
 from kiln.errors import ManifestError, PassError
 from passes.formats import Loaded
-from passes.formats.csvio import (SPLITS, locate_csv, UnreadableCsv, check_classes, has_splits, read_marker, read_table, scan,
-                                  warn_skipped, write_csv, write_tree)
+from passes.formats.csvio import (SPLITS, locate_csv, UnreadableCsv, cached_infer, check_classes, has_splits, label_values,
+                                  read_marker, read_table, scan, warn_skipped, write_csv, write_tree)
 
 log = logging.getLogger("kiln.data")
 GAP = 1.5       # a step over GAP sample periods is a gap: reported, and it ends the segment
@@ -53,23 +53,30 @@ def locate(ds, layout) -> tuple[Path, bool]:
 
 def infer(ds, root: Path) -> dict:
     """The class names, sorted: the label column's values (or the class folders and files);
-    the generator's activities when the data is still to be synthesized."""
+    the generator's activities when the data is still to be synthesized. The channel columns
+    are always listed (``dataset.columns``), never inferred: an index column is never used
+    unless named there."""
     root = Path(root)
     if not _has_data(root):
         if ds.synthetic is None:
             raise ManifestError(f"field 'dataset.path': {root} holds no CSV files")
         return {"classes": sorted(synthetic_classes(ds))}
-    found: set[str] = set()
-    for folder in _split_folders(root).values():
-        if ds.label is None:
-            found.update(_class_files(folder, []))
-        else:
-            for path in scan(folder, []) if folder.is_dir() else [folder]:
-                try:
-                    found.update(read_table(path).strings(ds.label))
-                except UnreadableCsv:
-                    continue  # load reports it
-    return {"classes": sorted(found)}
+    folders = _split_folders(root).values()
+    if ds.label is None:  # the class folders' and files' names: no CSV read
+        return {"classes": sorted({name for folder in folders for name in _class_files(folder, [])})}
+    files = [p for folder in folders for p in (scan(folder, []) if folder.is_dir() else [folder])]
+
+    def labels() -> tuple[dict, list[str]]:
+        found: set[str] = set()
+        for path in files:
+            try:
+                found |= label_values(path, ds.label)  # streamed: memory stays flat
+            except UnreadableCsv:
+                continue  # load reports it
+        return {"classes": sorted(found)}, []
+
+    # cached by the files' sizes and mtimes: a second manifest load reads no CSV
+    return cached_infer("csv_windows", {"label": ds.label}, root, files, [__file__], labels)
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -14,6 +14,13 @@ from kiln.schema import CsvTableDataset, CsvWindowsDataset
 from passes.formats import csv_table, csv_windows
 
 
+@pytest.fixture(autouse=True)
+def _own_build(tmp_path_factory, monkeypatch):
+    """infer caches what it read under the build dir: each test gets its own (outside tmp_path,
+    which the tests use as a data root)."""
+    monkeypatch.setenv("KILN_BUILD", str(tmp_path_factory.mktemp("build")))
+
+
 def windows_ds(path="nowhere", **kw) -> CsvWindowsDataset:
     base = {"format": "csv_windows", "path": str(path), "columns": ["ax", "ay", "az"], "sample_rate": 50,
             "window": 4, "stride": 2}
@@ -394,3 +401,158 @@ def test_through_the_data_stage(kiln_env, dataset, arch, raw):
     assert counts["test"] == dataset["synthetic"]["test_per_class"] * k
     assert counts["train"] + counts["val"] == dataset["synthetic"]["per_class"] * k and counts["val"] > 0
     assert len(np.load(layout.data / "train.npz")["y"]) == counts["train"]
+
+
+# --- csv_table: an index column (pandas' to_csv) is never a feature --------------------------------
+
+
+def pandas_csv(path: Path, columns: dict[str, list], index: bool = True, index_start: int = 0) -> Path:
+    """The bytes ``pd.DataFrame(columns).to_csv(path)`` writes (pandas is not in the venv): the
+    index as an unnamed first column, floats as repr, ``\\n`` line ends."""
+    import csv
+
+    n = len(next(iter(columns.values())))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow([""] * index + list(columns))
+        for i in range(n):
+            w.writerow([str(i + index_start)] * index + [repr(v) if isinstance(v, float) else v
+                                                         for v in (col[i] for col in columns.values())])
+    return path
+
+
+def sorted_by_class(n: int = 40, seed: int = 0) -> dict[str, list]:
+    """Noise features, rows sorted by class: only the row number tells the classes apart."""
+    rng = np.random.default_rng(seed)
+    return {"f1": rng.normal(size=n).tolist(), "f2": rng.normal(size=n).tolist(), "f3": rng.normal(size=n).tolist(),
+            "label": ["a"] * (n // 2) + ["b"] * (n - n // 2)}
+
+
+def test_pandas_index_column_is_left_out_with_a_warning(tmp_path, caplog):
+    path = pandas_csv(tmp_path / "t.csv", sorted_by_class())
+    assert path.read_text().startswith(",f1,f2,f3,label\n0,")
+    ds = table_ds(path)
+    with caplog.at_level(logging.WARNING, "kiln.data"):
+        assert csv_table.infer(ds, path) == {"features": ["f1", "f2", "f3"], "classes": ["a", "b"]}
+    assert f"{path}: column 1 ('') has no name: left out of the features" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "kiln.data"):
+        loaded = csv_table.load(ds, path)  # without infer's answer: the same choice, the same warning
+    assert loaded.source["features"] == ["f1", "f2", "f3"] and loaded.train[0].shape == (40, 3)
+    assert f"{path}: column 1 ('') has no name" in caplog.text
+    # pandas' name for that column when the file is read and written again
+    again = write(tmp_path / "u.csv", path.read_text().replace(",f1,", "Unnamed: 0,f1,", 1))
+    assert csv_table.infer(table_ds(again), again)["features"] == ["f1", "f2", "f3"]
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_a_named_running_index_is_left_out_and_a_listed_one_kept_with_a_warning(tmp_path, caplog, start):
+    cols = {"id": [i + start for i in range(40)], **sorted_by_class()}
+    path = pandas_csv(tmp_path / "t.csv", cols, index=False)
+    with caplog.at_level(logging.WARNING, "kiln.data"):
+        assert csv_table.infer(table_ds(path, classes=["a", "b"]), path) == {"features": ["f1", "f2", "f3"]}
+        assert csv_table.load(table_ds(path), path).source["features"] == ["f1", "f2", "f3"]
+    assert caplog.text.count(f"{path}: column 'id' holds the row number (0..n-1 or 1..n): left out") == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "kiln.data"):  # listed: the user asked for it
+        loaded = csv_table.load(table_ds(path, features=["id", "f1"]), path)
+    assert loaded.train[0][:3, 0].tolist() == [start, start + 1, start + 2]
+    assert f"{path}: column 'id' listed in dataset.features holds the row number" in caplog.text
+
+
+def test_columns_like_an_index_but_not_one_stay_features(tmp_path, caplog):
+    n = 12
+    cols = {"count": [0, 1, 2, 4] + list(range(5, 13)),  # a gap: not the row number
+            "hour": [i + 2 for i in range(n)],  # +1 per row but from 2
+            "flag": [i % 2 for i in range(n)], "x": [float(i) + 0.5 for i in range(n)],
+            "label": ["a", "b"] * (n // 2)}
+    path = pandas_csv(tmp_path / "t.csv", cols, index=False)
+    with caplog.at_level(logging.WARNING, "kiln.data"):
+        assert csv_table.infer(table_ds(path), path)["features"] == ["count", "hour", "flag", "x"]
+    assert "left out" not in caplog.text
+    short = pandas_csv(tmp_path / "s.csv", {"f": [0, 1], "label": ["a", "b"]}, index=False)  # two rows say nothing
+    assert csv_table.infer(table_ds(short), short)["features"] == ["f"]
+
+
+def test_manifest_load_infers_features_without_the_index(kiln_env, caplog):
+    from kiln import config
+    from tests.conftest import write_project
+
+    train = pandas_csv(kiln_env["root"] / "data" / "train.csv", sorted_by_class())
+    pandas_csv(kiln_env["root"] / "data" / "test.csv", sorted_by_class(10, seed=1))
+    write_project(kiln_env["projects"], _manifest({"format": "csv_table", "path": str(train.parent), "synthetic": None},
+                                                  {"family": "mlp", "widths": [8]}))
+    with caplog.at_level(logging.WARNING, "kiln.data"):
+        project = config.load_project("tiny")
+    assert project.dataset.feature_names == ["f1", "f2", "f3"] and project.dataset.raw_shape() == (3,)
+    assert f"{train}: column 1 ('') has no name: left out of the features" in caplog.text
+
+
+# --- infer's cache: a second manifest load reads no CSV -------------------------------------------
+
+
+def _no_csv_reads(monkeypatch):
+    import csv
+
+    def boom(*a, **kw):
+        raise AssertionError("a CSV file was read")
+
+    monkeypatch.setattr(csv, "reader", boom)
+
+
+def test_infer_is_cached_by_size_and_mtime(tmp_path, monkeypatch, caplog):
+    import os
+
+    train = pandas_csv(tmp_path / "train.csv", sorted_by_class())
+    pandas_csv(tmp_path / "test.csv", sorted_by_class(10, seed=1))
+    ds = table_ds(tmp_path)
+    first = csv_table.infer(ds, tmp_path)
+    assert first == {"features": ["f1", "f2", "f3"], "classes": ["a", "b"]}
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, "kiln.data"):
+        _no_csv_reads(m)
+        assert csv_table.infer(ds, tmp_path) == first
+    assert f"{train}: column 1 ('') has no name" in caplog.text  # the warning still shows, from the cache
+    with monkeypatch.context() as m:  # another setting, another entry: it reads
+        _no_csv_reads(m)
+        with pytest.raises(AssertionError, match="a CSV file was read"):
+            csv_table.infer(table_ds(tmp_path, features=["f1"]), tmp_path)
+    # a new class in a rewritten file (its size changes)
+    text = train.read_text()
+    train.write_text(text + "40,0.1,0.2,0.3,c\n")
+    assert csv_table.infer(ds, tmp_path)["classes"] == ["a", "b", "c"]
+    # the same size, another mtime
+    st = train.stat()
+    train.write_text(text.replace(",b\n", ",d\n"))
+    os.utime(train, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert csv_table.infer(ds, tmp_path)["classes"] == ["a", "b", "d"]  # b: test.csv
+    with monkeypatch.context() as m:
+        _no_csv_reads(m)
+        assert csv_table.infer(ds, tmp_path)["classes"] == ["a", "b", "d"]
+
+
+def test_windows_infer_is_cached_and_streams(tmp_path, monkeypatch):
+    path = recording(tmp_path / "r1.csv", ["walk"] * 3 + ["idle"] * 3)
+    recording(tmp_path / "r2.csv", ["run"] * 3)
+    ds = windows_ds(tmp_path)
+    with monkeypatch.context() as m:  # streamed: never the whole table
+        m.setattr(csv_windows, "read_table", lambda *a: pytest.fail("infer read a whole table"))
+        assert csv_windows.infer(ds, tmp_path) == {"classes": ["idle", "run", "walk"]}
+    with monkeypatch.context() as m:
+        _no_csv_reads(m)
+        assert csv_windows.infer(ds, tmp_path) == {"classes": ["idle", "run", "walk"]}
+    recording(tmp_path / "r3.csv", ["jump"] * 3)  # a new file
+    assert csv_windows.infer(ds, tmp_path)["classes"] == ["idle", "jump", "run", "walk"]
+    path.write_text(path.read_text().replace("walk", "swim"))
+    assert csv_windows.infer(ds, tmp_path)["classes"] == ["idle", "jump", "run", "swim"]
+
+
+def test_table_infer_streams_and_stops_once_no_column_can_be_an_index(tmp_path, monkeypatch):
+    rows = "".join(f"{i * 2},{i},cat\n" for i in range(5))
+    path = write(tmp_path / "t.csv", "a,b,label\n" + rows + "1,2\n")  # a ragged row after 'a' fails the test
+    # classes listed: reading stops at row 2 ('a' 0, 2: not the row number); 'b' is one
+    with pytest.raises(PassError, match="t.csv:7: ragged row"):
+        csv_table.infer(table_ds(path, classes=["cat", "dog"]), path)
+    path = write(tmp_path / "u.csv", "a,b,label\n" + "".join(f"{i * 2},{i + 7},cat\n" for i in range(5)) + "1,2\n")
+    monkeypatch.setattr(csv_table, "read_table", lambda *a: pytest.fail("infer read a whole table"))
+    assert csv_table.infer(table_ds(path, classes=["cat", "dog"]), path) == {"features": ["a", "b"]}
