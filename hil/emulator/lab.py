@@ -20,6 +20,12 @@ process is gone (killed with -9, say) does not count: the next deploy adopts its
 it when it ends, so a killed deploy never leaves the lab running for good. A lab left by a
 Kiln from before holders (its state has no ``holders`` mark) is treated as started by hand.
 
+Two build dirs, two labs. Labs of different build directories run side by side, with the same
+board names: an SSH board's network namespace is ``kiln-<lab>-<board>``, <lab> a hash of the
+lab's state dir (hil.emulator.sshd.netns_name), and addresses and veth names are allocated by
+the kernel, so one lab's start, crash clean-up or stop never touches another's boards. (Not one
+lab per machine: tests and users run labs from several build dirs at once.)
+
     python -m hil.emulator.lab up [LAB.yaml]|down|status
 """
 
@@ -71,11 +77,9 @@ def _read_state() -> dict:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
+    """A live process (a zombie is dead: its parent, often a pid 1 slow to reap, has not
+    collected it yet; counting it as alive let ``status`` say up with every sshd gone)."""
+    return _started(pid) is not None
 
 
 def is_up() -> bool:

@@ -3,8 +3,12 @@ root can create network namespaces, its own network namespace and address.
 
 Everything lives under ``state_dir/<name>/``: host_key, client_key (+ .pub), authorized_keys,
 known_hosts, sshd_config, sshd.log, sshd.pid, board.json and work/. In a namespace the board is
-``kiln-<name>`` with a veth pair in one private /30 of NETNS_BLOCK (host side .1, board side
-.2, port 22); otherwise sshd listens on 127.0.0.1 on a free port. Only addresses this module
+``kiln-<lab>-<name>`` (``netns_name``: <lab> is a hash of the state dir, so two labs of two
+build dirs never share a namespace, while a lab restarted in the same dir finds what a crashed
+run of it left) with a veth pair in one private /30 of NETNS_BLOCK (host side .1, board side
+.2, port 22); otherwise sshd listens on 127.0.0.1 on a free port. Stopping a board deletes its
+own namespace, and the veth only when its peer is still in that namespace: never another
+lab's. Only addresses this module
 creates are ever used: the host gets an ``unreachable`` route for the whole block (left in
 place; the boards' /30s are more specific), so a stopped board's address fails at once
 instead of leaving by the default route. As root the sshd also runs in a private mount
@@ -17,6 +21,7 @@ namespace where the user's home is the board's own (state/<name>/home).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import json
 import logging
@@ -93,12 +98,12 @@ def start_sshd(name: str, state_dir: Path, port: int | None = None,
         use_netns = os.geteuid() == 0 and shutil.which("ip") is not None
         if use_netns:
             try:
-                netns, veth, host = _netns_up(name)
+                netns, veth, host = _netns_up(netns_name(state_dir, name), name)
             except TransportError as e:
                 log.info("board %s: no network namespace (%s); using loopback", name, e)
                 use_netns = False
     elif use_netns:
-        netns, veth, host = _netns_up(name)
+        netns, veth, host = _netns_up(netns_name(state_dir, name), name)
     tries = 1 if use_netns or port else 3  # a free loopback port can be taken before sshd binds
     for attempt in range(tries):
         if not use_netns:
@@ -258,22 +263,35 @@ def _alive(p: psutil.Process) -> bool:
 
 # -- network namespace -----------------------------------------------------------------------
 
-def _netns_up(name: str) -> tuple[str, str, str]:
-    """Create netns kiln-<name> with a veth pair in a free /30; returns (netns, veth, board ip)."""
-    ns = f"kiln-{name}"
+def netns_name(state_dir: Path, name: str) -> str:
+    """The namespace of board ``name`` of the lab kept in ``state_dir``: ``kiln-<lab>-<name>``,
+    <lab> the first 8 hex digits of the sha1 of the resolved state dir. Namespace names are
+    machine-wide: with the board's name alone, a second lab (another build dir) with a board of
+    the same name deleted the first's namespace as a "leftover" and its stop deleted the
+    second's. The same dir gives the same name, so a lab killed with -9 is still cleaned up by
+    its next start. (Namespace names may be long; interface names, at most 15 characters, are
+    the kernel-allocated kiln-h<i>.)"""
+    lab = hashlib.sha1(str(Path(state_dir).resolve()).encode()).hexdigest()[:8]
+    return f"kiln-{lab}-{name}"
+
+
+def _netns_up(ns: str, name: str) -> tuple[str, str, str]:
+    """Create netns ``ns`` for board ``name`` with a veth pair in a free /30; returns (netns,
+    veth, board ip)."""
     # Addresses of the block that no board holds must fail here, not leave by the default route.
     _sh(["ip", "route", "replace", "unreachable", str(NETNS_BLOCK)])
     if ns in _sh(["ip", "netns", "list"]).split():
         _netns_down(ns, None)  # left over from a run that crashed
     _sh(["ip", "netns", "add", ns])
+    veth = None
     try:
         for i in range(256):
             # The kernel allocates interface names atomically: a taken index means a taken /30.
-            veth = f"kiln-h{i}"
             try:
-                _sh(["ip", "link", "add", veth, "type", "veth", "peer", "name", f"kiln-b{i}"])
+                _sh(["ip", "link", "add", f"kiln-h{i}", "type", "veth", "peer", "name", f"kiln-b{i}"])
             except TransportError:
                 continue
+            veth = f"kiln-h{i}"  # ours (just created): deleted below if the rest fails
             net = NETNS_BLOCK.network_address + 256 * i  # 10.213.<i>.0/30
             hostside, boardside = net + 1, net + 2
             _sh(["ip", "link", "set", f"kiln-b{i}", "netns", ns])
@@ -286,11 +304,33 @@ def _netns_up(name: str) -> tuple[str, str, str]:
             return ns, veth, str(boardside)
         raise TransportError(f"no free /30 left in {NETNS_BLOCK} for board '{name}'")
     except TransportError:
+        if veth:
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
         _netns_down(ns, None)
         raise
 
 
+def _ifindex(*argv: str) -> tuple[int | None, int | None]:
+    """``ip -j ARGV`` (a ``link show`` of one link): (its ifindex, its peer's ifindex)."""
+    try:
+        links = json.loads(_sh(["ip", "-j", *argv]) or "[]")
+        return (links[0].get("ifindex"), links[0].get("link_index")) if links else (None, None)
+    except (TransportError, ValueError, IndexError, AttributeError):
+        return None, None
+
+
+def _veth_ours(ns: str, veth: str) -> bool:
+    """Whether host link ``veth`` is the peer of eth0 in namespace ``ns``. The kiln-h<i> names
+    are reused: once our namespace is gone (and its veth with it), a link of that name may be
+    another lab's board."""
+    host, _ = _ifindex("link", "show", "dev", veth)
+    _, peer = _ifindex("-n", ns, "link", "show", "dev", "eth0")
+    return host is not None and host == peer
+
+
 def _netns_down(ns: str, veth: str | None) -> None:
+    if veth and not _veth_ours(ns, veth):
+        veth = None  # gone with its namespace, or the name is someone else's now: leave it
     try:
         pids = [int(p) for p in _sh(["ip", "netns", "pids", ns]).split()]
     except TransportError:

@@ -62,7 +62,9 @@ def lab_processes(state: Path) -> list[psutil.Process]:
 
 def namespaces(lab: dict) -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()} & {f"kiln-{lab['ssh']}", f"kiln-{lab['tty']}"}
+    from hil.emulator.sshd import netns_name
+
+    return {line.split()[0] for line in out.splitlines() if line.strip()} & {netns_name(lab["state"], lab["ssh"])}
 
 
 def assert_lab_gone(lab: dict, within: float = 10.0) -> None:

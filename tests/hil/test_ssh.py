@@ -19,7 +19,7 @@ import pytest
 
 from hil import deploy
 from hil.emulator.faults import Fault, TCPProxy, closed_port
-from hil.emulator.sshd import NETNS_BLOCK, start_sshd, stop_sshd
+from hil.emulator.sshd import NETNS_BLOCK, netns_name, start_sshd, stop_sshd
 from hil.transport.ssh import SSHTransport
 from kiln import schema
 from kiln.errors import TransportError
@@ -308,7 +308,7 @@ def test_link_stalled_mid_upload_times_out(board, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_board_lives_in_its_own_network_namespace(board):
-    assert board.netns == "kiln-kiln-t1"
+    assert board.netns == netns_name(board.state.parent, "kiln-t1")  # kiln-<lab>-<name>: see test_two_labs
     assert ipaddress.ip_address(board.host) in NETNS_BLOCK and board.port == 22
     pids = subprocess.run(["ip", "netns", "pids", board.netns], capture_output=True, text=True).stdout.split()
     assert str(board.pid) in pids
