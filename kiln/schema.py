@@ -81,10 +81,38 @@ class Synthetic(Strict):
     seed: int = 0
 
 
+GROUP_RULES = ("file", "recording", "speaker", "none")
+
+
 class Split(Strict):
+    """How the data set is split. Whole *groups* go to one split, never a sample at a time, so
+    overlapping windows of one recording, clips of one speaker or crops of one image never sit
+    in both train and test (stratified by class where the groups allow)."""
+
     val: float = Field(0.1, gt=0, lt=0.5)
     test: float = Field(0.1, gt=0, lt=0.5, description="used only when no test set ships")
     seed: int = 0
+    group_by: str | None = Field(
+        None, description="what a group is: 'recording' or 'file' (every sample cut from one source file), "
+        "'speaker' (Speech Commands' <speaker>_nohash_<n> file names; others: the file), 'none' (every sample "
+        "its own group: leaks when samples share a source; warned), or a regular expression searched in each "
+        "sample's file path relative to dataset.path (the group is its first capture group, else the match; "
+        "a path it does not match is its own group). Unset: the format's default (csv_windows: recording, "
+        "audio_folders: speaker, gtsrb: the track, other file formats: file)")
+
+    @field_validator("group_by")
+    @classmethod
+    def _rule(cls, v: str | None) -> str | None:
+        if v is None or v in GROUP_RULES:
+            return v
+        try:
+            rx = re.compile(v)
+        except re.error as e:
+            raise ValueError(f"{v!r} is neither one of {', '.join(GROUP_RULES)} nor a regular expression ({e})") from e
+        if rx.groups > 1:
+            raise ValueError(f"the regular expression {v!r} has {rx.groups} capture groups; use at most one "
+                             "(the group name) or (?:...) for the others")
+        return v
 
 
 class Augment(Strict):

@@ -4,6 +4,7 @@ boards' test inputs. Formats are modules in passes/formats/, chosen by ``dataset
 from __future__ import annotations
 
 import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -70,22 +71,148 @@ def _check_size(image_size) -> tuple[int, int]:
     return h, w
 
 
-def _splits(loaded: Loaded, val: float, test: float, seed: int) -> dict:
-    """train/val/test: a shipped test (validation) split stays the test (validation) split;
-    otherwise ``test`` (``val``) of the data is split off (stratified, seeded; the test split
-    shuffled: the boards may get only a prefix, validation.samples)."""
-    x, y = loaded.train
-    fractions = (() if loaded.val is not None else (val,)) + (() if loaded.test is not None else (test,))
-    parts = _stratified(y, fractions, seed)
-    out = {"train": (x[parts[0]], y[parts[0]])}
-    rest = iter(parts[1:])
-    out["val"] = loaded.val if loaded.val is not None else (lambda i: (x[i], y[i]))(next(rest))
+SPLIT_VERSION = 2  # 2: whole groups (recording, speaker, track) per split, never single samples
+SPEAKER = re.compile(r"(?:^|/)([^/]+?)_nohash_[^/]*$")  # Speech Commands: <word>/<speaker>_nohash_<n>.wav
+
+
+def _group_of(rule: str, source: str) -> str:
+    """The group of one sample whose source file is ``source`` (see dataset.split.group_by)."""
+    if rule in ("file", "recording"):
+        return source
+    m = (SPEAKER if rule == "speaker" else re.compile(rule)).search(source)
+    if m is None:
+        return source
+    return m.group(1) if m.re.groups else m.group(0)
+
+
+def group_ids(loaded: Loaded, split: str, rule: str) -> np.ndarray | None:
+    """Each sample's group in ``split`` under ``rule``; None: every sample is its own group (the
+    format has no source files, or ``rule`` is "none")."""
+    sources = loaded.sources.get(split)
+    if rule == "none" or sources is None:
+        return None
+    return np.asarray([_group_of(rule, s) for s in sources], dtype=object)
+
+
+def _group_split(y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int,
+                 what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, part) indices: about ``fraction`` of the samples of each class in ``part``, whole
+    groups only. Without groups (every sample its own): per class, seeded (_stratified).
+
+    With groups, a seeded greedy pass over the groups in random order: first one group for every
+    class that has one to spare, then any group that fills more of a class's shortfall than it
+    overshoots; a class's last group always stays in the rest (training). Kiln's own rather than
+    scikit-learn's StratifiedGroupKFold, whose folds of 1/k neither promise every class a group in
+    the held-out part nor keep a class's last group for training."""
+    if groups is None or len(set(groups)) == len(groups):
+        rest, part = _stratified(y, (fraction,), seed)
+        return rest, part
+    uniq, inv = np.unique(groups.astype(str), return_inverse=True)
+    classes = int(y.max()) + 1 if len(y) else 0
+    hist = np.zeros((len(uniq), classes), np.int64)  # samples of each class in each group
+    np.add.at(hist, (inv, y), 1)
+    left = (hist > 0).sum(axis=0)  # groups of each class still in the rest
+    if not (left >= 2).any():
+        raise PassError(f"data: no class has samples in two groups ({len(uniq)} group(s): "
+                        f"{', '.join(map(repr, uniq[:3].tolist()))}{', ...' if len(uniq) > 3 else ''}), so no {what} "
+                        "split can be cut without sharing a group with training; add recordings, or ship the split "
+                        "as folders (train/ val/ test/), or set dataset.split.group_by")
+    target = fraction * hist.sum(axis=0)
+    got = np.zeros(classes, np.int64)
+    taken = np.zeros(len(uniq), bool)
+    order = np.random.default_rng([seed, 7]).permutation(len(uniq))
+
+    def take(g: int) -> None:
+        nonlocal left, got
+        taken[g] = True
+        left = left - (hist[g] > 0)
+        got = got + hist[g]
+
+    def spare(g: int) -> bool:  # taking g leaves every class it holds a group in the rest
+        return not taken[g] and bool((left[hist[g] > 0] >= 2).all())
+
+    for c in np.random.default_rng([seed, 8]).permutation(classes):  # every class a group, where it can
+        if got[c] == 0:
+            options = [g for g in order if hist[g, c] and spare(g)]
+            if options:
+                take(min(options, key=lambda g: hist[g].sum()))
+    for g in order:  # then fill the shortfalls
+        if spare(g):
+            fill = np.minimum(hist[g], np.maximum(target - got, 0)).sum()
+            if fill > hist[g].sum() - fill:
+                take(g)
+    part = np.flatnonzero(taken[inv])
+    return np.flatnonzero(~taken[inv]), part
+
+
+def _take(xy, i: np.ndarray, groups: np.ndarray | None):
+    return (xy[0][i], xy[1][i]), (None if groups is None else groups[i])
+
+
+def _splits(loaded: Loaded, val: float, test: float, seed: int, rule: str) -> tuple[dict, dict]:
+    """train/val/test and each one's groups: a shipped test (validation) split stays the test
+    (validation) split; otherwise ``test`` (``val``) of the data is split off, whole groups only
+    (stratified, seeded; the test split shuffled: the boards may get only a prefix,
+    validation.samples)."""
+    rest, groups = loaded.train, group_ids(loaded, "train", rule)
+    out, out_groups = {}, {}
     if loaded.test is not None:
-        out["test"] = loaded.test
+        out["test"], out_groups["test"] = loaded.test, group_ids(loaded, "test", rule)
     else:
-        test_i = np.random.default_rng([seed, 3]).permutation(next(rest))
-        out["test"] = (x[test_i], y[test_i])
-    return {name: out[name] for name in ("train", "val", "test")}
+        keep, part = _group_split(rest[1], groups, test, seed, "test")
+        part = np.random.default_rng([seed, 3]).permutation(part)
+        out["test"], out_groups["test"] = _take(rest, part, groups)
+        rest, groups = _take(rest, keep, groups)
+    if loaded.val is not None:
+        out["val"], out_groups["val"] = loaded.val, group_ids(loaded, "val", rule)
+    else:  # val of the whole, taken from what is left
+        keep, part = _group_split(rest[1], groups, val / (1 - (test if loaded.test is None else 0)), seed, "val")
+        out["val"], out_groups["val"] = _take(rest, part, groups)
+        rest, groups = _take(rest, keep, groups)
+    out["train"], out_groups["train"] = rest, groups
+    names = ("train", "val", "test")
+    return {n: out[n] for n in names}, {n: out_groups[n] for n in names}
+
+
+def _group_report(rule: str, groups: dict) -> dict:
+    """data.json's record of the groups: the rule and, per split, how many and which."""
+    out: dict = {"by": rule if any(g is not None for g in groups.values()) else "sample"}
+    for name, g in groups.items():
+        out[name] = {"count": None, "names": None} if g is None else \
+            {"count": len(set(g)), "names": sorted(set(g.astype(str).tolist()))}
+    shared = {}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if groups[a] is not None and groups[b] is not None:
+            both = sorted(set(groups[a].astype(str)) & set(groups[b].astype(str)))
+            if both:
+                shared[f"{a}+{b}"] = both
+                log.warning("data: %d group(s) (%s) are in both the %s and the %s split as the data set ships "
+                            "them, first: %s: those samples are not held out", len(both), out["by"], a, b,
+                            ", ".join(both[:3]))
+    out["shared"] = shared
+    return out
+
+
+def _check_class_coverage(splits: dict, classes: list[str]) -> None:
+    """Every class is in train (else the net cannot learn it) and in test (the requirements are
+    judged there: a class without a test sample would be judged on nothing): a PassError naming
+    the class and split; a class missing from val is warned about (compression would judge it
+    on nothing)."""
+    for name in ("train", "test", "val"):
+        counts = np.bincount(splits[name][1], minlength=len(classes))
+        missing = [classes[c] for c in np.flatnonzero(counts == 0)]
+        if not missing:
+            continue
+        total = {c: int(sum(np.count_nonzero(s[1] == classes.index(c)) for s in splits.values())) for c in missing}
+        detail = ", ".join(f"{c!r} ({total[c]} sample(s) in all)" for c in missing[:5])
+        if name == "val":
+            log.warning("data: the val split has no sample of class(es) %s: compression judges them on nothing", detail)
+            continue
+        raise PassError(f"data: the {name} split has no sample of class(es) {detail}; "
+                        + ("the requirements are judged on the test split, so every class needs test samples: "
+                           "add data for it (several files or recordings: one group goes to one split), or give "
+                           "a test/ folder holding every class" if name == "test" else
+                           "every class needs training samples: add data for it"))
 
 
 def synthesize(project, layout) -> None:
@@ -106,7 +233,7 @@ def run(project, layout) -> dict:
     root, _ = fmt.locate(ds, layout)
     size = _check_size(ds.image_size)
     return prepare(fmt.load(ds, root), layout.data, size, ds.split.val, ds.split.test, ds.split.seed,
-                   params={"dataset_root": str(root)}, front_end=front_end_of(ds))
+                   params={"dataset_root": str(root)}, front_end=front_end_of(ds), group_by=ds.split.group_by)
 
 
 def front_end_of(ds) -> dict | None:
@@ -144,7 +271,7 @@ def _apply_front_end(front_end: dict, splits: dict, out_dir: Path) -> tuple[dict
 
 
 def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, seed: int,
-            params: dict | None = None, front_end: dict | None = None) -> dict:
+            params: dict | None = None, front_end: dict | None = None, group_by: str | None = None) -> dict:
     """Split what a format loaded and write the data stage's outputs to ``out_dir``.
 
     A shipped test split (GTSRB's labelled Final_Test) is the test split; otherwise ``test`` of
@@ -155,7 +282,13 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise PassError(f"data: split fractions must be in [0, 1) and sum below 1, got val={val} test={test}")
     size = _check_size(image_size)
-    splits, report, source = _splits(loaded, val, test, seed), loaded.report, loaded.source
+    rule = group_by or loaded.group_by
+    if rule == "none" and any(len(set(v)) < len(v) for v in loaded.sources.values()):
+        log.warning("data: dataset.split.group_by is none: samples cut from one file may land in train and test "
+                    "alike, and the test accuracy then overstates what the board will see")
+    splits, groups = _splits(loaded, val, test, seed, rule)
+    report, source = loaded.report, loaded.source
+    _check_class_coverage(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
     raw_test = splits["test"][0]
     files = ["train.npz", "val.npz", "test.npz", "test_inputs.bin", "test_labels.json"]
     fe_info = None
@@ -184,10 +317,11 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
         "pass": "data", **source, "image_size": list(size),
         "counts": {n: len(v[1]) for n, v in splits.items()},
         "class_counts": {n: np.bincount(v[1], minlength=k).tolist() for n, v in splits.items()},
-        "test_inputs": test_inputs, "front_end": fe_info,
+        "test_inputs": test_inputs, "front_end": fe_info, "groups": _group_report(rule, groups),
         "load": report,
         "files": {f: sha256_file(out_dir / f) for f in files},
         "params": {**(params or {}), "image_size": list(size), "val": val, "test": test, "seed": seed,
+                   "group_by": rule, "split_version": SPLIT_VERSION,
                    "front_end": None if front_end is None else front_end["settings"].model_dump()},
     }
     write_json(out_dir / "data.json", info)  # last: its presence means every output above is complete

@@ -43,6 +43,11 @@ class Loaded:
     report: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)
     val: tuple[Any, Any] | None = None
+    # per split ("train", "val", "test"), each sample's source file relative to the data set's
+    # root, in sample order: samples of one file are one group that a split never cuts (see
+    # dataset.split.group_by). A split without an entry: every sample is its own source.
+    sources: dict[str, list[str]] = field(default_factory=dict)
+    group_by: str = "file"  # the format's default dataset.split.group_by
 
 
 def write_tree(dest: Path, marker: dict, fill: Callable[[Path], int | None]) -> dict:

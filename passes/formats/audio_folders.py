@@ -45,7 +45,7 @@ def load(ds, root: Path) -> Loaded:
     def read(path: Path) -> np.ndarray:
         return fit_length(read_wav(path, ds.sample_rate), length)
 
-    return folders.load_tree(ds, root, EXTS, read, np.int16, "audio_folders")
+    return folders.load_tree(ds, root, EXTS, read, np.int16, "audio_folders", group_by="speaker")
 
 
 def read_wav(path: Path, sample_rate: int) -> np.ndarray:

@@ -91,6 +91,7 @@ class _Split:
     files: int = 0
     unused_rows: int = 0  # rows in segments shorter than a window or of unlisted classes
     seen: set = field(default_factory=set)  # every label of a row, windows or not
+    sources: list[Path] = field(default_factory=list)  # each window's recording (its file)
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
@@ -149,7 +150,7 @@ def _windows(ds, x: np.ndarray) -> np.ndarray:
     return view.transpose(0, 2, 1)
 
 
-def _cut(ds, x: np.ndarray, labels: list[str | None], breaks: np.ndarray, out: _Split) -> None:
+def _cut(ds, x: np.ndarray, labels: list[str | None], breaks: np.ndarray, out: _Split, path: Path) -> None:
     """Cut one file's rows into segments (label changes and gaps) and those into windows;
     rows labelled None (a class the manifest does not list) are left out."""
     starts = {0, len(labels), *breaks.tolist()}
@@ -162,6 +163,7 @@ def _cut(ds, x: np.ndarray, labels: list[str | None], breaks: np.ndarray, out: _
             continue
         out.x.append(w)
         out.labels += [labels[s]] * len(w)
+        out.sources += [path] * len(w)
 
 
 def _read(ds, path: Path, label: str | None, listed: set[str] | None, skipped: list[str],
@@ -186,7 +188,7 @@ def _read(ds, path: Path, label: str | None, listed: set[str] | None, skipped: l
         warnings.append(f"{path}: rows of label(s) {', '.join(unlisted)} skipped (not in dataset.classes)")
         labels = [v if v in listed else None for v in labels]
     out.seen.update(v for v in set(labels) if v is not None)
-    _cut(ds, x, labels, _timestamps(ds, table, warnings), out)
+    _cut(ds, x, labels, _timestamps(ds, table, warnings), out, path)
 
 
 def _load_split(ds, folder: Path, listed: set[str] | None, skipped: list[str], warnings: list[str]) -> _Split:
@@ -244,9 +246,15 @@ def load(ds, root: Path) -> Loaded:
               "notes": len(warnings), "notes_examples": warnings[:5]}
     source = {"format": "csv_windows", "num_classes": len(names), "channels": len(ds.columns), "classes": names,
               "synthetic": read_marker(root) if root.is_dir() else None,
-              "test_source": "test/ recordings" if "test" in arrays else "split of the windows"}
+              "test_source": "test/ recordings" if "test" in arrays else "split of the recordings"}
     log.info("data: %d windows of %d x %d from %s", n, ds.window, len(ds.columns), root)
-    return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"))
+    sources = {name: [_relative(p, root) for p in s.sources] for name, s in splits.items()}
+    return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"), sources, "recording")
+
+
+def _relative(path: Path, root: Path) -> str:
+    """A recording's name for the split's groups: its path under ``root`` (``root`` a file: its name)."""
+    return path.name if path == root else path.relative_to(root).as_posix()
 
 
 # --- the synthetic accelerometer -----------------------------------------------------------------

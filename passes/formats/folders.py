@@ -189,9 +189,10 @@ def scan(root: Path, listed: list[str] | None, exts: tuple[str, ...]) -> Scan:
 
 
 def load_files(files: list[tuple[Path, int]], read: Callable[[Path], np.ndarray], shape: tuple[int, ...],
-               dtype, skipped: list[str]) -> tuple[np.ndarray, np.ndarray]:
+               dtype, skipped: list[str], kept: list[Path] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read each file with ``read`` (which raises ``Unreadable`` with the reason) into one
-    (N, *shape) array and int64 labels; unreadable files go to ``skipped``."""
+    (N, *shape) array and int64 labels; unreadable files go to ``skipped``, the files read (in
+    sample order) to ``kept``."""
     x = np.empty((len(files), *shape), dtype)
     y = np.empty(len(files), np.int64)
     n = 0
@@ -203,6 +204,8 @@ def load_files(files: list[tuple[Path, int]], read: Callable[[Path], np.ndarray]
             continue
         y[n] = label
         n += 1
+        if kept is not None:
+            kept.append(path)
     return x[:n].copy(), y[:n].copy()  # copy: don't keep the over-allocated buffer alive
 
 
@@ -221,15 +224,18 @@ def check_classes(scan_: Scan, y: np.ndarray, split: str) -> None:
 
 
 def load_tree(ds, root: Path, exts: tuple[str, ...], read: Callable[[Path], np.ndarray], dtype,
-              fmt: str) -> Loaded:
+              fmt: str, group_by: str = "file") -> Loaded:
     """Scan and read a class-folder tree into a ``Loaded``: per split (N, *ds.raw_shape()) of
-    ``dtype`` and int64 labels in class order; what was skipped is logged and reported."""
+    ``dtype`` and int64 labels in class order, and each sample's file (``group_by``: the
+    format's default grouping of them); what was skipped is logged and reported."""
     root = Path(root)
     sc = scan(root, ds.classes, exts)
     shape = tuple(ds.raw_shape())
-    arrays = {}
+    arrays, sources = {}, {}
     for split, files in sc.splits.items():
-        arrays[split] = load_files(files, read, shape, dtype, sc.skipped)
+        kept: list[Path] = []
+        arrays[split] = load_files(files, read, shape, dtype, sc.skipped, kept)
+        sources[split] = [p.relative_to(root).as_posix() for p in kept]
         check_classes(sc, arrays[split][1], split)
         if split != "train" and not len(arrays[split][1]):
             raise PassError(f"data: {root / split} holds no readable files")
@@ -245,7 +251,7 @@ def load_tree(ds, root: Path, exts: tuple[str, ...], read: Callable[[Path], np.n
               "synthetic": read_json(marker) if marker.is_file() else None,
               "test_source": "test/ folder" if "test" in arrays else "split of the class folders"}
     log.info("data: loaded %s from %s", ", ".join(f"{len(a[1])} {s}" for s, a in arrays.items()), root)
-    return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"))
+    return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"), sources, group_by)
 
 
 

@@ -46,13 +46,20 @@ def synthesize(ds, dest: Path) -> dict:
     return synthesize_gtsrb(dest, per_class=syn.per_class, test_per_class=syn.test_per_class, seed=syn.seed)
 
 
+# GTSRB's training images are tracks of 30 frames of one physical sign (``<track>_<frame>.ppm``):
+# a track is a group, or its near-identical frames would sit in train and validation alike
+TRACK = r"Images/(\d+/\d+)_\d+\.ppm$"
+
+
 def load(ds, root: Path) -> Loaded:
-    train_x, train_y, test_x, test_y, report = load_gtsrb(root, tuple(ds.image_size))
+    sources: dict[str, list[str]] = {}
+    train_x, train_y, test_x, test_y, report = load_gtsrb(root, tuple(ds.image_size), sources)
     marker = Path(root) / MARKER
     source = {"format": "gtsrb", "num_classes": NUM_CLASSES, "channels": 3,
               "synthetic": read_json(marker) if marker.is_file() else None,
               "test_source": "Final_Test" if test_x is not None else "split of Final_Training"}
-    return Loaded((train_x, train_y), None if test_x is None else (test_x, test_y), report, source)
+    return Loaded((train_x, train_y), None if test_x is None else (test_x, test_y), report, source,
+                  sources=sources, group_by=TRACK)
 
 
 def is_gtsrb(root: Path) -> bool:
@@ -107,7 +114,7 @@ def _load_image(path: Path, roi, size_hw) -> np.ndarray:
     return np.asarray(im, np.uint8)
 
 
-def _load_rows(rows, size_hw, root: Path, skipped: list) -> tuple[np.ndarray, np.ndarray]:
+def _load_rows(rows, size_hw, root: Path, skipped: list, kept: list[str]) -> tuple[np.ndarray, np.ndarray]:
     x = np.empty((len(rows), *size_hw, 3), np.uint8)
     y = np.empty(len(rows), np.int64)
     n = 0
@@ -122,6 +129,7 @@ def _load_rows(rows, size_hw, root: Path, skipped: list) -> tuple[np.ndarray, np
             continue
         y[n] = cid
         n += 1
+        kept.append(path.relative_to(root).as_posix())
     return x[:n].copy(), y[:n].copy()  # copy: don't keep the over-allocated buffer alive
 
 
@@ -134,13 +142,15 @@ def _test_csv(root: Path) -> Path | None:
     return None
 
 
-def load_gtsrb(root: Path, image_size: tuple[int, int]):
+def load_gtsrb(root: Path, image_size: tuple[int, int], sources: dict[str, list[str]] | None = None):
     """Read a GTSRB tree -> (train_x, train_y, test_x, test_y, report).
 
     x: uint8 N x H x W x 3 (``image_size`` is (height, width)), cropped to each image's ROI;
     y: int64. test_x/test_y are None without a labelled Final_Test. Images that can't be read
     are skipped and counted in ``report``; a malformed CSV or missing layout is a PassError.
+    ``sources`` gets each sample's image path (under ``root``) per split.
     """
+    sources = {} if sources is None else sources
     root = Path(root)
     size = tuple(int(v) for v in image_size)
     images = root / "Final_Training" / "Images"
@@ -155,14 +165,14 @@ def load_gtsrb(root: Path, image_size: tuple[int, int]):
     if not rows:
         raise PassError(f"data: no labelled images under {images}; expected {LAYOUT}")
     skipped: list = []
-    train_x, train_y = _load_rows(rows, size, root, skipped)
+    train_x, train_y = _load_rows(rows, size, root, skipped, sources.setdefault("train", []))
     if not len(train_y):
         raise PassError(f"data: none of the {len(rows)} training images under {images} could be read; "
                         f"first: {skipped[0]['path']} ({skipped[0]['reason']})")
     test_x = test_y = None
     test_csv = _test_csv(root)
     if test_csv is not None:
-        test_x, test_y = _load_rows(_read_test_rows(test_csv, root), size, root, skipped)
+        test_x, test_y = _load_rows(_read_test_rows(test_csv, root), size, root, skipped, sources.setdefault("test", []))
     elif (root / "Final_Test").is_dir():
         log.warning("data: %s has no %s (the labels are a separate GTSRB download); "
                     "splitting the test set off Final_Training instead", root / "Final_Test", TEST_CSV)

@@ -16,10 +16,12 @@ from passes import data
 from passes.formats import gtsrb
 
 
-def prepare(root: Path, out: Path, size, val: float, test: float, seed: int) -> dict:
-    """The data stage on a GTSRB tree: the format loads it, the stage splits and writes it."""
+def prepare(root: Path, out: Path, size, val: float, test: float, seed: int, group_by: str | None = "file") -> dict:
+    """The data stage on a GTSRB tree: the format loads it, the stage splits and writes it.
+    ``group_by`` "file": the synthetic frames of a track are independent draws (real GTSRB's
+    are one sign filmed 30 times: the format's default groups its tracks, see the tests below)."""
     ds = GtsrbDataset(format="gtsrb", path=str(root), image_size=size)
-    return data.prepare(gtsrb.load(ds, root), out, size, val=val, test=test, seed=seed)
+    return data.prepare(gtsrb.load(ds, root), out, size, val=val, test=test, seed=seed, group_by=group_by)
 
 HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
 
