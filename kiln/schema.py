@@ -198,11 +198,19 @@ class SyntheticDataset(_ImageDataset):
 
     format: Literal["synthetic"]
     channels: int = Field(1, ge=1, le=64, description="input channels (C of C x H x W)")
-    classes: int = Field(2, ge=1, le=1000, description="number of classes")
+    classes: int = Field(2, le=1000, description="number of classes (at least two: a classifier of one class "
+                         "is right whatever it says)")
     per_class: int = Field(200, ge=1, le=10_000, description="training samples per class (val split off these)")
     test_per_class: int = Field(40, ge=1, le=10_000, description="test samples per class")
     seed: int = 0
     front_end: NormalizeFrontEnd | None = Field(None, description=_IMAGE_FRONT_END)
+
+    @field_validator("classes")
+    @classmethod
+    def _two_classes(cls, v: int) -> int:
+        if v < 2:  # the own-data formats refuse a data set of one class in the same words
+            raise ValueError(f"{v} class(es); a classifier needs at least two classes")
+        return v
 
     @property
     def num_classes(self) -> int:
@@ -929,6 +937,22 @@ class Compression(Strict):
         True, description="also compile each row's model for x86-host and report its kernel library size"
     )
     search: CompressionSearch | None = None
+
+    @model_validator(mode="after")
+    def _quantize_comes_last(self) -> Compression:
+        """quantize turns the model into integers: a pass after it (pruning, weight coding, both
+        fine-tune with gradients) cannot run on it, so the order is refused when the manifest loads."""
+        names = [p.name for p in self.passes]
+        if "quantize" in names:
+            q = names.index("quantize")
+            later = [(i, n) for i, n in enumerate(names) if i > q]
+            if later:
+                i, n = later[0]
+                fixed = [x for x in names if x != "quantize"] + ["quantize"]
+                raise ValueError(f"passes.{i} ({n}) comes after passes.{q} (quantize), but {n} cannot run on a "
+                                 f"quantized model; quantize must be the last pass: list them as "
+                                 f"[{', '.join(fixed)}]")
+        return self
 
     @model_validator(mode="after")
     def _search_names_a_pass(self) -> Compression:

@@ -58,8 +58,9 @@ def load(ds, root: Path) -> Loaded:
     source = {"format": "gtsrb", "num_classes": NUM_CLASSES, "channels": 3,
               "synthetic": read_json(marker) if marker.is_file() else None,
               "test_source": "Final_Test" if test_x is not None else "split of Final_Training"}
+    # Kiln's synthetic tree only names its frames as tracks: each is drawn on its own (a file a group)
     return Loaded((train_x, train_y), None if test_x is None else (test_x, test_y), report, source,
-                  sources=sources, group_by=TRACK)
+                  sources=sources, group_by="file" if source["synthetic"] else TRACK)
 
 
 def is_gtsrb(root: Path) -> bool:

@@ -202,3 +202,28 @@ def test_search_must_name_a_listed_pass_a_setting_and_valid_values(kiln_env):
     p = config.load_project("tiny")
     v = p.compression.variant(0, "amount", 0.6)
     assert v.name == "prune" and v.settings.amount == 0.6 and v.settings.method == "structured"
+
+
+@pytest.mark.parametrize("later", [{"prune": {"method": "magnitude", "amount": 0.5}}, {"weight_coding": {}}])
+def test_a_pass_after_quantize_is_refused_at_load_naming_both_and_the_order_that_works(kiln_env, later):
+    """quantize then prune loaded, then failed in compress with "element 0 of tensors does not
+    require grad"; the order is now refused when the manifest loads."""
+    data = copy.deepcopy(TINY)
+    name = next(iter(later))
+    data["compression"] = {"passes": [{"quantize": {}}, later]}
+    write_project(kiln_env["projects"], data)
+    with pytest.raises(ManifestError, match=rf"field 'compression'.*passes\.1 \({name}\) comes after passes\.0 "
+                       rf"\(quantize\).*\[{name}, quantize\]"):
+        config.load_project("tiny")
+    data["compression"] = {"passes": [later, {"quantize": {}}]}
+    write_project(kiln_env["projects"], data)
+    assert [p.name for p in config.load_project("tiny").compression.passes] == [name, "quantize"]
+
+
+def test_a_synthetic_data_set_of_one_class_is_refused_like_own_data(kiln_env):
+    data = copy.deepcopy(TINY)
+    data["dataset"] = {"format": "synthetic", "classes": 1, "image_size": [8, 8]}
+    write_project(kiln_env["projects"], data)
+    with pytest.raises(ManifestError, match=r"field 'dataset[.a-z]*\.classes': .*1 class\(es\); a classifier needs "
+                                            r"at least two classes"):
+        config.load_project("tiny")

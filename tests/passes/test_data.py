@@ -16,10 +16,9 @@ from passes import data
 from passes.formats import gtsrb
 
 
-def prepare(root: Path, out: Path, size, val: float, test: float, seed: int, group_by: str | None = "file") -> dict:
-    """The data stage on a GTSRB tree: the format loads it, the stage splits and writes it.
-    ``group_by`` "file": the synthetic frames of a track are independent draws (real GTSRB's
-    are one sign filmed 30 times: the format's default groups its tracks, see the tests below)."""
+def prepare(root: Path, out: Path, size, val: float, test: float, seed: int, group_by: str | None = None) -> dict:
+    """The data stage on a GTSRB tree: the format loads it, the stage splits and writes it
+    (a synthetic tree's frames are drawn one by one: each file is its own group)."""
     ds = GtsrbDataset(format="gtsrb", path=str(root), image_size=size)
     return data.prepare(gtsrb.load(ds, root), out, size, val=val, test=test, seed=seed, group_by=group_by)
 

@@ -137,7 +137,9 @@ def test_gtsrb_tracks_are_groups(tmp_path):
     root = tmp_path / "gtsrb"
     gtsrb.synthesize_gtsrb(root, per_class=120, test_per_class=0, seed=0)  # four tracks of 30 per class
     ds = GtsrbDataset(format="gtsrb", path=str(root), image_size=(8, 8))
-    info = data.prepare(gtsrb.load(ds, root), tmp_path / "out", (8, 8), 0.1, 0.2, 0)
+    loaded = gtsrb.load(ds, root)
+    assert loaded.group_by == "file"  # Kiln's synthetic frames are drawn one by one: not a track's
+    info = data.prepare(loaded, tmp_path / "out", (8, 8), 0.1, 0.2, 0, group_by=gtsrb.TRACK)  # as for the real one
     assert info["groups"]["by"] == gtsrb.TRACK
     assert_groups_disjoint(info)
     assert all(re.fullmatch(r"000\d\d/0000[0-3]", n) for n in info["groups"]["train"]["names"])
