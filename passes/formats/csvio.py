@@ -111,12 +111,15 @@ def _records(f, path: Path) -> Iterator[tuple[int, list[str]]]:
 
 
 def _data_rows(records: Iterator[tuple[int, list[str]]], path: Path, header: list[str]):
+    """The non-blank rows; a ragged one is a PassError naming the line."""
+    n = len(header)
     for line, row in records:
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            raise PassError(f"data: {path}:{line}: ragged row: {len(row)} fields, the header "
-                            f"has {len(header)} ({','.join(header)!r})")
+        if len(row) != n or not row[0].strip():  # the usual row (first cell set) is checked no further
+            if not "".join(row).strip():
+                continue
+            if len(row) != n:
+                raise PassError(f"data: {path}:{line}: ragged row: {len(row)} fields, the header "
+                                f"has {n} ({','.join(header)!r})")
         yield line, row
 
 
@@ -167,6 +170,8 @@ def collect(path: Path, label: str, i: int, rows, found: set[str], watch=None) -
         found.add(v)
         if watch is not None:
             watch.feed(row)
+            if watch.settled:
+                watch = None
     return found
 
 
