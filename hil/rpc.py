@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kiln.artifacts import ROOT, build_root, read_json, runner_dir, sha256_file
+from kiln.artifacts import build_root, read_json, runner_dir, sha256_file
 from kiln.errors import KilnError, TransportError
 
 BUNDLE = ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")
@@ -47,9 +47,9 @@ _MAGIC, _MISMATCH = 0xFF271, 0xFF271 + 2
 
 def lab_file() -> Path:
     """The lab a tuning run measures in: $KILN_LAB, else the emulated lab (as dodo.py's LAB_FILE)."""
-    from kiln.config import default_inventory
+    from kiln import config
 
-    return default_inventory() or ROOT / "hil" / "emulator" / "lab.yaml"
+    return config.lab_file()
 
 
 def refusal(instance) -> str | None:

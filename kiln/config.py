@@ -24,10 +24,30 @@ def targets_dir() -> Path:
     return Path(os.environ.get("KILN_TARGETS", ROOT / "targets")).resolve()
 
 
+# the default lab, Kiln's emulated one: a path only (the core imports nothing above it)
+DEFAULT_LAB = ROOT / "hil" / "emulator" / "lab.yaml"
+
+
 def default_inventory() -> Path | None:
-    """The user's lab inventory ($KILN_LAB), or None for the default (emulated) lab."""
+    """The user's lab inventory ($KILN_LAB), or None for the default (emulated) lab. A KILN_LAB
+    that names no file (a directory, a typo) is refused here, naming the variable: later it
+    would be a bare path (or an IsADirectoryError) with no word of where it came from."""
     lab = os.environ.get("KILN_LAB")
-    return Path(lab).resolve() if lab else None
+    if not lab:
+        return None
+    path = Path(lab).expanduser().resolve()
+    if path.is_dir():
+        raise ManifestError(f"KILN_LAB={lab}: is a directory; expected a lab inventory YAML file "
+                            f"(e.g. {path / 'lab.yaml'}; unset KILN_LAB for the emulated lab)")
+    if not path.is_file():
+        raise ManifestError(f"KILN_LAB={lab}: no such file; expected a lab inventory YAML file "
+                            "(unset KILN_LAB for the emulated lab)")
+    return path
+
+
+def lab_file() -> Path:
+    """The lab every command works on: $KILN_LAB, else the default emulated lab."""
+    return default_inventory() or DEFAULT_LAB
 
 
 def _field_path(loc: tuple, raw: Any) -> str:
@@ -74,6 +94,8 @@ def load_model(path: Path, model: Any):
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as e:
         raise ManifestError(f"{path}: file not found") from e
+    except IsADirectoryError as e:
+        raise ManifestError(f"{path}: is a directory, expected a YAML file") from e
     except yaml.YAMLError as e:
         raise ManifestError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):

@@ -71,14 +71,24 @@ def _by() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def _resolve(path: Path | None) -> Path:
+    path = Path(path) if path is not None else db_path()
+    if path.is_dir():
+        raise HealthError(f"health database {path}: is a directory; expected the database file "
+                          f"(e.g. {path / 'health.sqlite'})")
+    return path
+
+
 @contextlib.contextmanager
 def _db(path: Path | None):
     """A connection in one IMMEDIATE transaction: a read-modify-write by two processes at once
-    (two nightlies checking one board) is serialised rather than interleaved."""
-    path = Path(path) if path is not None else db_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=30, isolation_level=None)
+    (two nightlies checking one board) is serialised rather than interleaved. Creates the
+    database (and its folder) if needed: for writers; readers use :func:`_reading`."""
+    path = _resolve(path)
+    con = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(path, timeout=30, isolation_level=None)
         # the WAL switch and the tables under a file lock: two processes creating the file at
         # once otherwise get "database is locked" at once (kiln.artifacts.file_lock)
         with file_lock(path.with_name(path.name + ".lock")):
@@ -95,10 +105,38 @@ def _db(path: Path | None):
         except BaseException:
             con.execute("ROLLBACK")
             raise
+    except (sqlite3.Error, OSError) as e:
+        raise HealthError(f"health database {path}: {e}") from e
+    finally:
+        if con is not None:
+            con.close()
+
+
+@contextlib.contextmanager
+def _reading(path: Path | None):
+    """A connection for reading, or None where there is no database yet (nothing recorded): a
+    read creates no folder, file or table (``show`` on a new --db path used to make them all)."""
+    path = _resolve(path)
+    if not path.exists():
+        yield None
+        return
+    con = None
+    try:
+        con = sqlite3.connect(path, timeout=30, isolation_level=None)
+        con.execute("BEGIN")  # one snapshot for the statements of the read
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        yield con if {"boards", "history"} <= tables else None
+        con.execute("COMMIT")
     except sqlite3.Error as e:
         raise HealthError(f"health database {path}: {e}") from e
     finally:
-        con.close()
+        if con is not None:
+            con.close()
+
+
+def exists(db: Path | None = None) -> bool:
+    """Whether the health database is there (a read of a missing one finds nothing recorded)."""
+    return _resolve(db).is_file()
 
 
 def _check_state(state: str) -> None:
@@ -123,8 +161,8 @@ def _set(con, board: str, state: str, reason: str, by: str) -> None:
 
 def state(board: str, db: Path | None = None) -> str:
     """The board's current state; ``unknown`` for a board never seen."""
-    with _db(db) as con:
-        return _current(con, board)
+    with _reading(db) as con:
+        return _current(con, board) if con is not None else "unknown"
 
 
 def set_state(board: str, new: str, reason: str, by: str | None = None, db: Path | None = None) -> None:
@@ -136,7 +174,9 @@ def set_state(board: str, new: str, reason: str, by: str | None = None, db: Path
 
 def history(board: str, last: int = 20, db: Path | None = None) -> list[tuple[str, str, str]]:
     """The board's last ``last`` history rows, oldest first: ``[(at, state, reason)]``."""
-    with _db(db) as con:
+    with _reading(db) as con:
+        if con is None:
+            return []
         rows = con.execute("SELECT at, state, reason FROM history WHERE board = ? ORDER BY id DESC LIMIT ?",
                            (board, last)).fetchall()
     return [tuple(r) for r in reversed(rows)]
@@ -144,7 +184,9 @@ def history(board: str, last: int = 20, db: Path | None = None) -> list[tuple[st
 
 def boards(db: Path | None = None) -> list[tuple[str, str, str, str, str]]:
     """Every board with a state: ``[(board, state, since, reason, by)]`` by name."""
-    with _db(db) as con:
+    with _reading(db) as con:
+        if con is None:
+            return []
         return [tuple(r) for r in con.execute("SELECT board, state, since, reason, by FROM boards ORDER BY board")]
 
 
@@ -325,27 +367,54 @@ def check_board(instance: Instance, board_type: Board, lab_dir: Path, db: Path |
 
 # -- the command -------------------------------------------------------------------------
 
+def lab_boards() -> tuple[str, list[str]]:
+    """``(the lab, its board names)``: the lab every command works on ($KILN_LAB, else the
+    emulated lab; kiln.config.lab_file), as described (nothing started)."""
+    from hil.lab import describe
+    from kiln.config import lab_file
+
+    path = lab_file()
+    lab = describe(path)
+    return f"lab '{lab.name}' of {path}", [b.name for b in lab.boards]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hil.lab.health", description="Board health states and history.")
-    parser.add_argument("--db", type=Path, default=None, help=f"health database (default {db_path()})")
+    parser = argparse.ArgumentParser(prog="python -m hil.lab.health", description="Board health states and history "
+                                     "of the lab's boards (the lab: $KILN_LAB, else the emulated lab).")
+    parser.add_argument("--db", type=Path, default=None, help=f"health database file (default {db_path()})")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("set", help="set a board's state (the only way into or out of maintenance/retired)")
-    s.add_argument("board")
+    s.add_argument("board", help="a board of the lab")
     s.add_argument("state", help=f"one of {', '.join(STATES)}")
     s.add_argument("--reason", required=True, help="why, for the history")
     s.add_argument("--by", default=None, help="who (default user@host)")
-    sh = sub.add_parser("show", help="every board's state, or one board's history")
+    sh = sub.add_parser("show", help="every board's state, or one board's history (writes nothing)")
     sh.add_argument("board", nargs="?")
     sh.add_argument("--last", type=int, default=20, help="history rows to show (default 20)")
     args = parser.parse_args(argv)
+    if args.db is not None and args.db.is_dir():  # sqlite's own words were "unable to open database file"
+        parser.error(f"argument --db: {args.db} is a directory; expected the health database file "
+                     f"(e.g. {args.db / 'health.sqlite'})")
     try:
         if args.command == "set":
             if args.state not in STATES:  # argparse's own words, exit 2, like any bad argument
                 parser.error(f"argument state: unknown health state '{args.state}' (choose from {', '.join(STATES)})")
+            lab, known = lab_boards()
+            if args.board not in known:  # a typo would put nothing into maintenance, silently
+                parser.error(f"argument board: '{args.board}' is not a board of {lab} "
+                             f"(its boards: {', '.join(known) or 'none'})")
             set_state(args.board, args.state, args.reason, args.by, args.db)
             print(f"{args.board}: {args.state} ({args.reason})")
+        elif not exists(args.db):  # nothing recorded yet; show creates nothing
+            where = f"no health database at {args.db or db_path()}: nothing recorded yet"
+            if args.board:
+                _known_board(parser, args.board, recorded=False)
+                print(f"{args.board}: unknown ({where})")
+            else:
+                print(where)
         elif args.board:
             rows = history(args.board, args.last, args.db)
+            _known_board(parser, args.board, recorded=bool(rows))
             print(f"{args.board}: {state(args.board, args.db)}")
             for at, st, reason in rows:
                 print(f"  {at}  {st:<11}  {reason}")
@@ -358,6 +427,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _known_board(parser, board: str, recorded: bool) -> None:
+    """``show <board>``: a board of the lab, or one with a recorded history (a board since taken
+    out of the lab, said so); any other name is refused, naming the lab's boards (it used to be
+    answered ``unknown``, as if it were a board never checked)."""
+    lab, known = lab_boards()
+    if board in known:
+        return
+    if not recorded:
+        parser.error(f"argument board: '{board}' is not a board of {lab} (its boards: {', '.join(known) or 'none'})")
+    print(f"(note: '{board}' is not a board of {lab} now; its recorded history follows)")
 
 
 if __name__ == "__main__":

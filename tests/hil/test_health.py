@@ -64,8 +64,17 @@ def command(env, *args):
                           env=env, cwd=ROOT, timeout=60)
 
 
+def bench_lab(kiln_env) -> dict:
+    """The environment of a command on a lab of the test's own ($KILN_LAB): rpi4-1, rpi4-2."""
+    import yaml
+
+    lab = kiln_env["root"] / "bench.yaml"
+    lab.write_text(yaml.safe_dump({"name": "bench", "boards": [{"name": f"rpi4-{i}", "type": "rpi4"} for i in (1, 2)]}))
+    return dict(os.environ, KILN_LAB=str(lab))
+
+
 def test_command_sets_shows_and_refuses(kiln_env):
-    env = dict(os.environ)
+    env = bench_lab(kiln_env)
     p = command(env, "set", "rpi4-2", "maintenance", "--reason", "SD card swap", "--by", "bob")
     assert p.returncode == 0, p.stderr
     assert health.state("rpi4-2") == "maintenance"  # the default database, under $KILN_BUILD
@@ -79,6 +88,57 @@ def test_command_sets_shows_and_refuses(kiln_env):
     p = command(env, "set", "rpi4-2", "good")
     assert p.returncode == 2 and "--reason" in p.stderr
     assert health.state("rpi4-2") == "maintenance"
+
+
+def test_command_refuses_a_board_that_is_not_in_the_lab(kiln_env):
+    """A typo put nothing into maintenance (and said it had); show answered it 'unknown'."""
+    env = bench_lab(kiln_env)
+    p = command(env, "set", "rpi4-3", "maintenance", "--reason", "fan")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "'rpi4-3' is not a board of lab 'bench'" in p.stderr and "rpi4-1, rpi4-2" in p.stderr, p.stderr
+    assert not health.db_path().exists()  # nothing stored
+    p = command(env, "show", "rpi4-3")
+    assert p.returncode == 2 and "'rpi4-3' is not a board of lab 'bench'" in p.stderr and "rpi4-1, rpi4-2" in p.stderr
+    assert "unknown" not in p.stdout
+    # the default lab when $KILN_LAB is unset: the emulated one
+    p = command({k: v for k, v in os.environ.items() if k != "KILN_LAB"}, "set", "rpi4-2", "retired", "--reason", "x")
+    assert p.returncode == 2 and "not a board of lab 'emulated'" in p.stderr and "x86-host" in p.stderr, p.stderr
+    # a board taken out of the lab keeps its recorded history, said so
+    assert command(env, "set", "rpi4-1", "retired", "--reason", "gone", "--by", "bob").returncode == 0
+    (kiln_env["root"] / "bench.yaml").write_text("name: bench\nboards: [{name: rpi4-2, type: rpi4}]\n")
+    p = command(env, "show", "rpi4-1")
+    assert p.returncode == 0 and "rpi4-1: retired" in p.stdout and "not a board of lab 'bench'" in p.stdout
+
+
+def test_show_writes_nothing_where_there_is_no_database(kiln_env, tmp_path):
+    """show on a new --db path made its folder, the database and its lock file."""
+    env = bench_lab(kiln_env)
+    db = tmp_path / "new" / "folder" / "health.sqlite"
+    p = command(env, "--db", str(db), "show")
+    assert p.returncode == 0 and f"no health database at {db}" in p.stdout, p.stdout + p.stderr
+    p = command(env, "--db", str(db), "show", "rpi4-1")
+    assert p.returncode == 0 and "rpi4-1: unknown" in p.stdout and f"no health database at {db}" in p.stdout
+    assert not (tmp_path / "new").exists()
+    assert health.state("rpi4-1", db) == "unknown" and health.history("rpi4-1", db=db) == []
+    assert health.boards(db) == [] and not (tmp_path / "new").exists()
+    # a read of an existing database leaves its folder as it was
+    health.set_state("rpi4-1", "good", "ok", db=db)
+    before = sorted(p.name for p in db.parent.iterdir())
+    assert command(env, "--db", str(db), "show", "rpi4-1").returncode == 0
+    assert sorted(p.name for p in db.parent.iterdir()) == before
+
+
+def test_db_that_is_a_directory_is_one_clear_message(kiln_env, tmp_path):
+    """--db <a directory> was sqlite3.OperationalError: unable to open database file."""
+    env = bench_lab(kiln_env)
+    for args in (["show"], ["set", "rpi4-1", "good", "--reason", "x"]):
+        p = command(env, "--db", str(tmp_path), *args)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert f"argument --db: {tmp_path} is a directory; expected the health database file" in p.stderr
+    with pytest.raises(health.HealthError, match="is a directory"):
+        health.set_state("b1", "good", "x", db=tmp_path)
+    with pytest.raises(health.HealthError, match="is a directory"):
+        health.state("b1", tmp_path)
 
 
 # -- the check on a real lab ---------------------------------------------------------------
