@@ -16,11 +16,12 @@ from doit.tools import config_changed
 
 from hil.lab import choose, compile_only, describe, runnable
 from kiln import sources
-from kiln.artifacts import ROOT, Layout, build_root, new_run_id, runner_dir, tree_fingerprint
-from kiln.config import board_names, default_inventory, load_board, load_project, project_names, project_path, trial_budget
+from kiln.artifacts import Layout, build_root, new_run_id, runner_dir, tree_fingerprint
+from kiln.config import (board_names, lab_file, load_board, load_project, project_names, project_path, projects_dir,
+                         trial_budget)
 from kiln.errors import KilnError, ManifestError
 from kiln.registry import implementation, module_name
-from kiln.tasks import fail, run
+from kiln.tasks import fail, refused_command_line, run
 from kiln.uptodate import matches_record
 from passes.pipeline import LIBRARY_BOARD
 
@@ -34,15 +35,20 @@ DOIT_CONFIG = {
     "dep_file": str(build_root() / ".doit.db"),
     "verbosity": 2,
     "action_string_formatting": "new",
+    "forget_disable_default": True,  # doit forget with no task says so (the command line is checked below too)
 }
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
 logging.getLogger("paramiko").setLevel(logging.WARNING)
 
-LAB_FILE = default_inventory() or ROOT / "hil" / "emulator" / "lab.yaml"  # $KILN_LAB, else the emulated lab
+try:
+    LAB_FILE = lab_file()  # $KILN_LAB, else the emulated lab
+except KilnError as e:
+    sys.exit(f"kiln: {e}")
 RUN_ID = new_run_id()  # one per doit invocation: where this run's per-board records go
 # boards=a,b on the command line (doit's own variables), else $KILN_BOARDS: narrows the deploy of
 # the app being run to those of its instances; checked per app, when its tasks run
 BOARDS_CHOSEN = [b.strip() for b in get_var("boards", os.environ.get("KILN_BOARDS", "")).split(",") if b.strip()]
+BOARDS_FROM = "boards" if get_var("boards") is not None else "KILN_BOARDS"  # what an error names
 
 try:  # a bad board file or lab inventory stops everything: every app shares them
     BOARDS = {name: load_board(name) for name in board_names()}
@@ -75,6 +81,12 @@ for _app in project_names() if LAB is not None else ():
 if BROKEN and not any(a.startswith("check_targets") for a in sys.argv[1:]):
     for _app, _why in BROKEN.items():
         print(f"kiln: app '{_app}' skipped: {_why}", file=sys.stderr)
+# tasks of an app that is not there or was skipped, and forget/clean with no task: doit's own
+# answers say nothing useful (kiln.tasks.refused_command_line)
+APP_STAGES = ("synth", "data", "train", "compress", "export", "tune", "compile", "hil", "deploy")  # <stage>:<app>
+if LAB is not None and (_refused := refused_command_line(sys.argv[1:], APPS, BROKEN, APP_STAGES,
+                                                         {f"deploy:{a}" for a in BROKEN}, projects_dir())):
+    sys.exit(f"kiln: {_refused}")
 
 
 def dataset(app):
@@ -85,7 +97,7 @@ def dataset(app):
 def instances(app):
     """(the app's lab instances after the board choice, the reason the choice is refused or None)."""
     try:
-        return choose(APPS[app], RUNNABLE[app], BOARDS_CHOSEN), None
+        return choose(APPS[app], RUNNABLE[app], BOARDS_CHOSEN, given=BOARDS_FROM), None
     except ManifestError as e:
         return [], str(e)
 
@@ -344,6 +356,6 @@ def task_nightly():
     apps = dict(APPS)  # a broken manifest is listed by doit list; boards=a,b narrows the lab, not the apps
     builds = [f"compile:{app}@{t}" for app, p in apps.items() for t in p.targets]
     busy = get_var("busy", os.environ.get("KILN_NIGHTLY_BUSY", "wait"))
-    return {"actions": [(run, ["hil.nightly:task_action", apps, BOARDS, LAB_FILE, RUN_ID, busy, BOARDS_CHOSEN])],
+    return {"actions": [(run, ["hil.nightly:task_action", apps, BOARDS, LAB_FILE, RUN_ID, busy, BOARDS_CHOSEN, BOARDS_FROM])],
             "task_dep": ["schema", *(f"runner:{a}" for a in sorted({b.arch for b in BOARDS.values()})), *builds],
             "uptodate": [False], "verbosity": 2, "teardown": [(run, ["hil.lab:close_opened"])]}

@@ -21,7 +21,7 @@ Then each app is validated by hil/validate.py as a deploy is, the night goes int
 written to build/nightly/<run id>/: nightly.json (schema kiln-nightly/1), junit.xml and
 report.html. The exit code (``python -m hil.nightly``, and the night's ``exit_code``) is 0 when
 everything passed, 1 on a failed requirement or a regression, 2 when only the infrastructure
-failed.
+failed; ``python -m hil.nightly`` exits 64 (EX_USAGE) on bad arguments, before anything runs.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import os
 import queue
 import socket
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ WINDOW_SIZE = 20  # back-to-back inferences per window (at most the samples sent
 INFRA_STEPS = {"prepare", "connect", "upload", "verify", "lease"}
 INFRA_WORDS = ("timed out", "timeout", "connection", "link", "unreachable", "broken pipe", "no route")
 EXIT_PASSED, EXIT_FAILED, EXIT_INFRA = 0, 1, 2
+EXIT_USAGE = 64  # python -m hil.nightly's bad arguments (sysexits.h EX_USAGE), not argparse's 2 = EXIT_INFRA
 
 
 def nightly_root() -> Path:
@@ -83,7 +85,7 @@ class Night:
 
     def __init__(self, apps: dict, boards: dict, inventory, lab_dir: Path, run_id: str, busy: str = "wait",
                  windows: int = WINDOWS, lease_timeout_s: float = 3600, max_attempts: int = 2,
-                 only: list[str] | None = None, leasing=None):
+                 only: list[str] | None = None, leasing=None, only_from: str = "boards"):
         from hil.lab import LocalLeasing, compile_only
 
         self.leasing = leasing or LocalLeasing()  # the lab's own leases and shared health (labgrid)
@@ -92,10 +94,10 @@ class Night:
         self.run_id, self.busy, self.windows = run_id, busy, windows
         self.lease_timeout_s, self.max_attempts = lease_timeout_s, max_attempts
         left_out = set()  # types of the boards boards=a,b leaves out: not part of this night
-        if only:  # boards=a,b: the night on those boards alone
+        if only:  # boards=a,b (or $KILN_BOARDS, as only_from says): the night on those boards alone
             unknown = sorted(set(only) - {b.name for b in inventory.boards})
             if unknown:
-                raise ValidationError(f"nightly: boards={','.join(only)}: no board {', '.join(unknown)} in lab "
+                raise ValidationError(f"nightly: {only_from}={','.join(only)}: no board {', '.join(unknown)} in lab "
                                       f"'{inventory.name}' (its boards: {', '.join(b.name for b in inventory.boards)})")
             inventory = inventory.model_copy(update={"boards": [b for b in inventory.boards if b.name in only]})
             left_out = {b.type for b in self.inventory.boards} - {b.type for b in inventory.boards}
@@ -310,7 +312,7 @@ def exit_code(night: dict) -> int:
 
 
 def run(apps: dict, boards: dict, lab_path: Path, run_id: str, busy: str = "wait",
-        out_root: Path | None = None, only: list[str] | None = None) -> dict:
+        out_root: Path | None = None, only: list[str] | None = None, only_from: str = "boards") -> dict:
     """One nightly run: jobs on the lab, validation, history, regressions and the reports.
     Returns the night (nightly.json's contents)."""
     from hil import history as hist
@@ -325,7 +327,7 @@ def run(apps: dict, boards: dict, lab_path: Path, run_id: str, busy: str = "wait
     inv_path = open_lab(lab_path)
     try:
         night = Night(apps, boards, load_inventory(inv_path), inv_path.parent, run_id, busy=busy, only=only,
-                      leasing=leasing(lab_path))
+                      leasing=leasing(lab_path), only_from=only_from)
         log.info("nightly %s: %d jobs on %d boards (%d listed only)", run_id, len(night.jobs),
                  len(night.inventory.boards), len(night.listed))
         night.run_jobs()
@@ -354,30 +356,52 @@ def summary(night: dict) -> str:
 
 
 def task_action(apps: dict, boards: dict, lab_path: Path, run_id: str, busy: str = "wait",
-                only: list[str] | None = None) -> None:
+                only: list[str] | None = None, only_from: str = "boards") -> None:
     """doit nightly's action: the night's exit code is in nightly.json and latest.json; a
     night that did not pass fails the task, naming why (CI reads the code: python -m hil.nightly)."""
     if busy not in ("wait", "skip"):
         raise ValidationError(f"nightly: busy={busy!r}: expected wait (for a board another run holds) or skip")
-    night = run(apps, boards, lab_path, run_id, busy=busy, only=only)
+    night = run(apps, boards, lab_path, run_id, busy=busy, only=only, only_from=only_from)
     print(summary(night))
     if night["exit_code"] != EXIT_PASSED:
         raise ValidationError(f"nightly {run_id}: {summary(night)} (build/nightly/{run_id}/report.html)")
 
 
+EXIT_CODES = f"""exit codes (cron and CI read these):
+  {EXIT_PASSED}   every job passed
+  {EXIT_FAILED}   a requirement failed or a regression was flagged
+  {EXIT_INFRA}   only the infrastructure failed (a job lost to it, a board that failed its
+      health check, a job no board could take)
+  {EXIT_USAGE}  bad command-line arguments (EX_USAGE): nothing ran"""
+
+
+def parser():
+    """``python -m hil.nightly``'s arguments; a bad one exits with EXIT_USAGE, not argparse's 2
+    (which cron would read as EXIT_INFRA, the infrastructure failed)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    ap = Parser(prog="python -m hil.nightly", epilog=EXIT_CODES,
+                description="Run `doit nightly` (every app on every lab board whose type it targets) and exit "
+                            "with the night's code.",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--busy", choices=("wait", "skip"), default="wait",
+                    help="a board leased by another run: wait for it, or skip it")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m hil.nightly [--busy wait|skip]``: ``doit nightly``, with the night's exit code
-    (0 passed, 1 failed requirements or regressions, 2 infrastructure only)."""
-    import argparse
+    (0 passed, 1 failed requirements or regressions, 2 infrastructure only; 64 bad arguments)."""
     import subprocess
-    import sys
 
     from kiln.artifacts import ROOT, new_run_id
 
-    ap = argparse.ArgumentParser(prog="python -m hil.nightly", description=main.__doc__)
-    ap.add_argument("--busy", choices=("wait", "skip"), default="wait",
-                    help="a board leased by another run: wait for it, or skip it")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     run_id = os.environ.get("KILN_RUN_ID") or new_run_id()
     env = dict(os.environ, KILN_RUN_ID=run_id, KILN_NIGHTLY_BUSY=args.busy)
     proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT), "nightly"],

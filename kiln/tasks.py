@@ -131,3 +131,77 @@ def export_schemas(out_dir: Path) -> None:
     for name, model in (("project", schema.Project), ("board", schema.Board), ("lab", schema.Lab)):
         doc = TypeAdapter(model).json_schema()
         write_bytes(Path(out_dir) / f"{name}.schema.json", json.dumps(doc, indent=2).encode())
+
+
+# doit 0.37's options that take a value, per command (the dodo loader's and the dependency
+# backend's are every command's): the word after one is its value, not a task name
+_LOADER_VALUED = frozenset({"-f", "--file", "-d", "--dir"})
+_LOADER_OPTIONS = _LOADER_VALUED | {"-k", "--seek-file"}
+_BASE_VALUED = _LOADER_VALUED | {"--db-file", "--backend", "--check_file_uptodate"}
+_VALUED = {"run": _BASE_VALUED | {"-v", "--verbosity", "--failure-verbosity", "-o", "--output-file", "-P",
+                                  "--parallel-type", "-n", "--process", "-r", "--reporter"},
+           "list": _BASE_VALUED | {"--sort", "--template"}}
+_COMMANDS = frozenset({"run", "list", "info", "forget", "clean", "ignore", "dumpdb", "strace", "help",
+                       "tabcompletion", "reset-dep"})
+_TASK_COMMANDS = frozenset({"run", "info", "forget", "clean", "ignore"})  # commands whose words are tasks
+
+
+def command_line(argv: list[str]) -> tuple[str, list[str], set[str]]:
+    """``(command, task names, options)`` of a doit command line (``sys.argv[1:]``), read as
+    doit 0.37 reads it (doit_cmd.DoitMain.run): the dodo loader's options (-f, -d, -k) may come
+    before the command; ``name=value`` words are doit's variables (boards=a,b); the first other
+    word is the command when it names one, else the command is ``run`` (and every word is
+    its); words that start with ``-`` are options (with the value of one that takes a value),
+    the others are task names."""
+    args = [a for a in argv if a.startswith("-") or "=" not in a]
+    i = 0
+    while i < len(args) and args[i].partition("=")[0] in _LOADER_OPTIONS:
+        i += 2 if args[i] in _LOADER_VALUED else 1
+    if i < len(args) and args[i] in _COMMANDS:
+        command, rest = args[i], args[:i] + args[i + 1:]
+    else:
+        command, rest = "run", args
+    valued = _VALUED.get(command, _BASE_VALUED)
+    tasks, options, skip = [], set(), False
+    for a in rest:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            options.add(a.partition("=")[0])
+            skip = a in valued
+        else:
+            tasks.append(a)
+    return command, tasks, options
+
+
+def refused_command_line(argv: list[str], apps, broken: dict[str, str], stages, tasks_of_broken=(),
+                         where: str = "") -> str | None:
+    """Why a doit command line is refused before doit sees it, or None. doit answers these badly:
+
+    * ``doit forget`` / ``doit clean`` with no task name act on the default tasks, of which Kiln
+      has none: they did nothing and said nothing (``--all`` / ``--clean-all`` still work);
+    * a task ``<stage>:<app>[@...]`` (a stage of ``stages``) of an app that is not there, or of an
+      app skipped for its manifest (``broken``: app -> reason): doit's generic "Invalid
+      parameter"; this names the known apps (``where``: where apps live), or the app's reason.
+      ``tasks_of_broken`` are the tasks a skipped app still has (its deploy, failing with the
+      reason): those are left to doit."""
+    command, names, options = command_line(argv)
+    if command == "forget" and not names and not options & {"-a", "--all"}:
+        return ("doit forget: name the task(s) to forget, e.g. `doit forget train:<app>` (or --all): Kiln "
+                "has no default tasks, so without a name it forgets nothing")
+    if command == "clean" and not names and not options & {"-a", "--clean-all"}:
+        return ("doit clean: name the task(s) to clean, e.g. `doit clean train:<app>` (or --clean-all): Kiln "
+                "has no default tasks, so without a name it cleans nothing")
+    if command not in _TASK_COMMANDS:
+        return None
+    for name in names:
+        stage, sep, rest = name.partition(":")
+        app = rest.partition("@")[0]
+        if not sep or stage not in stages or "*" in name or app in apps or name in tasks_of_broken:
+            continue
+        if app in broken:
+            return f"{name}: app '{app}' is skipped: {broken[app]}"
+        known = sorted([*apps, *(f"{a} (skipped)" for a in broken)])
+        return (f"{name}: no app '{app}'{f' in {where}' if where else ''} "
+                f"(apps: {', '.join(known) or 'none'})")
+    return None

@@ -135,3 +135,53 @@ def test_lab_up_and_down_exit_zero_and_leave_nothing(kiln_env, env):
     static.write_text(yaml.safe_dump({"boards": [{"name": "b", "type": "x86-host"}]}))
     refused = run_doit(dict(env, KILN_LAB=str(static)), "lab_up")
     assert refused.returncode != 0 and "not the emulated one" in refused.stdout + refused.stderr
+
+
+def test_kiln_lab_that_is_not_a_file_is_one_clear_line(kiln_env, env):
+    """KILN_LAB=<a directory> was an IsADirectoryError traceback from dodo.py."""
+    for lab, what in ((kiln_env["root"], "is a directory"), (kiln_env["root"] / "nope.yaml", "no such file")):
+        p = run_doit(dict(env, KILN_LAB=str(lab)), "list")
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip() == p.stderr.strip().splitlines()[0], p.stderr  # one line
+        assert f"KILN_LAB={lab}: {what}; expected a lab inventory YAML file" in p.stderr, p.stderr
+
+
+def test_a_board_choice_from_kiln_boards_names_the_variable(kiln_env, env):
+    """An error about boards that came from $KILN_BOARDS said boards=."""
+    write_project(kiln_env["projects"], copy.deepcopy(TINY))
+    p = run_doit(dict(env, KILN_BOARDS="rpi4"), "deploy:tiny")
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "KILN_BOARDS=rpi4: rpi4 is not a board of app 'tiny' (its boards: x86-host)" in out, out
+    p = run_doit(dict(env, KILN_BOARDS="x86-host"), "deploy:tiny", "boards=rpi4")  # the command line wins
+    assert "boards=rpi4: rpi4 is not a board of app 'tiny'" in p.stdout + p.stderr and "KILN_BOARDS=" not in p.stdout + p.stderr
+
+
+def test_a_task_of_an_unknown_or_skipped_app_says_why(kiln_env, env):
+    """doit answered both with its generic 'Invalid parameter ... Must be a command, task, or a target'."""
+    write_project(kiln_env["projects"], copy.deepcopy(TINY))
+    write_project(kiln_env["projects"], dict(copy.deepcopy(TINY), name="broken"))
+    (kiln_env["projects"] / "broken").rename(kiln_env["projects"] / "renamed")  # folder differs from name
+    for args in (["deploy:tinny"], ["hil:tinny@x86-host"], ["info", "train:tinny"]):
+        p = run_doit(env, *args)
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and "Invalid parameter" not in out and "Traceback" not in out, out
+        assert f"no app 'tinny' in {kiln_env['projects']} (apps: renamed (skipped), tiny)" in out, out
+    for args in (["data:renamed"], ["compile:renamed@x86-host"]):
+        p = run_doit(env, *args)
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and "Invalid parameter" not in out, out
+        assert f"{args[0]}: app 'renamed' is skipped: " in out and "field 'name' is 'broken', expected 'renamed'" in out
+    assert run_doit(env, "info", "data:tiny").returncode in (0, 1)  # a real task is doit's (1: not up to date)
+    assert "no app" not in run_doit(env, "info", "data:tiny").stderr
+
+
+def test_forget_and_clean_without_a_task_say_so(kiln_env, env):
+    """`doit forget` and `doit clean` with no task name did nothing and said nothing (exit 0)."""
+    write_project(kiln_env["projects"], copy.deepcopy(TINY))
+    for cmd, flag in (("forget", "--all"), ("clean", "--clean-all")):
+        p = run_doit(env, cmd)
+        assert p.returncode != 0 and f"doit {cmd}: name the task(s) to {cmd}" in p.stderr and flag in p.stderr, p.stderr
+    p = run_doit(env, "forget", "train:tiny")
+    assert p.returncode == 0 and "forgetting train:tiny" in p.stdout, p.stdout + p.stderr
+    p = run_doit(env, "forget", "--all")
+    assert p.returncode == 0 and "forgetting all tasks" in p.stdout, p.stdout + p.stderr

@@ -48,16 +48,17 @@ def runnable(project: Project, lab, boards: dict[str, Board]) -> list[Instance]:
     return [b for b in lab.boards if b.type in types]
 
 
-def choose(project: Project, instances: list[Instance], wanted: list[str]) -> list[Instance]:
+def choose(project: Project, instances: list[Instance], wanted: list[str], given: str = "boards") -> list[Instance]:
     """The app's instances narrowed to ``wanted`` (all of them when empty); a name that is not a
-    board of this app is an error naming the app's boards."""
+    board of this app is an error naming the app's boards and where ``wanted`` came from
+    (``given``: doit's ``boards`` variable, or ``KILN_BOARDS``)."""
     if not wanted:
         return instances
     names = [b.name for b in instances]
     unknown = [w for w in wanted if w not in names]
     if unknown:
         raise ManifestError(
-            f"boards={','.join(wanted)}: {', '.join(unknown)} is not a board of app '{project.name}' "
+            f"{given}={','.join(wanted)}: {', '.join(unknown)} is not a board of app '{project.name}' "
             f"(its boards: {', '.join(names) or 'none'})"
         )
     return [b for b in instances if b.name in wanted]

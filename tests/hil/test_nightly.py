@@ -188,3 +188,34 @@ def test_an_infrastructure_failure_is_retried_on_another_board_of_its_type_and_m
     entry = night.job_entry(night.jobs[0], None)
     assert entry["status"] == "infra" and entry["flaky"] is False
     assert nightly.exit_code({"jobs": [entry], "regressions": [], "boards": {}}) == nightly.EXIT_INFRA
+
+
+def test_bad_arguments_exit_64_not_the_infrastructure_code(capsys):
+    """A bad flag exited 2, the code cron reads as "only the infrastructure failed"."""
+    from hil import nightly
+
+    with pytest.raises(SystemExit) as e:
+        nightly.main(["--bogus"])
+    assert e.value.code == nightly.EXIT_USAGE == 64 and e.value.code not in (nightly.EXIT_FAILED, nightly.EXIT_INFRA)
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        nightly.main(["--busy", "maybe"])
+    assert e.value.code == 64
+    with pytest.raises(SystemExit) as e:
+        nightly.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "exit codes" in out
+    for code, words in ((0, "every job passed"), (1, "regression"), (2, "only the infrastructure"), (64, "bad command-line")):
+        assert any(line.strip().startswith(f"{code} ") and words in line for line in out.splitlines()), out
+
+
+def test_a_board_choice_from_kiln_boards_is_named_so(tmp_path):
+    """The error of a board choice that came from $KILN_BOARDS said boards=."""
+    from hil import nightly
+    from kiln.schema import StaticLab
+
+    inv = StaticLab(name="one", boards=[{"name": "b1", "type": "x86-host", "transport": {"kind": "local"}}])
+    with pytest.raises(nightly.ValidationError, match=r"^nightly: KILN_BOARDS=b2: no board b2 in lab 'one' \(its boards: b1\)"):
+        nightly.Night({}, {}, inv, tmp_path, "r1", only=["b2"], only_from="KILN_BOARDS")
+    with pytest.raises(nightly.ValidationError, match=r"^nightly: boards=b2: "):
+        nightly.Night({}, {}, inv, tmp_path, "r1", only=["b2"])

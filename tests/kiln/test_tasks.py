@@ -84,3 +84,35 @@ def test_a_second_process_waits_for_the_one_holding_the_task(build, tmp_path):
     with open(lock, "a") as f:  # and it let go itself
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert not os.path.exists(tmp_path / "model.so")
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["forget"], ("forget", [], set())),
+    (["-f", "dodo.py", "-d", "/repo", "forget"], ("forget", [], {"-f", "-d"})),  # how tests and nightly call doit
+    (["-f", "dodo.py", "deploy:a", "boards=x"], ("run", ["deploy:a"], {"-f"})),
+    (["boards=x", "run", "deploy:a"], ("run", ["deploy:a"], set())),
+    (["-n", "2", "-P", "thread", "hil:a@b"], ("run", ["hil:a@b"], {"-n", "-P"})),  # run's -n takes a value
+    (["clean", "-n", "--db-file", "x.db", "train:a"], ("clean", ["train:a"], {"-n", "--db-file"})),  # clean's -n not
+    (["list", "--all"], ("list", [], {"--all"})),
+])
+def test_command_line_is_read_as_doit_reads_it(argv, expect):
+    from kiln.tasks import command_line
+
+    assert command_line(argv) == expect
+
+
+def test_refused_command_line_names_apps_and_reasons():
+    from kiln.tasks import refused_command_line
+
+    stages = ("data", "deploy", "hil")
+    apps, broken = {"a": object()}, {"b": "projects/b/project.yaml: field 'name': ..."}
+    assert refused_command_line(["deploy:a"], apps, broken, stages) is None
+    assert refused_command_line(["deploy:b"], apps, broken, stages, {"deploy:b"}) is None  # a task it has
+    assert refused_command_line(["data:b"], apps, broken, stages) == f"data:b: app 'b' is skipped: {broken['b']}"
+    assert refused_command_line(["hil:c@x"], apps, broken, stages, where="projects") == \
+        "hil:c@x: no app 'c' in projects (apps: a, b (skipped))"
+    assert refused_command_line(["lab_up", "schema"], apps, broken, stages) is None
+    assert "name the task(s) to forget" in refused_command_line(["forget"], apps, broken, stages)
+    assert refused_command_line(["forget", "-a"], apps, broken, stages) is None
+    assert "name the task(s) to clean" in refused_command_line(["clean", "-n"], apps, broken, stages)
+    assert refused_command_line(["clean", "--clean-all"], apps, broken, stages) is None
