@@ -9,7 +9,9 @@ import time
 from kiln.artifacts import write_json
 
 
-def build(app: str, lab: str, boards: dict[str, dict]) -> dict:
+def build(app: str, lab: str, boards: dict[str, dict], data: dict | None = None) -> dict:
+    """The app's report. ``data``: what the data stage's data.json says of the data set
+    (``synthetic``: the generator's record when the data was generated, not the team's)."""
     failures = []
     for name, r in boards.items():
         if "not_validated" in r:
@@ -27,8 +29,25 @@ def build(app: str, lab: str, boards: dict[str, dict]) -> dict:
     if not validated:
         failures.append("no board was validated: every target is compile-only or the lab has none")
     return {"app": app, "lab": lab, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "passed": not failures, "failures": failures, "validated": validated,
+            "passed": not failures, "failures": failures, "validated": validated, "data": data_summary(data),
             "not_validated": [n for n in boards if n not in validated], "boards": boards}
+
+
+def data_summary(info: dict | None) -> dict:
+    """What a report says of the data it was judged on: its root, and whether it was synthetic."""
+    info = info or {}
+    marker = info.get("synthetic")
+    return {"synthetic": bool(marker), "source": (info.get("params") or {}).get("dataset_root"),
+            "generator": marker.get("generator") if isinstance(marker, dict) else None,
+            "format": info.get("format")}
+
+
+def verdict(report: dict) -> str:
+    """The verdict line: PASSED / FAILED, and on what data when it was not the team's own."""
+    data = report.get("data") or {}
+    on = (f" on SYNTHETIC data ({data.get('generator') or 'generated'} at {data.get('source')}; "
+          "no data was found at dataset.path: not a result on your data)") if data.get("synthetic") else ""
+    return f"PASSED{on}" if report["passed"] else f"FAILED{on}:\n  " + "\n  ".join(report["failures"])
 
 
 def write(path, report: dict) -> None:
@@ -69,7 +88,7 @@ def table(report: dict) -> str:
                      f"first {next(iter(fe.values()))['samples']} raw test samples): "
                      + ", ".join(f"{n} {v['max_rel_diff']:.1e}" for n, v in fe.items()))
     lines += sizing_table(report)
-    lines.append("PASSED" if report["passed"] else "FAILED:\n  " + "\n  ".join(report["failures"]))
+    lines.append(verdict(report))
     return "\n".join(lines)
 
 

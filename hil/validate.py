@@ -266,7 +266,7 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
         results[t] = {"type": t, "not_validated": "compile-only board: its runtime cannot run in this lab",
                       "model_bytes": lib["library_bytes"], "library": str(layout.library(t)), "target": lib["target"],
                       "estimate": estimates.get(t)}
-    rep = report.build(project.name, lab_name, results)
+    rep = report.build(project.name, lab_name, results, read_json(layout.data / "data.json"))
     rep["sizing"] = {"on_violation": project.sizing.on_violation,
                      "warnings": [v for e in estimates.values() if e for v in e.get("violations", [])]}
     rep["run_id"] = run_id

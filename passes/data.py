@@ -94,19 +94,16 @@ def group_ids(loaded: Loaded, split: str, rule: str) -> np.ndarray | None:
     return np.asarray([_group_of(rule, s) for s in sources], dtype=object)
 
 
-def _group_split(y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int,
+def _group_split(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
                  what: str) -> tuple[np.ndarray, np.ndarray]:
     """(rest, part) indices: about ``fraction`` of the samples of each class in ``part``, whole
-    groups only. Without groups (every sample its own): per class, seeded (_stratified).
+    groups only.
 
     With groups, a seeded greedy pass over the groups in random order: first one group for every
     class that has one to spare, then any group that fills more of a class's shortfall than it
     overshoots; a class's last group always stays in the rest (training). Kiln's own rather than
     scikit-learn's StratifiedGroupKFold, whose folds of 1/k neither promise every class a group in
     the held-out part nor keep a class's last group for training."""
-    if groups is None or len(set(groups)) == len(groups):
-        rest, part = _stratified(y, (fraction,), seed)
-        return rest, part
     uniq, inv = np.unique(groups.astype(str), return_inverse=True)
     classes = int(y.max()) + 1 if len(y) else 0
     hist = np.zeros((len(uniq), classes), np.int64)  # samples of each class in each group
@@ -155,6 +152,9 @@ def _splits(loaded: Loaded, val: float, test: float, seed: int, rule: str) -> tu
     (stratified, seeded; the test split shuffled: the boards may get only a prefix,
     validation.samples)."""
     rest, groups = loaded.train, group_ids(loaded, "train", rule)
+    if groups is None or len(set(groups)) == len(groups):  # every sample its own group: per class at once
+        return _sample_splits(loaded, val, test, seed), {
+            n: group_ids(loaded, n, rule) for n in ("train", "val", "test")}
     out, out_groups = {}, {}
     if loaded.test is not None:
         out["test"], out_groups["test"] = loaded.test, group_ids(loaded, "test", rule)
@@ -172,6 +172,22 @@ def _splits(loaded: Loaded, val: float, test: float, seed: int, rule: str) -> tu
     out["train"], out_groups["train"] = rest, groups
     names = ("train", "val", "test")
     return {n: out[n] for n in names}, {n: out_groups[n] for n in names}
+
+
+def _sample_splits(loaded: Loaded, val: float, test: float, seed: int) -> dict:
+    """train/val/test of samples that share no file: stratified per class, seeded."""
+    x, y = loaded.train
+    fractions = (() if loaded.val is not None else (val,)) + (() if loaded.test is not None else (test,))
+    parts = _stratified(y, fractions, seed)
+    out = {"train": (x[parts[0]], y[parts[0]])}
+    rest = iter(parts[1:])
+    out["val"] = loaded.val if loaded.val is not None else (lambda i: (x[i], y[i]))(next(rest))
+    if loaded.test is not None:
+        out["test"] = loaded.test
+    else:
+        test_i = np.random.default_rng([seed, 3]).permutation(next(rest))
+        out["test"] = (x[test_i], y[test_i])
+    return {name: out[name] for name in ("train", "val", "test")}
 
 
 def _group_report(rule: str, groups: dict) -> dict:

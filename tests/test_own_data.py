@@ -68,6 +68,7 @@ def test_image_folders_with_resnet_feeds_the_board_uint8_pixels(lab):
     ti = out["data"]["test_inputs"]
     assert ti["dtype"] == "uint8" and ti["shape"][1:] == [16, 16, 3]
     assert out["data"]["classes"] == sorted(out["data"]["classes"]) and len(out["data"]["classes"]) == 3
+    assert out["report"]["data"]["synthetic"] is True and out["report"]["data"]["source"] == str(synth)
 
 
 def test_csv_table_with_mlp(lab):

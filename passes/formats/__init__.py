@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kiln.artifacts import write_json
-from kiln.errors import PassError
+from kiln.errors import ManifestError, PassError
 
 log = logging.getLogger("kiln.data")
 MARKER = ".kiln-synthetic.json"  # written into a synthetic tree: what generated it, with which params
@@ -48,6 +48,44 @@ class Loaded:
     # dataset.split.group_by). A split without an entry: every sample is its own source.
     sources: dict[str, list[str]] = field(default_factory=dict)
     group_by: str = "file"  # the format's default dataset.split.group_by
+
+
+def did_you_mean(path: Path) -> Path | None:
+    """For a ``path`` that does not exist: an existing path one typo away (the deepest existing
+    folder's entry closest to the first missing name, then the rest as written), else None."""
+    import difflib
+
+    path = Path(path)
+    if path.exists():
+        return None
+    parts = path.parts
+    for i in range(len(parts) - 1, 0, -1):
+        base = Path(*parts[:i])
+        if base.is_dir():
+            try:
+                names = [p.name for p in base.iterdir()]
+            except OSError:
+                return None
+            close = difflib.get_close_matches(parts[i], names, n=1, cutoff=0.75)
+            guess = base.joinpath(close[0], *parts[i + 1:]) if close else None
+            return guess if guess is not None and guess.exists() else None
+    return None
+
+
+def synthetic_or_refuse(ds, path: Path, layout, missing: str) -> tuple[Path, bool]:
+    """Where a data set that holds no data at ``path`` comes from: (the synthetic tree, True)
+    when the manifest asks for synthetic data (``dataset.synthetic`` written in it: the fallback
+    is opt-in, so a mistyped path never trains on generated data unasked); else a ManifestError
+    naming ``dataset.path`` that ends in ``missing``. A path one typo away from an existing one
+    is refused either way, naming it."""
+    guess = did_you_mean(path)
+    if guess is not None:
+        raise ManifestError(f"field 'dataset.path': {path} does not exist; did you mean {guess}?")
+    if ds.synthetic is None or "synthetic" not in ds.model_fields_set:
+        raise ManifestError(f"field 'dataset.path': {path} {missing}; to try the app before its data exists, "
+                            "add 'synthetic: {}' to dataset (a synthetic set in the same layout under build/; "
+                            "its reports say so)")
+    return (None if layout is None else layout.synthetic), True
 
 
 def write_tree(dest: Path, marker: dict, fill: Callable[[Path], int | None]) -> dict:

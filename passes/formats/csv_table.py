@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import ManifestError, PassError
-from passes.formats import Loaded
+from passes.formats import Loaded, synthetic_or_refuse
 from passes.formats.csvio import (SPLITS, RunningIndex, UnreadableCsv, cached_infer, check_classes, collect, label_values,
                                   locate_csv, open_rows, read_marker, read_table, scan, unnamed, warn_skipped, write_csv,
                                   write_tree)
@@ -138,8 +138,7 @@ def infer(ds, root: Path) -> dict:
     reads no CSV."""
     root = Path(root)
     if not _has_data(root):
-        if ds.synthetic is None:
-            raise ManifestError(f"field 'dataset.path': {root} holds no CSV table")
+        synthetic_or_refuse(ds, root, None, "holds no CSV table")
         return {"classes": synthetic_classes(ds), "features": synthetic_features(ds)}
     files = _files(root, [])
     settings = {"label": ds.label, "features": ds.features, "classes": bool(ds.classes)}

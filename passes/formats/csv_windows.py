@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import ManifestError, PassError
-from passes.formats import Loaded
+from passes.formats import Loaded, synthetic_or_refuse
 from passes.formats.csvio import (SPLITS, locate_csv, UnreadableCsv, cached_infer, check_classes, has_splits, label_values,
                                   read_marker, read_table, scan, warn_skipped, write_csv, write_tree)
 
@@ -58,8 +58,7 @@ def infer(ds, root: Path) -> dict:
     unless named there."""
     root = Path(root)
     if not _has_data(root):
-        if ds.synthetic is None:
-            raise ManifestError(f"field 'dataset.path': {root} holds no CSV files")
+        synthetic_or_refuse(ds, root, None, "holds no CSV files")
         return {"classes": sorted(synthetic_classes(ds))}
     folders = _split_folders(root).values()
     if ds.label is None:  # the class folders' and files' names: no CSV read

@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from kiln.artifacts import ROOT
-from kiln.errors import ManifestError, PassError
-from passes.formats import MARKER, write_tree  # noqa: F401 (write_tree: the formats' writer)
+from kiln.errors import PassError
+from passes.formats import MARKER, synthetic_or_refuse, write_tree  # noqa: F401 (write_tree: the formats' writer)
 
 log = logging.getLogger("kiln.data")
 SPLITS = ("train", "val", "test")
@@ -240,9 +240,7 @@ def locate_csv(ds, layout, has_data: Callable[[Path], bool], missing: str) -> tu
     path = data_path(ds)
     if has_data(path):
         return path, False
-    if ds.synthetic is None:
-        raise ManifestError(f"field 'dataset.path': {path} {missing}")
-    return layout.synthetic, True
+    return synthetic_or_refuse(ds, path, layout, missing)
 
 
 # --- index columns: pandas' to_csv writes the row number as an unnamed first column ----------

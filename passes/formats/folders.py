@@ -24,7 +24,7 @@ import numpy as np
 
 from kiln.artifacts import ROOT, read_json
 from kiln.errors import ManifestError, PassError
-from passes.formats import MARKER, Loaded, write_tree  # noqa: F401 (write_tree: the formats' writer)
+from passes.formats import MARKER, Loaded, synthetic_or_refuse, write_tree  # noqa: F401 (write_tree: the formats' writer)
 
 log = logging.getLogger("kiln.data")
 
@@ -102,11 +102,8 @@ def locate(ds, layout, exts: tuple[str, ...], what: str) -> tuple[Path, bool]:
     path = resolve(ds.path)
     if has_data(path, exts):
         return path, False
-    if ds.synthetic is None:
-        raise ManifestError(
-            f"field 'dataset.path': {path} holds no {what} in class folders (expected <path>/<class>/*"
-            f"{'|*'.join(exts)} or <path>/train/<class>/...) and dataset.synthetic is null")
-    return layout.synthetic, True
+    return synthetic_or_refuse(ds, path, layout, f"holds no {what} in class folders (expected <path>/<class>/*"
+                               f"{'|*'.join(exts)} or <path>/train/<class>/...)")
 
 
 def infer_classes(root: Path) -> list[str]:
@@ -122,8 +119,7 @@ def infer(ds, root: Path, exts: tuple[str, ...], what: str, synthetic_names: Cal
     reads them in once they are folders."""
     root = Path(root)
     if not has_data(root, exts):
-        if ds.synthetic is None:
-            raise ManifestError(f"field 'dataset.path': {root} holds no {what} to read the classes from")
+        synthetic_or_refuse(ds, root, None, f"holds no {what} to read the classes from")
         return {"classes": sorted(synthetic_names(ds.synthetic.classes))}
     names = infer_classes(root)
     if len(names) < 2:

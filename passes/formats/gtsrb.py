@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from kiln.artifacts import ROOT, read_json
-from kiln.errors import ManifestError, PassError
-from passes.formats import Loaded
+from kiln.errors import PassError
+from passes.formats import Loaded, synthetic_or_refuse
 from passes.formats.folders import Unreadable
 from passes.formats.image_folders import open_image
 from passes.formats.gtsrb_synth import CSV_COLUMNS, MARKER, NUM_CLASSES, TEST_CSV, synthesize_gtsrb
@@ -33,12 +33,7 @@ def locate(ds, layout) -> tuple[Path, bool]:
     path = Path(ds.path) if Path(ds.path).is_absolute() else ROOT / ds.path
     if is_gtsrb(path):
         return path, False
-    if ds.synthetic is None:
-        raise ManifestError(
-            f"field 'dataset.path': {path} holds no GTSRB tree (Final_Training/Images) and "
-            "dataset.synthetic is off; download GTSRB there or enable synthetic data"
-        )
-    return layout.synthetic, True
+    return synthetic_or_refuse(ds, path, layout, "holds no GTSRB tree (Final_Training/Images); unpack GTSRB there")
 
 
 def synthesize(ds, dest: Path) -> dict:

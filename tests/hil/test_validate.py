@@ -57,3 +57,19 @@ def test_report_lists_failed_board_and_requirement_and_keeps_others():
     assert rep["boards"]["a"]["passed"]
     text = report.table(rep)
     assert "PASS" in text and "FAIL" in text and "ERROR" in text and "emulation" in text
+
+
+def test_a_report_on_synthetic_data_says_so_in_its_verdict_and_json():
+    """A mistyped dataset.path trained on a synthetic set and the report said PASSED with no
+    word of it: the verdict line and report.json now say the data was synthetic."""
+    ok = validate.evaluate(REQ, runner([0, 1], [1000, 1000]), [0, 1], 1024, False, None)
+    ok["type"] = "x"
+    data_json = {"format": "image_folders", "params": {"dataset_root": "/b/app/synthetic"},
+                 "synthetic": {"generator": "kiln synthetic image_folders", "version": 1}}
+    rep = report.build("app", "lab", {"a": ok}, data_json)
+    assert rep["passed"] and rep["data"] == {"synthetic": True, "source": "/b/app/synthetic",
+                                             "generator": "kiln synthetic image_folders", "format": "image_folders"}
+    last = report.table(rep).splitlines()[-1]
+    assert last.startswith("PASSED on SYNTHETIC data (kiln synthetic image_folders at /b/app/synthetic")
+    real = report.build("app", "lab", {"a": ok}, {**data_json, "synthetic": None})
+    assert real["data"]["synthetic"] is False and report.table(real).splitlines()[-1] == "PASSED"

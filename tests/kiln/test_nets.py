@@ -233,14 +233,14 @@ def test_budget_applies_to_new_families_when_set(kiln_env):
 def test_family_refusal_names_the_pass_and_the_reason(monkeypatch):
     monkeypatch.setattr(RnnArchitecture, "refuses", {"prune.structured": "a cell's gates share one hidden size"})
     data = _manifest({"family": "rnn", "hidden": 4}, image_size=[1, 8])
-    data["compression"] = {"passes": [{"quantize": {"mode": "int8"}}, {"prune": {"method": "structured", "amount": 0.5}}]}
-    with pytest.raises(ValueError, match=r"compression\.passes\.1\.prune: family 'rnn' cannot take prune\.structured: "
+    data["compression"] = {"passes": [{"prune": {"method": "structured", "amount": 0.5}}, {"quantize": {"mode": "int8"}}]}
+    with pytest.raises(ValueError, match=r"compression\.passes\.0\.prune: family 'rnn' cannot take prune\.structured: "
                                          r"a cell's gates share one hidden size"):
         Project.model_validate(data)
-    data["compression"]["passes"][1]["prune"]["method"] = "magnitude"
+    data["compression"]["passes"][0]["prune"]["method"] = "magnitude"
     assert Project.model_validate(data).architecture.family == "rnn"
     monkeypatch.setattr(RnnArchitecture, "refuses", {"quantize": "no int8 cells"})
-    with pytest.raises(ValueError, match=r"compression\.passes\.0\.quantize: family 'rnn' cannot take quantize"):
+    with pytest.raises(ValueError, match=r"compression\.passes\.1\.quantize: family 'rnn' cannot take quantize"):
         Project.model_validate(data)
 
 

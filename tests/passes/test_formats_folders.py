@@ -228,11 +228,26 @@ def layout(kiln_env) -> Layout:
 def test_locate_finds_data_or_the_synthetic_tree_or_names_dataset_path(tmp_path, layout):
     _images(tmp_path / "data", n=1)
     assert image_folders.locate(_img_ds(tmp_path / "data"), layout) == (tmp_path / "data", False)
-    assert image_folders.locate(_img_ds(tmp_path / "none"), layout) == (layout.synthetic, True)
+    assert image_folders.locate(_img_ds(tmp_path / "none", synthetic={}), layout) == (layout.synthetic, True)
     (tmp_path / "empty" / "cat").mkdir(parents=True)  # folders but no images: not data yet
-    assert audio_folders.locate(_wav_ds(tmp_path / "empty"), layout) == (layout.synthetic, True)
+    assert audio_folders.locate(_wav_ds(tmp_path / "empty", synthetic={}), layout) == (layout.synthetic, True)
     with pytest.raises(ManifestError, match=f"field 'dataset.path': {tmp_path / 'none'} holds no WAV clips"):
         audio_folders.locate(_wav_ds(tmp_path / "none", synthetic=None), layout)
+
+
+def test_synthetic_data_is_opt_in_and_a_mistyped_path_is_named(tmp_path, layout):
+    """A mistyped dataset.path (data/imgz for data/imgs) trained on 520 synthetic files and the
+    report said PASSED: the fallback now needs ``synthetic`` written in the manifest, and a path
+    one typo away from an existing folder is refused naming it, synthetic or not."""
+    _images(tmp_path / "data" / "imgs", n=1)
+    with pytest.raises(ManifestError, match=r"field 'dataset.path': .*/data/imgz does not exist; did you mean "
+                                            rf"{tmp_path / 'data' / 'imgs'}\?"):
+        image_folders.locate(_img_ds(tmp_path / "data" / "imgz", synthetic={}), layout)
+    with pytest.raises(ManifestError, match=r"holds no images in class folders .*add 'synthetic: \{\}' to dataset"):
+        image_folders.locate(_img_ds(tmp_path / "data" / "photos"), layout)
+    with pytest.raises(ManifestError, match=r"add 'synthetic: \{\}'"):
+        image_folders.infer(_img_ds(tmp_path / "data" / "photos"), tmp_path / "data" / "photos")
+    assert image_folders.locate(_img_ds(tmp_path / "data" / "photos", synthetic={}), layout) == (layout.synthetic, True)
 
 
 def _tree_bytes(root: Path) -> dict:
