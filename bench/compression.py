@@ -7,6 +7,8 @@ tuned library. Runner runs are interleaved over the rows, so machine noise lands
 
 Run after a build (``make deploy``): .venv/bin/python bench/compression.py [--app traffic_signs]
 [--trials N] [--rounds 3]. Tuning reuses build/tune/ (kernels already tuned run no trials).
+``--smoke``: the same table for a tiny app it builds first (bench/_smoke.py), no tuning trials,
+one round; seconds, numbers meaningless (tests/test_benches.py runs it).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from kiln.artifacts import Layout, read_json, runner_dir, tuning_root  # noqa: E
 from kiln.config import load_board, load_project  # noqa: E402
 
 
-def runner(lib: Path, inputs: Path, shape: list[int], threads: int) -> dict:
-    """Run the on-board runner on this machine; its JSON (predictions, latencies_us)."""
+def runner(lib: Path, inputs: Path, shape: list[int], dtype: str, threads: int) -> dict:
+    """Run the on-board runner on this machine, fed as a board is (the data stage's test inputs
+    in their dtype: uint8 pixels or int16 audio where the library has a front end, else float32);
+    its JSON (predictions, latencies_us)."""
     rdir = runner_dir("x86_64")
     env = dict(os.environ, LD_LIBRARY_PATH=str(rdir))
     out = subprocess.run([str(rdir / "kiln-runner"), "--model", str(lib.resolve()), "--input", str(inputs), "--shape",
-                          ",".join(map(str, shape)), "--warmup", "20", "--threads", str(threads)],
+                          ",".join(map(str, shape)), "--dtype", dtype, "--warmup", "20", "--threads", str(threads)],
                          env=env, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise SystemExit(f"kiln-runner failed on {lib}: {out.stderr.strip()}")
@@ -45,7 +49,13 @@ def main() -> int:
     ap.add_argument("--app", default="traffic_signs")
     ap.add_argument("--trials", type=int, default=None, help="MetaSchedule trials per row (default: x86-host's tune_trials)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved runner rounds per library")
+    ap.add_argument("--smoke", action="store_true", help="a tiny app built first, 0 trials, 1 round: seconds")
     args = ap.parse_args()
+    if args.smoke:
+        from bench._smoke import tiny_app
+
+        args.app, args.rounds = tiny_app(), 1
+        args.trials = 0 if args.trials is None else args.trials
 
     from passes import compress, tune
     from passes.support.common import save_checkpoint
@@ -59,7 +69,8 @@ def main() -> int:
         print(f"error: missing {', '.join(missing)}; build first: .venv/bin/doit deploy:{args.app}", file=sys.stderr)
         return 2
     trials = board.tune_trials if args.trials is None else args.trials
-    shape = read_json(lay.data / "data.json")["test_inputs"]["shape"][1:]
+    test_inputs = read_json(lay.data / "data.json")["test_inputs"]
+    shape, dtype = test_inputs["shape"][1:], test_inputs.get("dtype", "float32")
     y_test = np.asarray(read_json(lay.data / "test_labels.json"))
 
     t0 = time.perf_counter()
@@ -84,7 +95,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for r in rows:
                 for kind in ("untuned", "tuned"):
-                    out = runner(r["dir"] / f"{kind}.so", lay.data / "test_inputs.bin", shape, board.cores)
+                    out = runner(r["dir"] / f"{kind}.so", lay.data / "test_inputs.bin", shape, dtype, board.cores)
                     r["lat"][kind].append(float(np.median(out["latencies_us"])))
                     r.setdefault("p99", {})[kind] = float(np.percentile(out["latencies_us"], 99))
                     preds = np.asarray(out["predictions"])

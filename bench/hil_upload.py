@@ -4,6 +4,7 @@ Starts one real sshd board and one real serial (pty) board, uploads the same ran
 each with Kiln's transports, and prints bytes/s and payload efficiency (payload bytes / bytes on
 the wire, both directions: for SSH counted by a loopback TCP proxy in front of sshd, for serial
 by the transport's own counters). Run: .venv/bin/python bench/hil_upload.py [--mb 20] [--repeat 3]
+(``--smoke``: the same real boards and table for 0.1 MB, one run each: seconds).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=20)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="0.1 MB, one run each: seconds")
     a = ap.parse_args()
+    if a.smoke:
+        a.mb, a.repeat = 0.1, 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

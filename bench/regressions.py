@@ -1,6 +1,7 @@
 """False positives and detection of the nightly regression rule, on simulated boards.
 
     .venv/bin/python bench/regressions.py [--boards 200] [--nights 100] [--seed 0]
+    .venv/bin/python bench/regressions.py --smoke    # 4 boards x 64 nights: the same tables in a second
 
 Every verdict comes from hil.history.judge, the very rule hil.history.regressions applies to
 a night (baseline = median of the last 14 nights of the same app on the same board, tolerance =
@@ -103,7 +104,13 @@ def main() -> None:
     ap.add_argument("--boards", type=int, default=200)
     ap.add_argument("--nights", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help=f"4 boards x {ONSET + HORIZON} nights (the fewest that "
+                    "reach the detection horizon): a second, shares meaningless")
     a = ap.parse_args()
+    if a.smoke:
+        a.boards, a.nights = 4, ONSET + HORIZON
+    if a.nights < ONSET + HORIZON:
+        ap.error(f"--nights must be at least {ONSET + HORIZON} (changes start on night {ONSET}, judged for {HORIZON})")
     t0 = time.perf_counter()
     rng = np.random.default_rng(a.seed)
     B, N = a.boards, a.nights
