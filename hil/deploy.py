@@ -408,8 +408,8 @@ def _inputs_for(layout, samples: int | None, dest: Path) -> tuple[Path, list[int
     shape of one sample and how many samples it holds."""
     from kiln.artifacts import read_json
 
-    full = layout.data / "test_inputs.bin"
-    info = read_json(layout.data / "data.json")["test_inputs"]
+    full = layout.test_inputs
+    info = read_json(layout.data_json)["test_inputs"]
     shape = info["shape"][1:]
     size = DTYPE_BYTES[info.get("dtype", "float32")]
     for s in shape:
@@ -488,7 +488,7 @@ def job(project, board, live, layout, lab_dir: Path, run_id: str, latency_window
             if samples is not None and samples > sent:  # the test set, not emulation.max_samples, is the limit
                 blog.warning("app '%s': validation.samples is %d but its test set has only %d samples: "
                              "sending %d", project.name, requested, sent, sent)
-            dtype = read_json(layout.data / "data.json")["test_inputs"].get("dtype", "float32")
+            dtype = read_json(layout.data_json)["test_inputs"].get("dtype", "float32")
             runner = [*(launcher(board) if live.emulated else []), "./kiln-runner"]
             common = ["--shape", ",".join(map(str, shape)), "--dtype", dtype, "--threads", str(board.cores)]
             objective = getattr(project.architecture, "objective", "classification")
@@ -497,11 +497,11 @@ def job(project, board, live, layout, lab_dir: Path, run_id: str, latency_window
             if latency_windows:
                 argv += ["--windows", str(latency_windows)]
             checks = {}
-            fe_lib = layout.board_type(board.name) / "front_end.so"
-            if (layout.data / "front_end.json").is_file() and fe_lib.is_file():
+            fe_lib = layout.front_end_library(board.name)
+            if (layout.front_end_json).is_file() and fe_lib.is_file():
                 # the front end alone, on a few raw samples: its features against the host's
                 files["front_end.so"] = fe_lib
-                per_sample = math.prod(read_json(layout.data / "front_end.json")["output_shape"])
+                per_sample = math.prod(read_json(layout.front_end_json)["output_shape"])
                 n_fe = max(1, min(FRONT_END_SAMPLES, sent, FRONT_END_VALUES // per_sample))
                 files["front_end_inputs.bin"], _, n_fe = _inputs_for(layout, n_fe,
                                                                       Path(tmp) / "front_end_inputs.bin")

@@ -181,7 +181,7 @@ def _sample_kb(layout) -> float:
     """KiB of one test sample as the runner holds it (float32 features, or raw int16/uint8)."""
     from kiln.artifacts import read_json
 
-    info = read_json(layout.data / "data.json")["test_inputs"]
+    info = read_json(layout.data_json)["test_inputs"]
     size = {"float32": 4, "int16": 2, "uint8": 1, "int8": 1}[info.get("dtype", "float32")]
     return size * math.prod(info["shape"][1:]) / 1024
 
@@ -189,9 +189,9 @@ def _sample_kb(layout) -> float:
 def _host_features(layout) -> np.ndarray | None:
     """The host's features of the test split (what the net was trained and checked on), NCHW,
     for an app with a front end; None without one."""
-    if not (layout.data / "front_end.json").is_file():
+    if not (layout.front_end_json).is_file():
         return None
-    with np.load(layout.data / "test.npz") as z:
+    with np.load(layout.split("test")) as z:
         return z["x"].transpose(0, 3, 1, 2)
 
 
@@ -231,7 +231,7 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
     from hil import report
     from kiln.artifacts import read_json, write_json
 
-    labels = read_json(layout.data / "test_labels.json")
+    labels = read_json(layout.test_labels)
     runs = {n: read_json(layout.last_run(n)) for n in instance_names}
     ok = [n for n in instance_names if "error" not in runs[n]]
     ref = next((n for n in ok if not runs[n]["emulated"]), ok[0] if ok else None)
@@ -266,7 +266,7 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
         results[t] = {"type": t, "not_validated": "compile-only board: its runtime cannot run in this lab",
                       "model_bytes": lib["library_bytes"], "library": str(layout.library(t)), "target": lib["target"],
                       "estimate": estimates.get(t)}
-    rep = report.build(project.name, lab_name, results, read_json(layout.data / "data.json"))
+    rep = report.build(project.name, lab_name, results, read_json(layout.data_json))
     rep["sizing"] = {"on_violation": project.sizing.on_violation,
                      "warnings": [v for e in estimates.values() if e for v in e.get("violations", [])]}
     rep["run_id"] = run_id

@@ -129,15 +129,30 @@ def _tree_rows(root: Path) -> Iterator[tuple[str | None, str]]:
 
 
 class Layout:
-    """Where every artifact of one app lives under the build directory.
+    """Where every artifact of one app lives under the build directory: each file name is
+    spelled here and nowhere else.
 
-    build/<app>/                        app-level outputs: data/, model.pt, compressed.pt, model.onnx, ...
-    build/<app>/type/<board type>/      per board type: tune.json, model.so, compile.json
+    build/<app>/synthetic/              a synthetic data set (.kiln-synthetic.json says what made it)
+    build/<app>/data/                   the data stage's outputs: train/val/test.npz, test_inputs.bin,
+                                        test_labels.json, data.json (+ front_end.json, raw.npz)
+    build/<app>/                        model.pt, metrics.json, compressed.pt, compress.json,
+                                        model.onnx, export.json (+ front_end.onnx)
+    build/<app>/type/<board type>/      per board type: tune.json, model.so, compile.json (+ front_end.so)
     build/<app>/runs/<run id>/<inst>/   what one deploy saw on one board instance: run.json, result.json
     build/<app>/runs/<run id>/report.json   that run's report
     build/<app>/last/<inst>.json        the last run on each instance (the hil task's doit target)
     build/<app>/report.json             the last report (the deploy task's doit target)
     """
+
+    # names within a folder, for code that is handed the folder rather than a Layout (the data
+    # stage writes into, and the ONNX export reads from, whatever data folder it is given)
+    SYNTHETIC_MARKER = ".kiln-synthetic.json"  # in a synthetic tree: what generated it, with which params
+    SPLITS = ("train", "val", "test")  # data/<split>.npz
+    TEST_INPUTS = "test_inputs.bin"  # the boards' inputs, raw
+    TEST_LABELS = "test_labels.json"
+    DATA_JSON = "data.json"  # the data stage's record, written last
+    FRONT_END_JSON = "front_end.json"  # the front end's fitted settings
+    RAW_NPZ = "raw.npz"  # the raw val/test samples a front end's library reads
 
     def __init__(self, app: str):
         self.app = app
@@ -150,7 +165,43 @@ class Layout:
         self.compress_json = self.root / "compress.json"
         self.onnx = self.root / "model.onnx"
         self.export_json = self.root / "export.json"
+        self.front_end_onnx = self.root / "front_end.onnx"
         self.report = self.root / "report.json"
+
+    # the data stage's outputs
+    @staticmethod
+    def split_file(data_dir: str | os.PathLike, split: str) -> Path:
+        """``<data_dir>/<split>.npz`` (train, val, test)."""
+        return Path(data_dir) / f"{split}.npz"
+
+    def split(self, split: str) -> Path:
+        return self.split_file(self.data, split)
+
+    @property
+    def test_inputs(self) -> Path:
+        return self.data / self.TEST_INPUTS
+
+    @property
+    def test_labels(self) -> Path:
+        return self.data / self.TEST_LABELS
+
+    @property
+    def data_json(self) -> Path:
+        return self.data / self.DATA_JSON
+
+    @property
+    def front_end_json(self) -> Path:
+        return self.data / self.FRONT_END_JSON
+
+    @property
+    def raw_npz(self) -> Path:
+        return self.data / self.RAW_NPZ
+
+    @classmethod
+    def data_files(cls, front_end: bool) -> list[str]:
+        """The data stage's outputs, named within its folder, its record (data.json) among them."""
+        return [*(f"{s}.npz" for s in cls.SPLITS), cls.TEST_INPUTS, cls.TEST_LABELS, cls.DATA_JSON,
+                *((cls.FRONT_END_JSON, cls.RAW_NPZ) if front_end else ())]
 
     # per board type
     def board_type(self, board_type: str) -> Path:
@@ -158,6 +209,13 @@ class Layout:
 
     def library(self, board_type: str) -> Path:
         return self.board_type(board_type) / "model.so"
+
+    def front_end_library(self, board_type: str) -> Path:
+        """The front end's own library, built by the compile stage next to the model's."""
+        return self.board_type(board_type) / "front_end.so"
+
+    def front_end_compile_json(self, board_type: str) -> Path:
+        return self.board_type(board_type) / "front_end.compile.json"
 
     def compile_json(self, board_type: str) -> Path:
         return self.board_type(board_type) / "compile.json"
@@ -197,6 +255,18 @@ def tuning_root() -> Path:
 
 def runner_dir(arch: str) -> Path:
     return build_root() / "runner" / arch
+
+
+RUNNER = "kiln-runner"  # the on-board runner's file name, in its bundle and on the board
+RUNNER_JSON = "runner.json"  # the bundle's record: each file's sha256
+
+
+def runner_file(arch: str) -> Path:
+    return runner_dir(arch) / RUNNER
+
+
+def runner_json(arch: str) -> Path:
+    return runner_dir(arch) / RUNNER_JSON
 
 
 def runtime_cache() -> Path:

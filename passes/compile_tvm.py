@@ -20,8 +20,7 @@ def run(project: Project, board: Board, layout: Layout) -> dict:
     tuning = read_json(tune_json) if tune_json.exists() else None
     fe = export.get("front_end_onnx")
     if fe is not None:  # first: the model's compile.json, written last, vouches for both
-        out = layout.board_type(board.name)
-        compile_onnx(board, layout.root / fe["file"], fe["input_shape"], out / "front_end.so",
-                     out / "front_end.compile.json")
+        compile_onnx(board, layout.root / fe["file"], fe["input_shape"], layout.front_end_library(board.name),
+                     layout.front_end_compile_json(board.name))
     return compile_onnx(board, layout.onnx, export["input_shape"], layout.library(board.name),
                         layout.compile_json(board.name), tuning=tuning)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.artifacts import atomic_path, sha256_file, write_json
+from kiln.artifacts import Layout, atomic_path, sha256_file, write_json
 from kiln.errors import PassError
 from kiln.registry import implementation
 from passes.formats import Loaded
@@ -279,7 +279,7 @@ def _apply_front_end(front_end: dict, splits: dict, out_dir: Path) -> tuple[dict
     for name, (x, y) in splits.items():
         log.info("data: %s front end on the %s split (%d samples)", fe.kind, name, len(y))
         out[name] = (frontends.features(fe, layout, x, stats, sr), y)
-    _write_npz(out_dir / "raw.npz", val=splits["val"][0], test=splits["test"][0])
+    _write_npz(out_dir / Layout.RAW_NPZ, val=splits["val"][0], test=splits["test"][0])
     info = {"kind": fe.kind, "settings": fe.model_dump(), "layout": layout, "raw_shape": front_end["raw_shape"],
             "raw_dtype": raw_dtype.name, "sample_rate": sr, "stats": stats,
             "output_shape": list(fe.output_shape(layout, tuple(front_end["raw_shape"]), sr))}
@@ -306,28 +306,27 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
     report, source = loaded.report, loaded.source
     _check_class_coverage(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
     raw_test = splits["test"][0]
-    files = ["train.npz", "val.npz", "test.npz", "test_inputs.bin", "test_labels.json"]
+    files = [f for f in Layout.data_files(front_end is not None) if f != Layout.DATA_JSON]  # data.json: last
     fe_info = None
     if front_end is not None:
         splits, fe_info = _apply_front_end(front_end, splits, out_dir)
-        write_json(out_dir / "front_end.json", fe_info)
-        files += ["raw.npz", "front_end.json"]
+        write_json(out_dir / Layout.FRONT_END_JSON, fe_info)
     for name, (x, y) in splits.items():
         log.info("data: writing %s split: %d samples", name, len(y))
-        _write_npz(out_dir / f"{name}.npz", x=x, y=y)
+        _write_npz(Layout.split_file(out_dir, name), x=x, y=y)
     y = splits["test"][1]
     if not len(y):
         log.warning("data: the test split is empty (test=%s and no labelled test set)", test)
     if fe_info is None:
-        _write_runner_inputs(out_dir / "test_inputs.bin", raw_test)
-        test_inputs = {"file": "test_inputs.bin", "dtype": "float32", "byteorder": "little", "layout": "NCHW",
+        _write_runner_inputs(out_dir / Layout.TEST_INPUTS, raw_test)
+        test_inputs = {"file": Layout.TEST_INPUTS, "dtype": "float32", "byteorder": "little", "layout": "NCHW",
                        "shape": [len(y), source["channels"], *size], "scale": "pixel / 255"}
     else:
-        _write_raw_inputs(out_dir / "test_inputs.bin", raw_test)
-        test_inputs = {"file": "test_inputs.bin", "dtype": fe_info["raw_dtype"], "byteorder": "little",
+        _write_raw_inputs(out_dir / Layout.TEST_INPUTS, raw_test)
+        test_inputs = {"file": Layout.TEST_INPUTS, "dtype": fe_info["raw_dtype"], "byteorder": "little",
                        "layout": fe_info["layout"], "shape": [len(y), *fe_info["raw_shape"]],
                        "scale": f"raw samples ({fe_info['kind']} front end in the library)"}
-    write_json(out_dir / "test_labels.json", [int(v) for v in y])
+    write_json(out_dir / Layout.TEST_LABELS, [int(v) for v in y])
     k = source["num_classes"]
     info = {
         "pass": "data", **source, "image_size": list(size),
@@ -340,6 +339,6 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
                    "group_by": rule, "split_version": SPLIT_VERSION,
                    "front_end": None if front_end is None else front_end["settings"].model_dump()},
     }
-    write_json(out_dir / "data.json", info)  # last: its presence means every output above is complete
+    write_json(out_dir / Layout.DATA_JSON, info)  # last: its presence means every output above is complete
     log.info("data: wrote %s (train %d, val %d, test %d)", out_dir, *info["counts"].values())
     return info

@@ -25,7 +25,7 @@ def run(project: Project, layout: Layout) -> dict:
     except Exception:
         layout.onnx.unlink(missing_ok=True)  # never leave a model the compile stage cannot build
         raise
-    fe = export_front_end(layout.data, layout.root / "front_end.onnx")
+    fe = export_front_end(layout.data, layout.front_end_onnx)
     if fe is not None:  # recorded next to the model: the compile stage builds it for each board
         info["front_end_onnx"] = fe
         write_json(layout.export_json, info)

@@ -34,7 +34,7 @@ def run(project: Project, layout: Layout) -> dict:
         "params": cx.params, "macs": cx.macs, "imported": source, "trained": False,
         "source_sha256": sha256_file(source) if source else None,
         "val_accuracy": val_acc, "test_accuracy": test_acc, "history": [],
-        "data_sha256": sha256_file(layout.data / "train.npz"),
+        "data_sha256": sha256_file(layout.split("train")),
     }
     ckpt = {
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},

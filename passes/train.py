@@ -63,7 +63,7 @@ def run(project: Project, layout: Layout) -> dict:
         metrics.update(best_epoch=best_epoch["epoch"], val_accuracy=best_epoch["val_accuracy"], test_accuracy=test_acc)
         summary = f"val {metrics['val_accuracy']:.4f}, test {test_acc:.4f}"
     metrics.update(history=history, training=cfg.model_dump(), augment=ds.augment.model_dump(),
-                   data_sha256=sha256_file(data_dir / "train.npz"))
+                   data_sha256=sha256_file(layout.split("train")))
     ckpt = {
         "state_dict": best_state, "architecture": arch.model_dump(), "channels": ds.channels,
         "num_classes": ds.num_classes, "image_size": list(ds.image_size), "metrics": metrics,

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kiln.artifacts import write_json
+from kiln.artifacts import Layout, write_json
 from kiln.errors import ManifestError, PassError
 
 log = logging.getLogger("kiln.data")
-MARKER = ".kiln-synthetic.json"  # written into a synthetic tree: what generated it, with which params
+MARKER = Layout.SYNTHETIC_MARKER  # written into a synthetic tree: what generated it, with which params
 
 
 @dataclass

@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from kiln.artifacts import atomic_path
+from kiln.artifacts import Layout, atomic_path
 from kiln.errors import PassError
 
 
 def load_split(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    path = Path(data_dir) / f"{split}.npz"
+    path = Layout.split_file(data_dir, split)
     try:
         with np.load(path) as z:
             return z["x"], z["y"]

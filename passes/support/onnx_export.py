@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.artifacts import atomic_path, sha256_file, write_json
+from kiln.artifacts import Layout, atomic_path, sha256_file, write_json
 from kiln.errors import PassError
 from passes.support.common import load_checkpoint, load_split, to_tensor
 from passes.support.int8 import act_dtype, bias_ints, bias_scale, fake_quant, layer_bias, upgrade, weight_ints
@@ -199,7 +199,7 @@ def export_float_of(model_pt: Path, data_dir: Path, out_onnx: Path, out_json: Pa
 
 def _front_end(data_dir: Path):
     """The data stage's front end (front_end.json) as a torch module on raw samples, or None."""
-    path = Path(data_dir) / "front_end.json"
+    path = Path(data_dir) / Layout.FRONT_END_JSON
     if not path.is_file():
         return None, None
     from pydantic import TypeAdapter
@@ -317,7 +317,7 @@ def export_model(model, ckpt: dict, data_dir: Path, out_onnx: Path, out_json: Pa
     x, _ = load_split(data_dir, "val")
     batch = to_tensor(x[:samples])
     if fe_info is not None:
-        with np.load(Path(data_dir) / "raw.npz") as z:
+        with np.load(Path(data_dir) / Layout.RAW_NPZ) as z:
             feed = z["val"][:samples]
         in_shape, in_dtype = [1, *fe_info["raw_shape"]], fe_info["raw_dtype"]
     else:
