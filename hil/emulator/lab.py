@@ -43,13 +43,12 @@ import psutil
 import yaml
 
 from hil.emulator import read_state
-from kiln.artifacts import ROOT, build_root, file_lock, write_bytes, write_json
-from kiln.config import load_lab
+from kiln.artifacts import build_root, file_lock, write_bytes, write_json
+from kiln.config import DEFAULT_LAB, load_lab
 from kiln.errors import KilnError, ManifestError
 from kiln.schema import EmulatedLab, Inventory
 
 log = logging.getLogger("kiln.lab")
-SPEC = ROOT / "hil" / "emulator" / "lab.yaml"
 BY_HAND = "by-hand"  # the hold of a lab started by hand (lasts until down())
 
 
@@ -61,7 +60,7 @@ def inventory_path() -> Path:
     return state_dir() / "inventory.yaml"
 
 
-def load_spec(path: Path = SPEC) -> EmulatedLab:
+def load_spec(path: Path = DEFAULT_LAB) -> EmulatedLab:
     spec = load_lab(path)
     if not isinstance(spec, EmulatedLab):
         raise ManifestError(f"{path}: field 'backend': expected 'emulated', got '{spec.backend}'")
@@ -147,7 +146,7 @@ def _clear_holders() -> None:
             f.unlink(missing_ok=True)
 
 
-def up(spec_path: Path = SPEC) -> Path:
+def up(spec_path: Path = DEFAULT_LAB) -> Path:
     """Start the emulated lab by hand (unless it is up) and hold it until ``down()``; the
     inventory path. Deploys that end meanwhile leave it running."""
     return _acquire(Path(spec_path), by_hand=True)
@@ -293,7 +292,7 @@ def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "status"
     try:
         if cmd == "up":
-            print(up(Path(argv[1]) if len(argv) > 1 else SPEC))
+            print(up(Path(argv[1]) if len(argv) > 1 else DEFAULT_LAB))
         elif cmd == "down":
             down()
         elif cmd == "status":
