@@ -15,11 +15,13 @@ from doit import get_var
 from doit.tools import config_changed
 
 from hil.lab import choose, compile_only, describe, runnable
+from hil.rpc import RpcLab
 from kiln import sources
 from kiln.artifacts import Layout, build_root, new_run_id, runner_dir, tree_fingerprint
 from kiln.config import (board_names, lab_file, load_board, load_project, project_names, project_path, projects_dir,
                          trial_budget)
 from kiln.errors import KilnError, ManifestError
+from kiln.measure import measure_mode
 from kiln.registry import implementation, module_name
 from kiln.tasks import fail, refused_command_line, run
 from kiln.uptodate import matches_record
@@ -283,13 +285,20 @@ def task_export():
 
 def task_tune():
     """MetaSchedule-tune the model's kernels per board type into build/tune/ (reused across rebuilds)."""
+    lab = RpcLab(LAB_FILE)  # where tuning.measure: rpc times candidates (kiln.measure.MeasuringLab)
     for app, p in APPS.items():
         lay = Layout(app)
+        try:
+            measure, refused = measure_mode(p), None
+        except KilnError as e:  # a bad $KILN_TUNE_MEASURE fails the app's tune tasks when they run
+            measure, refused = None, f"{type(e).__name__}: {e}"
         for t in p.targets:
             board = BOARDS[t]
+            tune = (fail, [refused]) if refused else (run, ["passes.tune:run", p, board, lay, measure, lab])
             yield {"name": f"{app}@{t}", "doc": f"tune {app}'s kernels for board type {t}",
-                   "actions": [(stale_report, [lay]), (run, ["passes.tune:run", p, board, lay])],
-                   "file_dep": [str(lay.onnx), str(lay.export_json), *sources.files("passes.tune")],
+                   "actions": [(stale_report, [lay]), tune],
+                   "file_dep": [str(lay.onnx), str(lay.export_json),
+                                *sources.files("passes.tune", *(["hil.rpc"] if measure == "rpc" else []))],
                    "targets": [str(lay.tune_json(t))],
                    "uptodate": [config_changed({"board": board.model_dump(), "trials": trial_budget(p, board),
                                                  "measure": os.environ.get("KILN_TUNE_MEASURE") or p.tuning.measure})]}

@@ -83,6 +83,7 @@ def main() -> int:
 def run(args, onnx, shape, data, info, work, lab, name) -> int:
     from hil.deploy import deploy
     from hil.lab import open_lab
+    from hil.rpc import RpcLab
     from hil.transport import open_transport
     from kiln.artifacts import build_root, runner_dir
     from kiln.config import load_board, load_inventory
@@ -92,7 +93,7 @@ def run(args, onnx, shape, data, info, work, lab, name) -> int:
     board = load_board("x86-host")
     t0 = time.perf_counter()
     report = tune.tune_onnx(board, onnx, shape, work / "tune", args.trials, work / "tune.json", measure="rpc",
-                            lab_path=lab)
+                            lab=RpcLab(lab))
     tune_s = time.perf_counter() - t0
     if report["measured"] != "rpc":
         print(f"not tuned over RPC: {report['why']}", file=sys.stderr)

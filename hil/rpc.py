@@ -35,6 +35,7 @@ from typing import Callable
 
 from kiln.artifacts import build_root, read_json, runner_dir, sha256_file
 from kiln.errors import KilnError, TransportError
+from kiln.measure import MeasuringLab
 
 BUNDLE = ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")
 LOG = "rpc.log"  # in the run directory on the board: the server's stdout and stderr
@@ -189,6 +190,25 @@ def rpc_server(instance, board, lab_dir: Path, key: str | None = None):
         except KilnError as e:
             log.warning("cleanup of %s failed: %s", run_dir, e)
         t.close()
+
+
+class RpcLab(MeasuringLab):
+    """The lab in ``path`` ($KILN_LAB, else the emulated lab) as the tune stage measures in it
+    (kiln.measure.MeasuringLab): dodo.py hands one to passes/tune.py."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path or lab_file())
+
+    def __repr__(self) -> str:
+        return f"RpcLab({str(self.path)!r})"
+
+    def instances(self, board) -> tuple[list, dict[str, str]]:
+        from hil.lab import describe
+
+        return measuring_instances(board, describe(self.path).boards)
+
+    def endpoints(self, board):
+        return board_endpoints(board, self.path)
 
 
 @contextlib.contextmanager

@@ -16,10 +16,13 @@ gives the reason.
 
 Measuring on the board (``tuning.measure: rpc`` in the manifest, or ``$KILN_TUNE_MEASURE=rpc``):
 every instance of the board type in the lab ($KILN_LAB, else the emulated lab, started on
-demand) that can serve TVM RPC runs ``kiln-runner --rpc-serve`` (hil/rpc.py) and MetaSchedule
-times candidates there (passes/support/rpc_measure.py), several boards of one type sharing the
+demand) that can serve TVM RPC runs ``kiln-runner --rpc-serve`` and MetaSchedule times
+candidates there (passes/support/rpc_measure.py), several boards of one type sharing the
 trials. Emulated (qemu-user) and serial instances are skipped, and tune.json says why; with none
 left the board type is compiled untuned. tune.json records ``measured: "rpc"`` and the boards.
+The stage knows the lab only through the core's interface, kiln.measure.MeasuringLab: dodo.py
+hands one over with the measure mode, both loaded objects (hil/rpc.py implements it; passes/
+never reaches into hil/).
 
 Two things make MetaSchedule usable on a 2-core build machine (see README, "Tuning"):
 - candidates are built in this process, one after another; MetaSchedule's default builder
@@ -43,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +54,7 @@ from typing import Any
 from kiln.artifacts import Layout, read_json, tuning_root, write_json
 from kiln.config import trial_budget
 from kiln.errors import KilnError, PassError
+from kiln.measure import MeasuringLab, measure_mode
 from kiln.schema import Board, Project
 from passes.support.tvm_build import (design_space, host_isa_flags, import_cpu_tensor_intrinsics, import_onnx,
                                       UNTUNED, kernel_key, open_database, prepare, read_untuned, tunable,
@@ -74,30 +77,15 @@ _MCPU_FLAGS = {
 }
 
 
-MEASURES = ("auto", "native", "rpc")
-MEASURE_ENV = "KILN_TUNE_MEASURE"
-
-
-def measure_mode(project: Project) -> str:
-    """Where the project's candidates are timed: $KILN_TUNE_MEASURE when set, else the manifest's
-    tuning.measure."""
-    env = os.environ.get(MEASURE_ENV)
-    if env is None or env == "":
-        return project.tuning.measure
-    if env not in MEASURES:
-        raise PassError(f"${MEASURE_ENV}: expected one of {', '.join(MEASURES)}, got '{env}'")
-    return env
-
-
 def where_to_measure(board: Board, target: dict[str, Any], measure: str = "auto",
-                     lab_path: Path | None = None) -> tuple[str | None, str]:
+                     lab: MeasuringLab | None = None) -> tuple[str | None, str]:
     """(mode, why): mode ``native`` when candidates built for this board's target can be timed on
     this machine, ``rpc`` when ``measure`` asks for the board itself and the lab has an instance
     that can serve TVM RPC, else None with the reason it is not tuned."""
     import platform
 
     if measure == "rpc":
-        return _rpc_usable(board, lab_path)
+        return _rpc_usable(board, lab)
     if board.arch != platform.machine():
         return None, (
             f"{board.arch} board: its code cannot run natively here, qemu-user timings are not a cost "
@@ -115,15 +103,14 @@ def where_to_measure(board: Board, target: dict[str, Any], measure: str = "auto"
     return "native", f"tuned on this machine for the board's target (mcpu {mcpu}); this CPU implements its ISA"
 
 
-def _rpc_usable(board: Board, lab_path: Path | None) -> tuple[str | None, str]:
+def _rpc_usable(board: Board, lab: MeasuringLab | None) -> tuple[str | None, str]:
     """("rpc", why) when the lab (as described: nothing is started yet) has an instance of
     ``board`` that can serve TVM RPC, else (None, why naming each instance left out)."""
-    from hil.lab import describe
-    from hil.rpc import lab_file, measuring_instances
-
-    path = Path(lab_path or lab_file())
+    if lab is None:
+        raise PassError(f"tune for board '{board.name}': measuring over TVM RPC needs a lab, and none was given")
+    path = lab.path
     try:
-        usable, skipped = measuring_instances(board, describe(path).boards)
+        usable, skipped = lab.instances(board)
     except KilnError as e:
         raise PassError(f"tune for board '{board.name}': measuring over TVM RPC needs the lab {path}: {e}") from e
     left_out = "; ".join(f"{n}: {w}" for n, w in skipped.items())
@@ -154,20 +141,23 @@ def _in_process_builder():
     return InProcessBuilder()
 
 
-def run(project: Project, board: Board, layout: Layout) -> dict:
+def run(project: Project, board: Board, layout: Layout, measure: str | None = None,
+        lab: MeasuringLab | None = None) -> dict:
     """Tune ``layout.onnx`` for ``board`` into the shared database under build/tune/, with the
-    trial budget of the manifest or the board type; the report goes to ``layout.tune_json``."""
+    trial budget of the manifest or the board type; the report goes to ``layout.tune_json``.
+    ``measure`` (kiln.measure.measure_mode of the project when not given) and ``lab`` (where
+    ``rpc`` measures) come from dodo.py as loaded objects."""
     shape = read_json(layout.export_json)["input_shape"]
     return tune_onnx(board, layout.onnx, shape, tuning_root(), trial_budget(project, board),
-                     layout.tune_json(board.name), measure=measure_mode(project))
+                     layout.tune_json(board.name), measure=measure or measure_mode(project), lab=lab)
 
 
 def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Path, trials: int,
-              out_json: Path, measure: str = "auto", lab_path: Path | None = None) -> dict:
+              out_json: Path, measure: str = "auto", lab: MeasuringLab | None = None) -> dict:
     """Tune ``onnx_path``'s untuned tasks for ``board`` with up to ``trials`` trials in all, into
     the database under ``db_root``; the report (tune.json) goes to ``out_json``. ``measure``:
-    auto/native (on this machine when the board's code runs here) or rpc (on the boards of the
-    lab in ``lab_path``, default $KILN_LAB or the emulated lab)."""
+    auto/native (on this machine when the board's code runs here) or rpc (on the boards of
+    ``lab``, a kiln.measure.MeasuringLab: hil.rpc.RpcLab of a lab file)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
@@ -175,7 +165,7 @@ def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Pa
     t0 = time.perf_counter()
     target_dict = resolve_target(board)
     db_dir = db_root / target_key(board, target_dict)
-    mode, why = where_to_measure(board, target_dict, measure, lab_path)
+    mode, why = where_to_measure(board, target_dict, measure, lab)
     info: dict[str, Any] = {"board": board.name, "target": target_dict, "database": str(db_dir), "measured": mode,
                             "why": why, "trial_budget": trials, "tasks": [], "trials_run": 0}
     if mode is None or trials == 0:
@@ -221,7 +211,7 @@ def tune_onnx(board: Board, onnx_path: Path, input_shape: list[int], db_root: Pa
         # with "'NoneType' object has no attribute 'format'", so they are left out of the tune
         for h in [h for h in ms_log.handlers if h.get_name() is None]:
             ms_log.removeHandler(h)
-        with _measuring(board, mode, lab_path, info) as (runner, builder, endpoints):
+        with _measuring(board, mode, lab, info) as (runner, builder, endpoints):
             for k, group in enumerate(_groups(todo), 1):
                 log.info("tune %s: group %d: %s, %d trials each", board.name, k,
                          ", ".join(t.task_name for t, _ in group), group[0][1])
@@ -287,17 +277,16 @@ def _groups(plan: list[tuple[Any, int]]) -> list[list[tuple[Any, int]]]:
 
 
 @contextlib.contextmanager
-def _measuring(board: Board, mode: str, lab_path: Path | None, info: dict):
+def _measuring(board: Board, mode: str, lab: MeasuringLab | None, info: dict):
     """(runner, builder, endpoints) for ``mode``: MetaSchedule's local runner and the in-process
     builder for native, for rpc the board servers (up for the block) and their RPC runner."""
     if mode != "rpc":
         yield None, None, []
         return
-    from hil.rpc import board_endpoints
     from passes.support.rpc_measure import rpc_runner, so_builder
 
     try:
-        with board_endpoints(board, lab_path) as (endpoints, skipped), \
+        with lab.endpoints(board) as (endpoints, skipped), \
                 tempfile.TemporaryDirectory(prefix="kiln-rpc-locks-") as locks:
             if not endpoints:
                 raise PassError(f"tune for board '{board.name}': no instance of it can serve TVM RPC now "

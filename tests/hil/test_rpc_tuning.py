@@ -154,7 +154,9 @@ def test_qemu_and_serial_boards_are_never_measured_and_the_report_says_why(tmp_p
         {"name": "avx2-emu", "type": "x86-avx2", "transport": {"kind": "local"}, "emulated": True},
         {"name": "avx2-tty", "type": "x86-avx2", "transport": {"kind": "serial", "port": "/dev/ttyS9"}}]}))
     board = load_board("x86-avx2")
-    mode, why = tune.where_to_measure(board, dict(board.tvm_target), "rpc", lab)
+    from hil.rpc import RpcLab
+
+    mode, why = tune.where_to_measure(board, dict(board.tvm_target), "rpc", RpcLab(lab))
     assert mode is None and "compiled untuned" in why
     assert "avx2-emu: emulated under qemu-user: its timings are no cost signal" in why
     assert "avx2-tty: reached over a serial console" in why
@@ -166,20 +168,21 @@ def test_qemu_and_serial_boards_are_never_measured_and_the_report_says_why(tmp_p
         with rpc_server(load_lab(lab).boards[0], board, tmp_path):
             pass
     info = tune.tune_onnx(board, tmp_path / "absent.onnx", [1, 1, 8, 8], tmp_path / "tune", 16, tmp_path / "t.json",
-                          measure="rpc", lab_path=lab)
+                          measure="rpc", lab=RpcLab(lab))
     assert info["measured"] is None and info["why"] == why and info["trials_run"] == 0
     # the env var overrides the manifest, and a bad value is refused naming it
     from kiln.errors import PassError
+    from kiln.measure import measure_mode
     from kiln.schema import Project
 
     project = Project.model_validate({**copy.deepcopy(TINY), "tuning": {"measure": "native"}})
     monkeypatch.setenv("KILN_TUNE_MEASURE", "rpc")
-    assert tune.measure_mode(project) == "rpc"
+    assert measure_mode(project) == "rpc"
     monkeypatch.setenv("KILN_TUNE_MEASURE", "ssh")
     with pytest.raises(PassError, match=r"\$KILN_TUNE_MEASURE: expected one of auto, native, rpc, got 'ssh'"):
-        tune.measure_mode(project)
+        measure_mode(project)
     monkeypatch.delenv("KILN_TUNE_MEASURE")
-    assert tune.measure_mode(project) == "native"
+    assert measure_mode(project) == "native"
 
 
 @pytest.mark.slow
