@@ -14,6 +14,8 @@ first with --trials trials (0: report them untuned).
 
 Run after a build (``make deploy`` or ``doit deploy:<app>``), with nothing else at work:
     .venv/bin/python bench/latency.py [--apps traffic_signs keyword_spotting] [--threads 2]
+``--smoke``: the same tables for a tiny app it builds first (bench/_smoke.py), no
+tuning trials, 2 rounds x 5 calls: seconds, numbers meaningless (tests/test_benches.py runs it).
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ def parse_args():
     ap.add_argument("--trained", action="store_true", help="also the trained fp32 network (model.pt)")
     ap.add_argument("--trials", type=int, default=None,
                     help="MetaSchedule trials for kernels the database lacks (default: the x86-host board's tune_trials)")
-    return ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="a tiny app built first, 0 trials, 2 rounds x 5 calls")
+    args = ap.parse_args()
+    if args.smoke:
+        args.rounds, args.calls = 2, 5
+        args.trials = 0 if args.trials is None else args.trials
+    return args
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
@@ -162,6 +169,8 @@ def bench_model(onnx_path: Path, feature_shape: list[int], torch_model, args, bo
     shape, _ = onnx_input(onnx_path)
     tune_info = tune.tune_onnx(board, onnx_path, shape, tuning_root(), trials, tune_json)
     db = Path(tune_info["database"]) if tune_info["measured"] else None
+    if db is not None and not (db / "database_tuning_record.json").exists():
+        db = None  # --trials 0 and no database yet (a fresh build dir): no "TVM tuned" row
     ort_fn, ort_label = ort_engine(onnx_path, args.threads)
     engines = {
         "TVM untuned (generic x86-64)": tvm_engine(onnx_path, generic, None),
@@ -173,7 +182,7 @@ def bench_model(onnx_path: Path, feature_shape: list[int], torch_model, args, bo
     engines = {k: v for k, v in engines.items() if v is not None}
     times: dict[str, list[float]] = {k: [] for k in engines}
     for fn in engines.values():  # warm up: thread pools, caches, lazy init
-        timed(fn, 50)
+        timed(fn, min(50, args.calls))
     for _ in range(args.rounds):
         for name, fn in engines.items():
             times[name] += timed(fn, args.calls)
@@ -198,6 +207,10 @@ def main() -> int:
     from passes.support.onnx_export import export_float
 
     args = ARGS
+    if args.smoke:
+        from bench._smoke import tiny_app
+
+        args.apps = [tiny_app()]
     board = load_board("x86-host")
     peak, peak_how = peak_gflops(args.threads)
     print(f"# bench/latency.py: batch 1, {args.threads} threads, x86-host; peak {peak:.0f} GFLOP/s ({peak_how})")
