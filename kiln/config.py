@@ -81,7 +81,7 @@ def _format(path: Path, err: PydanticError, raw: Any) -> str:
         shown = "" if isinstance(got, (dict, list)) or e["type"] == "missing" else f" (got {got!r})"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (a typo? every field is listed in kiln/schema.py and `doit schema`)"
+            msg = "unknown field (a typo? every field is listed in kiln/schema/ and `doit schema`)"
         lines.append(f"  field '{where}': {msg}{shown}")
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """The lab: which board instances an app deploys to, and opening a lab for a deploy.
 
-A lab file is one of the ``Lab`` union's backends (kiln/schema.py): ``static`` (boards already
+A lab file is one of the ``Lab`` union's backends (kiln/schema/lab.py): ``static`` (boards already
 there, every transport given) or ``emulated`` (Kiln starts the boards on this machine). Lab
 code knows backends only through the registry: ``open_lab`` asks the backend's module for an
 ordinary inventory whose boards are up, and ``close_opened`` hands back what this process

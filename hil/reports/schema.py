@@ -1,6 +1,6 @@
 """The nightly result's schema version and its check: ``validate(nightly)`` before any report.
 
-Why no pydantic model here: house rule 1 keeps every pydantic model in ``kiln/schema.py``, and
+Why no pydantic model here: house rule 1 keeps every pydantic model in ``kiln/schema/``, and
 the nightly result is written by the orchestrator as a plain dict that the reports only read.
 A small table of expected types (``NIGHTLY`` below, mirroring the shared contract) walks the
 dict and names the first key that is missing or wrong, e.g. ``jobs[3].metrics.latency_ms.p99``.

@@ -1,5 +1,5 @@
 """Transports implement hil.protocol; they never subclass each other. Each is one module,
-registered by its ``kind`` in the ``Transport`` union of kiln/schema.py, with an
+registered by its ``kind`` in the ``Transport`` union of kiln/schema/transports.py, with an
 ``open_transport(instance, lab_dir, local_root)`` entry point."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Net families named by a manifest's ``architecture.family`` (the ``Architecture`` union in
-kiln/schema.py). Each family is a module here with
+kiln/schema/nets.py). Each family is a module here with
 
 * ``estimate(arch, image_size, in_ch, classes) -> Complexity``: counted analytically, in pure
   Python, so a design over its budget is refused when the manifest loads, before any data or

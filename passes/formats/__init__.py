@@ -1,5 +1,5 @@
 """Dataset formats, one module each, chosen by a manifest's ``dataset.format`` (the
-``Dataset`` union in kiln/schema.py names each module). The data stage (passes/data.py) splits
+``Dataset`` union in kiln/schema/datasets.py names each module). The data stage (passes/data.py) splits
 and writes what a format loads. A format module has
 
 * ``locate(ds, layout) -> (Path, bool)``: where the data is, and whether it must first be

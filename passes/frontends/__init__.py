@@ -1,5 +1,5 @@
 """Front ends, one module each, chosen by a manifest's ``dataset.front_end.kind`` (the
-``FrontEnd`` union in kiln/schema.py names each module). A front end runs inside the kernel
+``FrontEnd`` union in kiln/schema/frontends.py names each module). A front end runs inside the kernel
 library: the board is fed raw samples (int16 audio, uint8 pixels, raw sensor values) and the
 library computes the net's input; the host computes the same features with the same torch
 graph for training. A front end module has
@@ -34,7 +34,7 @@ from kiln.errors import PassError
 
 log = logging.getLogger("kiln.frontends")
 
-# the raw sample's dtype per layout, as the board receives it (kiln/schema.py _DatasetBase.layout)
+# the raw sample's dtype per layout, as the board receives it (kiln/schema/datasets.py _DatasetBase.layout)
 RAW_DTYPES = {"image": "uint8", "audio": "int16", "sequence": "float32", "table": "float32"}
 OPSET = 17
 INPUT, OUTPUT = "raw", "features"

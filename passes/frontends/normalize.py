@@ -1,7 +1,7 @@
 """Front end ``normalize``: ``(x * scale - mean) / std`` per channel, inside the kernel library,
 so the board is fed raw values (uint8 pixels, raw sensor readings, raw table features).
 
-Layouts (the raw sample's, see kiln/schema.py ``_DatasetBase.layout``): image (H, W, C) ->
+Layouts (the raw sample's, see kiln/schema/datasets.py ``_DatasetBase.layout``): image (H, W, C) ->
 C x H x W; sequence (L, C) -> C x 1 x L; table (F,) -> 1 x 1 x F. The statistics are per
 channel (per feature for a table), i.e. over every axis of the raw sample but its last.
 ``scale`` defaults to 1/255 for images and 1 otherwise. ``mean`` and ``std`` come from the

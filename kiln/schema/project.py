@@ -1,0 +1,168 @@
+"""The project manifest (projects/<app>/project.yaml): ``Project`` and its sections."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kiln.schema.base import Strict
+from kiln.schema.compression import Compression
+from kiln.schema.datasets import Dataset, dataset_class_names
+from kiln.schema.nets import Architecture
+from kiln.schema.tasks import Anomaly
+
+
+# --- project manifest -------------------------------------------------------------------------
+
+
+class MinLimit(Strict):
+    min: float = Field(ge=0.0, le=1.0, description="lowest acceptable value")
+
+
+class LatencyLimit(Strict):
+    p50_max: float | None = Field(None, gt=0, description="highest acceptable median, ms")
+    p99_max: float | None = Field(None, gt=0, description="highest acceptable 99th percentile, ms")
+
+
+class SizeLimit(Strict):
+    max: float = Field(gt=0, description="largest acceptable kernel library, KiB")
+
+
+class MemoryLimit(Strict):
+    max: float = Field(gt=0, description="highest acceptable peak memory on the board, KiB")
+
+
+class Requirements(Strict):
+    """Checked on every board, per board, by the host (the board never decides)."""
+
+    accuracy: MinLimit | None = None
+    latency_ms: LatencyLimit | None = None
+    model_kb: SizeLimit | None = None
+    memory_kb: MemoryLimit | None = Field(
+        None, description="peak memory of the app on the board (the runner's peak resident set less the test "
+        "inputs it holds), KiB; not enforced on emulated boards (qemu's resident set is not the board's)"
+    )
+    agreement: MinLimit | None = Field(
+        None, description="min share of test predictions equal to the reference board's"
+    )
+    auc: MinLimit | None = Field(
+        None, description="anomaly detection: min area under the ROC curve of the reconstruction error "
+        "on the test set (normal against anomalous samples), on the board"
+    )
+
+
+class Sizing(Strict):
+    """The estimate of every target made when the manifest loads (kiln/sizing.py), before any
+    data or training work: a design that cannot meet latency_ms.p50_max, memory_kb.max or the
+    board's RAM on some target is refused (refuse) or logged and recorded (warn)."""
+
+    on_violation: Literal["refuse", "warn"] = Field(
+        "refuse", description="refuse: the manifest does not load; warn: logged once per board, recorded in the report"
+    )
+
+class Training(Strict):
+    epochs: int = Field(ge=1, le=1000)
+    batch: int = Field(128, ge=1, le=8192)
+    lr: float = Field(gt=0, le=10)
+    seed: int = 0
+    threads: int = Field(2, ge=1, le=256)
+
+class Validation(Strict):
+    samples: int | None = Field(None, ge=1, description="test samples sent to each board")
+    warmup: int = Field(10, ge=0)
+    timeout_s: float = Field(900, gt=0)
+
+
+class Tuning(Strict):
+    """MetaSchedule tuning of the kernel libraries (passes/tune.py)."""
+
+    trials: int | None = Field(
+        None, ge=0, description="trial budget per board type for this model; unset: the board type's tune_trials"
+    )
+    measure: Literal["auto", "native", "rpc"] = Field(
+        "auto", description="where candidates are timed: native (on this machine, for a board type whose code runs "
+        "here; auto is the same), or rpc (on every SSH instance of the board type in the lab, over TVM RPC through "
+        "kiln-runner --rpc-serve; qemu-emulated instances are skipped); $KILN_TUNE_MEASURE overrides it"
+    )
+
+class Project(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+    requirements: Requirements
+    dataset: Dataset
+    architecture: Architecture
+    training: Training
+    compression: Compression = Field(default_factory=Compression)
+    validation: Validation = Field(default_factory=Validation)
+    tuning: Tuning = Field(default_factory=Tuning)
+    sizing: Sizing = Field(default_factory=Sizing)
+    anomaly: Anomaly | None = Field(None, description="anomaly detection (a reconstruction objective): "
+                                    "which classes are normal; required for, and only for, that objective")
+    targets: list[str] = Field(min_length=1, description="board types from targets/*.yaml")
+
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a board type is listed twice")
+        return v
+
+    @property
+    def objective(self) -> str:
+        """The net's objective: "classification" or "reconstruction" (a field of family module,
+        else the family's class variable)."""
+        return getattr(self.architecture, "objective", "classification")
+
+    def normal_indices(self) -> list[int]:
+        """The labels of the normal classes of an anomaly-detection app (ValueError naming the
+        field when a name is unknown or the classes are not known yet)."""
+        if self.anomaly is None:
+            raise ValueError("anomaly.normal: not set (the app is not an anomaly detector)")
+        names = dataset_class_names(self.dataset)
+        if names is None:
+            raise ValueError("anomaly.normal: the dataset's classes are not known yet (kiln.config infers them)")
+        return self.anomaly.indices(names)
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> Project:
+        """Anomaly detection and classification each get only their own settings, refused when
+        the manifest loads: a reconstruction objective needs ``anomaly.normal`` and is judged by
+        ``requirements.auc``; a classifier by ``requirements.accuracy``. The normal class names
+        are checked against the data's classes here when they are known (listed, or a format
+        whose classes are indices); inferred ones once kiln.config has inferred them
+        (``normal_indices``)."""
+        family, req = self.architecture.family, self.requirements
+        if self.objective == "reconstruction":
+            if self.anomaly is None:
+                raise ValueError(f"anomaly.normal: family '{family}' has a reconstruction objective (anomaly "
+                                 "detection): list the normal classes it is trained on, e.g. anomaly: {normal: [...]}; "
+                                 "every other class is an anomaly")
+            if req.accuracy is not None:
+                raise ValueError(f"requirements.accuracy: family '{family}' has a reconstruction objective: its "
+                                 "outputs are no classes to be right about; require auc: {min: ...} (the ROC AUC of "
+                                 "the anomaly score) instead")
+            if dataset_class_names(self.dataset) is not None:
+                self.normal_indices()
+        else:
+            if req.auc is not None:
+                raise ValueError(f"requirements.auc: family '{family}' is a classifier; auc applies to anomaly "
+                                 "detection (a reconstruction objective, e.g. family autoencoder); require accuracy")
+            if self.anomaly is not None:
+                raise ValueError(f"anomaly: family '{family}' is a classifier; anomaly applies to a reconstruction "
+                                 "objective only (e.g. family autoencoder)")
+        return self
+
+    @model_validator(mode="after")
+    def _family_can_take_passes(self) -> Project:
+        """A compression pass the net family cannot take (its ``refuses``: a pass name, or
+        "pass.method") is refused when the manifest loads, with the family's reason, not after
+        training when the pass would fail."""
+        refuses = getattr(type(self.architecture), "refuses", {})
+        for i, step in enumerate(self.compression.passes):
+            method = getattr(step.settings, "method", None)
+            for key in (step.name, f"{step.name}.{method}" if method is not None else None):
+                if key is not None and key in refuses:
+                    raise ValueError(f"compression.passes.{i}.{step.name}: family '{self.architecture.family}' "
+                                     f"cannot take {key}: {refuses[key]}")
+        return self
