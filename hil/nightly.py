@@ -8,7 +8,7 @@ board type, through doit's own tasks), then this module runs the jobs:
 * each worker holds a lease on its board for as long as it works there (hil/lab/leases.py): a
   second nightly run at the same time never uses that board; it waits for it, or skips it
   (``busy``), and says which;
-* before its first job a board gets its health check (hil/lab/health.py); a board that fails
+* before its first job a board gets its health check (hil/health_check.py); a board that fails
   it is marked bad and skipped; maintenance and retired boards are never used;
 * a job that fails for the infrastructure (link, upload, timeout, board gone) is retried on
   another board of the same type, when there is one; one that passes only on a retry is
@@ -129,14 +129,14 @@ class Night:
     def _usable(self, inst) -> bool:
         """Health before the board's first job: maintenance and retired boards are not used;
         the others are checked, and a failed check marks the board bad."""
-        from hil.lab import health
+        from hil import health_check
 
         shared = self.leasing.shared_health(inst.name)  # another runner's word, on a shared lab
         if shared in ("bad", "maintenance", "retired"):
             self.board_info[inst.name] = {"type": inst.type, "health": shared, "check": None}
             log.info("board %s is %s for every runner of the lab: not used", inst.name, shared)
             return False
-        now, check = health.check_board(inst, self.boards[inst.type], self.lab_dir)
+        now, check = health_check.check_board(inst, self.boards[inst.type], self.lab_dir)
         self.board_info[inst.name] = {"type": inst.type, "health": now, "check": check}
         if check is not None:
             self.leasing.publish_health(inst.name, now)

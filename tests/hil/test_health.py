@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from hil import health_check
 from hil.emulator.faults import closed_port
 from hil.lab import health
 from kiln.artifacts import ROOT, read_json, runner_dir, write_json
@@ -174,7 +175,7 @@ def closed_ssh(name):
 
 def test_native_and_emulated_boards_pass_their_check(lab):
     for inst in (local("x86-1", "x86-host"), local("rpi4-1", "rpi4", emulated=True)):
-        state, check = health.check_board(inst, load_board(inst.type), lab)
+        state, check = health_check.check_board(inst, load_board(inst.type), lab)
         print(f"\n{inst.name}: {check}")
         assert check["passed"] and check["error"] is None and 0 < check["seconds"] < 60
         assert state == "good" == health.state(inst.name)
@@ -184,34 +185,34 @@ def test_native_and_emulated_boards_pass_their_check(lab):
 
 def test_broken_board_goes_bad_with_the_step_named_then_recovers(lab):
     x86 = load_board("x86-host")
-    state, check = health.check_board(closed_ssh("flaky"), x86, lab)
+    state, check = health_check.check_board(closed_ssh("flaky"), x86, lab)
     print(f"\nbroken: {check}")
     assert not check["passed"] and check["error"].startswith("connect: ") and "flaky" in check["error"]
     assert state == "bad" == health.state("flaky")
     assert "check failed: connect: " in health.history("flaky")[-1][2]
-    state, check = health.check_board(local("flaky", "x86-host"), x86, lab)  # its link fixed
+    state, check = health_check.check_board(local("flaky", "x86-host"), x86, lab)  # its link fixed
     assert check["passed"] and state == "good"
     assert [s for _, s, _ in health.history("flaky")] == ["bad", "good"]
 
 
 def test_a_board_in_maintenance_is_not_even_checked(lab):
     health.set_state("bench", "maintenance", "reflowing", by="carol")
-    state, check = health.check_board(local("bench", "x86-host"), load_board("x86-host"), lab)
+    state, check = health_check.check_board(local("bench", "x86-host"), load_board("x86-host"), lab)
     assert (state, check) == ("maintenance", None)
     assert not (lab / "build" / "lab" / "local" / "bench").exists()  # nothing was deployed to it
 
 
 def test_wrong_output_fails_the_check(lab):
     x86 = load_board("x86-host")
-    out = health.health_model(x86)
+    out = health_check.health_model(x86)
     info = read_json(out / "expected.json")
     info["expected"][1][2] += 0.01  # a fault injected: the "known" answer no longer matches
     write_json(out / "expected.json", info)
-    check = health.health_check(local("x86-2", "x86-host"), x86, lab)
+    check = health_check.health_check(local("x86-2", "x86-host"), x86, lab)
     assert not check["passed"] and check["error"].startswith("outputs: ") and "sample 1 value 2" in check["error"]
 
 
 def test_missing_runner_bundle_fails_in_prepare(kiln_env):
-    check = health.health_check(local("x86-3", "x86-host"), load_board("x86-host"), kiln_env["root"])
+    check = health_check.health_check(local("x86-3", "x86-host"), load_board("x86-host"), kiln_env["root"])
     assert not check["passed"] and check["error"].startswith("prepare: runner bundle")
     assert "hil.runner.build" in check["error"]

@@ -147,8 +147,7 @@ def test_an_infrastructure_failure_is_retried_on_another_board_of_its_type_and_m
     """Fault injection (a unit test): the first board's deploy loses its link; the job runs
     again on the other board of the type, passes there, and is recorded as flaky, not as a
     plain pass. A job whose every board failed for the infrastructure is an infra job."""
-    from hil import deploy, nightly
-    from hil.lab import health
+    from hil import deploy, health_check, nightly
     from kiln.config import load_board
     from kiln.schema import Project, StaticLab
 
@@ -171,7 +170,7 @@ def test_an_infrastructure_failure_is_retried_on_another_board_of_its_type_and_m
             time.sleep(0.5)
         return "good", {"passed": True, "seconds": 0.0, "error": None}
 
-    monkeypatch.setattr(health, "check_board", check)
+    monkeypatch.setattr(health_check, "check_board", check)
     night = nightly.Night({"tiny": project}, {"x86-host": load_board("x86-host")}, inv, tmp_path, "fault-1")
     night.run_jobs()
     (job,) = night.jobs
