@@ -4,7 +4,7 @@ board type -> deploy to the lab's board instances and validate. `doit list` show
 source files it runs or its own slice of the manifest change.
 
 This file holds task dicts only. It imports neither torch nor TVM: each action is a
-"module:function" that kiln.tasks imports when the task runs, called with loaded objects.
+"module:function" that kiln.actions imports when the task runs, called with loaded objects.
 """
 
 import logging
@@ -23,7 +23,7 @@ from kiln.config import (board_names, lab_file, load_board, load_project, projec
 from kiln.errors import KilnError, ManifestError
 from kiln.measure import measure_mode
 from kiln.registry import implementation, module_name
-from kiln.tasks import fail, refused_command_line, run
+from kiln.actions import fail, refused_command_line, run
 from kiln.uptodate import matches_record
 from passes.pipeline import LIBRARY_BOARD
 
@@ -84,7 +84,7 @@ if BROKEN and not any(a.startswith("check_targets") for a in sys.argv[1:]):
     for _app, _why in BROKEN.items():
         print(f"kiln: app '{_app}' skipped: {_why}", file=sys.stderr)
 # tasks of an app that is not there or was skipped, and forget/clean with no task: doit's own
-# answers say nothing useful (kiln.tasks.refused_command_line)
+# answers say nothing useful (kiln.actions.refused_command_line)
 APP_STAGES = ("synth", "data", "train", "compress", "export", "tune", "compile", "hil", "deploy")  # <stage>:<app>
 if LAB is not None and (_refused := refused_command_line(sys.argv[1:], APPS, BROKEN, APP_STAGES,
                                                          {f"deploy:{a}" for a in BROKEN}, projects_dir())):
@@ -168,7 +168,7 @@ def task_lab_down():
 def task_schema():
     """Export JSON Schemas of manifests, board files and lab inventories (build/schema/) for editors."""
     out = build_root() / "schema"
-    return {"actions": [(run, ["kiln.tasks:export_schemas", out])], "file_dep": sources.files("kiln.schema"),
+    return {"actions": [(run, ["kiln.actions:export_schemas", out])], "file_dep": sources.files("kiln.schema"),
             "targets": [str(out / f"{n}.schema.json") for n in ("project", "board", "lab")]}
 
 

@@ -1,6 +1,6 @@
 """Two real `doit` processes started together in one build (what two nightlies from one checkout
 do): each task is run by one of them; the other waits for it and takes its outputs
-(kiln/tasks.py ``_one_at_a_time``). Before the lock, one in four such pairs failed: the second
+(kiln/actions.py ``_one_at_a_time``). Before the lock, one in four such pairs failed: the second
 synthesized the data set again while the first fingerprinted it."""
 
 from __future__ import annotations

@@ -241,7 +241,7 @@ def run_json(app: dict, pid: int | None = None) -> dict:
 
 
 def waits_on_a_task_lock(app: dict, pid: int, timeout: float = 180.0) -> str:
-    """Wait until doit process ``pid`` holds a task lock file of the build open (kiln.tasks: one
+    """Wait until doit process ``pid`` holds a task lock file of the build open (kiln.actions: one
     doit process at a time runs a task); its name."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -264,7 +264,7 @@ def test_two_deploys_at_once_share_the_lab(app):
         set_validation(app, run_s=25)
         second = start_doit(app)
         # the same board's hil task of the same app: the second waits for the first's to end
-        # (kiln.tasks runs a task in one doit process at a time), then runs its own
+        # (kiln.actions runs a task in one doit process at a time), then runs its own
         assert waits_on_a_task_lock(app, second.pid).startswith("hil")
     finally:
         first.send_signal(signal.SIGCONT)

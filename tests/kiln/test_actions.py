@@ -1,4 +1,4 @@
-"""kiln.tasks' per-task lock: two doit processes in one build never run one task at once, and
+"""kiln.actions' per-task lock: two doit processes in one build never run one task at once, and
 the one that finds the other made the task's outputs since it started takes them."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kiln import tasks
+from kiln import actions
 
 
 @pytest.fixture
@@ -29,30 +29,30 @@ def task(name, *targets):
 def test_outputs_from_before_this_process_started_are_made_again(build, monkeypatch, tmp_path):
     out = tmp_path / "model.pt"
     out.write_bytes(b"old")
-    monkeypatch.setattr(tasks, "_STARTED", time.time() + 5)  # started after the file was written
-    with tasks._one_at_a_time(task("train:app", out)) as done:
+    monkeypatch.setattr(actions, "_STARTED", time.time() + 5)  # started after the file was written
+    with actions._one_at_a_time(task("train:app", out)) as done:
         assert done is False
 
 
 def test_outputs_another_process_made_since_this_one_started_are_taken(build, monkeypatch, tmp_path):
     a, b = tmp_path / "model.pt", tmp_path / "metrics.json"
-    monkeypatch.setattr(tasks, "_STARTED", time.time() - 5)
+    monkeypatch.setattr(actions, "_STARTED", time.time() - 5)
     a.write_bytes(b"new")
-    with tasks._one_at_a_time(task("train:app", a, b)) as done:
+    with actions._one_at_a_time(task("train:app", a, b)) as done:
         assert done is False  # one of its targets is missing: not made elsewhere
     b.write_text("{}")
-    with tasks._one_at_a_time(task("train:app", a, b)) as done:
+    with actions._one_at_a_time(task("train:app", a, b)) as done:
         assert done is True
     # through doit's action: the taken task's entry point is not called (os.remove would delete a)
-    assert tasks.run("os:remove", str(a), task=task("train:app", a, b)) is True
+    assert actions.run("os:remove", str(a), task=task("train:app", a, b)) is True
     assert a.exists()
     victim = tmp_path / "victim"
     victim.write_bytes(b"")
-    assert tasks.run("os:remove", str(victim), task=task("train:other", tmp_path / "absent")) is True
+    assert actions.run("os:remove", str(victim), task=task("train:other", tmp_path / "absent")) is True
     assert not victim.exists()  # not made elsewhere: run
-    with tasks._one_at_a_time(task("hil:app@board", a)) as done:  # a measurement: always run
+    with actions._one_at_a_time(task("hil:app@board", a)) as done:  # a measurement: always run
         assert done is False
-    with tasks._one_at_a_time(task("nightly")) as done:  # no targets: never serialized
+    with actions._one_at_a_time(task("nightly")) as done:  # no targets: never serialized
         assert done is False
 
 
@@ -68,7 +68,7 @@ def test_a_second_process_waits_for_the_one_holding_the_task(build, tmp_path):
         entered = threading.Event()
 
         def take():
-            with tasks._one_at_a_time(task("compile:app@x86-host", tmp_path / "model.so")):
+            with actions._one_at_a_time(task("compile:app@x86-host", tmp_path / "model.so")):
                 entered.set()
 
         t = threading.Thread(target=take)
@@ -96,13 +96,13 @@ def test_a_second_process_waits_for_the_one_holding_the_task(build, tmp_path):
     (["list", "--all"], ("list", [], {"--all"})),
 ])
 def test_command_line_is_read_as_doit_reads_it(argv, expect):
-    from kiln.tasks import command_line
+    from kiln.actions import command_line
 
     assert command_line(argv) == expect
 
 
 def test_refused_command_line_names_apps_and_reasons():
-    from kiln.tasks import refused_command_line
+    from kiln.actions import refused_command_line
 
     stages = ("data", "deploy", "hil")
     apps, broken = {"a": object()}, {"b": "projects/b/project.yaml: field 'name': ..."}
