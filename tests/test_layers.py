@@ -1,5 +1,6 @@
 """The layers stay one-way (DESIGN.md, "Layers"): the core imports nothing above it, no import
-circle anywhere, passes never import each other, lab code never imports the emulated lab. The
+circle anywhere, passes never import each other, passes/ and hil/ never import each other, lab
+code never imports the emulated lab. The
 walk covers every import statement, also those inside functions (kiln.sources)."""
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ def test_the_cycle_finder_finds_one():
 
 
 def pass_modules() -> set[str]:
-    """The stages (passes/pipeline.py) and the registered compression passes."""
-    from passes.pipeline import STAGES
+    """The stages' entry points under passes/ (passes/pipeline.py) and the registered compression passes."""
+    from passes.pipeline import PIPELINE, modules
 
-    return {f"passes.{s}" for s in STAGES} | {m.implementation for m in registry.entries("compression pass").values()}
+    stages = {m for s in PIPELINE for m in modules(s) if m.startswith("passes.")}
+    return stages | {m.implementation for m in registry.entries("compression pass").values()}
 
 
 def test_passes_never_import_each_other():
@@ -86,6 +88,30 @@ def test_passes_never_import_each_other():
     assert support
     bad = [(m, i) for m in support for i in g[m] if i in passes]
     assert not bad, f"support modules import passes: {bad}"
+
+
+# hil.validate scores an anomaly detector's outputs with passes/support/anomaly.py until the task
+# axis owns that scoring: removed by the task axis (issue 26), then this set is empty
+_PASSES_HIL_ALLOWED = {("hil.validate", "passes"), ("hil.validate", "passes.support"),
+                       ("hil.validate", "passes.support.anomaly")}
+
+
+def test_passes_and_hil_never_import_each_other():
+    """What one needs of the other the core declares as an interface (kiln.measure: the lab the
+    tune stage measures in) and dodo hands over as a loaded object."""
+    g = graph()
+    bad = [(m, i) for m, deps in g.items() for i in deps
+           if {m.split(".")[0], i.split(".")[0]} == {"passes", "hil"} and (m, i) not in _PASSES_HIL_ALLOWED]
+    assert not bad, f"passes/ and hil/ import each other: {bad}"
+
+
+def test_the_lab_reaches_into_no_stage():
+    """hil/lab/ (inventory, leases, health states, backends) is used by the stages, never the
+    reverse: the health check, which deploys, is hil/health_check.py."""
+    g = graph()
+    stages = {"hil.deploy", "hil.validate", "hil.rpc", "hil.health_check", "hil.nightly"}
+    bad = [(m, i) for m, deps in g.items() if m.startswith("hil.lab") for i in deps if i in stages]
+    assert not bad, f"lab code imports a stage: {bad}"
 
 
 def test_lab_code_never_imports_the_emulated_lab():
