@@ -4,7 +4,9 @@ board type -> deploy to the lab's board instances and validate. `doit list` show
 source files it runs or its own slice of the manifest change.
 
 This file holds task dicts only. It imports neither torch nor TVM: each action is a
-"module:function" that kiln.actions imports when the task runs, called with loaded objects.
+"module:function" that kiln.actions imports when the task runs, called with loaded objects. The
+stages of an app (synth, data, train, compress, export, tune, compile, hil, deploy) are the
+list in passes/pipeline.py: one task_<stage> is made from each entry, below.
 """
 
 import logging
@@ -17,15 +19,13 @@ from doit.tools import config_changed
 from hil.lab import choose, compile_only, describe, runnable
 from hil.rpc import RpcLab
 from kiln import sources
-from kiln.artifacts import Layout, build_root, new_run_id, runner_dir, tree_fingerprint
-from kiln.config import (board_names, lab_file, load_board, load_project, project_names, project_path, projects_dir,
-                         trial_budget)
+from kiln.artifacts import Layout, build_root, new_run_id, runner_file, runner_json
+from kiln.config import board_names, lab_file, load_board, load_project, project_names, project_path, projects_dir
 from kiln.errors import KilnError, ManifestError
-from kiln.measure import measure_mode
-from kiln.registry import implementation, module_name
+from kiln.registry import implementation
 from kiln.actions import fail, refused_command_line, run
 from kiln.uptodate import matches_record
-from passes.pipeline import LIBRARY_BOARD
+from passes.pipeline import PIPELINE, STAGES, App, Stage, Unit
 
 try:
     build_root().mkdir(parents=True, exist_ok=True)
@@ -85,15 +85,9 @@ if BROKEN and not any(a.startswith("check_targets") for a in sys.argv[1:]):
         print(f"kiln: app '{_app}' skipped: {_why}", file=sys.stderr)
 # tasks of an app that is not there or was skipped, and forget/clean with no task: doit's own
 # answers say nothing useful (kiln.actions.refused_command_line)
-APP_STAGES = ("synth", "data", "train", "compress", "export", "tune", "compile", "hil", "deploy")  # <stage>:<app>
-if LAB is not None and (_refused := refused_command_line(sys.argv[1:], APPS, BROKEN, APP_STAGES,
+if LAB is not None and (_refused := refused_command_line(sys.argv[1:], APPS, BROKEN, STAGES,
                                                          {f"deploy:{a}" for a in BROKEN}, projects_dir())):
     sys.exit(f"kiln: {_refused}")
-
-
-def dataset(app):
-    """(dataset root, is_synthetic) of an app, as its format locates it (no data read)."""
-    return DATA[app]
 
 
 def instances(app):
@@ -104,38 +98,21 @@ def instances(app):
         return [], str(e)
 
 
+MEASURING_LAB = RpcLab(LAB_FILE)  # where tuning.measure: rpc times candidates (kiln.measure.MeasuringLab)
+
+
+def loaded(app) -> App:
+    """What the stages of an app are declared from: its loaded objects (passes/pipeline.py)."""
+    (root, synthetic), (chosen, refused) = DATA[app], instances(app)
+    return App(app, APPS[app], Layout(app), BOARDS, root, synthetic, chosen, refused, compile_only(APPS[app], BOARDS),
+               LAB, LAB_FILE, RUN_ID, MEASURING_LAB)
+
+
 def stale_report(layout):
     """First action of every task that changes what an app's last report describes: remove it,
     so that a build that fails or is killed never leaves a report that says passed. (Each run's
     own report stays under runs/<run id>/.)"""
     layout.report.unlink(missing_ok=True)
-
-
-class dataset_unchanged:
-    """uptodate: the dataset tree has the same files (names, sizes, mtimes) as last run."""
-
-    def __init__(self, app):
-        self.app = app
-
-    def __call__(self, task, values):
-        root, _ = dataset(self.app)
-        fp = tree_fingerprint(root)
-        task.value_savers.append(lambda: {"dataset_fingerprint": fp})
-        return values.get("dataset_fingerprint") == fp
-
-
-def last_run_ok(path):
-    """uptodate: the last deploy to this board succeeded (a failed board is retried)."""
-
-    def check(task, values):
-        import json
-
-        try:
-            return "error" not in json.loads(path.read_text())
-        except (OSError, ValueError):
-            return False
-
-    return check
 
 
 def task_check_targets():
@@ -175,189 +152,54 @@ def task_schema():
 def task_runner():
     """Build the on-board C++ runner (+ TVM runtime libraries) for each board architecture."""
     for arch in sorted({b.arch for b in BOARDS.values()}):
-        out = runner_dir(arch)
         yield {"name": arch, "doc": f"runner bundle for {arch} boards", "actions": [(run, ["hil.runner.build:bundle", arch])],
                "file_dep": sources.files("hil.runner.build"),
-               "targets": [str(out / "kiln-runner"), str(out / "runner.json")],
-               "uptodate": [matches_record(out / "runner.json", listed="files")]}
+               "targets": [str(runner_file(arch)), str(runner_json(arch))],
+               "uptodate": [matches_record(runner_json(arch), listed="files")]}
 
 
-def task_synth():
-    """Generate a synthetic data set in the app's on-disk format when no real one is present."""
-    for app, p in APPS.items():
-        root, synthetic = dataset(app)
-        if synthetic:
-            yield {"name": app, "doc": f"synthetic data set for {app}", "actions": [(stale_report, [Layout(app)]), (run, ["passes.data:synthesize", p, Layout(app)])],
-                   "file_dep": sources.files("passes.data", module_name(p.dataset)),
-                   "targets": [str(root / ".kiln-synthetic.json")],
-                   "uptodate": [config_changed(p.dataset.synthetic.model_dump())]}
+def stage_task(stage: Stage, u: Unit) -> dict:
+    """The doit task of one stage for one app (board type, lab instance), as the stage declares it."""
+    try:
+        action = (run, [stage.entry_for(u), *stage.args(u)])
+    except KilnError as e:  # e.g. a bad $KILN_TUNE_MEASURE: the task fails with it when it runs
+        action = (fail, [f"{type(e).__name__}: {e}"])
+    task = {"name": u.name, "doc": stage.subdoc(u), "actions": [(stale_report, [u.lay]), action]}
+    if deps := stage.task_dep(u):
+        task["task_dep"] = deps
+    task["file_dep"] = [*map(str, stage.inputs(u)), *sources.files(stage.entry_for(u).split(":")[0], *stage.uses(u))]
+    task["targets"] = [str(t) for t in stage.outputs(u)]
+    task["uptodate"] = [*([config_changed(stage.config(u))] if stage.config else []), *stage.checks(u)]
+    if stage.teardown:
+        task["teardown"] = [(run, [t]) for t in stage.teardown]
+    return task
 
 
-def task_data():
-    """Load the data set, split it and write train/val/test arrays and the boards' test inputs."""
-    for app, p in APPS.items():
-        lay, ds = Layout(app), p.dataset
-        _, synthetic = dataset(app)
-        yield {"name": app, "doc": f"load and split {app}'s data set", "actions": [(stale_report, [lay]), (run, ["passes.data:run", p, lay])],
-               "task_dep": [f"synth:{app}"] if synthetic else [],
-               "file_dep": sources.files("passes.data", module_name(ds), *front_end_modules(ds)),
-               "targets": [str(lay.data / f) for f in ("train.npz", "val.npz", "test.npz", "test_inputs.bin",
-                                                        "test_labels.json", "data.json", *front_end_files(ds))],
-               "uptodate": [config_changed(ds.model_dump(exclude={"augment", "synthetic"})), dataset_unchanged(app),
-                            matches_record(lay.data / "data.json", listed="files")]}
+def stage_tasks(stage: Stage):
+    """task_<stage>: the stage's task for each app (board type, lab instance). The goal stage
+    (deploy) also lists each app that was skipped or whose board choice is refused, failing with
+    the reason if it is run."""
+
+    def tasks():
+        if stage.goal:
+            for app, why in BROKEN.items():
+                yield {"name": app, "doc": f"{stage.name} {app} (cannot: see below)", "actions": [(fail, [why])],
+                       "uptodate": [False]}
+        for app in APPS:
+            a = loaded(app)
+            if stage.goal and a.refused:  # listed as usual; fails, naming the app's boards, only if it is run
+                yield {"name": app, "doc": f"{stage.name} {app} ({a.refused})", "actions": [(fail, [a.refused])],
+                       "uptodate": [False]}
+                continue
+            yield from (stage_task(stage, u) for u in stage.units(a))
+
+    tasks.__name__ = tasks.__qualname__ = f"task_{stage.name}"
+    tasks.__doc__ = stage.doc
+    return tasks
 
 
-def front_end_modules(ds) -> list[str]:
-    """The front end's module (passes/frontends/), for a format that has one set."""
-    fe = getattr(ds, "front_end", None)
-    return [module_name(fe)] if fe is not None else []
-
-
-def front_end_files(ds) -> list[str]:
-    """What the data stage writes for a front end: its fitted settings and the raw samples."""
-    return ["front_end.json", "raw.npz"] if getattr(ds, "front_end", None) is not None else []
-
-
-def anomaly_slice(p) -> dict:
-    """The normal classes of an anomaly-detection app: train and compress read them (absent
-    for a classifier, so its tasks' recorded configuration is unchanged)."""
-    return {"anomaly": p.anomaly.model_dump()} if p.anomaly is not None else {}
-
-
-def front_end_onnx(p, lay) -> list[str]:
-    return [str(lay.root / "front_end.onnx")] if getattr(p.dataset, "front_end", None) is not None else []
-
-
-def front_end_library(p, lay, t: str) -> list[str]:
-    """The front end's own library, built by the compile stage next to the model's."""
-    return [str(lay.board_type(t) / "front_end.so")] if getattr(p.dataset, "front_end", None) is not None else []
-
-
-def arch_inputs(p) -> list[str]:
-    """The team's own files an architecture names (family module's model.py, family onnx's
-    .onnx): every stage that rebuilds the model reads them, so editing one reruns those stages."""
-    arch = p.architecture
-    return [str(getattr(arch, f)) for f in ("file", "path") if isinstance(getattr(arch, f, None), str)]
-
-
-def task_train():
-    """Train the app's network with PyTorch; keep the best validation checkpoint."""
-    for app, p in APPS.items():
-        lay = Layout(app)
-        # a family Kiln does not train (family: onnx) is imported instead: its file is an input
-        trains = getattr(type(p.architecture), "trains", True)
-        stage = "passes.train" if trains else "passes.import_model"
-        yield {"name": app, "doc": f"train {app}" if trains else f"import {app}'s model (not trained)",
-               "actions": [(stale_report, [lay]), (run, [f"{stage}:run", p, lay])],
-               "file_dep": [str(lay.data / "train.npz"), str(lay.data / "val.npz"), str(lay.data / "test.npz"),
-                            *arch_inputs(p), *sources.files(stage, module_name(p.architecture))],
-               "targets": [str(lay.model_pt), str(lay.metrics)],
-               "uptodate": [config_changed({"training": p.training.model_dump(), "architecture": p.architecture.model_dump(),
-                                            "augment": p.dataset.augment.model_dump(), **anomaly_slice(p)})]}
-
-
-def task_compress():
-    """Run the manifest's compression passes within its accuracy and size budgets."""
-    for app, p in APPS.items():
-        lay, comp = Layout(app), p.compression
-        # library_bytes compiles every row for LIBRARY_BOARD: its board file is an input too
-        board = BOARDS.get(LIBRARY_BOARD) if comp.library_bytes else None
-        yield {"name": app, "doc": f"compress {app}", "actions": [(stale_report, [lay]), (run, ["passes.compress:run", p, lay, board])],
-               "file_dep": [str(lay.model_pt), str(lay.data / "train.npz"), str(lay.data / "val.npz"),
-                            *arch_inputs(p), *sources.files("passes.compress", module_name(p.architecture),
-                                           *(module_name(s) for s in comp.passes))],
-               "targets": [str(lay.compressed_pt), str(lay.compress_json)],
-               "uptodate": [config_changed({"compression": comp.model_dump(),
-                                            "board": board.model_dump() if board else None, **anomaly_slice(p)})]}
-
-
-def task_export():
-    """Export the compressed model to ONNX and check its outputs against torch."""
-    for app, p in APPS.items():
-        lay = Layout(app)
-        yield {"name": app, "doc": f"export {app} to ONNX", "actions": [(stale_report, [lay]), (run, ["passes.export_onnx:run", p, lay])],
-               "file_dep": [str(lay.compressed_pt), str(lay.data / "val.npz"), *(str(lay.data / f) for f in front_end_files(p.dataset)),
-                            *arch_inputs(p), *sources.files("passes.export_onnx", module_name(p.architecture),
-                                                            *front_end_modules(p.dataset))],
-               "targets": [str(lay.onnx), str(lay.export_json), *front_end_onnx(p, lay)],
-               "uptodate": [matches_record(lay.export_json, {lay.onnx: "sha256"})]}
-
-
-def task_tune():
-    """MetaSchedule-tune the model's kernels per board type into build/tune/ (reused across rebuilds)."""
-    lab = RpcLab(LAB_FILE)  # where tuning.measure: rpc times candidates (kiln.measure.MeasuringLab)
-    for app, p in APPS.items():
-        lay = Layout(app)
-        try:
-            measure, refused = measure_mode(p), None
-        except KilnError as e:  # a bad $KILN_TUNE_MEASURE fails the app's tune tasks when they run
-            measure, refused = None, f"{type(e).__name__}: {e}"
-        for t in p.targets:
-            board = BOARDS[t]
-            tune = (fail, [refused]) if refused else (run, ["passes.tune:run", p, board, lay, measure, lab])
-            yield {"name": f"{app}@{t}", "doc": f"tune {app}'s kernels for board type {t}",
-                   "actions": [(stale_report, [lay]), tune],
-                   "file_dep": [str(lay.onnx), str(lay.export_json),
-                                *sources.files("passes.tune", *(["hil.rpc"] if measure == "rpc" else []))],
-                   "targets": [str(lay.tune_json(t))],
-                   "uptodate": [config_changed({"board": board.model_dump(), "trials": trial_budget(p, board),
-                                                 "measure": os.environ.get("KILN_TUNE_MEASURE") or p.tuning.measure})]}
-
-
-def task_compile():
-    """Compile the ONNX model with TVM into a kernel library for each board type the app targets."""
-    for app, p in APPS.items():
-        lay = Layout(app)
-        for t in p.targets:
-            yield {"name": f"{app}@{t}", "doc": f"kernel library of {app} for board type {t}",
-                   "actions": [(stale_report, [lay]), (run, ["passes.compile_tvm:run", p, BOARDS[t], lay])],
-                   "file_dep": [str(lay.onnx), str(lay.export_json), str(lay.tune_json(t)), *front_end_onnx(p, lay),
-                                *sources.files("passes.compile_tvm")],
-                   "targets": [str(lay.library(t)), str(lay.compile_json(t)), *front_end_library(p, lay, t)],
-                   "uptodate": [config_changed(BOARDS[t].model_dump()),
-                                matches_record(lay.compile_json(t), {lay.library(t): "sha256"})]}
-
-
-def task_hil():
-    """Deploy the kernel library to one lab board, run the on-board runner, fetch its output."""
-    for app, p in APPS.items():
-        lay = Layout(app)
-        for inst in instances(app)[0]:
-            board = BOARDS[inst.type]
-            yield {"name": f"{app}@{inst.name}", "doc": f"run {app} on lab board {inst.name} ({inst.type})",
-                   "actions": [(stale_report, [lay]), (run, ["hil.deploy:run", p, board, inst, lay, LAB_FILE, RUN_ID])],
-                   "file_dep": [str(lay.library(board.name)), str(lay.data / "test_inputs.bin"),
-                                *front_end_library(p, lay, board.name),
-                                str(runner_dir(board.arch) / "kiln-runner"),
-                                *sources.files("hil.deploy", module_name(inst.transport), module_name(LAB))],
-                   "targets": [str(lay.last_run(inst.name))],
-                   "uptodate": [config_changed({"instance": inst.model_dump(), "board": board.model_dump(),
-                                                "validation": p.validation.model_dump()}),
-                                last_run_ok(lay.last_run(inst.name))],
-                   "teardown": [(run, ["hil.lab:close_opened"])]}
-
-
-def task_deploy():
-    """Build everything an app needs, run it on every lab board it targets, validate, report."""
-    for app, why in BROKEN.items():
-        yield {"name": app, "doc": f"deploy {app} (cannot: see below)", "actions": [(fail, [why])], "uptodate": [False]}
-    for app, p in APPS.items():
-        lay = Layout(app)
-        chosen, refused = instances(app)
-        if refused:  # listed as usual; fails, naming the app's boards, only if it is run
-            yield {"name": app, "doc": f"deploy {app} ({refused})", "actions": [(fail, [refused])], "uptodate": [False]}
-            continue
-        names = [i.name for i in chosen]
-        built_only = compile_only(p, BOARDS)
-        yield {"name": app, "doc": f"deploy {app} to {', '.join(names)}, validate, report",
-               "actions": [(stale_report, [lay]), (run, ["hil.validate:run", p, lay, names, built_only, LAB.name, RUN_ID])],
-               "task_dep": ["schema"],
-               "file_dep": [*(str(lay.last_run(n)) for n in names), str(lay.data / "test_labels.json"),
-                            *(str(lay.compile_json(t)) for t in built_only),
-                            *sources.files("hil.validate")],
-               "targets": [str(lay.report)],
-               "uptodate": [config_changed({"requirements": p.requirements.model_dump(), "boards": names})],
-               "teardown": [(run, ["hil.lab:close_opened"])]}
+# task_synth, task_data, ... task_deploy: one per stage of passes/pipeline.py, in its order
+globals().update({f"task_{_stage.name}": stage_tasks(_stage) for _stage in PIPELINE})
 
 
 def task_nightly():

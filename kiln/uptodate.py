@@ -11,7 +11,10 @@ was last found matching (kept in the task's doit values), so a no-op build hashe
 the data task's tens of MB are hashed only after they changed on disk. Damage that keeps a
 file's size and mtime (bit rot) is not seen.
 
-Only dodo.py imports this module (so no task's source files include it).
+The other checks a stage declares: ``tree_unchanged`` (the data set's files) and
+``last_run_ok`` (a board whose last run failed is retried).
+
+Only dodo.py and passes/pipeline.py import this module (so no task's source files include it).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Mapping
 
 from doit.dependency import UptodateCalculator
 
-from kiln.artifacts import read_json, sha256_file
+from kiln.artifacts import read_json, sha256_file, tree_fingerprint
 
 log = logging.getLogger("kiln.uptodate")
 
@@ -115,3 +118,30 @@ class matches_record(UptodateCalculator):
             # (kiln.doitdb's backend; with doit's stock one the next check hashes again)
             backend.merge_values(task.name, {self.key: now})
         return True
+
+
+class tree_unchanged:
+    """uptodate: the tree at ``root`` (a data set) has the same files (names, sizes, mtimes) as
+    when the task last ran."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __call__(self, task, values):
+        fp = tree_fingerprint(self.root)
+        task.value_savers.append(lambda: {"dataset_fingerprint": fp})
+        return values.get("dataset_fingerprint") == fp
+
+
+class last_run_ok:
+    """uptodate: the run recorded in ``path`` (a board's last run) has no error, so a failed
+    board is retried."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __call__(self, task, values):
+        try:
+            return "error" not in read_json(self.path)
+        except (OSError, ValueError):
+            return False

@@ -1,4 +1,5 @@
-"""kill -9 at each stage of the DAG: nothing looks complete that is not, and the rerun executes
+"""kill -9 at each stage of the DAG (passes/pipeline.py's list, whose declared outputs are checked):
+nothing looks complete that is not, and the rerun executes
 only the killed task and those after it (doit's state is committed per task: kiln/doitdb.py);
 an output damaged after it was built is rebuilt (kiln/uptodate.py).
 
@@ -15,34 +16,34 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from kiln.artifacts import sha256_file
+from kiln.artifacts import Layout, sha256_file
 from tests.conftest import DOIT, ROOT, TINY, write_project
 
 pytestmark = pytest.mark.slow
 
 BOARD = "x86-host"
-# the stages of the DAG in order, as doit names their tasks for the tiny app
-STAGES = ["data", "train", "compress", "export", "tune", "compile", "hil", "deploy"]
-TASK = {s: f"{s}:tiny" for s in ("synth", "data", "train", "compress", "export", "deploy")} | \
-    {s: f"{s}:tiny@{BOARD}" for s in ("tune", "compile", "hil")}
 
 
-def outputs(build, stage):
-    """The outputs (doit targets) of a stage of the tiny app."""
-    app, t = build / "tiny", build / "tiny" / "type" / BOARD
-    return {
-        "data": [app / "data" / f for f in ("train.npz", "val.npz", "test.npz", "test_inputs.bin", "test_labels.json",
-                                            "data.json")],
-        "train": [app / "model.pt", app / "metrics.json"],
-        "compress": [app / "compressed.pt", app / "compress.json"],
-        "export": [app / "model.onnx", app / "export.json"],
-        "tune": [t / "tune.json"], "compile": [t / "model.so", t / "compile.json"],
-        "hil": [app / "last" / f"{BOARD}.json"], "deploy": [app / "report.json"],
-    }[stage]
+def declared(env) -> tuple[Layout, dict[str, tuple[str, list[Path]]]]:
+    """The tiny app's layout and stages, in order, as dodo.py declares their tasks
+    (passes/pipeline.py): {stage: (its doit task, its outputs)}."""
+    from hil.lab import describe
+    from kiln.config import load_board, load_project
+    from kiln.registry import implementation
+    from passes.pipeline import PIPELINE, App
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("KILN_LAB", "KILN_PROJECTS", "KILN_BUILD"):
+            mp.setenv(k, env[k])
+        p, lay, lab = load_project("tiny"), Layout("tiny"), describe(Path(env["KILN_LAB"]))
+        root, synthetic = implementation(p.dataset).locate(p.dataset, lay)
+        app = App("tiny", p, lay, {BOARD: load_board(BOARD)}, root, synthetic, instances=lab.boards, lab=lab)
+        return lay, {s.name: (f"{s.name}:{u.name}", s.outputs(u)) for s in PIPELINE for u in s.units(app)}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,11 @@ def proj(tmp_path_factory):
         {"name": BOARD, "type": BOARD, "transport": {"kind": "local"}}]}))
     env = dict(os.environ, KILN_LAB=str(inv), KILN_PROJECTS=str(tmp / "projects"), KILN_BUILD=str(tmp / "build"),
                PYTHONUNBUFFERED="1")  # doit's ". task" lines arrive as it prints them
-    return {"env": env, "build": tmp / "build"}
+    lay, stages = declared(env)
+    task = {s: t for s, (t, _) in stages.items()}
+    assert list(stages)[0] == "synth" and list(stages)[-1] == "deploy" and task["hil"] == f"hil:tiny@{BOARD}", stages
+    return {"env": env, "build": tmp / "build", "layout": lay, "stages": list(stages), "task": task,
+            "outputs": {s: out for s, (_, out) in stages.items()}}
 
 
 class Run:
@@ -99,16 +104,17 @@ def deploy(env, kill_at=None, timeout=900):
     return Run(lines, rc, killed)
 
 
-def nothing_looks_complete_that_is_not(build, killed_stage, done_stages):
+def nothing_looks_complete_that_is_not(proj, killed_stage, done_stages):
     """After a kill at the start of ``killed_stage``: none of its outputs (nor a later stage's)
     exists; every finished stage's outputs exist and match the hashes their records hold; every
     JSON file the build has parses (a torn file would not)."""
-    later = STAGES[STAGES.index(killed_stage):]
+    build, lay, outputs, stages = proj["build"], proj["layout"], proj["outputs"], proj["stages"]
+    later = stages[stages.index(killed_stage):]
     for s in later:
-        present = [str(p) for p in outputs(build, s) if p.exists()]
+        present = [str(p) for p in outputs[s] if p.exists()]
         assert not present, f"killed at the start of {killed_stage}: {s} outputs exist: {present}"
     for s in done_stages:
-        missing = [str(p) for p in outputs(build, s) if not p.exists()]
+        missing = [str(p) for p in outputs[s] if not p.exists()]
         assert not missing, f"{s} finished but its outputs are missing: {missing}"
     for f in build.rglob("*.json"):
         if f.name.startswith("."):
@@ -117,59 +123,60 @@ def nothing_looks_complete_that_is_not(build, killed_stage, done_stages):
             assert all(json.loads(line) for line in f.read_text().splitlines()), f
         elif "logs" not in f.parts:
             json.loads(f.read_text())
-    app = build / "tiny"
     if "data" in done_stages:
-        rec = json.loads((app / "data" / "data.json").read_text())
-        assert all(sha256_file(app / "data" / n) == h for n, h in rec["files"].items())
+        rec = json.loads(lay.data_json.read_text())
+        assert all(sha256_file(lay.data / n) == h for n, h in rec["files"].items())
     if "export" in done_stages:
-        assert sha256_file(app / "model.onnx") == json.loads((app / "export.json").read_text())["sha256"]
+        assert sha256_file(lay.onnx) == json.loads(lay.export_json.read_text())["sha256"]
 
 
 def test_kill_at_each_stage_then_the_rerun_executes_only_what_was_left(proj):
-    env, build = proj["env"], proj["build"]
+    env, stages, task = proj["env"], proj["stages"], proj["task"]
     finished: list[str] = []  # tasks that completed in the killed runs so far
     prev = None  # the stage killed by the previous run
-    for stage in [*STAGES, None]:
-        run = deploy(env, kill_at=TASK[stage] if stage else None)
+    for stage in [*stages, None]:
+        run = deploy(env, kill_at=task[stage] if stage else None)
         if prev is not None:
             # the rerun after the kill at `prev`: nothing that had finished runs again, and
             # the killed task runs first of the pipeline's stages
             again = sorted(set(run.executed) & set(finished))
             assert not again, f"killed at {prev}; the rerun executed again {again}\n{run.text}"
-            assert [t for t in run.executed if t in TASK.values()][:1] == [TASK[prev]], run.text
+            assert [t for t in run.executed if t in task.values()][:1] == [task[prev]], run.text
             assert set(finished) <= set(run.uptodate), run.text
         if stage is None:
             assert run.rc == 0, run.text
             break
-        assert run.killed_at == TASK[stage], f"{TASK[stage]} never started:\n{run.text}"
+        assert run.killed_at == task[stage], f"{task[stage]} never started:\n{run.text}"
         finished += run.executed[:-1]  # all but the killed one completed
-        nothing_looks_complete_that_is_not(build, stage, STAGES[: STAGES.index(stage)])
+        nothing_looks_complete_that_is_not(proj, stage, stages[: stages.index(stage)])
         prev = stage
-    report = json.loads((build / "tiny" / "report.json").read_text())
+    report = json.loads(proj["outputs"]["deploy"][0].read_text())
     assert report["passed"], report
     # a no-op: everything up to date
     run = deploy(env)
     assert run.rc == 0 and not run.executed, run.text
 
 
-@pytest.mark.parametrize("stage, victim", [("compile", "type/x86-host/model.so"), ("data", "data/train.npz"),
-                                           ("export", "model.onnx"), ("compile", "type/x86-host/compile.json")])
+@pytest.mark.parametrize("stage, victim", [
+    ("compile", lambda lay: lay.library(BOARD)), ("data", lambda lay: lay.split("train")),
+    ("export", lambda lay: lay.onnx), ("compile", lambda lay: lay.compile_json(BOARD))],
+    ids=["model.so", "train.npz", "model.onnx", "compile.json"])
 def test_a_damaged_output_is_rebuilt_by_its_task_alone(proj, stage, victim):
     """doit only checks that targets exist: a truncated kernel library made every deploy fail
     on the board until `doit forget`. An output that no longer matches the sha256 in its
     record (or a damaged record) makes its task rerun, and only the tasks whose inputs then
     change run after it."""
-    env, build = proj["env"], proj["build"]
-    if not (build / "tiny" / "report.json").exists():  # run alone: the build first
+    env, lay, stages, task = proj["env"], proj["layout"], proj["stages"], proj["task"]
+    if not lay.report.exists():  # run alone: the build first
         assert deploy(env).rc == 0
-    path = build / "tiny" / victim
+    path = victim(lay)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     run = deploy(env)
     assert run.rc == 0, run.text
-    assert TASK[stage] in run.executed, run.text
-    before = STAGES[: STAGES.index(stage)]
-    assert not [t for t in run.executed if t in {TASK[s] for s in before}], run.text
+    assert task[stage] in run.executed, run.text
+    before = stages[: stages.index(stage)]
+    assert not [t for t in run.executed if t in {task[s] for s in before}], run.text
     if path.suffix != ".json":  # a record also holds timings
         assert path.read_bytes() == data  # rebuilt as it was (these stages are deterministic)
     assert f"{path}" in run.text and "rebuilding" in run.text  # the log says why
