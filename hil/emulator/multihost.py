@@ -28,10 +28,8 @@ machine-wide: one such lab per machine (the bridge's alias names the build that 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import inspect
 import ipaddress
 import json
 import logging
@@ -41,7 +39,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -395,58 +392,17 @@ def start_coordinator() -> None:
 # -- the coordinator's view, and places ------------------------------------------------------------
 
 def with_client(fn, address: str | None = None, within: float = 20.0):
-    """``await fn(session)`` (or its plain result) with a labgrid ClientSession of its own, on
-    this module's event loop thread (a caller's loop, or one labgrid stashed, is left alone)."""
+    """``await fn(session)`` (or its plain result) with a labgrid ClientSession of its own
+    (hil.lab.labgrid.client.with_session, the lab's own client code)."""
+    from hil.lab.labgrid.client import LabgridError, with_session
+
     addr = address or _read_state().get("plan", {}).get("coordinator")
     if not addr or not _port_open(addr):
         raise MultihostError(f"labgrid coordinator {addr or '(lab not up)'}: not reachable")
-
-    async def go():
-        s = _session_class()(address=addr, loop=asyncio.get_running_loop())
-        try:
-            await s.start()
-            out = fn(s)
-            return (await out) if inspect.isawaitable(out) else out
-        finally:
-            with contextlib.suppress(Exception):
-                await s.stop()
-            await s.close()
-
     try:
-        return asyncio.run_coroutine_threadsafe(asyncio.wait_for(go(), within), _client_loop()).result(within + 1)
-    except Exception as e:  # grpc's, labgrid's ServerError, a timeout
-        raise MultihostError(f"labgrid coordinator {addr}: {type(e).__name__}: {e or 'no answer'}") from e
-
-
-_loop: tuple[int, asyncio.AbstractEventLoop] | None = None
-
-
-def _client_loop() -> asyncio.AbstractEventLoop:
-    """One event loop for every client call of this process, run by a daemon thread. (A loop
-    per call would do, but gRPC's poller calls into a closed loop afterwards and says so.)"""
-    global _loop
-    if _loop is None or _loop[0] != os.getpid():  # a forked child has no such thread
-        loop = asyncio.new_event_loop()
-        threading.Thread(target=loop.run_forever, name="kiln-multihost-client", daemon=True).start()
-        _loop = (os.getpid(), loop)
-    return _loop[1]
-
-
-def _session_class():
-    """labgrid's ClientSession on a TCP connection of its own: gRPC would share one between a
-    process's channels to one address, and the coordinator refuses (asserts) a second client
-    stream from a peer address it has (e.g. hil/lab/labgrid.py's client in the same process)."""
-    import grpc
-    from labgrid.remote.client import ClientSession
-    from labgrid.remote.generated import labgrid_coordinator_pb2_grpc
-
-    class Session(ClientSession):
-        def __attrs_post_init__(self):
-            super().__attrs_post_init__()  # its channel has not connected yet: replace it
-            asyncio.get_running_loop().create_task(self.channel.close())
-            self.channel = grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
-            self.stub = labgrid_coordinator_pb2_grpc.CoordinatorStub(self.channel)
-    return Session
+        return with_session(addr, fn, within)
+    except LabgridError as e:
+        raise MultihostError(str(e)) from e
 
 
 def view() -> dict:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from hil.protocol import Leasing
 from kiln.config import load_lab
 from kiln.errors import KilnError, ManifestError
 from kiln.registry import implementation
@@ -85,7 +86,7 @@ def close_opened() -> None:
             log.warning("lab %s: closing failed: %s", path, e)
 
 
-class LocalLeasing:
+class LocalLeasing(Leasing):
     """Leases on this machine's lease directory (hil/lab/leases.py) and health in its own
     database: the static and emulated labs. A deploy alone takes no lease there (as before)."""
 

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import psutil
 
+from hil import protocol
+from hil.protocol import LeaseLost
 from kiln.artifacts import build_root, write_json
 from kiln.errors import KilnError
 
@@ -68,10 +70,6 @@ class LeaseBusy(KilnError):
         when = f" after waiting {waited_s:.1f} s" if waited_s is not None else ""
         super().__init__(f"board '{board}' is leased by {who}{when}")
         self.board, self.holder = board, holder
-
-
-class LeaseLost(KilnError):
-    """A holder's lease was broken (it stopped renewing: hung, or cut off) and taken by another."""
 
 
 def lease_dir() -> Path:
@@ -186,7 +184,7 @@ def _try_flock(fd: int) -> bool:
 
 # -- the lease -----------------------------------------------------------------------------
 
-class Lease:
+class Lease(protocol.Lease):
     """A held lease (from :func:`acquire`): a context manager; ``release()`` is idempotent.
     ``lost`` turns true when the heartbeat finds the lease was broken by another holder."""
 
@@ -202,12 +200,6 @@ class Lease:
         self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True,
                                         name=f"lease-{board}")
         self._thread.start()
-
-    def __enter__(self) -> "Lease":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         return f"Lease({self.board!r}, {self.holder.describe()}{', lost' if self.lost else ''})"
