@@ -33,8 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hil.deploy import _compressed_cache, job  # noqa: E402
+from hil.deploy import job  # noqa: E402
 from hil.emulator.serial_board import relay_stats, start_serial_board, stop_serial_board  # noqa: E402
+from hil.upload_codec import compressed_cache  # noqa: E402
 from kiln import schema  # noqa: E402
 from kiln.artifacts import Layout, build_root, runner_dir, sha256_file, write_json  # noqa: E402
 from kiln.config import load_board, load_project  # noqa: E402
@@ -125,7 +126,7 @@ def main() -> int:
             for f in [*runner_dir(board.arch).glob("*"), *layout.data.glob("*.bin"), model,
                       layout.board_type(board.name) / "front_end.so"]:
                 if f.is_file():
-                    for c in _compressed_cache().glob(f"{sha256_file(f)}.*"):
+                    for c in compressed_cache().glob(f"{sha256_file(f)}.*"):
                         c.unlink()
             cold = one_deploy("cold", project, board, live, layout, tmp)
             print_result(cold)

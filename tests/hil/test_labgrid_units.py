@@ -45,7 +45,7 @@ def test_an_emulated_labgrid_lab_is_implemented_by_its_emulator():
 
 
 def test_the_serial_module_must_be_labgrids_fork_alone(monkeypatch):
-    from hil.transport import serial as st
+    from hil.transport import console as st
 
     st.check_serial_module()  # this venv: pyserial-labgrid alone
     real = metadata.version

@@ -18,7 +18,8 @@ import serial
 
 from hil.deploy import deploy
 from hil.emulator.serial_board import _ours, relay_stats, start_serial_board, stop_serial_board
-from hil.transport.serial import SerialTransport, cksum
+from hil.transport.console_shell import cksum
+from hil.transport.serial import SerialTransport
 from kiln.errors import TransportError
 from kiln.schema import SerialTransport as Spec
 
@@ -69,7 +70,7 @@ def sha256_on_board(tr: SerialTransport, remote: str) -> str:
 def test_board_script_parses(shell):
     import subprocess
 
-    from hil.transport.serial import BOARD_SH
+    from hil.transport.console_shell import BOARD_SH
 
     if shutil.which(shell) is None:
         pytest.skip(f"{shell} is not installed")

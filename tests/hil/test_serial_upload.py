@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import serial
 
-from hil.deploy import _board_codecs, _slow_link, deploy
+from hil.deploy import deploy
 from hil.emulator.serial_board import start_serial_board, stop_serial_board
 from hil.transport.serial import SerialTransport
+from hil.upload_codec import board_codecs, slow_link
 from kiln.schema import SerialTransport as Spec
 
 pytestmark = [
@@ -96,7 +97,7 @@ def test_compressed_upload_unpacks_to_the_same_sha256(boards, tmp_path, caplog):
     want = hashlib.sha256(inputs.read_bytes()).hexdigest()
     out, ups, tr = _deploy(b, files, caplog)
     assert out["runner"]["bytes"] == inputs.stat().st_size  # the runner read the unpacked file
-    assert _slow_link(tr)
+    assert slow_link(tr)
     up = ups["inputs.bin"]
     assert up["codec"] == "xz" and up["raw_bytes"] == inputs.stat().st_size
     assert up["compressed_bytes"] < up["raw_bytes"] / 4, up
@@ -123,7 +124,7 @@ def test_compressed_upload_unpacks_to_the_same_sha256(boards, tmp_path, caplog):
 def test_falls_back_when_the_board_lacks_xz(boards, tmp_path, caplog, hide, codec):
     b = boards(f"bare-{codec}", hide=hide)
     with _transport(b) as tr:
-        codecs = _board_codecs(tr, logging.getLogger("test"))
+        codecs = board_codecs(tr, logging.getLogger("test"))
     assert codecs["xz"] is None and codecs["gzip"] == (codec == "gzip")
     inputs = _compressible(tmp_path / "inputs.bin", 100_000)
     (tmp_path / "kiln-runner").write_text(RUNNER)
