@@ -1,4 +1,4 @@
-"""Kiln on a lab of many hosts, through a real labgrid coordinator (hil/lab/labgrid.py) on the
+"""Kiln on a lab of many hosts, through a real labgrid coordinator (hil/lab/labgrid/) on the
 multi-host lab of this machine (hil/emulator/multihost.py): boards on two exporter hosts, Kiln
 run from two runner hosts (network namespaces), SSH boards and a serial one over RFC2217.
 
