@@ -10,6 +10,9 @@ and run by the C++ runner natively. Rounds are interleaved (every model once per
 the table gives the median p50 over rounds with its spread (min-max). Accuracy is the int8
 library's top-1 on the synthetic test split as the runner predicts it; for the autoencoders
 (reconstruction) it is left out. Run it with nothing else at work.
+
+``--smoke``: a classifier and an autoencoder (cnn, autoencoder), 1 epoch, 8 samples, 1 round: the
+same table in about a minute, numbers meaningless (tests/test_benches.py runs it).
 """
 
 from __future__ import annotations
@@ -114,9 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated names of SPECS")
+    ap.add_argument("--smoke", action="store_true", help="cnn and autoencoder, 1 epoch, 8 samples, 1 round")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.samples, args.rounds = 1, 8, 1
+        args.only = args.only or "cnn,autoencoder"
     names = [n for n in (args.only.split(",") if args.only else SPECS) if n]
     work = Path(tempfile.mkdtemp(prefix="kiln-vocab-"))
+    if args.smoke:  # nothing of a smoke run is worth keeping
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, work, True)
     os.environ["KILN_BUILD"] = str(work / "build")
     import logging
 
