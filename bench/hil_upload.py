@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hil.emulator.faults import TCPProxy  # noqa: E402
-from hil.emulator.serial_board import start_serial_board, stop_serial_board  # noqa: E402
+from hil.emulator.pty_board import start_serial_board, stop_serial_board  # noqa: E402
 from hil.emulator.sshd import start_sshd, stop_sshd  # noqa: E402
 from hil.transport.serial import SerialTransport  # noqa: E402
 from hil.transport.ssh import SSHTransport  # noqa: E402

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hil.deploy import job  # noqa: E402
-from hil.emulator.serial_board import relay_stats, start_serial_board, stop_serial_board  # noqa: E402
+from hil.emulator.pty_board import relay_stats, start_serial_board, stop_serial_board  # noqa: E402
 from hil.upload_codec import compressed_cache  # noqa: E402
 from kiln import schema  # noqa: E402
 from kiln.artifacts import Layout, build_root, runner_dir, sha256_file, write_json  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from doit.exceptions import TaskFailed
 
-from hil import emulation
+from hil import qemu
 from hil.lab import describe
 from kiln.artifacts import Layout
 from kiln.config import board_names, load_board, load_project, project_names, project_path, targets_dir
@@ -28,7 +28,7 @@ def check_all(lab_path: Path) -> tuple[list[str], list[str]]:
         except ManifestError as e:
             problems.append(str(e))
             continue
-        problems += emulation.check(b, targets_dir() / f"{name}.yaml")
+        problems += qemu.check(b, targets_dir() / f"{name}.yaml")
         if shutil.which(b.cc) is None:
             problems.append(f"{targets_dir() / (name + '.yaml')}: field 'cc': compiler '{b.cc}' of board type '{name}' "
                             "is not on PATH (the compile stage links its kernel library with it)")

@@ -327,7 +327,7 @@ def job(project, board, live, layout, lab_dir: Path, run_id: str, latency_window
     inferences besides each inference (the nightly's comparable latency)."""
     import tempfile
 
-    from hil.emulation import launcher
+    from hil.qemu import launcher
     from hil.transport import open_transport
     from kiln.artifacts import build_root, read_json, runner_dir
 

@@ -149,7 +149,7 @@ def health_check(instance: Instance, board_type: Board, lab_dir: Path, timeout_s
     Returns ``{"passed", "seconds", "error"}``; ``error`` names the step that failed
     (``prepare``, deploy's ``connect``/``upload``/``verify``/``run``, or ``outputs``)."""
     from hil.deploy import DeployError, deploy
-    from hil.emulation import launcher
+    from hil.qemu import launcher
     from hil.transport import open_transport
 
     t0 = time.perf_counter()

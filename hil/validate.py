@@ -228,7 +228,7 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
     build/<app>/report.json); raise ValidationError naming board and requirement when any
     requirement is missed. Compile-only board types are listed with their kernel library as
     not validated."""
-    from hil import report
+    from hil.reports import deploy as report
     from kiln.artifacts import read_json, write_json
 
     labels = read_json(layout.test_labels)

@@ -1,5 +1,5 @@
 """Where the tune stage times its candidates: what passes/tune.py needs of the lab, declared here
-in the core so that passes/ and hil/ never import each other (DESIGN.md, "Layers").
+in the core so that passes/ and hil/ never import each other (docs/ARCHITECTURE.md, "Layers").
 
 dodo.py hands the tune stage a :class:`MeasuringLab` (hil/rpc.py's ``RpcLab`` implements it: TVM
 RPC servers on the lab's boards) and the measure mode (:func:`measure_mode`), both loaded

@@ -1,4 +1,4 @@
-"""The layers stay one-way (DESIGN.md, "Layers"): the core imports nothing above it, no import
+"""The layers stay one-way (docs/ARCHITECTURE.md, "Layers"): the core imports nothing above it, no import
 circle anywhere, passes never import each other, passes/ and hil/ never import each other, lab
 code never imports the emulated lab. The
 walk covers every import statement, also those inside functions (kiln.sources)."""

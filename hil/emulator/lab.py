@@ -169,7 +169,7 @@ def _start(spec: EmulatedLab, spec_path: Path) -> None:
     """Start every board (under the lock, the lab not up). What a dead lab left is stopped
     first, and its holds go with it: a hold by hand is of a lab that no longer runs, and a
     live holder of a dead lab opens it again anyway."""
-    from hil.emulator import serial_board, sshd
+    from hil.emulator import pty_board, sshd
 
     _stop(_read_state())
     for f in ("state.json", "inventory.yaml"):
@@ -193,7 +193,7 @@ def _start(spec: EmulatedLab, spec_path: Path) -> None:
                 handles[b.name] = {"link": "ssh", "handle": _plain(h), "pids": [h.pid]}
                 entry["transport"] = h.transport_spec(**given)
             elif b.link == "serial":
-                h = serial_board.start_serial_board(b.name, state_dir())
+                h = pty_board.start_serial_board(b.name, state_dir())
                 handles[b.name] = {"link": "serial", "handle": _plain(h), "pids": list(h.pids)}
                 entry["transport"] = h.transport_spec(**given)
             else:
@@ -223,14 +223,14 @@ def _ssh_handle(data: dict):
 
 
 def _stop(state: dict) -> None:
-    from hil.emulator import serial_board, sshd
+    from hil.emulator import pty_board, sshd
 
     for name, b in state.get("boards", {}).items():
         try:
             if b["link"] == "ssh":
                 sshd.stop_sshd(_ssh_handle(b["handle"]))
             else:
-                serial_board.stop_serial_board(serial_board.SerialBoard(**b["handle"]))
+                pty_board.stop_serial_board(pty_board.SerialBoard(**b["handle"]))
         except (KilnError, OSError, TypeError) as e:  # keep stopping the others
             log.warning("lab: stopping board %s failed: %s", name, e)
 

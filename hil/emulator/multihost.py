@@ -478,7 +478,7 @@ def _board_alive(st: dict, name: str) -> bool:
 
 
 def _start_board(st: dict, name: str) -> None:
-    from hil.emulator import serial_board, sshd
+    from hil.emulator import pty_board, sshd
     from hil.emulator.lab import _plain
 
     b = st["plan"]["boards"][name]
@@ -489,20 +489,20 @@ def _start_board(st: dict, name: str) -> None:
         (h.state / "authorized_keys").write_text((h.state / "client_key.pub").read_text() + pub)
         st["boards"][name] = {"link": "ssh", "handle": _plain(h), "pids": [h.pid]}
     else:
-        h = serial_board.start_serial_board(name, state_dir())
+        h = pty_board.start_serial_board(name, state_dir())
         st["boards"][name] = {"link": "serial", "handle": _plain(h), "pids": list(h.pids)}
     _save(st)
 
 
 def _stop_board(b: dict) -> None:
-    from hil.emulator import serial_board, sshd
+    from hil.emulator import pty_board, sshd
     from hil.emulator.lab import _ssh_handle
 
     try:
         if b["link"] == "ssh":
             sshd.stop_sshd(_ssh_handle(b["handle"]))
         else:
-            serial_board.stop_serial_board(serial_board.SerialBoard(**b["handle"]))
+            pty_board.stop_serial_board(pty_board.SerialBoard(**b["handle"]))
     except (KilnError, OSError, TypeError) as e:  # keep stopping the others
         log.warning("multihost: stopping board %s failed: %s", b["handle"].get("name"), e)
 

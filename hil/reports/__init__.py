@@ -1,5 +1,7 @@
-"""Nightly reports from one ``nightly.json`` (schema ``kiln-nightly/1``, hil/reports/schema.py):
-JUnit XML for CI (junit.py) and one self-contained HTML page with inline SVG plots (html.py).
+"""Reports. deploy.py: the deploy stage's report, one JSON per app with every board's verdict
+(build/<app>/report.json) and a table for the terminal. The nightly reports, from one
+``nightly.json`` (schema ``kiln-nightly/1``, schema.py): JUnit XML for CI (junit.py) and one
+self-contained HTML page with inline SVG plots (html.py).
 
 The modules are imported when a report is written, not with this package: html.py brings in
 matplotlib, and nothing that lists tasks should pay for that.

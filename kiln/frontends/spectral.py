@@ -1,6 +1,6 @@
 """What the audio front ends (mfcc, logmel) share without torch: the window and hop in samples,
 the frame count and its checks, and the cost of the DFT, power and mel matmuls (their torch
-graph is passes/frontends/spectral.py)."""
+graph is passes/frontends/support/spectral.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def frames(fe, length: int, sample_rate: float) -> int:
 
 def cost(fe, raw_shape: tuple[int, ...], sample_rate: float, dct: int = 0) -> tuple[int, int]:
     """The DFT over the FFT bins a mel band can use (fmin to fmax), the power, the mel matmul
-    and ``dct`` (mels x coefficients for MFCC) per frame; an estimate: passes/frontends/spectral.py
+    and ``dct`` (mels x coefficients for MFCC) per frame; an estimate: passes/frontends/support/spectral.py
     drops the bins whose mel weights are all zero."""
     win, _ = window(fe, sample_rate)
     n = frames(fe, raw_shape[0], sample_rate)

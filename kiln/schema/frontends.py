@@ -38,7 +38,7 @@ class _SpectralFrontEnd(_FrontEndBase):
     frontend has no STFT or DFT). Defaults are MLPerf Tiny keyword spotting's: 30 ms windows
     every 20 ms, a 512-point FFT, 40 mel bands from 20 to 4000 Hz (49 frames per second at 16 kHz).
     int16 values scaled by 1/32768, periodic Hann window, power spectrum (re^2 + im^2), HTK mel
-    triangles of peak 1 (tf.signal's), no padding: passes/frontends/spectral.py."""
+    triangles of peak 1 (tf.signal's), no padding: passes/frontends/support/spectral.py."""
 
     layouts: ClassVar[tuple[str, ...]] = ("audio",)
     window_ms: float = Field(30.0, gt=0, le=1000, description="analysis window (Hann), ms")

@@ -7,7 +7,7 @@ file, which it refuses before Python 3.12, by our own RIFF reader when its SubFo
 clip at another rate, with several channels or not 16-bit PCM is reported and skipped (never
 resampled or mixed down behind the team's back), as is a file that is not a readable WAV. Shorter clips are
 zero-padded at the end, longer ones cut to ``clip_seconds``: int16 N x L. The folder rules are
-passes/formats/folders.py's. ``synthesize`` writes keyword-like clips in the same layout.
+passes/formats/support/folders.py's. ``synthesize`` writes keyword-like clips in the same layout.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from passes.formats import Loaded, folders
-from passes.formats.folders import Unreadable
+from passes.formats import Loaded
+from passes.formats.support import folders
+from passes.formats.support.folders import Unreadable
 
 EXTS = (".wav",)
 WHAT = "WAV clips"

@@ -26,7 +26,7 @@ import numpy as np
 
 from kiln.errors import ManifestError, PassError
 from passes.formats import Loaded, synthetic_or_refuse
-from passes.formats.csvio import (SPLITS, RunningIndex, UnreadableCsv, cached_infer, check_classes, collect, label_values,
+from passes.formats.support.csvio import (SPLITS, RunningIndex, UnreadableCsv, cached_infer, check_classes, collect, label_values,
                                   locate_csv, open_rows, read_marker, read_table, scan, unnamed, warn_skipped, write_csv,
                                   write_tree)
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from kiln.errors import ManifestError, PassError
 from passes.formats import Loaded, synthetic_or_refuse
-from passes.formats.csvio import (SPLITS, locate_csv, UnreadableCsv, cached_infer, check_classes, has_splits, label_values,
+from passes.formats.support.csvio import (SPLITS, locate_csv, UnreadableCsv, cached_infer, check_classes, has_splits, label_values,
                                   read_marker, read_table, scan, warn_skipped, write_csv, write_tree)
 
 log = logging.getLogger("kiln.data")

@@ -2,7 +2,7 @@
 
 Reads ``Final_Training/Images/000NN/GT-000NN.csv`` + ``*.ppm``, and
 ``Final_Test/Images/GT-final_test.csv`` when present. No data set can be downloaded on the
-build machines, so ``synthesize`` draws a stand-in in the *same* layout (gtsrb_synth.py): the
+build machines, so ``synthesize`` draws a stand-in in the *same* layout (support/gtsrb_synth.py): the
 loader never knows the difference, and a real GTSRB dropped in later takes the same code path.
 """
 
@@ -18,9 +18,9 @@ from PIL import Image
 from kiln.artifacts import ROOT, read_json
 from kiln.errors import PassError
 from passes.formats import Loaded, synthetic_or_refuse
-from passes.formats.folders import Unreadable
+from passes.formats.support.folders import Unreadable
 from passes.formats.image_folders import open_image
-from passes.formats.gtsrb_synth import CSV_COLUMNS, MARKER, NUM_CLASSES, TEST_CSV, synthesize_gtsrb
+from passes.formats.support.gtsrb_synth import CSV_COLUMNS, MARKER, NUM_CLASSES, TEST_CSV, synthesize_gtsrb
 
 log = logging.getLogger("kiln.data")
 LAYOUT = ("Final_Training/Images/000NN/GT-000NN.csv + *.ppm per class "

@@ -5,7 +5,7 @@ Impulse's and ST's model zoo's image folders, torchvision's ImageFolder).
 Each image is turned upright by its EXIF orientation, 16-bit images are scaled to 8 bits (the
 high byte), then it is converted to RGB or grayscale (``dataset.color``) and resized bilinear to
 ``dataset.image_size``: uint8 N x H x W x C. The folder rules (classes, splits, what is skipped
-or refused) are passes/formats/folders.py's. ``synthesize`` writes simple shapes in class
+or refused) are passes/formats/support/folders.py's. ``synthesize`` writes simple shapes in class
 colours, as PNG (some JPEG and BMP) files in the same layout.
 """
 
@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from passes.formats import Loaded, folders
-from passes.formats.folders import Unreadable
+from passes.formats import Loaded
+from passes.formats.support import folders
+from passes.formats.support.folders import Unreadable
 
 EXTS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp")
 WHAT = "images"

@@ -1,11 +1,11 @@
 """Front end ``logmel``: raw int16 audio (L,) -> 1 x frames x mels log-mel energies, inside the
-kernel library (definitions in passes/frontends/spectral.py)."""
+kernel library (definitions in passes/frontends/support/spectral.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from passes.frontends import spectral
+from passes.frontends.support import spectral
 
 
 def fit(fe, layout, raw_train: np.ndarray) -> dict:

@@ -1,12 +1,12 @@
 """Front end ``mfcc``: raw int16 audio (L,) -> 1 x frames x coefficients MFCCs, inside the kernel
-library: the log-mel energies of passes/frontends/spectral.py times the first ``coefficients``
+library: the log-mel energies of passes/frontends/support/spectral.py times the first ``coefficients``
 columns of the orthonormal DCT-II matrix (scipy's ``dct(type=2, norm="ortho")``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from passes.frontends import spectral
+from passes.frontends.support import spectral
 
 
 def dct_matrix(mels: int, coefficients: int) -> np.ndarray:

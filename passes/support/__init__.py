@@ -1,4 +1,4 @@
-"""Support modules the passes share; they never import a pass (DESIGN.md, "Layers").
+"""Support modules the passes share; they never import a pass (docs/ARCHITECTURE.md, "Layers").
 
 * ``common``: splits, checkpoints, accuracy and weight-size figures of the torch passes;
 * ``training``: the seeded training loop and online augmentation (train, prune, weight coding);

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from hil import report, validate
+from hil import validate
+from hil.reports import deploy as report
 from kiln import sizing
 from kiln.config import load_board
 from kiln.nets import estimate

@@ -17,7 +17,7 @@ import pytest
 import serial
 
 from hil.deploy import deploy
-from hil.emulator.serial_board import _ours, relay_stats, start_serial_board, stop_serial_board
+from hil.emulator.pty_board import _ours, relay_stats, start_serial_board, stop_serial_board
 from hil.transport.console_shell import cksum
 from hil.transport.serial import SerialTransport
 from kiln.errors import TransportError

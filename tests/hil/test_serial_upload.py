@@ -16,7 +16,7 @@ import pytest
 import serial
 
 from hil.deploy import deploy
-from hil.emulator.serial_board import start_serial_board, stop_serial_board
+from hil.emulator.pty_board import start_serial_board, stop_serial_board
 from hil.transport.serial import SerialTransport
 from hil.upload_codec import board_codecs, slow_link
 from kiln.schema import SerialTransport as Spec

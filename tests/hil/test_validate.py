@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hil import report, validate
+from hil import validate
+from hil.reports import deploy as report
 from kiln.errors import ValidationError
 from kiln.schema import Requirements
 

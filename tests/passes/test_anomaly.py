@@ -12,7 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from hil import report, validate
+from hil import validate
+from hil.reports import deploy as report
 from kiln.errors import ManifestError, ValidationError
 from kiln.schema import Project, Requirements
 from passes.support import anomaly

@@ -16,8 +16,9 @@ from PIL import Image
 
 from kiln import artifacts
 from kiln.schema import AudioFoldersDataset, ImageFoldersDataset
-from passes.formats import audio_folders, folders, gtsrb, image_folders
-from passes.formats.folders import Unreadable
+from passes.formats import audio_folders, gtsrb, image_folders
+from passes.formats.support import folders
+from passes.formats.support.folders import Unreadable
 
 RATE = 8000
 

@@ -1,4 +1,4 @@
-"""Dataset formats ``image_folders`` and ``audio_folders`` (passes/formats/folders.py and the two
+"""Dataset formats ``image_folders`` and ``audio_folders`` (passes/formats/support/folders.py and the two
 format modules): layouts with and without train/ val/ test/, the class list, every bad input
 the formats report or refuse, the deterministic synthetic generators, and the data stage."""
 
@@ -14,7 +14,8 @@ from PIL import Image
 from kiln.artifacts import Layout
 from kiln.errors import ManifestError, PassError
 from kiln.schema import AudioFoldersDataset, ImageFoldersDataset
-from passes.formats import audio_folders, folders, image_folders
+from passes.formats import audio_folders, image_folders
+from passes.formats.support import folders
 
 RATE = 8000  # Hz; 0.1 s clips of 800 samples keep the tests fast
 LENGTH = 800

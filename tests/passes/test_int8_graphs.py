@@ -480,7 +480,7 @@ def test_aarch64_library_under_qemu_computes_the_twin_bit_for_bit(board_name, na
     import tvm
     from tvm import relax
 
-    from hil.emulation import launcher
+    from hil.qemu import launcher
 
     root = tmp_path / name
     root.mkdir()

@@ -7,7 +7,7 @@ the shell as session leader and the pty as its controlling tty, so job control w
 transport has to cope with exactly what a real console gives it. The host's side is the
 ``tty`` link, which pyserial opens like /dev/ttyUSB0.
 
-With ``fault`` a relay process (``python -m hil.emulator.serial_board relay``) sits between
+With ``fault`` a relay process (``python -m hil.emulator.pty_board relay``) sits between
 the host's pty and the board's and impairs the bytes, with a seeded RNG so that runs repeat:
 
     corrupt: p       each byte is replaced by another with probability p
@@ -96,7 +96,7 @@ def start_serial_board(name: str, state_dir: Path, fault: dict | None = None, *,
             (d / "relay.json").unlink(missing_ok=True)
             with open(d / "relay.log", "ab") as log:
                 relay = subprocess.Popen(
-                    [sys.executable, "-m", "hil.emulator.serial_board", "relay", str(host_tty), str(board_tty),
+                    [sys.executable, "-m", "hil.emulator.pty_board", "relay", str(host_tty), str(board_tty),
                      json.dumps(fault), str(d / "relay.json")],
                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
                     stdout=log, stderr=log, start_new_session=True)
@@ -358,5 +358,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "relay":
         _relay(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5])
     else:
-        print("usage: python -m hil.emulator.serial_board relay HOST_LINK BOARD_LINK FAULT_JSON STATS", file=sys.stderr)
+        print("usage: python -m hil.emulator.pty_board relay HOST_LINK BOARD_LINK FAULT_JSON STATS", file=sys.stderr)
         sys.exit(2)
