@@ -351,9 +351,8 @@ def job(project, board, live, layout, lab_dir: Path, run_id: str, latency_window
             dtype = read_json(layout.data_json)["test_inputs"].get("dtype", "float32")
             runner = [*(launcher(board) if live.emulated else []), "./kiln-runner"]
             common = ["--shape", ",".join(map(str, shape)), "--dtype", dtype, "--threads", str(board.cores)]
-            objective = getattr(project.architecture, "objective", "classification")
-            argv = [*runner, "--model", "model.so", "--input", "inputs.bin", *common,
-                    "--warmup", str(project.validation.warmup), "--outputs", "1" if objective == "reconstruction" else "0"]
+            argv = [*runner, "--model", "model.so", "--input", "inputs.bin", *common, "--warmup",
+                    str(project.validation.warmup), "--outputs", project.task.scoring.RUNNER_OUTPUTS]  # the task's
             if latency_windows:
                 argv += ["--windows", str(latency_windows)]
             checks = {}

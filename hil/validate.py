@@ -1,16 +1,12 @@
 """Validate: the host turns a board's raw runner output into metrics and verdicts against the
 manifest's requirements. The board never decides pass or fail.
 
-A classifier is judged on the runner's ``predictions`` (accuracy; agreement: the share of
-predictions equal to the reference board's). An anomaly detector (a reconstruction objective,
-``anomaly.normal`` in the manifest) has a kernel library whose output is the per-sample anomaly
-score, a (1, 1) float tensor, and its runner is run with ``--outputs``, returning every output
-value under ``outputs`` (one list per sample). Its ``auc`` is the ROC AUC of those scores, the
-test samples of the normal classes against all others (passes/support/anomaly.py). Predictions
-mean nothing there (the argmax of one value), so its agreement is the share of samples whose
-score is within ``SCORE_RTOL`` (relative) of the reference board's: the same int8 library on
-another arch computes the same codes, and the float score head may differ in its last bits
-(an FMA, a summation order), never by a thousandth."""
+How right a board is, is the app's task's to say (kiln/tasks/<task>.py, a ``Scorer``): a
+classifier is judged on the runner's ``predictions`` (accuracy; agreement: the share of
+predictions equal to the reference board's); an anomaly detector on the anomaly scores its
+library returns under ``outputs`` (the ROC AUC of the scores; agreement: scores within a
+tolerance of the reference board's). Latency, size and memory are judged here alike for every
+task."""
 
 from __future__ import annotations
 
@@ -20,10 +16,9 @@ import numpy as np
 
 from kiln.errors import ValidationError
 from kiln.schema import Requirements
+from kiln.tasks import classification
 
 PASS, FAIL, NOT_ENFORCED = "pass", "fail", "not enforced (emulated)"
-SCORE_RTOL = 1e-3  # an anomaly score agrees with the reference board's within this share of it
-SCORE_ATOL = 1e-9  # ... or this much (a perfect reconstruction scores 0 on both)
 
 
 def latency_ms(latencies_us: list[float]) -> dict[str, float]:
@@ -54,77 +49,23 @@ def _ratio(measured: float | None, estimated: float | None) -> dict | None:
     return {"estimated": estimated, "measured": measured, "ratio": measured / estimated if estimated else None}
 
 
-def board_scores(runner: dict) -> np.ndarray:
-    """An anomaly detector's per-sample scores from the runner's ``outputs`` (one value per
-    sample: the library's (1, 1) score head), float64 (N,)."""
-    outputs = runner.get("outputs")
-    if outputs is None:
-        raise ValidationError("the runner returned no 'outputs': an anomaly detector's scores are its outputs "
-                              "(run the runner with --outputs)")
-    try:
-        a = np.asarray(outputs, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValidationError(f"the runner's 'outputs' are not one list of numbers per sample ({e})") from e
-    if a.ndim != 2 or a.shape[1] != 1 or len(a) != len(runner["predictions"]):
-        raise ValidationError(f"the runner's 'outputs' have shape {a.shape}, expected ({len(runner['predictions'])}, 1): "
-                              "one anomaly score per sample (the library's (1, 1) score head)")
-    return a[:, 0]
-
-
-def score_agreement(scores: np.ndarray, reference: list | None) -> tuple[float, float]:
-    """(share of samples whose score is within SCORE_RTOL of the reference board's, the largest
-    relative difference); (1.0, 0.0) for the reference board itself."""
-    if reference is None:
-        return 1.0, 0.0
-    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)[: len(scores), 0]
-    if len(ref) < len(scores):
-        raise ValidationError(f"board returned {len(scores)} scores, the reference board {len(ref)}")
-    diff = np.abs(scores - ref)
-    ok = diff <= SCORE_RTOL * np.abs(ref) + SCORE_ATOL
-    rel = diff / np.maximum(np.abs(ref), SCORE_ATOL)
-    return float(ok.mean()) if len(ok) else 1.0, float(rel.max()) if len(rel) else 0.0
-
-
-def _quality(req: Requirements, runner: dict, y: np.ndarray, reference: list | None,
-             normal: list[int] | None) -> tuple[dict, list[dict]]:
-    """The figures that say how right the board is, and their checks: accuracy and prediction
-    agreement for a classifier; AUC and score agreement for an anomaly detector."""
-    from passes.support.anomaly import auc, normal_mask
-
-    preds = np.asarray(runner["predictions"])
-    checks = []
-    if normal is None:
-        acc = float((preds == y).mean())
-        agreement = 1.0 if reference is None else float((preds == np.asarray(reference[: len(preds)])).mean())
-        if req.accuracy:
-            checks.append(_check("accuracy", acc, req.accuracy.min, ">="))
-        return {"accuracy": acc, "agreement_with_reference": agreement}, checks
-    scores = board_scores(runner)
-    anomalous = ~normal_mask(y, normal)
-    area = auc(anomalous, scores, f"the {len(y)} test samples sent to the board")
-    agreement, rel = score_agreement(scores, reference)
-    if req.auc:
-        checks.append(_check("auc", area, req.auc.min, ">="))
-    return {"auc": area, "accuracy": None, "agreement_with_reference": agreement, "score_max_rel_diff": rel,
-            "anomalous_samples": int(anomalous.sum()), "score_mean": {
-                "normal": float(scores[~anomalous].mean()), "anomalous": float(scores[anomalous].mean())}}, checks
-
-
 def evaluate(req: Requirements, runner: dict, labels: list[int], library_bytes: int, emulated: bool,
              reference: list | None, input_kb: float = 0.0, estimate: dict | None = None,
-             normal: list[int] | None = None) -> dict:
+             task=None) -> dict:
     """Metrics and per-requirement verdicts for one board. ``reference`` holds the reference
-    board's predictions (an anomaly detector's: its ``outputs``, the scores; None when this
-    board is the reference); ``input_kb`` the size of the test inputs the runner held;
-    ``estimate`` kiln.sizing's estimate for the board type, put next to the measurement
-    (measured / estimated ratios); ``normal`` an anomaly detector's normal class labels (None:
-    a classifier). Latency and memory on an emulated board are reported, not enforced: qemu's
-    timings and resident set are not the board's."""
+    board's answers (``task.answer``: a classifier's predictions, an anomaly detector's
+    ``outputs``, the scores; None when this board is the reference); ``input_kb`` the size of
+    the test inputs the runner held; ``estimate`` kiln.sizing's estimate for the board type,
+    put next to the measurement (measured / estimated ratios); ``task`` the app's task's Scorer
+    (kiln/tasks/; None: a classifier's), which scores the board's answers. Latency and memory
+    on an emulated board are reported, not enforced: qemu's timings and resident set are not
+    the board's."""
     preds = np.asarray(runner["predictions"])
     if len(labels) < len(preds):
         raise ValidationError(f"board returned {len(preds)} predictions for {len(labels)} test labels")
     y = np.asarray(labels[: len(preds)])
-    quality, checks = _quality(req, runner, y, reference, normal)
+    quality, wanted = (task or classification.Scorer()).quality(req, runner, y, reference)
+    checks = [_check(*c) for c in wanted]
     agreement = quality["agreement_with_reference"]
     lat = latency_ms(runner["latencies_us"])
     if req.latency_ms:
@@ -211,16 +152,6 @@ def front_end_check(runner: dict, host: np.ndarray) -> dict:
             "tolerance": FRONT_END_TOL}
 
 
-def _answers(project) -> tuple[list[int] | None, str]:
-    """(normal class labels, the runner key compared with the reference board): an anomaly
-    detector's normal labels and "outputs" (its scores); a classifier's None and "predictions"."""
-    from passes.support import anomaly
-
-    if not anomaly.is_detector(project):
-        return None, "predictions"
-    return anomaly.normal_indices(project), "outputs"
-
-
 # -- the deploy stage's last step: every board's run -> results and the app's report -----------
 
 def run(project, layout, instance_names: list[str], compile_only: list[str], lab_name: str, run_id: str) -> dict:
@@ -238,7 +169,7 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
     estimates = _estimates(project, {runs[n]["type"] for n in instance_names} | set(compile_only))
     sample_kb = _sample_kb(layout)
     host_features = _host_features(layout)
-    normal, answer = _answers(project)
+    task = project.task.scoring.scorer(project)  # how the app's task scores a board (kiln/tasks/)
     results = {}
     for name in instance_names:
         r = runs[name]
@@ -247,10 +178,10 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
             res["error"] = r["error"]
         else:
             lib = read_json(layout.compile_json(r["type"]))["library_bytes"]
-            reference = None if name == ref else runs[ref]["runner"].get(answer)
+            reference = None if name == ref else runs[ref]["runner"].get(task.answer)
             res.update(evaluate(project.requirements, r["runner"], labels, lib, r["emulated"], reference,
                                 input_kb=r["runner"].get("count", 0) * sample_kb, estimate=estimates.get(r["type"]),
-                                normal=normal))
+                                task=task))
             res["reference_board"] = ref
             if host_features is not None and "front_end" in r.get("checks", {}):
                 res["front_end"] = front_end_check(r["checks"]["front_end"], host_features)

@@ -215,11 +215,10 @@ def _infer_data(path: Path, project: Project) -> None:
     if ds.class_names is not None and len(ds.class_names) < 2:
         raise ManifestError(f"{path}: field 'dataset.classes': the data at {root} holds one class "
                             f"({', '.join(ds.class_names) or 'none'}); a classifier needs at least two")
-    if project.anomaly is not None:  # the normal classes can be checked only now
-        try:
-            project.normal_indices()
-        except ValueError as e:
-            raise ManifestError(f"{path}: field {e}") from e
+    try:  # what the task checks against the classes (anomaly detection's normal ones) can be checked only now
+        project.task.check(project)
+    except ValueError as e:
+        raise ManifestError(f"{path}: field {e}") from e
 
 
 def _check_budget(path: Path, project: Project) -> None:

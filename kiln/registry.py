@@ -12,6 +12,7 @@ and adding a format, family, pass, transport or lab backend is one module plus o
 | front end        | ``schema.FrontEnd``       | ``kind``    | ``fit``, ``module``, ``reference``          |
 | net family       | ``schema.Architecture``   | ``family``  | ``estimate``, ``build``                     |
 | compression pass | ``schema.PASSES``         | ``name``    | ``run(model, ckpt, settings, ctx)``         |
+| task             | ``schema.TASKS``          | ``name``    | passes/tasks/: ``loss``, ``validation``, ``fit_split``, ``Judge``, ``train_metrics`` |
 | transport        | ``schema.Transport``      | ``kind``    | ``open_transport(instance, lab_dir, local)``|
 | lab backend      | ``schema.Lab``            | ``backend`` | ``open_lab``, ``close_lab``                 |
 """
@@ -30,6 +31,7 @@ AXES: dict[str, Any] = {
     "front end": schema.FrontEnd,
     "net family": schema.Architecture,
     "compression pass": schema.PASSES,  # settings models; CompressionStep is derived from them
+    "task": schema.TASKS,  # chosen by the net's objective (kiln/schema/tasks.py)
     "transport": schema.Transport,
     "lab backend": schema.Lab,
 }

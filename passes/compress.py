@@ -1,8 +1,8 @@
 """Compress stage: runs the manifest's compression passes in order and records, per pass, its
 settings, parameters, MACs, weight bytes (as stored, and entropy-coded when weight coding ran),
-kernel library bytes and the val figure it is judged on: a classifier's val accuracy, an
-anomaly detector's val ROC AUC of its score (with the MSE of the normal val samples next to
-it; passes/support/anomaly.py); then checks the budgets of the manifest's ``compression``
+kernel library bytes and the val figure it is judged on, the task's (passes/tasks/ ``judge``):
+a classifier's val accuracy, an anomaly detector's val ROC AUC of its score (with the MSE of the
+normal val samples next to it); then checks the budgets of the manifest's ``compression``
 section (``max_accuracy_drop`` bounds the drop of that figure: accuracy, or AUC). With no
 passes listed it is a pass-through that still measures the baseline, so later stages always
 read ``compressed.pt``.
@@ -34,7 +34,7 @@ and calls its one entry point::
 
 Each row's ``val_accuracy`` is the returned model's val top-1 (an anomaly detector's rows have
 ``val_auc`` and ``val_mse`` instead; its passes fit and calibrate on the normal classes' samples
-only, through ``passes.support.anomaly.fit_split``); its weight bytes are
+only, through ``passes.tasks.fit_split``); its weight bytes are
 ``passes.support.common.stored_weight_bytes(model, ckpt)`` (fp32, or int8 when
 ``ckpt["quantization"]`` is set); ``coded_bytes`` is ``ckpt["weight_coding"]["coded_bytes"]``
 while the weights are still the ones weight coding coded. Its ``library_bytes`` is the size of
@@ -56,8 +56,8 @@ from kiln.artifacts import Layout, write_json
 from kiln.errors import PassError
 from kiln.registry import implementation
 from kiln.schema import Board, Project
-from passes.support import anomaly
-from passes.support.common import (accuracy, load_checkpoint, load_split, rebuild, save_checkpoint, sparsity,
+from passes import tasks
+from passes.support.common import (load_checkpoint, load_split, rebuild, save_checkpoint, sparsity,
                                    stored_weight_bytes, weights_sha256)
 
 log = logging.getLogger("kiln.compress")
@@ -76,38 +76,11 @@ class PassContext:
         return f"compression.passes.{self.index}.{self.name}" + (f".{name}" if name else "")
 
 
-@dataclass(frozen=True)
-class Judge:
-    """The validation split and the figure each row is judged on (``key``): val accuracy for a
-    classifier; for an anomaly detector (``normal``: its normal class labels) the val ROC AUC of
-    the anomaly score over the whole split, with the MSE of its normal samples."""
-
-    x: Any
-    y: Any
-    normal: list[int] | None = None
-
-    @property
-    def key(self) -> str:
-        return "val_accuracy" if self.normal is None else "val_auc"
-
-    @property
-    def name(self) -> str:
-        return "val accuracy" if self.normal is None else "val AUC"
-
-    def measure(self, model) -> dict:
-        if self.normal is None:
-            return {"val_accuracy": accuracy(model, self.x, self.y)[0]}
-        m = anomaly.evaluate(model, self.x, self.y, self.normal, "the val split")
-        if m["auc"] is None:
-            raise PassError("compress: the val split holds only one kind of sample (normal or anomalous): its AUC, "
-                            "what compression is judged on, is undefined (raise dataset.split.val)")
-        return {"val_auc": m["auc"], "val_mse": m["mse"]}
-
-
-def judge(project: Project, data_dir: Path) -> Judge:
-    """The Judge of ``project`` on the val split of ``data_dir``."""
+def judge(project: Project, data_dir: Path):
+    """The task's Judge of ``project`` on the val split of ``data_dir`` (passes/tasks/): the figure
+    each row is judged on (``key``, ``name``), what its drop is recorded as (``drop_key``)."""
     x, y = load_split(data_dir, "val")
-    return Judge(x, y, anomaly.normal_indices(project) if anomaly.is_detector(project) else None)
+    return tasks.of(project).judge(project, x, y)
 
 
 @dataclass
@@ -147,7 +120,7 @@ def coded_bytes(model, ckpt: dict) -> int | None:
     return wc["coded_bytes"] if wc.get("weights_sha256") == weights_sha256(model) else None
 
 
-def _row(name: str, settings: dict, model, ckpt: dict, val: Judge, seconds: float) -> dict:
+def _row(name: str, settings: dict, model, ckpt: dict, val, seconds: float) -> dict:
     from kiln.nets import measure
 
     cx = measure(model, (ckpt["channels"], *ckpt["image_size"]))
@@ -159,7 +132,7 @@ def _row(name: str, settings: dict, model, ckpt: dict, val: Judge, seconds: floa
             **val.measure(model), "seconds": round(seconds, 2)}
 
 
-def _run_passes(specs, model, ckpt: dict, val: Judge) -> tuple[list[Step], Any, dict]:
+def _run_passes(specs, model, ckpt: dict, val) -> tuple[list[Step], Any, dict]:
     steps = []
     for module, settings, ctx in specs:
         t0 = time.perf_counter()
@@ -178,7 +151,7 @@ def _run_passes(specs, model, ckpt: dict, val: Judge) -> tuple[list[Step], Any, 
     return steps, model, ckpt
 
 
-def _search(project: Project, specs, model, ckpt, val: Judge, base: dict) -> tuple[list[Step], dict]:
+def _search(project: Project, specs, model, ckpt, val, base: dict) -> tuple[list[Step], dict]:
     """Run the passes once per value of compression.search; keep the smallest result within
     the accuracy budget. The passes before the searched one run once. (The manifest's loading
     checked that the searched pass is listed and that every value is a valid setting.)"""
@@ -217,7 +190,7 @@ class _BudgetMissed(Exception):
         self.search = search
 
 
-def _budget_failures(project: Project, base: dict, final: dict, val: Judge) -> list[str]:
+def _budget_failures(project: Project, base: dict, final: dict, val) -> list[str]:
     c = project.compression
     drop = base[val.key] - final[val.key]
     size, kind = final["size_bytes"], "coded" if final["coded_bytes"] is not None else "as stored"
@@ -293,9 +266,8 @@ def run(project: Project, layout: Layout, library_board: Board | None) -> dict:
             s.row["library_bytes"] = library_bytes(s.snapshot, data_dir, board)
     rows = [s.row for s in steps]
     final = rows[-1]
-    drop_key = "accuracy_drop" if val.normal is None else "auc_drop"
     summary.update(passes=rows, judged_on=val.key, size_ratio=final["size_ratio"],
-                   **{drop_key: base.row[val.key] - final[val.key]})
+                   **{val.drop_key: base.row[val.key] - final[val.key]})
     failures = _budget_failures(project, base.row, final, val)
     if failures:
         summary["error"] = "; ".join(failures)

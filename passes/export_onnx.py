@@ -9,6 +9,7 @@ from __future__ import annotations
 from kiln.artifacts import Layout
 from kiln.schema import Project
 from kiln.artifacts import write_json
+from passes import tasks
 from passes.support.onnx_export import export_checkpoint, export_front_end
 
 
@@ -18,8 +19,8 @@ def run(project: Project, layout: Layout) -> dict:
 
     from kiln.nets.onnx import check
 
-    objective = getattr(project.architecture, "objective", "classification")
-    info = export_checkpoint(layout.compressed_pt, layout.data, layout.onnx, layout.export_json, objective=objective)
+    info = export_checkpoint(layout.compressed_pt, layout.data, layout.onnx, layout.export_json,
+                             score_head=tasks.of(project).SCORE_HEAD)
     try:
         check(onnx.load(str(layout.onnx)), f"{layout.onnx} (the exported model of {project.name})")
     except Exception:

@@ -28,7 +28,7 @@ global, amount: 0.8}``:
 
 Each of ``steps`` rounds prunes ``amount / steps`` more (of the original channels), then
 fine-tunes ``finetune_epochs`` on the family's loss (cross-entropy, or MSE for autoencoders, on
-the normal classes' samples only: passes/support/anomaly.py ``fit_split``) and keeps its best
+the normal classes' samples only: ``passes.tasks.fit_split``) and keeps its best
 validation epoch, as the train stage does: on a small data set the last epoch of
 a one-cycle run is often not the best, and the masks hold in every epoch's weights. Weights
 already exactly zero when the pass starts stay zero (an earlier magnitude pass). Deterministic
@@ -50,9 +50,10 @@ from typing import Any
 
 from kiln.errors import PassError
 from kiln.schema import PruneSettings
-from passes.support.anomaly import fit_split
-from passes.support.common import accuracy, bn_after, sparsity, to_tensor, trace, weight_layers
-from passes.support.training import fit, reconstruction_error
+from passes import tasks
+from passes.tasks import fit_split
+from passes.support.common import bn_after, sparsity, to_tensor, trace, weight_layers
+from passes.support.training import fit
 
 log = logging.getLogger("kiln.prune")
 
@@ -68,7 +69,7 @@ def run(model, ckpt: dict, settings: PruneSettings, ctx) -> tuple[Any, dict]:
     xtr, ytr = fit_split(ctx.project, ctx.data_dir, "train")  # an anomaly detector's: normal samples only
     xva, yva = fit_split(ctx.project, ctx.data_dir, "val")
     lr = s.finetune_lr or cfg.lr
-    objective = getattr(ctx.project.architecture, "objective", "classification")  # the loss fine-tuning uses
+    objective = ctx.project.objective  # the loss fine-tuning uses (its task's)
     structured = s.method != "magnitude"
     # the weights saved are the returned model's (passes/compress.py): drop any stale ones
     ckpt = {k: v for k, v in ckpt.items() if k != "state_dict"}
@@ -92,7 +93,7 @@ def run(model, ckpt: dict, settings: PruneSettings, ctx) -> tuple[Any, dict]:
                           aug=ctx.project.dataset.augment, gen=gen, xva=xva, yva=yva,
                           after_step=functools.partial(apply_masks, masks=masks),
                           tag=f"prune {ctx.project.name} round {step}", loss=objective, keep_best=True)
-        metric, value = _val(model, xva, yva, objective, history)
+        metric, value = _val(model, xva, yva, tasks.of(ctx.project), history)
         rounds.append({"round": step, "share": share, "widths": list(ckpt["architecture"].get("widths", [])),
                        "channels": channels(model), "sparsity": sparsity(model), metric: value,
                        "seconds": time.perf_counter() - t0})
@@ -105,13 +106,11 @@ def run(model, ckpt: dict, settings: PruneSettings, ctx) -> tuple[Any, dict]:
     return model, ckpt
 
 
-def _val(model, xva, yva, objective: str, history: list[dict]) -> tuple[str, float]:
-    """The round's validation figure: accuracy for classifiers, MSE of the normal validation
-    samples for autoencoders (the fine-tuning's last epoch has it; without fine-tuning it is
-    measured)."""
-    if objective == "reconstruction":
-        return "val_mse", history[-1]["val_mse"] if history else reconstruction_error(model, xva)
-    return "val_accuracy", history[-1]["val_accuracy"] if history else accuracy(model, xva, yva)[0]
+def _val(model, xva, yva, task, history: list[dict]) -> tuple[str, float]:
+    """The round's validation figure, the task's (passes/tasks/): accuracy for classifiers, MSE
+    of the normal validation samples for autoencoders (the fine-tuning's last epoch has it;
+    without fine-tuning it is measured)."""
+    return task.VAL_METRIC, history[-1][task.VAL_METRIC] if history else task.validation(model, xva, yva)
 
 
 def channels(model) -> dict[str, int]:

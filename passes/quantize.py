@@ -42,7 +42,7 @@ import numpy as np
 
 from kiln.errors import ManifestError
 from kiln.schema import QuantizeSettings
-from passes.support.anomaly import fit_split
+from passes.tasks import fit_split
 from passes.support.common import to_tensor
 from passes.support.int8 import (LUT_OUTPUT, WEIGHTED, WMAX, act_range, bias_ints, bias_scale, fake_quant, graph_plan, layer_bias,
                                  lut,                                  snap_weights)

@@ -2,11 +2,12 @@
 keeps the best-validation checkpoint, which describes itself (architecture, classes, input
 size, metrics).
 
-The loss follows the family's ``objective``: classifiers train on cross-entropy and report
-accuracy; reconstruction families (autoencoders: anomaly detectors) train on MSE against their
-input, on the normal classes' samples only (``anomaly.normal``), and report the validation and
-test MSE of the normal samples and the validation and test ROC AUC of the anomaly score over
-every sample (passes/support/anomaly.py; no accuracy: there is no label to be right about).
+The loss, the samples trained on and the figures recorded are the task's (passes/tasks/, chosen
+by the family's ``objective``): classifiers train on cross-entropy and report accuracy;
+reconstruction families (autoencoders: anomaly detectors) train on MSE against their input, on
+the normal classes' samples only (``anomaly.normal``), and report the validation and test MSE of
+the normal samples and the validation and test ROC AUC of the anomaly score over every sample
+(no accuracy: there is no label to be right about).
 Families Kiln does not train (``trains`` false, family onnx) never reach this stage: dodo runs
 the import stage (passes/import_model.py) for them."""
 
@@ -17,9 +18,8 @@ import logging
 from kiln.artifacts import Layout, sha256_file, write_json
 from kiln.errors import ManifestError, PassError
 from kiln.schema import Project
-from passes.support.common import accuracy, load_split, save_checkpoint
-from passes.support.anomaly import evaluate as anomaly_metrics
-from passes.support.anomaly import fit_split, normal_indices
+from passes import tasks
+from passes.support.common import save_checkpoint
 from passes.support.training import fit
 
 log = logging.getLogger("kiln.train")
@@ -34,15 +34,14 @@ def run(project: Project, layout: Layout) -> dict:
     if not getattr(family, "trains", True):
         raise PassError(f"train {project.name}: family '{arch.family}' is not trained by Kiln "
                         "(its model is imported: passes/import_model.py)")
-    objective = getattr(arch, "objective", "classification")  # a field of family module, else the family's
+    objective, task = project.objective, tasks.of(project)  # a field of family module, else the family's
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     data_dir = layout.data
-    xtr, ytr = fit_split(project, data_dir, "train")  # an anomaly detector's: the normal samples only
-    xva, yva = fit_split(project, data_dir, "val")
-    xte, yte = load_split(data_dir, "test")
+    xtr, ytr = task.fit_split(project, data_dir, "train")  # an anomaly detector's: the normal samples only
+    xva, yva = task.fit_split(project, data_dir, "val")
     model, cx = _model(project)
     log.info("train %s: %d params, %d MACs, %d activations, %d train / %d val samples, %d epochs, %s",
              project.name, cx.params, cx.macs, cx.activations, len(ytr), len(yva), cfg.epochs, objective)
@@ -51,44 +50,19 @@ def run(project: Project, layout: Layout) -> dict:
                   xva=xva, yva=yva, keep_best=True, tag=f"train {project.name}", loss=objective)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metrics = {"params": cx.params, "macs": cx.macs, "activations": cx.activations, "objective": objective}
-    if objective == "reconstruction":
-        best_epoch = min(history, key=lambda r: r["val_mse"])  # first of the best, as fit keeps it
-        metrics.update(best_epoch=best_epoch["epoch"], val_mse=best_epoch["val_mse"],
-                       **_anomaly(project, model, data_dir, len(ytr)))
-        summary = (f"val mse {metrics['val_mse']:.5f}, test mse {metrics['test_mse']:.5f}, "
-                   f"val auc {_shown(metrics['val_auc'])}, test auc {_shown(metrics['test_auc'])}")
-    else:
-        best_epoch = max(history, key=lambda r: r["val_accuracy"])
-        test_acc, _ = accuracy(model, xte, yte)
-        metrics.update(best_epoch=best_epoch["epoch"], val_accuracy=best_epoch["val_accuracy"], test_accuracy=test_acc)
-        summary = f"val {metrics['val_accuracy']:.4f}, test {test_acc:.4f}"
+    figures, summary = task.train_metrics(project, model, history, data_dir, len(ytr))
+    metrics.update(figures)
     metrics.update(history=history, training=cfg.model_dump(), augment=ds.augment.model_dump(),
                    data_sha256=sha256_file(layout.split("train")))
     ckpt = {
         "state_dict": best_state, "architecture": arch.model_dump(), "channels": ds.channels,
         "num_classes": ds.num_classes, "image_size": list(ds.image_size), "metrics": metrics,
+        **task.checkpoint(project),  # what it was trained on (an anomaly detector's normal classes)
     }
-    if objective == "reconstruction":  # the checkpoint says what it was trained on
-        ckpt["anomaly"] = {"normal": list(project.anomaly.normal), "normal_labels": normal_indices(project)}
     save_checkpoint(layout.model_pt, ckpt)
     write_json(layout.metrics, metrics)
-    log.info("train %s: best epoch %d, %s", project.name, best_epoch["epoch"], summary)
+    log.info("train %s: best epoch %d, %s", project.name, metrics["best_epoch"], summary)
     return metrics
-
-
-def _anomaly(project: Project, model, data_dir, train_samples: int) -> dict:
-    """An anomaly detector's figures: the MSE of the normal test samples, and the ROC AUC of the
-    score over the whole validation and test splits (normal against anomalous)."""
-    normal = normal_indices(project)
-    val = anomaly_metrics(model, *load_split(data_dir, "val"), normal, "the val split")
-    test = anomaly_metrics(model, *load_split(data_dir, "test"), normal, "the test split")
-    return {"normal": list(project.anomaly.normal), "train_samples": train_samples, "val_auc": val["auc"],
-            "test_mse": test["mse"], "test_auc": test["auc"],
-            "anomalous": {"val": val["anomalous"], "test": test["anomalous"]}}
-
-
-def _shown(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
 
 
 def _model(project: Project):
@@ -121,12 +95,13 @@ def _model(project: Project):
 
 
 def _check_output(model, project: Project, shape: tuple[int, ...]) -> None:
-    """A team's module must map (1, C, H, W) to (1, classes) logits, or for a reconstruction
-    objective to (1, C*H*W); said before training, not as a loss-function traceback."""
+    """A team's module must map (1, C, H, W) to what its task trains (passes/tasks/): (1, classes)
+    logits, or for a reconstruction objective (1, C*H*W); said before training, not as a
+    loss-function traceback."""
     import torch
 
     arch = project.architecture
-    want = (1, shape[0] * shape[1] * shape[2]) if arch.objective == "reconstruction" else (1, project.dataset.num_classes)
+    want = tasks.of(project).output_shape(project, shape)
     model.eval()
     try:
         with torch.no_grad():

@@ -1,12 +1,14 @@
-"""Report: one JSON per app with every board's verdict, and a table for the terminal. The
-table's quality column is the accuracy of a classifier, the ROC AUC of an anomaly detector
-(its boards' results have ``auc``; their agreement is that of the scores, hil/validate.py)."""
+"""The deploy stage's report: one JSON per app (build/<app>/report.json) with every board's
+verdict, and a table for the terminal. The table's quality column is the task's
+(kiln/tasks/<task>.py ``COLUMN``): the accuracy of a classifier, the ROC AUC of an anomaly
+detector (its boards' results have ``auc``; their agreement is that of the scores)."""
 
 from __future__ import annotations
 
 import time
 
 from kiln.artifacts import write_json
+from kiln.tasks import judged_by
 
 
 def build(app: str, lab: str, boards: dict[str, dict], data: dict | None = None) -> dict:
@@ -54,14 +56,9 @@ def write(path, report: dict) -> None:
     write_json(path, report)
 
 
-def _quality(r: dict) -> float:
-    """A validated board's accuracy, or an anomaly detector's AUC."""
-    return r["auc"] if r.get("auc") is not None else r["accuracy"]
-
-
 def table(report: dict) -> str:
-    detector = any(r.get("auc") is not None for r in report["boards"].values())
-    metric = "auc" if detector else "acc"
+    task = judged_by(report["boards"].values())  # the task's figure: a classifier's accuracy, a detector's AUC
+    metric = task.COLUMN
     head = f"{'board':<14} {'type':<12} {'link':<7} {'verdict':<8} {metric:>7} {'p50 ms':>8} {'p99 ms':>8} {'KiB':>7} {'agree':>7}"
     lines = [f"Kiln report: {report['app']} on lab '{report['lab']}'", head, "-" * len(head)]
     for name, r in report["boards"].items():
@@ -74,12 +71,11 @@ def table(report: dict) -> str:
         lat = r["latency_ms"]
         emu = "*" if r["latency_emulated"] else " "
         lines.append(
-            f"{name:<14} {r['type']:<12} {r.get('transport') or '?':<7} {'PASS' if r['passed'] else 'FAIL':<8} {_quality(r):>7.4f} "
+            f"{name:<14} {r['type']:<12} {r.get('transport') or '?':<7} {'PASS' if r['passed'] else 'FAIL':<8} {r[task.METRIC]:>7.4f} "
             f"{lat['p50']:>7.3f}{emu} {lat['p99']:>7.3f}{emu} {r['model_bytes'] / 1024:>7.1f} {r['agreement_with_reference']:>7.4f}"
         )
-    if detector:
-        lines.append("auc: ROC AUC of the board's anomaly scores (normal against anomalous test samples); "
-                     "agree: share of scores within hil/validate.py SCORE_RTOL of the reference board's")
+    if task.NOTE:
+        lines.append(task.NOTE)
     if any(r.get("latency_emulated") for r in report["boards"].values()):
         lines.append("* latency and memory measured under emulation (qemu-user): reported, not enforced")
     fe = {n: r["front_end"] for n, r in report["boards"].items() if r.get("front_end")}

@@ -10,7 +10,7 @@ from kiln.schema.base import Strict
 from kiln.schema.compression import Compression
 from kiln.schema.datasets import Dataset, dataset_class_names
 from kiln.schema.nets import Architecture
-from kiln.schema.tasks import Anomaly
+from kiln.schema.tasks import Anomaly, task_for
 
 
 # --- project manifest -------------------------------------------------------------------------
@@ -124,33 +124,30 @@ class Project(Strict):
             raise ValueError("anomaly.normal: the dataset's classes are not known yet (kiln.config infers them)")
         return self.anomaly.indices(names)
 
+    @property
+    def task(self):
+        """The task's settings (kiln/schema/tasks.py): chosen by the net's objective; its
+        settings are the manifest's section for it (``anomaly``), if it has one."""
+        cls = task_for(self.objective)
+        return cls() if cls.section is None else getattr(self, cls.section)
+
     @model_validator(mode="after")
-    def _objective_fits(self) -> Project:
-        """Anomaly detection and classification each get only their own settings, refused when
-        the manifest loads: a reconstruction objective needs ``anomaly.normal`` and is judged by
-        ``requirements.auc``; a classifier by ``requirements.accuracy``. The normal class names
-        are checked against the data's classes here when they are known (listed, or a format
-        whose classes are indices); inferred ones once kiln.config has inferred them
-        (``normal_indices``)."""
-        family, req = self.architecture.family, self.requirements
-        if self.objective == "reconstruction":
-            if self.anomaly is None:
-                raise ValueError(f"anomaly.normal: family '{family}' has a reconstruction objective (anomaly "
-                                 "detection): list the normal classes it is trained on, e.g. anomaly: {normal: [...]}; "
-                                 "every other class is an anomaly")
-            if req.accuracy is not None:
-                raise ValueError(f"requirements.accuracy: family '{family}' has a reconstruction objective: its "
-                                 "outputs are no classes to be right about; require auc: {min: ...} (the ROC AUC of "
-                                 "the anomaly score) instead")
-            if dataset_class_names(self.dataset) is not None:
-                self.normal_indices()
-        else:
-            if req.auc is not None:
-                raise ValueError(f"requirements.auc: family '{family}' is a classifier; auc applies to anomaly "
-                                 "detection (a reconstruction objective, e.g. family autoencoder); require accuracy")
-            if self.anomaly is not None:
-                raise ValueError(f"anomaly: family '{family}' is a classifier; anomaly applies to a reconstruction "
-                                 "objective only (e.g. family autoencoder)")
+    def _task_fits(self) -> Project:
+        """Each task gets only its own settings, refused when the manifest loads: anomaly
+        detection (a reconstruction objective) needs ``anomaly.normal`` and is judged by
+        ``requirements.auc``; a classifier by ``requirements.accuracy`` (each task's ``missing``
+        and ``refuses``). The task then checks what only the whole manifest tells (the normal
+        class names against the data's classes, when they are known)."""
+        cls, family = task_for(self.objective), self.architecture.family
+        if cls.section is not None and getattr(self, cls.section) is None:
+            raise ValueError(cls.missing.replace("{family}", family))
+        for path, why in cls.refuses.items():
+            value = self
+            for part in path.split("."):
+                value = getattr(value, part)
+            if value is not None:
+                raise ValueError(why.replace("{family}", family))
+        self.task.check(self)
         return self
 
     @model_validator(mode="after")

@@ -1,20 +1,74 @@
-"""Tasks: what the net is trained to do."""
+"""Tasks: what the net is trained to do, and so how it is trained, compressed, scored on the board
+and reported. One settings model per task, listed in ``TASKS``; the task is chosen by the net's
+``objective`` (a family's class variable, family module's field): "classification" is the task
+``classification``, "reconstruction" the task ``anomaly_detection``, whose settings are the
+manifest's ``anomaly`` section. A task names its torch side (``implementation``,
+passes/tasks/<task>.py: loss, training metric, the compress judge, the samples stages fit on) and
+holds its torch-free side in ``scoring`` (kiln/tasks/<task>.py: how validate scores the board's
+outputs, the report's column), as a front end names passes/frontends/<kind>.py and holds
+kiln/frontends/<kind>.py. ``refuses`` maps a manifest path this task does not accept (another
+task's requirement or section) to why; ``Project`` refuses it when the manifest loads."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from types import ModuleType
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
 from kiln.schema.base import Strict
+from kiln.schema.datasets import dataset_class_names
+from kiln.tasks import anomaly_detection as _anomaly_detection, classification as _classification
 
 
-class Anomaly(Strict):
+class _TaskBase(Strict):
+    name: ClassVar[str]
+    implementation: ClassVar[str]  # passes/tasks/<name>.py (torch)
+    scoring: ClassVar[ModuleType]  # kiln/tasks/<name>.py (torch-free)
+    objective: ClassVar[str]  # the net objective that selects this task
+    section: ClassVar[str | None] = None  # the manifest section holding its settings (None: it has none)
+    missing: ClassVar[str] = ""  # why a manifest without that section is refused ({family}: the family)
+    refuses: ClassVar[dict[str, str]] = {}  # manifest path it does not accept -> why ({family})
+
+    def check(self, project) -> None:
+        """What only the whole manifest can tell (called when it loads)."""
+
+
+class Classification(_TaskBase):
+    """Classification: cross-entropy on the labels, judged by top-1 accuracy (no manifest section)."""
+
+    name: ClassVar[str] = "classification"
+    implementation: ClassVar[str] = "passes.tasks.classification"
+    scoring: ClassVar[ModuleType] = _classification
+    objective: ClassVar[str] = "classification"
+    refuses: ClassVar[dict[str, str]] = {
+        "requirements.auc": "requirements.auc: family '{family}' is a classifier; auc applies to anomaly detection "
+                            "(a reconstruction objective, e.g. family autoencoder); require accuracy",
+        "anomaly": "anomaly: family '{family}' is a classifier; anomaly applies to a reconstruction objective only "
+                   "(e.g. family autoencoder)",
+    }
+
+
+class Anomaly(_TaskBase):
     """Anomaly detection, for a net whose objective is reconstruction (families autoencoder and
     mlperf_ad, a module with objective reconstruction; MLPerf Tiny's anomaly benchmark): it is
     trained and compressed on the ``normal`` classes' samples only; a sample's score is the mean
     squared error of its reconstruction (over the net's input features); the test AUC ranks the
     normal samples (negative) against every other class's (anomalous, positive)."""
+
+    name: ClassVar[str] = "anomaly_detection"
+    implementation: ClassVar[str] = "passes.tasks.anomaly_detection"
+    scoring: ClassVar[ModuleType] = _anomaly_detection
+    objective: ClassVar[str] = "reconstruction"
+    section: ClassVar[str | None] = "anomaly"
+    missing: ClassVar[str] = ("anomaly.normal: family '{family}' has a reconstruction objective (anomaly detection): "
+                              "list the normal classes it is trained on, e.g. anomaly: {normal: [...]}; every other "
+                              "class is an anomaly")
+    refuses: ClassVar[dict[str, str]] = {
+        "requirements.accuracy": "requirements.accuracy: family '{family}' has a reconstruction objective: its "
+                                 "outputs are no classes to be right about; require auc: {min: ...} (the ROC AUC of "
+                                 "the anomaly score) instead",
+    }
 
     normal: list[str] = Field(min_length=1, description="the classes that are normal, by name (formats without "
                               "class names, gtsrb, digits and synthetic, name them by index: '0', '1', ...); "
@@ -41,3 +95,18 @@ class Anomaly(Strict):
             raise ValueError(f"anomaly.normal: every class ({', '.join(names)}) is normal: no anomalous samples "
                              "to measure an AUC on")
         return [names.index(n) for n in self.normal]
+
+    def check(self, project) -> None:
+        """The normal class names against the data's classes, when they are known (listed, or a
+        format whose classes are indices); inferred ones once kiln.config has inferred them."""
+        if dataset_class_names(project.dataset) is not None:
+            project.normal_indices()
+
+
+# the registry of tasks; adding one is its settings model here, one entry, and its two modules
+TASKS: tuple[type[_TaskBase], ...] = (Classification, Anomaly)
+
+
+def task_for(objective: str) -> type[_TaskBase]:
+    """The task a net of ``objective`` is trained for."""
+    return next(t for t in TASKS if t.objective == objective)

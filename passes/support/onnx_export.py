@@ -182,11 +182,11 @@ def export_float(model, shape: tuple[int, ...], path: Path) -> None:
 
 
 def export_checkpoint(model_pt: Path, data_dir: Path, out_onnx: Path, out_json: Path, samples: int = 64,
-                      atol: float = 1e-4, objective: str = "classification") -> dict:
+                      atol: float = 1e-4, score_head: bool = False) -> dict:
     """Export the checkpoint ``model_pt`` to ``out_onnx`` once it agrees with torch on the first
     ``samples`` validation samples of ``data_dir``; its report (shape, parity) to ``out_json``."""
     model, ckpt = load_checkpoint(model_pt)
-    return export_model(model, ckpt, data_dir, out_onnx, out_json, samples, atol, objective)
+    return export_model(model, ckpt, data_dir, out_onnx, out_json, samples, atol, score_head)
 
 
 def export_float_of(model_pt: Path, data_dir: Path, out_onnx: Path, out_json: Path) -> dict:
@@ -300,19 +300,20 @@ class _Deployed:
 
 
 def export_model(model, ckpt: dict, data_dir: Path, out_onnx: Path, out_json: Path, samples: int = 64,
-                 atol: float = 1e-4, objective: str = "classification") -> dict:
+                 atol: float = 1e-4, score_head: bool = False) -> dict:
     """:func:`export_checkpoint` of a model already built (the float model of ``ckpt``, its
     weights as the checkpoint holds them; a quantized checkpoint's twin is made here). With a
     front end (the data stage's front_end.json), the ONNX model takes the raw samples and ONNX
     Runtime is fed the raw validation samples, torch the features the host computed from
-    them; a reconstruction objective ends in the anomaly score."""
+    them; with ``score_head`` (the task's, passes/tasks/), or a checkpoint trained for anomaly
+    detection, the graph ends in the anomaly score."""
     import onnx
     import onnxruntime as ort
     import torch
 
     quant = ckpt.get("quantization")
     shape = (1, ckpt["channels"], *ckpt["image_size"])
-    score = objective == "reconstruction" or bool(ckpt.get("anomaly"))  # a detector ends in its score
+    score = score_head or bool(ckpt.get("anomaly"))  # a detector ends in its score
     fe_module, fe_info = _front_end(data_dir)
     x, _ = load_split(data_dir, "val")
     batch = to_tensor(x[:samples])

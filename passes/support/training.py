@@ -1,6 +1,7 @@
 """The training loop the torch passes share: seeded Adam with a one-cycle schedule and online
-augmentation, on a classification (cross-entropy) or reconstruction (MSE) loss. The train stage
-trains with it; prune and weight coding fine-tune with it."""
+augmentation, on the loss of the net's task (passes/tasks/: cross-entropy for classification,
+MSE against the input for reconstruction). The train stage trains with it; prune and weight
+coding fine-tune with it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import time
 
 import numpy as np
 
-from passes.support.common import accuracy, to_tensor
+from passes.support.common import to_tensor
+from passes.tasks import LOSSES, by_objective
+from passes.tasks.anomaly_detection import reconstruction_error  # noqa: F401  (prune and tests import it here)
 
 log = logging.getLogger("kiln.train")
 
@@ -38,19 +41,6 @@ def augment(x, aug, gen):
     return x.clamp_(0, 1)
 
 
-LOSSES = ("classification", "reconstruction")
-
-
-def reconstruction_error(model, x, batch: int = 512) -> float:
-    """Mean squared error between ``model``'s output and its flattened input over samples ``x``
-    (as a split stores them; the model sees ``to_tensor`` of them): the mean of the per-sample
-    anomaly scores (passes/support/anomaly.py), the validation metric of autoencoders."""
-    from passes.support.anomaly import scores
-
-    s = scores(model, x, batch)
-    return float(s.mean()) if len(s) else 0.0
-
-
 def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, yva=None,
         after_step=None, keep_best: bool = False, tag: str = "train", loss: str = "classification") -> list[dict]:
     """Adam with a one-cycle schedule on uint8 NHWC samples ``x``/``y`` with online augmentation
@@ -58,11 +48,12 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
     optimizer step (compression passes keep pruning masks applied with it). With ``keep_best``
     the model ends with the weights of its best validation epoch. Returns one row per epoch.
 
-    ``loss``: "classification" (cross-entropy on the labels; rows have ``val_accuracy`` when
-    validation samples are given) or "reconstruction" (MSE between the output and the
-    flattened, augmented input: autoencoders; labels are not used; rows have ``val_mse``, the
-    best epoch is the lowest). An anomaly detector's callers pass its normal samples only
-    (passes/support/anomaly.py ``fit_split``), for training and for validation."""
+    ``loss``: the net's objective, which names its task (passes/tasks/): "classification"
+    (cross-entropy on the labels; rows have ``val_accuracy`` when validation samples are given)
+    or "reconstruction" (MSE between the output and the flattened, augmented input:
+    autoencoders; labels are not used; rows have ``val_mse``, the best epoch is the lowest). An
+    anomaly detector's callers pass its normal samples only (``passes.tasks.fit_split``), for
+    training and for validation."""
     import torch
 
     if loss not in LOSSES:
@@ -70,9 +61,9 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = max(1, epochs * math.ceil(len(y) / batch))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    reconstruct = loss == "reconstruction"
-    loss_fn = torch.nn.MSELoss() if reconstruct else torch.nn.CrossEntropyLoss()
-    metric, sign = ("val_mse", -1.0) if reconstruct else ("val_accuracy", 1.0)
+    task = by_objective(loss)
+    loss_fn = task.loss_fn()
+    metric, sign = task.VAL_METRIC, task.VAL_SIGN
     x_t, y_t = to_tensor(x), torch.from_numpy(y)
     best, history = {"score": -math.inf}, []
     for epoch in range(1, epochs + 1):
@@ -85,7 +76,7 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
             # augmentation is for pixels in [0, 1]; a front end's features are left as they are
             xb = augment(x_t[idx], aug, gen) if x.dtype == np.uint8 else x_t[idx]
             out = model(xb)
-            value = loss_fn(out, xb.flatten(1)) if reconstruct else loss_fn(out, y_t[idx])
+            value = task.loss(loss_fn, out, xb, y_t[idx])
             opt.zero_grad()
             value.backward()
             opt.step()
@@ -95,7 +86,7 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
             total += value.item() * len(idx)
         row = {"epoch": epoch, "loss": total / max(1, len(y))}
         if xva is not None:
-            row[metric] = reconstruction_error(model, xva) if reconstruct else accuracy(model, xva, yva)[0]
+            row[metric] = task.validation(model, xva, yva)
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         _log_epoch(tag, epochs, row)

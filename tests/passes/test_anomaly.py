@@ -16,7 +16,9 @@ from hil import validate
 from hil.reports import deploy as report
 from kiln.errors import ManifestError, ValidationError
 from kiln.schema import Project, Requirements
-from passes.support import anomaly
+from kiln.tasks.anomaly_detection import Scorer
+from passes import tasks
+from passes.tasks import anomaly_detection as anomaly
 from tests.conftest import run_doit, write_project
 
 APP = {  # 3 synthetic classes of 32 values; class "0" is normal, "1" and "2" are anomalies
@@ -127,21 +129,21 @@ def test_a_bad_anomaly_section_is_refused_when_the_manifest_loads(kiln_env):
 def test_fit_split_keeps_the_normal_samples_of_a_detector_only(tmp_path):
     y = np.array([0, 1, 2, 0, 2, 0])
     np.savez(tmp_path / "train.npz", x=np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1), y=y)
-    x, yy = anomaly.fit_split(Project.model_validate(app()), tmp_path, "train")
+    x, yy = tasks.fit_split(Project.model_validate(app()), tmp_path, "train")
     assert yy.tolist() == [0, 0, 0] and x.ravel().tolist() == [0, 3, 5]
-    x, yy = anomaly.fit_split(Project.model_validate(app(anomaly={"normal": ["1", "2"]})), tmp_path, "train")
+    x, yy = tasks.fit_split(Project.model_validate(app(anomaly={"normal": ["1", "2"]})), tmp_path, "train")
     assert yy.tolist() == [1, 2, 2]
     classifier = Project.model_validate(app(architecture={"family": "mlp", "widths": [8]}, anomaly=None, requirements={}))
-    assert len(anomaly.fit_split(classifier, tmp_path, "train")[1]) == 6
+    assert len(tasks.fit_split(classifier, tmp_path, "train")[1]) == 6
     np.savez(tmp_path / "val.npz", x=np.zeros((2, 1, 1, 1), np.uint8), y=np.array([1, 2]))
     with pytest.raises(Exception, match=r"val.npz: the val split holds no sample of the normal classes \(anomaly.normal: 0\)"):
-        anomaly.fit_split(Project.model_validate(app()), tmp_path, "val")
+        tasks.fit_split(Project.model_validate(app()), tmp_path, "val")
 
 
 def test_compression_is_judged_on_the_val_auc():
-    from passes.compress import Judge, _budget_failures
+    from passes.compress import _budget_failures
 
-    val = Judge(None, None, [0])
+    val = anomaly.Judge(None, None, [0])
     proj = Project.model_validate(app())
     assert val.key == "val_auc"
     base, final = {"val_auc": 0.95, "weight_bytes": 100}, {"val_auc": 0.80, "size_bytes": 50, "coded_bytes": None}
@@ -206,12 +208,12 @@ LABELS = [0, 1, 0, 2, 0, 1]  # normal: 0
 
 def test_board_auc_from_its_scores_against_the_requirement():
     good = [0.01, 0.5, 0.02, 0.4, 0.03, 0.6]
-    res = validate.evaluate(REQ, board(good), LABELS, 1024, False, None, normal=[0])
+    res = validate.evaluate(REQ, board(good), LABELS, 1024, False, None, task=Scorer([0]))
     assert res["auc"] == 1.0 and res["accuracy"] is None and res["passed"] and res["anomalous_samples"] == 3
     assert {c["name"]: c["verdict"] for c in res["requirements"]} == {"auc": "pass", "latency_ms.p99": "pass",
                                                                      "agreement": "pass"}
     bad = [0.5, 0.01, 0.02, 0.4, 0.03, 0.02]  # two anomalies score like normal samples
-    res = validate.evaluate(REQ, board(bad), LABELS, 1024, False, good, normal=[0])
+    res = validate.evaluate(REQ, board(bad), LABELS, 1024, False, good, task=Scorer([0]))
     assert res["auc"] == pytest.approx(brute_auc([y != 0 for y in LABELS], bad))
     checks = {c["name"]: c for c in res["requirements"]}
     assert checks["auc"]["verdict"] == "fail" and checks["auc"]["limit"] == 0.9
@@ -225,23 +227,23 @@ def test_board_auc_from_its_scores_against_the_requirement():
 def test_board_scores_agree_with_the_reference_within_a_tolerance():
     ref = [0.01, 0.5, 0.02, 0.4, 0.03, 0.6]
     near = [s * (1 + 1e-5) for s in ref]  # an FMA's worth: agrees
-    res = validate.evaluate(REQ, board(near), LABELS, 1024, True, ref, normal=[0])
+    res = validate.evaluate(REQ, board(near), LABELS, 1024, True, ref, task=Scorer([0]))
     assert res["agreement_with_reference"] == 1.0 and res["score_max_rel_diff"] == pytest.approx(1e-5, rel=1e-3)
     off = list(ref)
     off[1] *= 1.01
-    assert validate.evaluate(REQ, board(off), LABELS, 1024, True, ref, normal=[0])["agreement_with_reference"] == \
+    assert validate.evaluate(REQ, board(off), LABELS, 1024, True, ref, task=Scorer([0]))["agreement_with_reference"] == \
         pytest.approx(5 / 6)
 
 
 def test_a_detector_board_without_one_score_per_sample_is_an_error():
     with pytest.raises(ValidationError, match="no 'outputs'.*--outputs"):
-        validate.evaluate(REQ, board([0.1] * 6, outputs=False), LABELS, 1, False, None, normal=[0])
+        validate.evaluate(REQ, board([0.1] * 6, outputs=False), LABELS, 1, False, None, task=Scorer([0]))
     wide = board([0.1] * 6)
     wide["outputs"] = [[0.1, 0.2]] * 6  # the reconstruction, not the score head
     with pytest.raises(ValidationError, match=r"shape \(6, 2\), expected \(6, 1\): one anomaly score per sample"):
-        validate.evaluate(REQ, wide, LABELS, 1, False, None, normal=[0])
+        validate.evaluate(REQ, wide, LABELS, 1, False, None, task=Scorer([0]))
     with pytest.raises(ValidationError, match="hold no anomalous sample"):
-        validate.evaluate(REQ, board([0.1, 0.2]), [0, 0], 1, False, None, normal=[0])
+        validate.evaluate(REQ, board([0.1, 0.2]), [0, 0], 1, False, None, task=Scorer([0]))
 
 
 def test_a_classifier_is_validated_as_before():
