@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from kiln.artifacts import write_json
-from kiln.tasks import judged_by
+from kiln.schema import judged_by
 
 
 def build(app: str, lab: str, boards: dict[str, dict], data: dict | None = None) -> dict:

@@ -41,7 +41,7 @@ from kiln.schema.nets import (Architecture, AutoencoderArchitecture, CnnArchitec
                               parse_architecture)
 from kiln.schema.project import (LatencyLimit, MemoryLimit, MinLimit, Project, Requirements, SizeLimit, Sizing, Training,
                                  Tuning, Validation)
-from kiln.schema.tasks import TASKS, Anomaly, Classification, _TaskBase, task_for
+from kiln.schema.tasks import TASKS, Anomaly, Classification, _TaskBase, judged_by, task_for
 from kiln.schema.transports import LocalTransport, SerialTransport, SSHTransport, Transport
 
 __all__ = [
@@ -55,5 +55,6 @@ __all__ = [
     "MlperfAdArchitecture", "MlperfIcArchitecture", "MlperfKwsArchitecture", "MlperfVwwArchitecture",
     "MobilenetV1Architecture", "ModuleArchitecture", "OnnxArchitecture", "ResnetArchitecture", "RnnArchitecture",
     "parse_architecture", "LatencyLimit", "MemoryLimit", "MinLimit", "Project", "Requirements", "SizeLimit", "Sizing",
-    "Training", "Tuning", "Validation", "Anomaly", "Classification", "TASKS", "task_for", "LocalTransport", "SerialTransport", "SSHTransport", "Transport",
+    "Training", "Tuning", "Validation", "Anomaly", "Classification", "TASKS", "task_for", "judged_by",
+    "LocalTransport", "SerialTransport", "SSHTransport", "Transport",
 ]

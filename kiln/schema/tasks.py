@@ -110,3 +110,12 @@ TASKS: tuple[type[_TaskBase], ...] = (Classification, Anomaly)
 def task_for(objective: str) -> type[_TaskBase]:
     """The task a net of ``objective`` is trained for."""
     return next(t for t in TASKS if t.objective == objective)
+
+
+def judged_by(results) -> ModuleType:
+    """The scoring module (kiln/tasks/) of the task whose figure the board results hold: report
+    tables are built from the results alone; the first task's when none holds one (every
+    board failed)."""
+    results = list(results)
+    found = (t for t in TASKS if any(r.get(t.scoring.METRIC) is not None for r in results))
+    return next(found, TASKS[0]).scoring

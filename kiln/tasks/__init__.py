@@ -16,15 +16,3 @@ without it.
 """
 
 from __future__ import annotations
-
-
-def judged_by(results):
-    """The task module whose figure the board results hold (report tables are built from the
-    results alone); classification when none holds one (every board failed)."""
-    from kiln.tasks import anomaly_detection, classification
-
-    results = list(results)
-    for module in (anomaly_detection, classification):
-        if any(r.get(module.METRIC) is not None for r in results):
-            return module
-    return classification
