@@ -9,6 +9,8 @@ interleaved rounds, and the table gives both medians, their ratio and the spread
 The lab is a private one (its own build dir and board name), so it never meets the default lab.
 Run after `doit deploy:traffic_signs` (it needs model.onnx and the test inputs):
     .venv/bin/python bench/rpc_tune.py [--trials 128] [--rounds 5] [--samples 200]
+``--smoke``: the same real lab, RPC tuning and on-board runs for a tiny app it builds first
+(bench/_smoke.py), 2 trials, 2 rounds x 8 samples: about a minute, numbers meaningless.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def parse_args():
     ap.add_argument("--trials", type=int, default=128, help="MetaSchedule trials, all measured over RPC")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of untuned/tuned runs on the board")
     ap.add_argument("--samples", type=int, default=200, help="test samples per run (each timed on its own)")
-    return ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="a tiny app built first, 2 trials, 2 rounds x 8 samples")
+    args = ap.parse_args()
+    if args.smoke:
+        args.trials, args.rounds, args.samples = 2, 2, 8
+    return args
 
 
 def main() -> int:
@@ -49,6 +55,10 @@ def main() -> int:
     from kiln.artifacts import Layout, read_json
     from kiln.errors import KilnError
 
+    if args.smoke:
+        from bench._smoke import tiny_app
+
+        args.app = tiny_app()
     lay = Layout(args.app)  # the app's artifacts in the main build dir, read before KILN_BUILD moves
     onnx, data = lay.onnx, lay.data
     if not onnx.is_file():
