@@ -35,6 +35,7 @@ def manifest() -> dict:
         {"weight_coding": {"bits": 5}},
         {"quantize": {"mode": "int8", "calibration_samples": 16}}]}
     d["tuning"] = {"trials": 0}
+    d["targets"] = ["x86-host", "rpi3"]  # rpi3: bench/serial_deploy.py's serial board (built only when asked)
     d["validation"] = {"samples": 8, "warmup": 1, "timeout_s": 300}
     return d
 

@@ -18,6 +18,10 @@ check) twice over it:
 Prints per file the bytes raw / compressed / sent (payload) / on the wire and the seconds, the
 steps' times and the totals; writes them to build/bench/serial_deploy.json. It takes about ten
 minutes: run it with nothing else at work (the pacing relay and qemu need their CPU).
+
+``--smoke``: the same cold and warm deploys over the same real pty board and qemu, of a tiny app
+it builds first for rpi3 (bench/_smoke.py: 8 validation samples) at 4,000,000 baud: under a
+minute once built; the goals are printed but mean nothing there.
 """
 
 from __future__ import annotations
@@ -110,7 +114,13 @@ def main() -> int:
     ap.add_argument("--app", default="traffic_signs")
     ap.add_argument("--type", default="rpi3", help="board type of the serial board (its library is deployed)")
     ap.add_argument("--baud", type=int, default=115200)
+    ap.add_argument("--smoke", action="store_true", help="a tiny app built first for rpi3, 4,000,000 baud")
     a = ap.parse_args()
+    if a.smoke:
+        from bench._smoke import tiny_app
+
+        a.type, a.baud = "rpi3", 4_000_000
+        a.app = tiny_app(f"compile:tiny@{a.type}", "runner:aarch64")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     project, board, layout = load_project(a.app), load_board(a.type), Layout(a.app)
     model = layout.library(board.name)
