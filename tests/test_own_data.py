@@ -6,6 +6,7 @@ fed raw samples that the front end inside the kernel library turns into the net'
 * image_folders + resnet, uint8 pixels normalised in the library;
 * csv_table + mlp, raw feature values normalised in the library;
 * audio_folders + a small ds_cnn, int16 audio, MFCC in the library;
+* speech_commands (Speech Commands v2's layout, MLPerf Tiny's _silence_ and _unknown_) + ds_cnn;
 * anomaly detection: csv_table + autoencoder trained on one class, judged by ``auc.min``.
 
 Every app is int8, and every board checks its front end's features against the host's.
@@ -94,6 +95,27 @@ def test_audio_folders_with_mfcc_in_the_library(lab):
     assert out["data"]["front_end"]["output_shape"] == [1, 24, 10]  # 1 + (8000 - 480) // 320 frames
     raw = np.fromfile(lab["build"] / "words" / "data" / "test_inputs.bin", dtype="<i2")
     assert raw.size == ti["shape"][0] * 8000 and np.abs(raw).max() > 1000  # real audio, not features
+
+
+def test_speech_commands_layout_deploys_as_mlperf_kws(lab):
+    """The Speech Commands v2 layout (speaker-hashed clips, _background_noise_, the two list
+    files) through deploy on x86-host and rpi4, with _silence_ and _unknown_ built as MLPerf
+    Tiny's KWS setup does (10 % each of a split's word clips)."""
+    words = ["yes", "no", "up", "down"]
+    write_project(lab["projects"], app(
+        "kws", {"format": "speech_commands", "path": "data/none", "words": words, "front_end": {"kind": "mfcc"},
+                "synthetic": {"speakers": 20, "clips": 2, "other_words": 4, "seed": 0}},
+        {"family": "ds_cnn", "filters": 16, "kernel": [5, 3], "stride": [2, 2], "widths": [16]},
+        {"accuracy": {"min": 0.6}}, epochs=10))
+    out = deployed(lab, "kws")
+    d = out["data"]
+    assert d["classes"] == ["_silence_", "_unknown_", *words]
+    assert d["test_source"] == "the shipped validation_list.txt and testing_list.txt"
+    for split, c in d["load"]["counts"].items():
+        assert c["silence"] == c["unknown"] == -(-c["words"] // 10), (split, c)
+    assert d["class_counts"]["test"][0] > 0 and d["class_counts"]["test"][1] > 0
+    assert d["groups"]["by"] == "speaker" and d["groups"]["shared"] == {}
+    assert d["test_inputs"]["dtype"] == "int16" and d["test_inputs"]["shape"][1:] == [16000]
 
 
 def test_anomaly_detection_is_validated_on_the_board_by_auc(lab):

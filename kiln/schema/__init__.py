@@ -29,8 +29,8 @@ from kiln.schema.compression import (PASS_SETTINGS, PASSES, _STEPS, Compression,
                                      PruneSettings, QuantizeSettings, WeightCodingSettings, _Step)
 from kiln.schema.datasets import (GROUP_RULES, AudioFoldersDataset, Augment, CsvTableDataset, CsvWindowsDataset, Dataset,
                                   DigitsDataset, FolderSynthetic, GtsrbDataset, ImageFoldersDataset, Split, Synthetic,
-                                  SyntheticDataset, _DatasetBase, _FrontEndShaped, _ImageDataset, _OwnData,
-                                  dataset_class_names)
+                                  SpeechCommandsDataset, SpeechCommandsSynthetic, SyntheticDataset, _DatasetBase,
+                                  _FrontEndShaped, _ImageDataset, _OwnData, dataset_class_names)
 from kiln.schema.frontends import FrontEnd, LogmelFrontEnd, MfccFrontEnd, NormalizeFrontEnd, _FrontEndBase
 from kiln.schema.lab import (EmulatedHosts, EmulatedLab, Instance, Inventory, Lab, LabgridLab, LabgridSSH, StaticLab,
                              _LabBase)
@@ -48,7 +48,7 @@ __all__ = [
     "Strict", "Board", "Compute", "Emulation", "PASS_SETTINGS", "PASSES", "Compression", "CompressionSearch",
     "CompressionStep", "PruneSettings", "QuantizeSettings", "WeightCodingSettings", "GROUP_RULES",
     "AudioFoldersDataset", "Augment", "CsvTableDataset", "CsvWindowsDataset", "Dataset", "DigitsDataset",
-    "FolderSynthetic", "GtsrbDataset", "ImageFoldersDataset", "Split", "Synthetic", "SyntheticDataset",
+    "FolderSynthetic", "GtsrbDataset", "ImageFoldersDataset", "SpeechCommandsDataset", "SpeechCommandsSynthetic", "Split", "Synthetic", "SyntheticDataset",
     "dataset_class_names", "FrontEnd", "LogmelFrontEnd", "MfccFrontEnd", "NormalizeFrontEnd", "EmulatedHosts",
     "EmulatedLab", "Instance", "Inventory", "Lab", "LabgridLab", "LabgridSSH", "StaticLab", "Architecture",
     "AutoencoderArchitecture", "CnnArchitecture", "Conv1dArchitecture", "DsCnnArchitecture", "MlpArchitecture",

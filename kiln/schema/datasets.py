@@ -53,10 +53,111 @@ class Split(Strict):
         return v
 
 
-class Augment(Strict):
-    rotate_deg: float = Field(0.0, ge=0, le=45)
-    brightness: float = Field(0.0, ge=0, le=1)
+def _range(lo: float, hi: float, what: str):
+    """A validator for a (low, high) pair within [lo, hi], low <= high."""
+    def check(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (lo <= v[0] <= v[1] <= hi):
+            raise ValueError(f"({v[0]}, {v[1]}): give (low, high) {what}, low <= high, within [{lo}, {hi}]")
+        return v
+    return classmethod(check)
+
+
+class _AugmentBase(Strict):
+    """Online augmentation of the training samples (passes/support/training.py): seeded by
+    training.seed, drawn anew each epoch, never applied to val or test, and outside what the
+    board computes. The defaults are off."""
+
+    def on(self) -> bool:
+        """Whether any augmentation is set (all defaults: training is exactly as without)."""
+        return self != type(self)()
+
+
+class ImageAugment(_AugmentBase):
+    """Images (pixels in [0, 1]): small rotations, brightness, contrast, blur."""
+
+    rotate_deg: float = Field(0.0, ge=0, le=45, description="rotation by up to +-this many degrees (border pixels repeat)")
+    brightness: float = Field(0.0, ge=0, le=1, description="pixels scaled by 1 +- up to this")
+    contrast: float = Field(0.0, ge=0, le=1, description="each image's deviation from its mean scaled by 1 +- up to this")
     blur: float = Field(0.0, ge=0, le=1, description="probability of a 3x3 blur")
+
+
+Augment = ImageAugment  # the name kiln.schema has exported since images were the only modality
+
+
+class NoiseMix(Strict):
+    """Background noise mixed into training clips (Speech Commands' ``_background_noise_``)."""
+
+    folder: str | None = Field(None, description="a folder of 16-bit mono WAV files at dataset.sample_rate; "
+                               "relative paths are relative to the repo; unset: _background_noise_ in the data set's root")
+    prob: float = Field(0.8, ge=0, le=1, description="probability that a clip gets noise")
+    snr_db: tuple[float, float] = Field((5.0, 20.0), description="(low, high) signal-to-noise ratio in dB, drawn "
+                                        "uniformly per clip (a noise segment at a random place in a random file)")
+    _snr = field_validator("snr_db")(_range(-30, 60, "in dB"))
+
+
+class AudioAugment(_AugmentBase):
+    """Audio clips (int16 samples, before the front end): time shift, background noise, gain."""
+
+    time_shift_ms: float = Field(0.0, ge=0, le=1000, description="shift each clip by up to +-this many ms, zero-filled")
+    noise: NoiseMix | None = Field(None, description="mix in background noise; unset: none")
+    gain_db: tuple[float, float] = Field((0.0, 0.0), description="(low, high) gain in dB drawn uniformly per clip "
+                                         "(after the noise; the result is clipped to int16)")
+    _gain = field_validator("gain_db")(_range(-40, 40, "in dB"))
+
+
+class SensorAugment(_AugmentBase):
+    """Sensor windows (raw values, before the front end): jitter, scaling, time warps."""
+
+    jitter: float = Field(0.0, ge=0, le=1, description="std of Gaussian noise added to every value, relative to "
+                          "its channel's std over the training split")
+    scale: tuple[float, float] = Field((1.0, 1.0), description="(low, high) range of a random factor per window "
+                                       "and channel")
+    time_warp: float = Field(0.0, ge=0, le=0.2, description="a smooth random resampling of each window's time "
+                             "axis: the local speed varies by up to +-this fraction")
+    _scale = field_validator("scale")(_range(0.01, 10, "factors"))
+
+
+class TableAugment(_AugmentBase):
+    """Tables: no augmentation (a row's features have no neighbourhood to perturb along)."""
+
+
+# the augmentation model of each raw layout (_DatasetBase.layout)
+AUGMENTS: dict[str, type[_AugmentBase]] = {"image": ImageAugment, "audio": AudioAugment, "sequence": SensorAugment,
+                                           "table": TableAugment}
+
+
+def augment_of_layout(layout: str, v):
+    """``dataset.augment`` validated by its layout's model; a setting of another modality is
+    refused by name (``time_shift_ms`` on images, ``rotate_deg`` on sensor windows)."""
+    model = AUGMENTS[layout]
+    if isinstance(v, model):
+        return v
+    if isinstance(v, _AugmentBase):
+        v = v.model_dump(exclude_defaults=True)
+    if v is None:
+        v = {}
+    if not isinstance(v, dict):
+        raise ValueError(f"a mapping of augmentation settings, got {type(v).__name__}")
+    for key in v:
+        if key not in model.model_fields:
+            other = [k for k, m in AUGMENTS.items() if key in m.model_fields]
+            what = f"an augmentation of {other[0]} samples" if other else "not an augmentation"
+            raise ValueError(f"{key}: {what}; this format's samples are {layout} samples (their augmentations: "
+                             f"{', '.join(model.model_fields) or 'none'})")
+    try:
+        return model.model_validate(v)
+    except ValueError as e:  # pydantic's ValidationError: said as field: message
+        errors = getattr(e, "errors", None)
+        if errors is None:
+            raise
+        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+                                   for err in errors())) from e
+
+
+def raw_augmented(ds) -> bool:
+    """Whether training augments RAW samples before the front end (an augmentation is on and the
+    format has a front end): the data stage then keeps the raw training split (raw_train.npz)."""
+    return ds.augment.on() and getattr(ds, "front_end", None) is not None
 
 
 class _DatasetBase(Strict):
@@ -72,7 +173,15 @@ class _DatasetBase(Strict):
     num_classes: ClassVar[int]
 
     split: Split = Field(default_factory=Split)
-    augment: Augment = Field(default_factory=Augment)
+    augment: Union[ImageAugment, AudioAugment, SensorAugment, TableAugment] = Field(
+        default_factory=dict, validate_default=True, description="online augmentation of the training samples, "
+        "by the format's layout: images rotate_deg/brightness/contrast/blur, audio time_shift_ms/noise/gain_db, "
+        "sensor windows jitter/scale/time_warp, tables none")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment(cls, v):
+        return augment_of_layout(cls.layout, v)
 
 
 class _ImageDataset(_DatasetBase):
@@ -239,20 +348,16 @@ class ImageFoldersDataset(_ImageDataset, _OwnData):
         return 3 if self.color == "rgb" else 1
 
 
-class AudioFoldersDataset(_FrontEndShaped, _DatasetBase):
-    """``<root>/<class>/*.wav`` (or with train/ val/ test/ above the classes), 16-bit PCM mono
-    at ``sample_rate``; clips padded or cut to ``clip_seconds``: passes/formats/audio_folders.py.
-    The board is fed the raw int16 samples; the front end (MFCC by default) runs in the library."""
+class _AudioDataset(_FrontEndShaped, _DatasetBase):
+    """What the audio formats share: 16-bit PCM mono clips at ``sample_rate``, padded or cut to
+    ``clip_seconds``; the board is fed the raw int16 samples and the front end (MFCC by default)
+    runs in the library."""
 
-    implementation: ClassVar[str] = "passes.formats.audio_folders"
     layout: ClassVar[str] = "audio"
-    format: Literal["audio_folders"]
     sample_rate: int = Field(16000, ge=1000, le=192_000, description="Hz; a clip at another rate is reported")
     clip_seconds: float = Field(1.0, gt=0, le=60, description="shorter clips are zero-padded, longer cut")
     front_end: Annotated[Union[MfccFrontEnd, LogmelFrontEnd], Field(discriminator="kind")] = Field(
         default_factory=lambda: MfccFrontEnd(kind="mfcc"))
-    synthetic: FolderSynthetic | None = Field(default_factory=FolderSynthetic,
-                                              description="keyword-like clips generated under build/ when path holds none")
 
     @model_validator(mode="after")
     def _fits(self):
@@ -264,6 +369,69 @@ class AudioFoldersDataset(_FrontEndShaped, _DatasetBase):
 
     def raw_shape(self) -> tuple[int, ...]:
         return (max(1, round(self.sample_rate * self.clip_seconds)),)
+
+
+class AudioFoldersDataset(_AudioDataset):
+    """``<root>/<class>/*.wav`` (or with train/ val/ test/ above the classes), 16-bit PCM mono
+    at ``sample_rate``; clips padded or cut to ``clip_seconds``: passes/formats/audio_folders.py."""
+
+    implementation: ClassVar[str] = "passes.formats.audio_folders"
+    format: Literal["audio_folders"]
+    synthetic: FolderSynthetic | None = Field(default_factory=FolderSynthetic,
+                                              description="keyword-like clips generated under build/ when path holds none")
+
+
+MLPERF_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
+class SpeechCommandsSynthetic(Strict):
+    """A synthetic tree in Speech Commands' own layout (passes/formats/speech_commands.py)."""
+
+    speakers: int = Field(20, ge=3, le=2000, description="speakers (8-hex names); every tenth from the second in "
+                          "testing_list.txt, the next in validation_list.txt")
+    clips: int = Field(2, ge=1, le=20, description="takes of each word per speaker")
+    other_words: int = Field(4, ge=1, le=10, description="words beside dataset.words: the _unknown_ pool")
+    seed: int = 0
+
+
+class SpeechCommandsDataset(_AudioDataset):
+    """The Speech Commands v2 tree as it ships (``<word>/<speaker>_nohash_<n>.wav``,
+    ``_background_noise_/``, ``validation_list.txt``, ``testing_list.txt``), read in place, set up
+    as MLPerf Tiny's keyword spotting: classes ``_silence_``, ``_unknown_`` and ``words``:
+    passes/formats/speech_commands.py."""
+
+    implementation: ClassVar[str] = "passes.formats.speech_commands"
+    format: Literal["speech_commands"]
+    words: list[str] = Field(default_factory=lambda: list(MLPERF_WORDS), min_length=1,
+                             description="the keywords (word folders), in output order after _silence_ and _unknown_; "
+                             "default MLPerf Tiny's ten")
+    silence_percentage: float = Field(10.0, ge=0, le=100, description="_silence_ clips (one-second slices of "
+                                      "_background_noise_) per split, in % of its word clips")
+    unknown_percentage: float = Field(10.0, ge=0, le=100, description="_unknown_ clips (drawn from the other words) "
+                                      "per split, in % of its word clips")
+    synthetic: SpeechCommandsSynthetic | None = Field(None, description="a tree in the same layout generated under "
+                                                      "build/ when path holds none")
+
+    @field_validator("words")
+    @classmethod
+    def _words(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"a word is listed twice: {sorted(w for w in set(v) if v.count(w) > 1)[0]!r}")
+        bad = [w for w in v if not w or w.startswith(("_", ".")) or "/" in w]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a word folder (names starting with _ are the data set's own)")
+        return v
+
+    @model_validator(mode="after")
+    def _no_classes(self):
+        if self.classes is not None:
+            raise ValueError("classes: speech_commands' classes are _silence_, _unknown_ and dataset.words; list "
+                             "the keywords in words")
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        return ["_silence_", "_unknown_", *self.words]
 
 
 class CsvWindowsDataset(_FrontEndShaped, _DatasetBase):
@@ -317,7 +485,7 @@ class CsvTableDataset(_FrontEndShaped, _DatasetBase):
 
 
 Dataset = Annotated[Union[GtsrbDataset, DigitsDataset, SyntheticDataset, ImageFoldersDataset, AudioFoldersDataset,
-                          CsvWindowsDataset, CsvTableDataset], Field(discriminator="format")]
+                          SpeechCommandsDataset, CsvWindowsDataset, CsvTableDataset], Field(discriminator="format")]
 
 def dataset_class_names(ds) -> list[str] | None:
     """The class names of a dataset, in label order: the format's own (listed or inferred;
