@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,8 +89,12 @@ def main() -> int:
             info = export_checkpoint(d / "model.pt", lay.data, d / "model.onnx", d / "export.json")
             tinfo = tune.tune_onnx(board, d / "model.onnx", info["input_shape"], tuning_root(), trials, d / "tune.json")
             libs = {"untuned": compile_onnx(board, d / "model.onnx", info["input_shape"], d / "untuned.so", d / "u.json")}
-            libs["tuned"] = compile_onnx(board, d / "model.onnx", info["input_shape"], d / "tuned.so", d / "t.json",
-                                         tuning=tinfo)
+            if tinfo["measured"] and tinfo.get("trial_budget", 1):
+                libs["tuned"] = compile_onnx(board, d / "model.onnx", info["input_shape"], d / "tuned.so", d / "t.json",
+                                             tuning=tinfo)
+            else:  # nothing tuned (a budget of 0, or no way to measure): compile_onnx would build the same library
+                shutil.copyfile(d / "untuned.so", d / "tuned.so")
+                libs["tuned"] = libs["untuned"]
             rows.append({"step": step, "dir": d, "tune": tinfo, "lib_bytes": libs["tuned"]["library_bytes"],
                          "lat": {"untuned": [], "tuned": []}})
         for _ in range(args.rounds):
