@@ -231,6 +231,35 @@ def _check_class_coverage(splits: dict, classes: list[str]) -> None:
                            "every class needs training samples: add data for it"))
 
 
+IMBALANCE_RATIO = 10.0  # a split whose largest class has over this many times its smallest's samples is warned of
+
+
+def report_class_counts(splits: dict, classes: list[str]) -> list[str]:
+    """Log each class's samples per split (a table, as data.json's ``class_counts`` holds them)
+    and warn of a split whose largest class has over ``IMBALANCE_RATIO`` times the samples of its
+    smallest (classes without samples left out: _check_class_coverage speaks of them), naming
+    both classes and the split. Returns the warnings."""
+    counts = {n: np.bincount(y, minlength=len(classes)) for n, (_, y) in splits.items()}
+    width = max([5, *map(len, classes)])
+    lines = [f"{'class':<{width}} " + " ".join(f"{n:>7}" for n in counts)]
+    lines += [f"{c:<{width}} " + " ".join(f"{int(v[i]):>7}" for v in counts.values()) for i, c in enumerate(classes)]
+    log.info("data: samples per class and split:\n%s", "\n".join(lines))
+    warnings = []
+    for name, v in counts.items():
+        held = np.flatnonzero(v > 0)
+        if len(held) < 2:
+            continue
+        big, small = held[np.argmax(v[held])], held[np.argmin(v[held])]
+        ratio = v[big] / v[small]
+        if ratio > IMBALANCE_RATIO:
+            warnings.append(f"data: the {name} split is imbalanced: class '{classes[big]}' has {int(v[big])} samples, "
+                            f"class '{classes[small]}' {int(v[small])} ({ratio:.1f}x, over {IMBALANCE_RATIO:g}x); "
+                            "accuracy then says little of the small classes: read the per-class report, and "
+                            "consider training.class_weights: balanced")
+            log.warning("%s", warnings[-1])
+    return warnings
+
+
 def synthesize(project, layout) -> None:
     """The synth stage: the format's synthetic data set, in its own on-disk layout."""
     ds = project.dataset
@@ -305,6 +334,7 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
     splits, groups = _splits(loaded, val, test, seed, rule)
     report, source = loaded.report, loaded.source
     _check_class_coverage(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
+    report_class_counts(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
     raw_test = splits["test"][0]
     files = [f for f in Layout.data_files(front_end is not None) if f != Layout.DATA_JSON]  # data.json: last
     fe_info = None

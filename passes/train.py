@@ -46,12 +46,17 @@ def run(project: Project, layout: Layout) -> dict:
     log.info("train %s: %d params, %d MACs, %d activations, %d train / %d val samples, %d epochs, %s",
              project.name, cx.params, cx.macs, cx.activations, len(ytr), len(yva), cfg.epochs, objective)
 
+    weights = task.loss_weights(project, ytr)  # training.class_weights (None: unweighted, as before)
+    if weights is not None:
+        log.info("train %s: class weights %s", project.name, ", ".join(f"{w:.3g}" for w in weights))
     history = fit(model, xtr, ytr, epochs=cfg.epochs, batch=cfg.batch, lr=cfg.lr, aug=ds.augment, gen=gen,
-                  xva=xva, yva=yva, keep_best=True, tag=f"train {project.name}", loss=objective)
+                  xva=xva, yva=yva, keep_best=True, tag=f"train {project.name}", loss=objective,
+                  class_weights=weights)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metrics = {"params": cx.params, "macs": cx.macs, "activations": cx.activations, "objective": objective}
     figures, summary = task.train_metrics(project, model, history, data_dir, len(ytr))
     metrics.update(figures)
+    metrics["class_weights"] = weights
     metrics.update(history=history, training=cfg.model_dump(), augment=ds.augment.model_dump(),
                    data_sha256=sha256_file(layout.split("train")))
     ckpt = {

@@ -122,8 +122,8 @@ def test_lab_code_never_imports_the_emulated_lab():
 def test_every_registry_entry_names_a_module_with_its_interface():
     interface = {"dataset format": ("locate", "load"), "net family": ("estimate", "build"),
                  "compression pass": ("run",), "transport": ("open_transport",), "lab backend": ("open_lab", "close_lab"),
-                 "task": ("loss_fn", "loss", "validation", "fit_split", "judge", "train_metrics", "checkpoint",
-                          "output_shape")}
+                 "task": ("loss_fn", "loss_weights", "loss", "validation", "fit_split", "judge", "train_metrics",
+                          "checkpoint", "output_shape")}
     for axis, names in interface.items():
         entries = registry.entries(axis)
         assert entries, axis

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -33,6 +33,38 @@ class MemoryLimit(Strict):
     max: float = Field(gt=0, description="highest acceptable peak memory on the board, KiB")
 
 
+def _names_as_str(v: Any) -> Any:
+    """A mapping keyed by class name: YAML reads `{0: ...}` as an int, a class index named as the
+    formats without class names (gtsrb, digits, synthetic) name their classes."""
+    if isinstance(v, dict):
+        return {str(k) if isinstance(k, int) and not isinstance(k, bool) else k: w for k, w in v.items()}
+    return v
+
+
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ClassRecall(Strict):
+    """Classification: the lowest acceptable recall (the share of a class's test samples the board
+    predicts as that class: its per-class accuracy) of every class, or of the named ones."""
+
+    min: float | None = Field(None, ge=0.0, le=1.0, description="lowest acceptable recall of every class")
+    per_class: dict[str, Unit] | None = Field(
+        None, description="lowest acceptable recall of the named classes, class name -> min (overrides min for "
+        "them; formats without class names name them by index: '0', '1', ...)")
+
+    @field_validator("per_class", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:
+        return _names_as_str(v)
+
+    @model_validator(mode="after")
+    def _something(self) -> ClassRecall:
+        if self.min is None and not self.per_class:
+            raise ValueError("give min (every class) or per_class (class name -> min), or leave class_recall out")
+        return self
+
+
 class Requirements(Strict):
     """Checked on every board, per board, by the host (the board never decides)."""
 
@@ -50,6 +82,14 @@ class Requirements(Strict):
         None, description="anomaly detection: min area under the ROC curve of the reconstruction error "
         "on the test set (normal against anomalous samples), on the board"
     )
+    macro_f1: MinLimit | None = Field(
+        None, description="classification: min macro-F1 (the mean over classes of each class's F1) of the board's "
+        "test predictions"
+    )
+    class_recall: ClassRecall | None = Field(
+        None, description="classification: min recall (per-class accuracy) of every class, or of the named ones, "
+        "on the board's test predictions; a miss names the class"
+    )
 
 
 class Sizing(Strict):
@@ -61,12 +101,29 @@ class Sizing(Strict):
         "refuse", description="refuse: the manifest does not load; warn: logged once per board, recorded in the report"
     )
 
+Weight = Annotated[float, Field(gt=0.0, le=1e6)]
+
+
 class Training(Strict):
     epochs: int = Field(ge=1, le=1000)
     batch: int = Field(128, ge=1, le=8192)
     lr: float = Field(gt=0, le=10)
     seed: int = 0
     threads: int = Field(2, ge=1, le=256)
+    class_weights: Literal["balanced"] | list[Weight] | dict[str, Weight] | None = Field(
+        None, description="classification: per-class weights of the cross-entropy. balanced: inverse class "
+        "frequency on the training split (n_samples / (n_classes * count), scikit-learn's); a list: one weight per "
+        "class, in class order; a mapping: class name -> weight (classes not named weigh 1). Unset: every class alike"
+    )
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "balanced":
+            raise ValueError(f"expected 'balanced', a list of weights (one per class) or a mapping class name -> "
+                             f"weight, got {v!r}")
+        return _names_as_str(v)
+
 
 class Validation(Strict):
     samples: int | None = Field(None, ge=1, description="test samples sent to each board")

@@ -35,7 +35,9 @@ class _TaskBase(Strict):
 
 
 class Classification(_TaskBase):
-    """Classification: cross-entropy on the labels, judged by top-1 accuracy (no manifest section)."""
+    """Classification: cross-entropy on the labels (weighted per class by
+    ``training.class_weights``), judged by top-1 accuracy, and by macro-F1 and each class's
+    recall where the requirements ask (no manifest section)."""
 
     name: ClassVar[str] = "classification"
     implementation: ClassVar[str] = "passes.tasks.classification"
@@ -47,6 +49,22 @@ class Classification(_TaskBase):
         "anomaly": "anomaly: family '{family}' is a classifier; anomaly applies to a reconstruction objective only "
                    "(e.g. family autoencoder)",
     }
+
+    def check(self, project) -> None:
+        """The class names ``training.class_weights`` and ``requirements.class_recall.per_class``
+        give (and a list's length) against the data's classes, when they are known (listed, or a
+        format whose classes are indices); inferred ones once kiln.config has inferred them."""
+        names = dataset_class_names(project.dataset)
+        if names is None:
+            return
+        problem = _classification.class_weights_problem(project.training.class_weights, names)
+        if problem:
+            raise ValueError(problem)
+        recall = project.requirements.class_recall
+        unknown = [n for n in (recall.per_class or {}) if n not in names] if recall else []
+        if unknown:
+            raise ValueError(f"requirements.class_recall.per_class.{unknown[0]}: '{unknown[0]}' is not a class of "
+                             f"the dataset (classes: {_classification.shown(names)})")
 
 
 class Anomaly(_TaskBase):
@@ -68,6 +86,12 @@ class Anomaly(_TaskBase):
         "requirements.accuracy": "requirements.accuracy: family '{family}' has a reconstruction objective: its "
                                  "outputs are no classes to be right about; require auc: {min: ...} (the ROC AUC of "
                                  "the anomaly score) instead",
+        "requirements.macro_f1": "requirements.macro_f1: family '{family}' has a reconstruction objective: its "
+                                 "outputs are no classes to score an F1 on; require auc: {min: ...} instead",
+        "requirements.class_recall": "requirements.class_recall: family '{family}' has a reconstruction objective: "
+                                     "its outputs are no classes to recall; require auc: {min: ...} instead",
+        "training.class_weights": "training.class_weights: family '{family}' has a reconstruction objective: its "
+                                  "loss is the reconstruction error of the normal samples, with no class to weigh",
     }
 
     normal: list[str] = Field(min_length=1, description="the classes that are normal, by name (formats without "

@@ -9,7 +9,9 @@ the stages fit on) is passes/tasks/<task>.py. A module has
   as an anomaly detector's scores must);
 * ``scorer(project) -> Scorer``: ``answer`` (the runner key compared with the reference board's)
   and ``quality(req, runner, y, reference) -> (figures, checks)``, checks as ``(requirement,
-  measured, limit, op)``: how validate scores one board (hil/validate.py).
+  measured, limit, op)``: how validate scores one board (hil/validate.py);
+* ``details(boards) -> lines``: what the terminal report adds below its table (a classifier's
+  per-class block; none for an anomaly detector).
 
 numpy is imported inside the functions: the schema names these modules and a manifest loads
 without it.

@@ -123,3 +123,8 @@ class Scorer:
 
 def scorer(project) -> Scorer:
     return Scorer(normal_indices(project))
+
+
+def details(boards: dict[str, dict]) -> list[str]:
+    """The report table's per-task block: none (the AUC and the score means are the whole story)."""
+    return []

@@ -42,7 +42,8 @@ def augment(x, aug, gen):
 
 
 def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, yva=None,
-        after_step=None, keep_best: bool = False, tag: str = "train", loss: str = "classification") -> list[dict]:
+        after_step=None, keep_best: bool = False, tag: str = "train", loss: str = "classification",
+        class_weights: list[float] | None = None) -> list[dict]:
     """Adam with a one-cycle schedule on uint8 NHWC samples ``x``/``y`` with online augmentation
     ``aug``; batches and augmentation drawn from ``gen``. ``after_step(model)`` runs after each
     optimizer step (compression passes keep pruning masks applied with it). With ``keep_best``
@@ -53,7 +54,8 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
     or "reconstruction" (MSE between the output and the flattened, augmented input:
     autoencoders; labels are not used; rows have ``val_mse``, the best epoch is the lowest). An
     anomaly detector's callers pass its normal samples only (``passes.tasks.fit_split``), for
-    training and for validation."""
+    training and for validation. ``class_weights``: the loss's per-class weights (the task's
+    ``loss_weights``: training.class_weights; None: every class alike)."""
     import torch
 
     if loss not in LOSSES:
@@ -62,7 +64,7 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
     steps = max(1, epochs * math.ceil(len(y) / batch))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     task = by_objective(loss)
-    loss_fn = task.loss_fn()
+    loss_fn = task.loss_fn(class_weights)
     metric, sign = task.VAL_METRIC, task.VAL_SIGN
     x_t, y_t = to_tensor(x), torch.from_numpy(y)
     best, history = {"score": -math.inf}, []

@@ -2,8 +2,9 @@
 (kiln/schema/tasks.py ``implementation``); the torch-free side (scoring the board's outputs,
 the report's column) is kiln/tasks/<task>.py. A module has
 
-* ``loss_fn()`` and ``loss(loss_fn, out, x, y)``: the training loss of a batch (``x`` the
-  augmented input the net saw, ``y`` the labels);
+* ``loss_fn(weights)`` and ``loss(loss_fn, out, x, y)``: the training loss of a batch (``x``
+  the augmented input the net saw, ``y`` the labels); ``loss_weights(project, y_train)``: the
+  per-class weights ``training.class_weights`` gives (None: unweighted);
 * ``VAL_METRIC``, ``VAL_SIGN``: the validation figure a fit keeps its best epoch by (higher is
   better times the sign), ``validation(model, x, y) -> float`` measuring it;
 * ``fit_split(project, data_dir, split) -> (x, y)``: the samples the stages fit on;

@@ -29,10 +29,16 @@ VAL_METRIC, VAL_SIGN = "val_mse", -1.0  # the MSE of the normal val samples: low
 SCORE_HEAD = True  # the library ends in the anomaly score
 
 
-def loss_fn():
+def loss_fn(weights=None):
+    """MSE against the input; ``weights`` is always None (training.class_weights is refused
+    for this task when the manifest loads: no class to weigh)."""
     import torch
 
     return torch.nn.MSELoss()
+
+
+def loss_weights(project, y_train) -> None:
+    return None
 
 
 def loss(fn, out, x, y):

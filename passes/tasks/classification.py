@@ -1,5 +1,7 @@
-"""Task ``classification``, torch side: cross-entropy on the labels, judged by top-1 accuracy
-(val for training and compress, test reported). Torch-free side: kiln/tasks/classification.py."""
+"""Task ``classification``, torch side: cross-entropy on the labels (weighted per class by
+``training.class_weights``), judged by top-1 accuracy (val for training and compress, test
+reported with its per-class report: recall, precision, F1, confusion matrix, macro-F1).
+Torch-free side: kiln/tasks/classification.py."""
 
 from __future__ import annotations
 
@@ -7,16 +9,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from kiln.schema.datasets import dataset_class_names
+from kiln.tasks.classification import loss_weights as _resolve, per_class
 from passes.support.common import accuracy, load_split
 
 VAL_METRIC, VAL_SIGN = "val_accuracy", 1.0
 SCORE_HEAD = False
 
 
-def loss_fn():
+def loss_fn(weights: list[float] | None = None):
+    """Cross-entropy; ``weights``: one per class (:func:`loss_weights`), None: every class alike."""
     import torch
 
-    return torch.nn.CrossEntropyLoss()
+    if weights is None:
+        return torch.nn.CrossEntropyLoss()
+    return torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32))
+
+
+def class_names(project) -> list[str]:
+    names = dataset_class_names(project.dataset)
+    return list(names) if names is not None else [str(i) for i in range(project.dataset.num_classes)]
+
+
+def loss_weights(project, y_train) -> list[float] | None:
+    """The loss's per-class weights for ``training.class_weights`` on the training labels
+    ``y_train`` (None when unset: today's unweighted loss)."""
+    names = class_names(project)
+    counts = np.bincount(np.asarray(y_train, dtype=np.int64), minlength=len(names))
+    return _resolve(project.training.class_weights, names, counts)
 
 
 def loss(fn, out, x, y):
@@ -51,10 +73,19 @@ def judge(project, x, y) -> Judge:
 
 
 def train_metrics(project, model, history: list[dict], data_dir: Path, train_samples: int) -> tuple[dict, str]:
+    """Best val accuracy, and on the test split the float model's accuracy, macro-F1 and
+    per-class report (``test_per_class``: recall, precision, F1 per class, the confusion matrix)."""
     best = max(history, key=lambda r: r["val_accuracy"])
-    test_acc, _ = accuracy(model, *load_split(data_dir, "test"))
-    return ({"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "test_accuracy": test_acc},
-            f"val {best['val_accuracy']:.4f}, test {test_acc:.4f}")
+    x, y = load_split(data_dir, "test")
+    test_acc, preds = accuracy(model, x, y)
+    report = per_class(y, preds, class_names(project))
+    return ({"best_epoch": best["epoch"], "val_accuracy": best["val_accuracy"], "test_accuracy": test_acc,
+             "test_macro_f1": report["macro_f1"], "test_per_class": report},
+            f"val {best['val_accuracy']:.4f}, test {test_acc:.4f}, test macro-F1 {_shown(report['macro_f1'])}")
+
+
+def _shown(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def checkpoint(project) -> dict:
