@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests import realdata  # noqa: E402
+from kiln.tasks.classification import report_lines  # noqa: E402
 
 REQ = {"accuracy": {"min": 0.0}}
 
@@ -149,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         chosen = sets(tmp / "data", args.smoke)
         if args.only:
             chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
-        rows = []
+        rows, per_class = [], {}
         for name, (what, manifest, modality) in chosen.items():
             run = kiln_train(name, manifest, tmp / "projects", tmp / "build")
             m, d = run["metrics"], run["data"]
+            per_class[name] = m["test_per_class"]
             epochs = 3 if args.smoke else 100
             rows.append((name, modality, d["counts"], d["groups"]["by"], m["test_accuracy"],
                          plain_torch(tmp / "build", name, epochs), logistic(tmp / "build", name), run["seconds"], what))
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, modality, counts, _, kiln, mlp, lr, secs, _ in rows:
             split = f"{counts['train']}/{counts['val']}/{counts['test']}"
             print(f"{name:<15} {modality:<9} {split:<16} {kiln:>9.4f} {mlp:>9.4f} {lr:>7.4f} {kiln / max(mlp, 1e-9):>8.2f} {secs:>6.0f}")
+        for name, report in per_class.items():  # metrics.json's test_per_class: the float model on the test split
+            print(f"\nPer-class test report of Kiln's {name} (float model, host; metrics.json test_per_class)")
+            print("\n".join(report_lines(report)))
     return 0
 
 

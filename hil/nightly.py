@@ -284,7 +284,8 @@ class Night:
 
 
 NO_METRICS = {"accuracy": None, "auc": None, "latency_ms": None, "latency_windows_ms": None,
-              "latency_ms_median_of_windows": None, "model_bytes": None, "memory_kb": None, "emulated": False}
+              "latency_ms_median_of_windows": None, "model_bytes": None, "memory_kb": None, "emulated": False,
+              "macro_f1": None, "per_class": None, "confusion": None}
 
 
 def metrics(record: dict, result: dict) -> dict:
@@ -296,7 +297,10 @@ def metrics(record: dict, result: dict) -> dict:
             "latency_windows_ms": windows or None,
             "latency_ms_median_of_windows": statistics.median(windows) if windows else None,
             "model_bytes": result.get("model_bytes"), "memory_kb": result.get("memory_kb"),
-            "emulated": bool(result.get("latency_emulated", record.get("emulated")))}
+            "emulated": bool(result.get("latency_emulated", record.get("emulated"))),
+            # a classifier's per-class truth (kiln/tasks/classification.py per_class), for the HTML
+            "macro_f1": result.get("macro_f1"), "per_class": result.get("per_class"),
+            "confusion": result.get("confusion")}
 
 
 def exit_code(night: dict) -> int:

@@ -3,7 +3,9 @@ manifest's requirements. The board never decides pass or fail.
 
 How right a board is, is the app's task's to say (kiln/tasks/<task>.py, a ``Scorer``): a
 classifier is judged on the runner's ``predictions`` (accuracy; agreement: the share of
-predictions equal to the reference board's); an anomaly detector on the anomaly scores its
+predictions equal to the reference board's; per class: recall, precision, F1, the confusion
+matrix and the macro-F1, gated by requirements.macro_f1 and requirements.class_recall); an
+anomaly detector on the anomaly scores its
 library returns under ``outputs`` (the ROC AUC of the scores; agreement: scores within a
 tolerance of the reference board's). Latency, size and memory are judged here alike for every
 task."""

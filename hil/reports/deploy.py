@@ -1,7 +1,10 @@
 """The deploy stage's report: one JSON per app (build/<app>/report.json) with every board's
 verdict, and a table for the terminal. The table's quality column is the task's
 (kiln/tasks/<task>.py ``COLUMN``): the accuracy of a classifier, the ROC AUC of an anomaly
-detector (its boards' results have ``auc``; their agreement is that of the scores)."""
+detector (its boards' results have ``auc``; their agreement is that of the scores). Below it
+the task's own block (kiln/tasks/<task>.py ``details``): a classifier's macro-F1 and weakest
+classes per board; every class's recall, precision, F1 and the confusion matrix are in the
+JSON (each board's ``per_class``, ``confusion``, ``macro_f1``)."""
 
 from __future__ import annotations
 
@@ -83,6 +86,7 @@ def table(report: dict) -> str:
         lines.append("front end in the library against the host's features (max relative difference, "
                      f"first {next(iter(fe.values()))['samples']} raw test samples): "
                      + ", ".join(f"{n} {v['max_rel_diff']:.1e}" for n, v in fe.items()))
+    lines += task.details(report["boards"])  # a classifier's per-class block (macro-F1, its weakest classes)
     lines += sizing_table(report)
     lines.append(verdict(report))
     return "\n".join(lines)

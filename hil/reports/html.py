@@ -1,4 +1,6 @@
-"""One self-contained HTML page per nightly: what broke, where, since when, with plots.
+"""One self-contained HTML page per nightly: what broke, where, since when, with plots, and for
+a classifier each board's per-class truth (a confusion-matrix table with every class's recall,
+precision and F1, and the macro-F1: an HTML table, shaded, not a plot, so its numbers are text).
 
 The page fetches nothing: no script, no font, no image by URL; the plots are inline <svg> drawn
 by matplotlib's SVG backend (house rule 9) with text left as text (``svg.fonttype = 'none'``,
@@ -52,7 +54,10 @@ td.st{color:#fff;font-weight:bold;white-space:nowrap}
 .h-good{color:#2e7d32}.h-bad{color:#c62828;font-weight:bold}.h-unknown{color:#757575}
 .h-maintenance{color:#1565c0}.h-retired{color:#424242}
 ul.broken li{margin:.2em 0}small{color:#616161}svg.plot{max-width:100%;height:auto;display:block;margin:.5em 0}
-svg.plot text{font-family:'DejaVu Sans',sans-serif}"""
+svg.plot text{font-family:'DejaVu Sans',sans-serif}
+table.confusion td{text-align:right;min-width:1.6em}table.confusion caption{text-align:left;font-weight:bold}
+table.confusion td.pc{background:#f5f5f5}details{margin:.4em 0}"""
+OPEN_UP_TO = 12  # a confusion matrix of at most this many classes is shown open; larger ones fold
 
 e = html.escape
 
@@ -313,7 +318,9 @@ def _cell(job: dict | None) -> str:
         return '<td class="none">—</td>'
     q_name, q = _quality(job)
     lat = _latency(job)
+    f1 = job["metrics"].get("macro_f1")
     bits = [f"{'auc' if q_name == 'auc' else 'acc'} {q:.3f}" if q is not None else "",
+            f"F1 {f1:.3f}" if f1 is not None else "",
             f"{lat:.3g} ms{'*' if job['metrics'].get('emulated') else ''}" if lat is not None else ""]
     detail = "; ".join(f"{r['name']} {r['measured']:.4g} {r['op']} {r['limit']:.4g}: {r['verdict']}"
                        for r in job["requirements"]) or _failed_text(job)
@@ -336,6 +343,62 @@ def _matrix(nightly: dict) -> str:
     return (f'<h2>Apps × boards</h2><table id="matrix"><tr><th>app</th>{head}</tr>{rows}</table>'
             "<p><small>* latency measured under emulation: reported, not enforced. "
             "Yellow frame: flaky (passed only after an infrastructure retry). Hover a cell for its requirements.</small></p>")
+
+
+def _shade(share: float, diagonal: bool) -> str:
+    """A cell's background: green on the diagonal (right), red off it (wrong), as strong as the
+    share of the true class's samples in it."""
+    if share <= 0:
+        return ""
+    alpha = max(0.08, min(1.0, share)) * (0.7 if diagonal else 0.85)
+    color = "46,125,50" if diagonal else "198,40,40"
+    return f' style="background:rgba({color},{alpha:.2f})"'
+
+
+def _num(v, spec: str = ".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _confusion_table(job: dict, ident: str) -> str:
+    """One board's confusion matrix (true class by row, predicted by column; counts, shaded by the
+    share of the row) with each class's recall, precision, F1 and support beside its row."""
+    m = job["metrics"]
+    cm, classes, per = m["confusion"]["matrix"], m["confusion"]["classes"], m.get("per_class") or {}
+    head = "".join(f"<th>{e(c)}</th>" for c in classes)
+    rows = []
+    for i, (c, row) in enumerate(zip(classes, cm)):
+        total = sum(row) or 1
+        cells = "".join(f"<td{_shade(v / total, i == j)}>{v}</td>" for j, v in enumerate(row))
+        pc = per.get(c, {})
+        rows.append(f"<tr><th>{e(c)}</th>{cells}<td class=\"pc\">{_num(pc.get('recall'))}</td>"
+                    f"<td class=\"pc\">{_num(pc.get('precision'))}</td><td class=\"pc\">{_num(pc.get('f1'))}</td>"
+                    f"<td class=\"pc\">{pc.get('support', sum(row))}</td></tr>")
+    ranked = sorted((v["recall"], c) for c, v in per.items() if v.get("recall") is not None)
+    worst = ", ".join(f"{c} {r:.3f}" for r, c in ranked[:3])
+    summary = (f"<b>{e(job['board'])}</b>: macro-F1 {_num(m.get('macro_f1'))}, accuracy {_num(m.get('accuracy'))}"
+               + (f"; lowest recall: {e(worst)}" if worst else ""))
+    table = (f'<table class="confusion" id="{ident}"><caption>{e(job["app"])} on {e(job["board"])}: true class by row, '
+             f"predicted class by column</caption><tr><th>true \\ predicted</th>{head}<th>recall</th><th>precision</th>"
+             f"<th>F1</th><th>n</th></tr>{''.join(rows)}</table>")
+    return f"<details{' open' if len(classes) <= OPEN_UP_TO else ''}><summary>{summary}</summary>{table}</details>"
+
+
+def _per_class(nightly: dict) -> str:
+    """Per app, each board's per-class truth: the confusion matrix and every class's recall,
+    precision and F1 (a classifier's; Edge Impulse shows the same in every test report)."""
+    jobs = [j for j in sorted(nightly["jobs"], key=lambda j: (j["app"], j["board"]))
+            if (j["metrics"].get("confusion") or {}).get("matrix")]
+    if not jobs:
+        return ""
+    out, app = ["<h2>Per class</h2><p><small>Confusion matrix per board (true class by row, predicted class by column; "
+                "green: right, red: wrong, as strong as the share of the true class), each class's recall "
+                "(its accuracy), precision and F1, and the macro-F1.</small></p>"], None
+    for i, j in enumerate(jobs):
+        if j["app"] != app:
+            app = j["app"]
+            out.append(f"<h3>{e(app)}</h3>")
+        out.append(_confusion_table(j, f"cm{i}"))
+    return "".join(out)
 
 
 def _regressions(nightly: dict) -> str:
@@ -384,7 +447,8 @@ def render(nightly: dict, history=None) -> str:
         f"<title>{e(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{e(title)}</h1><p>lab <b>{e(nightly['lab'])}</b> on {e(nightly['host'])}, "
         f"{e(_day(nightly['started']))} UTC, {nightly['wall_s']:.0f} s</p>"
-        + _glance(nightly, history) + _matrix(nightly) + _regressions(nightly) + _boards(nightly, history)
+        + _glance(nightly, history) + _matrix(nightly) + _regressions(nightly) + _per_class(nightly)
+        + _boards(nightly, history)
         + "<h2>Latency per board</h2>" + ("".join(p for p in lat if p) or "<p>No latency measured.</p>")
         + ("<h2>Across nights</h2>" + "".join(p for p in trends if p) if history is not None else "")
         + "</body></html>\n")

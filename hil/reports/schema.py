@@ -84,24 +84,42 @@ def dict_of(inner: Check) -> Check:
     return check
 
 
+def optional(inner: Check) -> Check:
+    """A key ``obj`` lets be missing (added within kiln-nightly/1: older nights lack it), checked
+    when present."""
+    def check(v, path, source):
+        inner(v, path, source)
+    check.optional = True
+    return check
+
+
 def obj(fields: dict[str, Check]) -> Check:
-    """An object with every key of ``fields`` present (null only where the check allows it)."""
+    """An object with every key of ``fields`` present (null only where the check allows it;
+    missing only where it is ``optional``)."""
     def check(v, path, source):
         if not isinstance(v, dict):
             _fail(source, path or "(top level)", "an object", v)
         for key, inner in fields.items():
             where = f"{path}.{key}" if path else key
             if key not in v:
+                if getattr(inner, "optional", False):
+                    continue
                 raise ValidationError(f"{source}: key '{where}' is missing")
             inner(v[key], where, source)
     return check
 
 
+PER_CLASS = obj({"support": INT, "predicted": INT, "recall": null_or(NUM), "precision": null_or(NUM),
+                 "f1": null_or(NUM)})
+CONFUSION = obj({"classes": list_of(STR), "matrix": list_of(list_of(INT))})
 LATENCY = obj({k: NUM for k in ("p50", "p90", "p99", "mean", "min", "max")})
 METRICS = obj({
     "accuracy": null_or(NUM), "auc": null_or(NUM), "latency_ms": null_or(LATENCY),
     "latency_windows_ms": null_or(list_of(NUM)), "latency_ms_median_of_windows": null_or(NUM),
     "model_bytes": null_or(INT), "memory_kb": null_or(NUM), "emulated": BOOL,
+    # a classifier's per-class truth (kiln/tasks/classification.py per_class)
+    "macro_f1": optional(null_or(NUM)), "per_class": optional(null_or(dict_of(PER_CLASS))),
+    "confusion": optional(null_or(CONFUSION)),
 })
 JOB = obj({
     "app": STR, "board": STR, "type": STR, "status": enum(*STATUSES), "flaky": BOOL,

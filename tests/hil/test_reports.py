@@ -61,6 +61,21 @@ def _requirements(app: str, m: dict, emulated: bool) -> list[dict]:
             {"name": "model_kb", "measured": m["model_bytes"] / 1024, "op": "<=", "limit": 64.0, "verdict": "pass"}]
 
 
+KWS = ["yes", "no", "up", "down"]  # a classifier's class names (the others' classes are indices)
+
+
+def _per_class(i: int, app: str, board: str) -> dict:
+    """A classifier's per-class truth on a board (kiln/tasks/classification.py per_class): 40 test
+    samples, about 90 % right; a random generator of its own, so the night's other figures stay."""
+    from kiln.tasks.classification import per_class
+
+    rng = np.random.default_rng([i, APPS.index(app), list(BOARDS).index(board)])
+    names = KWS if app == "keyword_spotting" else ["0", "1", "2"]
+    y = np.arange(40) % len(names)
+    p = np.where(rng.random(40) < 0.9, y, rng.integers(0, len(names), 40))
+    return per_class(y, p, names)
+
+
 NO_METRICS = {"accuracy": None, "auc": None, "latency_ms": None, "latency_windows_ms": None,
               "latency_ms_median_of_windows": None, "model_bytes": None, "memory_kb": None, "emulated": False}
 
@@ -93,6 +108,8 @@ def make_night(i: int) -> dict:
             else:
                 emulated = board.startswith("qemu")
                 m = _metrics(rng, app, emulated)
+                if app != "anomaly":
+                    m.update(_per_class(i, app, board))
                 reqs = _requirements(app, m, emulated)
                 if app == "keyword_spotting" and board == "rpi4-1" and i >= 18:
                     reqs[0].update(limit=0.95, verdict="fail")
@@ -187,6 +204,9 @@ def test_valid_night_passes(tonight):
     (lambda n: n["boards"]["rpi4-1"].update(health="fine"), "boards.rpi4-1.health"),
     (lambda n: n.update(started="last night"), "started"),
     (lambda n: n["regressions"][1].update(kind="drift"), "regressions[1].kind"),
+    (lambda n: n["jobs"][0]["metrics"]["per_class"]["0"].update(support=1.5), "jobs[0].metrics.per_class.0.support"),
+    (lambda n: n["jobs"][0]["metrics"]["confusion"].pop("matrix"), "jobs[0].metrics.confusion.matrix"),
+    (lambda n: n["jobs"][0]["metrics"].update(macro_f1="high"), "jobs[0].metrics.macro_f1"),
 ])
 def test_wrong_key_is_named(tonight, edit, key):
     bad = copy.deepcopy(tonight)
@@ -312,6 +332,35 @@ def test_html_says_what_broke_and_since_when(tonight, history, nights):
     assert "No history given" in glance and "broken since" not in glance and "new tonight" not in glance
 
 
+def test_html_has_a_confusion_matrix_per_board(tonight):
+    text = html_report.render(tonight)
+    section = text[text.index("<h2>Per class</h2>"):text.index("<h2>Boards</h2>")]
+    # tonight's validated classifier jobs: activity on rpi4-1 (qemu: infra), keyword_spotting and
+    # traffic_signs on rpi4-1 and qemu-a53-1; the anomaly detector has none
+    assert section.count('<table class="confusion"') == 5
+    assert re.findall(r"<h3>(\w+)</h3>", section) == ["activity", "keyword_spotting", "traffic_signs"]
+    job = next(j for j in tonight["jobs"] if j["app"] == "keyword_spotting" and j["board"] == "rpi4-1")
+    m = job["metrics"]
+    kws = section[section.index("<h3>keyword_spotting</h3>"):section.index("<h3>traffic_signs</h3>")]
+    table = re.search(r'<table class="confusion"[^>]*><caption>keyword_spotting on rpi4-1.*?</table>', kws).group(0)
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    assert re.findall(r"<th>(.*?)</th>", rows[0]) == ["true \\ predicted", *KWS, "recall", "precision", "F1", "n"]
+    for name, row, cm_row in zip(KWS, rows[1:], m["confusion"]["matrix"]):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        assert row.startswith(f"<th>{name}</th>") and cells[:4] == [str(v) for v in cm_row]
+        assert cells[4] == f"{m['per_class'][name]['recall']:.3f}" and cells[7] == "10"
+    assert f"macro-F1 {m['macro_f1']:.3f}" in kws
+    # the app x board cell says the macro-F1 too
+    assert f"F1 {m['macro_f1']:.3f}" in text[text.index('<table id="matrix"'):text.index("<h2>Regressions")]
+    # a night written before per-class figures were reported still validates and renders
+    old = copy.deepcopy(tonight)
+    for j in old["jobs"]:
+        for k in ("macro_f1", "per_class", "confusion"):
+            j["metrics"].pop(k, None)
+    schema.validate(old)
+    assert "<h2>Per class</h2>" not in html_report.render(old)
+
+
 def test_write_reports_refuses_an_invalid_night(tonight, tmp_path):
     bad = copy.deepcopy(tonight)
     del bad["jobs"][0]["metrics"]
@@ -393,6 +442,7 @@ def test_html_in_chromium(tonight, history, tmp_path):
     assert matrix.count("<tr>") == 1 + len(APPS)
     assert len(re.findall(r'<td class="st fail"', matrix)) == 1 and 'class="st pass flaky"' in matrix
     assert dom.count("<svg") == 7
+    assert dom.count('<table class="confusion"') == 5 and dom.count("<details open") == 5  # small: shown open
     # each plot drew something: paths inside every svg
     assert all("<path" in svg for svg in re.findall(r"<svg.*?</svg>", dom, re.S))
     print(f"\nrendered in {Path(CHROMIUM).name}: 7 plots, no request, no console line; {size} bytes")

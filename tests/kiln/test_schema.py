@@ -227,3 +227,29 @@ def test_a_synthetic_data_set_of_one_class_is_refused_like_own_data(kiln_env):
     with pytest.raises(ManifestError, match=r"field 'dataset[.a-z]*\.classes': .*1 class\(es\); a classifier needs "
                                             r"at least two classes"):
         config.load_project("tiny")
+
+
+@pytest.mark.parametrize("requirements, field, expect", [
+    ({"macro_f1": {"min": 1.5}}, "requirements.macro_f1.min", "less than or equal to 1"),
+    ({"class_recall": {}}, "requirements.class_recall", "give min (every class) or per_class"),
+    ({"class_recall": {"per_class": {"stop": 0.9}}}, "(top level)",
+     "requirements.class_recall.per_class.stop: 'stop' is not a class of the dataset (classes: 0, 1, 2"),
+    ({"class_recall": {"per_class": {"3": 1.2}}}, "requirements.class_recall.per_class.3", "less than or equal to 1"),
+    ({"class_recall": {"min": 0.8, "max": 1}}, "requirements.class_recall.max", "unknown field"),
+])
+def test_class_requirements_are_checked_at_load(kiln_env, requirements, field, expect):
+    data = copy.deepcopy(TINY)
+    data["requirements"].update(requirements)
+    manifest = write_project(kiln_env["projects"], data)
+    with pytest.raises(ManifestError) as e:
+        config.load_project("tiny")
+    msg = str(e.value)
+    assert str(manifest) in msg and f"field '{field}'" in msg and expect in msg
+
+
+def test_class_requirements_accept_class_indices_as_yaml_ints(kiln_env):
+    data = copy.deepcopy(TINY)
+    data["requirements"].update(macro_f1={"min": 0.5}, class_recall={"min": 0.5, "per_class": {3: 0.9}})
+    write_project(kiln_env["projects"], data)
+    req = config.load_project("tiny").requirements
+    assert req.macro_f1.min == 0.5 and req.class_recall.per_class == {"3": 0.9} and req.class_recall.min == 0.5
