@@ -134,7 +134,8 @@ class Layout:
 
     build/<app>/synthetic/              a synthetic data set (.kiln-synthetic.json says what made it)
     build/<app>/data/                   the data stage's outputs: train/val/test.npz, test_inputs.bin,
-                                        test_labels.json, data.json (+ front_end.json, raw.npz)
+                                        test_labels.json, data.json (+ front_end.json, raw.npz,
+                                        raw_train.npz when training augments raw samples)
     build/<app>/                        model.pt, metrics.json, compressed.pt, compress.json,
                                         model.onnx, export.json (+ front_end.onnx)
     build/<app>/type/<board type>/      per board type: tune.json, model.so, compile.json (+ front_end.so)
@@ -153,6 +154,9 @@ class Layout:
     DATA_JSON = "data.json"  # the data stage's record, written last
     FRONT_END_JSON = "front_end.json"  # the front end's fitted settings
     RAW_NPZ = "raw.npz"  # the raw val/test samples a front end's library reads
+    # the raw training samples (x, y; audio: the background noise too), kept only when training
+    # augments raw samples before the front end (kiln.schema.datasets.raw_augmented)
+    RAW_TRAIN = "raw_train"  # a split name: data/raw_train.npz
 
     def __init__(self, app: str):
         self.app = app
@@ -197,11 +201,16 @@ class Layout:
     def raw_npz(self) -> Path:
         return self.data / self.RAW_NPZ
 
+    @property
+    def raw_train_npz(self) -> Path:
+        return self.split_file(self.data, self.RAW_TRAIN)
+
     @classmethod
-    def data_files(cls, front_end: bool) -> list[str]:
+    def data_files(cls, front_end: bool, raw_train: bool = False) -> list[str]:
         """The data stage's outputs, named within its folder, its record (data.json) among them."""
         return [*(f"{s}.npz" for s in cls.SPLITS), cls.TEST_INPUTS, cls.TEST_LABELS, cls.DATA_JSON,
-                *((cls.FRONT_END_JSON, cls.RAW_NPZ) if front_end else ())]
+                *((cls.FRONT_END_JSON, cls.RAW_NPZ) if front_end else ()),
+                *((f"{cls.RAW_TRAIN}.npz",) if front_end and raw_train else ())]
 
     # per board type
     def board_type(self, board_type: str) -> Path:

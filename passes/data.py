@@ -13,6 +13,7 @@ import numpy as np
 from kiln.artifacts import Layout, atomic_path, sha256_file, write_json
 from kiln.errors import PassError
 from kiln.registry import implementation
+from kiln.schema.datasets import raw_augmented
 from passes.formats import Loaded
 
 log = logging.getLogger("kiln.data")
@@ -277,8 +278,39 @@ def run(project, layout) -> dict:
     fmt = implementation(ds)
     root, _ = fmt.locate(ds, layout)
     size = _check_size(ds.image_size)
+    raw_train = _raw_train_extras(ds, root) if raw_augmented(ds) else None
     return prepare(fmt.load(ds, root), layout.data, size, ds.split.val, ds.split.test, ds.split.seed,
-                   params={"dataset_root": str(root)}, front_end=front_end_of(ds), group_by=ds.split.group_by)
+                   params={"dataset_root": str(root)}, front_end=front_end_of(ds), group_by=ds.split.group_by,
+                   raw_train=raw_train)
+
+
+NOISE_FOLDER = "_background_noise_"  # Speech Commands' folder of long noise recordings
+
+
+def _raw_train_extras(ds, root: Path) -> dict:
+    """What raw_train.npz holds beside the raw training samples: for audio with
+    ``augment.noise``, the noise clips (``noise``: int16, concatenated; ``noise_starts``: where
+    each begins), each at least one clip long (a shorter one repeats)."""
+    noise = getattr(ds.augment, "noise", None)
+    if noise is None:
+        return {}
+    from passes.formats.audio_folders import read_wav
+    from passes.formats.support.folders import resolve
+
+    folder = resolve(noise.folder) if noise.folder else Path(root) / NOISE_FOLDER
+    files = sorted(folder.glob("*.wav")) if folder.is_dir() else []
+    if not files:
+        raise PassError(f"dataset.augment.noise: no WAV files in {folder}"
+                        + ("" if noise.folder else f" (the data set's {NOISE_FOLDER}; set dataset.augment.noise.folder)"))
+    length, clips = int(ds.raw_shape()[0]), []
+    for f in files:
+        try:
+            x = read_wav(f, ds.sample_rate)
+        except Exception as e:  # the reader's Unreadable and OSError
+            raise PassError(f"dataset.augment.noise: {f}: {e}") from e
+        clips.append(np.resize(x, max(len(x), length)))
+    log.info("data: %d background noise file(s) from %s for augmentation", len(clips), folder)
+    return {"noise": np.concatenate(clips), "noise_starts": np.cumsum([0] + [len(c) for c in clips[:-1]])}
 
 
 def front_end_of(ds) -> dict | None:
@@ -309,6 +341,9 @@ def _apply_front_end(front_end: dict, splits: dict, out_dir: Path) -> tuple[dict
         log.info("data: %s front end on the %s split (%d samples)", fe.kind, name, len(y))
         out[name] = (frontends.features(fe, layout, x, stats, sr), y)
     _write_npz(out_dir / Layout.RAW_NPZ, val=splits["val"][0], test=splits["test"][0])
+    if front_end.get("raw_train") is not None:  # training augments raw samples, then runs the front end
+        _write_npz(Layout.split_file(out_dir, Layout.RAW_TRAIN), x=splits["train"][0], y=splits["train"][1],
+                   **front_end["raw_train"])
     info = {"kind": fe.kind, "settings": fe.model_dump(), "layout": layout, "raw_shape": front_end["raw_shape"],
             "raw_dtype": raw_dtype.name, "sample_rate": sr, "stats": stats,
             "output_shape": list(fe.output_shape(layout, tuple(front_end["raw_shape"]), sr))}
@@ -316,12 +351,14 @@ def _apply_front_end(front_end: dict, splits: dict, out_dir: Path) -> tuple[dict
 
 
 def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, seed: int,
-            params: dict | None = None, front_end: dict | None = None, group_by: str | None = None) -> dict:
+            params: dict | None = None, front_end: dict | None = None, group_by: str | None = None,
+            raw_train: dict | None = None) -> dict:
     """Split what a format loaded and write the data stage's outputs to ``out_dir``.
 
     A shipped test split (GTSRB's labelled Final_Test) is the test split; otherwise ``test`` of
     the data is. ``val`` of the rest (stratified, seeded) is the validation split. Returns what
-    it writes to ``out_dir/data.json``.
+    it writes to ``out_dir/data.json``. With ``raw_train`` (a front end, and training augments raw
+    samples) the raw training split is kept too, in raw_train.npz with ``raw_train``'s arrays.
     """
     out_dir = Path(out_dir)
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
@@ -336,10 +373,11 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
     _check_class_coverage(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
     report_class_counts(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
     raw_test = splits["test"][0]
-    files = [f for f in Layout.data_files(front_end is not None) if f != Layout.DATA_JSON]  # data.json: last
+    keep_raw = front_end is not None and raw_train is not None
+    files = [f for f in Layout.data_files(front_end is not None, keep_raw) if f != Layout.DATA_JSON]  # data.json: last
     fe_info = None
     if front_end is not None:
-        splits, fe_info = _apply_front_end(front_end, splits, out_dir)
+        splits, fe_info = _apply_front_end({**front_end, "raw_train": raw_train}, splits, out_dir)
         write_json(out_dir / Layout.FRONT_END_JSON, fe_info)
     for name, (x, y) in splits.items():
         log.info("data: writing %s split: %d samples", name, len(y))

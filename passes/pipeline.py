@@ -26,6 +26,7 @@ from kiln.config import trial_budget
 from kiln.errors import KilnError
 from kiln.measure import measure_mode
 from kiln.registry import module_name
+from kiln.schema.datasets import raw_augmented
 from kiln.uptodate import last_run_ok, matches_record, tree_unchanged
 
 # the board type the compress stage compiles each row's model for (compression.library_bytes)
@@ -144,6 +145,16 @@ def anomaly_slice(u: Unit) -> dict:
     return {"anomaly": u.p.anomaly.model_dump()} if u.p.anomaly is not None else {}
 
 
+def raw_train_slice(u: Unit) -> dict:
+    """What the data stage keeps for training that augments raw samples (raw_train.npz: the raw
+    training split, and the background noise folder it read); empty otherwise, so other apps'
+    recorded configuration is unchanged."""
+    if not raw_augmented(u.p.dataset):
+        return {}
+    noise = getattr(u.p.dataset.augment, "noise", None)
+    return {"raw_train": {"noise_folder": None if noise is None else (noise.folder or "default")}}
+
+
 def trains(u: Unit) -> bool:
     """False for a family Kiln does not train (family: onnx): it is imported instead."""
     return getattr(type(u.p.architecture), "trains", True)
@@ -175,15 +186,16 @@ PIPELINE: list[Stage] = [
     Stage("data", "Load the data set, split it and write train/val/test arrays and the boards' test inputs.",
           "passes.data:run", lambda u: [u.p, u.lay], lambda u: f"load and split {u.app.name}'s data set",
           task_dep=lambda u: [f"synth:{u.app.name}"] if u.app.synthetic else [],
-          outputs=lambda u: [u.lay.data / f for f in Layout.data_files(front_end(u))],
+          outputs=lambda u: [u.lay.data / f for f in Layout.data_files(front_end(u), raw_augmented(u.p.dataset))],
           uses=lambda u: [module_name(u.p.dataset), *front_end_modules(u)],
-          config=lambda u: u.p.dataset.model_dump(exclude={"augment", "synthetic"}),
+          config=lambda u: {**u.p.dataset.model_dump(exclude={"augment", "synthetic"}), **raw_train_slice(u)},
           checks=lambda u: [tree_unchanged(u.app.data_root), matches_record(u.lay.data_json, listed="files")]),
     Stage("train", "Train the app's network with PyTorch; keep the best validation checkpoint.",
           "passes.train:run", lambda u: [u.p, u.lay],
           lambda u: f"train {u.app.name}" if trains(u) else f"import {u.app.name}'s model (not trained)",
           instead=(lambda u: not trains(u), "passes.import_model:run"),
-          inputs=lambda u: [u.lay.split("train"), u.lay.split("val"), u.lay.split("test"), *arch_inputs(u)],
+          inputs=lambda u: [u.lay.split("train"), u.lay.split("val"), u.lay.split("test"), *arch_inputs(u),
+                            *((u.lay.raw_train_npz, u.lay.front_end_json) if raw_augmented(u.p.dataset) else ())],
           outputs=lambda u: [u.lay.model_pt, u.lay.metrics],
           uses=lambda u: [module_name(u.p.architecture)],
           config=lambda u: {"training": u.p.training.model_dump(), "architecture": u.p.architecture.model_dump(),

@@ -20,7 +20,7 @@ from kiln.errors import ManifestError, PassError
 from kiln.schema import Project
 from passes import tasks
 from passes.support.common import save_checkpoint
-from passes.support.training import fit
+from passes.support.training import fit, raw_batches
 
 log = logging.getLogger("kiln.train")
 
@@ -51,12 +51,14 @@ def run(project: Project, layout: Layout) -> dict:
         log.info("train %s: class weights %s", project.name, ", ".join(f"{w:.3g}" for w in weights))
     history = fit(model, xtr, ytr, epochs=cfg.epochs, batch=cfg.batch, lr=cfg.lr, aug=ds.augment, gen=gen,
                   xva=xva, yva=yva, keep_best=True, tag=f"train {project.name}", loss=objective,
-                  class_weights=weights)
+                  class_weights=weights, recipe=cfg, raw=raw_batches(project, data_dir))
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metrics = {"params": cx.params, "macs": cx.macs, "activations": cx.activations, "objective": objective}
     figures, summary = task.train_metrics(project, model, history, data_dir, len(ytr))
     metrics.update(figures)
     metrics["class_weights"] = weights
+    if len(history) < cfg.epochs:  # training.early_stopping
+        metrics["stopped_early_at_epoch"] = len(history)
     metrics.update(history=history, training=cfg.model_dump(), augment=ds.augment.model_dump(),
                    data_sha256=sha256_file(layout.split("train")))
     ckpt = {

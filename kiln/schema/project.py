@@ -101,6 +101,15 @@ class Sizing(Strict):
         "refuse", description="refuse: the manifest does not load; warn: logged once per board, recorded in the report"
     )
 
+
+class EarlyStopping(Strict):
+    """Stop when the validation metric has not improved for ``patience`` epochs (the best
+    epoch's weights are kept either way)."""
+
+    patience: int = Field(ge=1, le=1000, description="epochs without a better validation figure before stopping")
+    min_delta: float = Field(0.0, ge=0, le=1, description="an improvement smaller than this does not count")
+
+
 Weight = Annotated[float, Field(gt=0.0, le=1e6)]
 
 
@@ -115,6 +124,12 @@ class Training(Strict):
         "frequency on the training split (n_samples / (n_classes * count), scikit-learn's); a list: one weight per "
         "class, in class order; a mapping: class name -> weight (classes not named weigh 1). Unset: every class alike"
     )
+    schedule: Literal["one_cycle", "cosine", "constant"] = Field(
+        "one_cycle", description="learning-rate schedule over all steps: one_cycle (warm up to lr, then anneal), "
+        "cosine (from lr down to 0), constant (lr throughout)")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="decoupled weight decay (AdamW) when above 0; 0: Adam")
+    early_stopping: EarlyStopping | None = Field(None, description="stop on the validation metric; unset: train "
+                                                 "every epoch")
 
     @field_validator("class_weights", mode="before")
     @classmethod

@@ -1,16 +1,28 @@
-"""The training loop the torch passes share: seeded Adam with a one-cycle schedule and online
-augmentation, on the loss of the net's task (passes/tasks/: cross-entropy for classification,
-MSE against the input for reconstruction). The train stage trains with it; prune and weight
-coding fine-tune with it."""
+"""The training loop the torch passes share: seeded Adam (AdamW with weight decay) under a
+learning-rate schedule (one-cycle by default), optional early stopping, and online augmentation,
+on the loss of the net's task (passes/tasks/: cross-entropy for classification, MSE against the
+input for reconstruction). The train stage trains with it; prune and weight coding fine-tune with it.
+
+Augmentation (dataset.augment, one model per raw layout: kiln/schema/datasets.py) is drawn from
+the loop's generator, on training batches only. Images without a front end are augmented as the
+net sees them (pixels in [0, 1]). Formats with a front end (audio, sensor windows, images fed as
+uint8) are augmented on their RAW samples (the data stage's raw_train.npz), which then run
+through the front end's torch module, the graph the board's library computes (``RawBatches``);
+with no augmentation set, training reads the stored features as before."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
+from kiln.artifacts import Layout, read_json
+from kiln.errors import PassError
+from kiln.schema.datasets import raw_augmented
+from passes import tasks as _tasks
 from passes.support.common import to_tensor
 from passes.tasks import LOSSES, by_objective
 from passes.tasks.anomaly_detection import reconstruction_error  # noqa: F401  (prune and tests import it here)
@@ -19,7 +31,8 @@ log = logging.getLogger("kiln.train")
 
 
 def augment(x, aug, gen):
-    """Random rotation, brightness and blur on a float NCHW batch (seeded by ``gen``)."""
+    """Random rotation, brightness, contrast and blur on a float NCHW batch in [0, 1] (seeded by
+    ``gen``; a setting at 0 draws nothing, so adding one leaves the others' draws as they were)."""
     import torch
     import torch.nn.functional as F
 
@@ -32,6 +45,9 @@ def augment(x, aug, gen):
         x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     if aug.brightness > 0:
         x = x * (1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * aug.brightness)
+    if getattr(aug, "contrast", 0) > 0:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * aug.contrast) + mean
     if aug.blur > 0:
         k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
         k = k.expand(x.shape[1], 1, 3, 3)
@@ -41,11 +57,134 @@ def augment(x, aug, gen):
     return x.clamp_(0, 1)
 
 
+def augment_audio(x, aug, gen, sample_rate: int, noise=None, noise_starts=None):
+    """Time shift (zero-filled), background noise at a random SNR and gain on a float (B, L)
+    batch of int16 sample values; returns int16 values (rounded, clipped), as a board would get.
+    ``noise``/``noise_starts``: the noise clips, concatenated, and where each begins."""
+    import torch
+
+    n, length = x.shape
+    if aug.time_shift_ms > 0:
+        most = int(round(aug.time_shift_ms * sample_rate / 1000))
+        shift = torch.randint(-most, most + 1, (n,), generator=gen)
+        src = torch.arange(length)[None, :] - shift[:, None]  # out[t] = x[t - shift]
+        inside = (src >= 0) & (src < length)
+        x = torch.where(inside, x.gather(1, src.clamp(0, length - 1)), torch.zeros(()))
+    if aug.noise is not None and noise is not None:
+        starts = noise_starts
+        ends = torch.cat([starts[1:], torch.tensor([len(noise)])])
+        pick = (torch.rand(n, generator=gen) < aug.noise.prob).float()
+        clip = torch.randint(0, len(starts), (n,), generator=gen)
+        room = (ends - starts)[clip] - length + 1  # every clip is at least one sample set long
+        offset = (torch.rand(n, generator=gen) * room).long()
+        seg = noise[(starts[clip] + offset)[:, None] + torch.arange(length)[None, :]]
+        lo, hi = aug.noise.snr_db
+        snr = lo + (hi - lo) * torch.rand(n, generator=gen)
+        # noise power set to the clip's own power / 10^(snr/10): a silent clip stays silent
+        k = torch.sqrt(x.pow(2).mean(1) / seg.pow(2).mean(1).clamp_min(1e-12) / 10 ** (snr / 10))
+        x = x + (pick * k)[:, None] * seg
+    if aug.gain_db != (0.0, 0.0):
+        lo, hi = aug.gain_db
+        x = x * 10 ** ((lo + (hi - lo) * torch.rand(n, 1, generator=gen)) / 20)
+    return x.round().clamp(-32768, 32767)
+
+
+def augment_sensor(x, aug, gen, std):
+    """Time warp, per-channel scaling and jitter on a float (B, L, C) batch of raw sensor values;
+    ``std``: (C,) each channel's std over the training split (jitter is relative to it)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, length, channels = x.shape
+    if aug.time_warp > 0:
+        # the local speed: 4 random knots in 1 +- time_warp, linear between, integrated into a
+        # monotone map of [0, L-1] onto itself, where each window is then read (linearly)
+        speed = 1 + (torch.rand(n, 1, 4, generator=gen) * 2 - 1) * aug.time_warp
+        speed = F.interpolate(speed, size=length, mode="linear", align_corners=True)[:, 0]
+        pos = torch.cumsum(speed, 1) - speed[:, :1]
+        pos = pos / pos[:, -1:] * (length - 1)
+        i0 = pos.floor().long().clamp(0, length - 2)
+        frac = (pos - i0)[..., None]
+        at = lambda i: x.gather(1, i[..., None].expand(-1, -1, channels))  # noqa: E731
+        x = at(i0) * (1 - frac) + at(i0 + 1) * frac
+    if aug.scale != (1.0, 1.0):
+        lo, hi = aug.scale
+        x = x * (lo + (hi - lo) * torch.rand(n, 1, channels, generator=gen))
+    if aug.jitter > 0:
+        x = x + torch.randn(x.shape, generator=gen) * (aug.jitter * std)
+    return x
+
+
+class RawBatches:
+    """Training batches made from RAW samples (N, *raw_shape): augmented per the layout, then
+    run through the front end's torch module (the graph the board's library computes), so the
+    net trains on the features of samples a board could have been fed. Without augmentation the
+    batch equals the data stage's stored features (tests/passes/test_augment.py)."""
+
+    def __init__(self, raw: np.ndarray, aug, layout: str, front_end, sample_rate=None, noise=None,
+                 noise_starts=None):
+        import torch
+
+        self.raw = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+        self.aug, self.layout, self.front_end, self.sample_rate = aug, layout, front_end.eval(), sample_rate
+        self.noise = None if noise is None else torch.from_numpy(noise.astype(np.float32))
+        self.noise_starts = None if noise_starts is None else torch.from_numpy(np.asarray(noise_starts, np.int64))
+        if getattr(aug, "noise", None) is not None and self.noise is None:
+            raise PassError("dataset.augment.noise is set but raw_train.npz holds no noise; rerun the data task")
+        # sensor jitter is relative to each channel's spread over the training split
+        self.std = self.raw.reshape(-1, self.raw.shape[-1]).std(0) if layout == "sequence" else None
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def augmented(self, idx, gen):
+        """The raw batch ``idx``, augmented (float32 raw values)."""
+        x = self.raw[idx]
+        if self.layout == "audio":
+            return augment_audio(x, self.aug, gen, self.sample_rate, self.noise, self.noise_starts)
+        if self.layout == "sequence":
+            return augment_sensor(x, self.aug, gen, self.std)
+        if self.layout == "image":  # (B, H, W, C) 0..255 -> [0, 1] NCHW -> back, rounded as uint8 is
+            out = augment(x.permute(0, 3, 1, 2) / 255, self.aug, gen)
+            return (out * 255).round().permute(0, 2, 3, 1).contiguous()
+        raise PassError(f"no augmentation of {self.layout} samples")
+
+    def __call__(self, idx, gen):
+        import torch
+
+        with torch.no_grad():
+            return self.front_end(self.augmented(idx, gen))
+
+
+def raw_batches(project, data_dir) -> RawBatches | None:
+    """The train stage's ``RawBatches`` (None when no augmentation of raw samples is set,
+    ``raw_augmented``): the data stage's raw_train.npz, the same rows the task fits on
+    (``passes.tasks.fit_split``), and its front end as front_end.json fitted it."""
+    ds = project.dataset
+    if not raw_augmented(ds):
+        return None
+    from pydantic import TypeAdapter
+
+    from kiln.schema import FrontEnd
+    from passes import frontends
+
+    path = Layout.split_file(data_dir, Layout.RAW_TRAIN)
+    info = read_json(Path(data_dir) / Layout.FRONT_END_JSON)
+    fe = TypeAdapter(FrontEnd).validate_python(info["settings"])
+    module = frontends.module(fe, info["layout"], tuple(info["raw_shape"]), info["stats"], info["sample_rate"])
+    x, _ = _tasks.fit_split(project, data_dir, Layout.RAW_TRAIN)
+    with np.load(path) as z:
+        noise = (z["noise"], z["noise_starts"]) if "noise" in z.files else (None, None)
+    return RawBatches(x, ds.augment, info["layout"], module, info["sample_rate"], *noise)
+
+
 def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, yva=None,
         after_step=None, keep_best: bool = False, tag: str = "train", loss: str = "classification",
-        class_weights: list[float] | None = None) -> list[dict]:
+        class_weights: list[float] | None = None, recipe=None, raw=None) -> list[dict]:
     """Adam with a one-cycle schedule on uint8 NHWC samples ``x``/``y`` with online augmentation
-    ``aug``; batches and augmentation drawn from ``gen``. ``after_step(model)`` runs after each
+    ``aug``; batches and augmentation drawn from ``gen``. ``recipe`` (training: its schedule,
+    weight_decay and early_stopping; None: one-cycle Adam over every epoch) changes that;
+    ``raw`` (a ``RawBatches``) makes each training batch from augmented raw samples instead. ``after_step(model)`` runs after each
     optimizer step (compression passes keep pruning masks applied with it). With ``keep_best``
     the model ends with the weights of its best validation epoch. Returns one row per epoch.
 
@@ -60,14 +199,15 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
 
     if loss not in LOSSES:
         raise ValueError(f"fit: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = max(1, epochs * math.ceil(len(y) / batch))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    opt, sched = _optimizer(model, lr, max(1, epochs * math.ceil(len(y) / batch)), recipe)
+    stop = getattr(recipe, "early_stopping", None)
+    if raw is not None and len(raw) != len(y):
+        raise PassError(f"{tag}: {len(raw)} raw training samples for {len(y)} training samples; rerun the data task")
     task = by_objective(loss)
     loss_fn = task.loss_fn(class_weights)
     metric, sign = task.VAL_METRIC, task.VAL_SIGN
     x_t, y_t = to_tensor(x), torch.from_numpy(y)
-    best, history = {"score": -math.inf}, []
+    best, history, watch = {"score": -math.inf}, [], {"score": -math.inf, "since": 0}
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -75,14 +215,17 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
         total = 0.0
         for i in range(0, len(order), batch):
             idx = order[i : i + batch]
-            # augmentation is for pixels in [0, 1]; a front end's features are left as they are
-            xb = augment(x_t[idx], aug, gen) if x.dtype == np.uint8 else x_t[idx]
+            if raw is not None:  # raw samples augmented, then the front end
+                xb = raw(idx, gen)
+            else:  # augmentation is for pixels in [0, 1]; a front end's features are left as they are
+                xb = augment(x_t[idx], aug, gen) if x.dtype == np.uint8 else x_t[idx]
             out = model(xb)
             value = task.loss(loss_fn, out, xb, y_t[idx])
             opt.zero_grad()
             value.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             if after_step is not None:
                 after_step(model)
             total += value.item() * len(idx)
@@ -95,10 +238,42 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
         score = sign * row[metric] if metric in row else 0.0
         if keep_best and score > best["score"]:
             best = {"score": score, "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        if stop is not None and metric in row and _stalled(watch, score, stop):
+            log.info("%s: early stop after epoch %d: val %s no better for %d epoch(s)", tag, epoch,
+                     metric, stop.patience)
+            break
     if keep_best and "state_dict" in best:
         model.load_state_dict(best["state_dict"])
     model.eval()
     return history
+
+
+def _optimizer(model, lr: float, steps: int, recipe):
+    """(optimizer, scheduler stepped per batch or None) for ``recipe`` (training.schedule,
+    training.weight_decay): Adam under a one-cycle schedule by default; AdamW with weight decay."""
+    import torch
+
+    decay = getattr(recipe, "weight_decay", 0.0)
+    params = model.parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=decay) if decay > 0 else torch.optim.Adam(params, lr=lr)
+    schedule = getattr(recipe, "schedule", "one_cycle")
+    if schedule == "one_cycle":
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    if schedule == "cosine":
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    if schedule == "constant":
+        return opt, None
+    raise ValueError(f"training.schedule: {schedule!r} is not one of one_cycle, cosine, constant")
+
+
+def _stalled(watch: dict, score: float, stop) -> bool:
+    """Early stopping's count: True once the score (higher is better) has not beaten its best
+    by more than ``stop.min_delta`` for ``stop.patience`` epochs."""
+    if score > watch["score"] + stop.min_delta:
+        watch.update(score=score, since=0)
+        return False
+    watch["since"] += 1
+    return watch["since"] >= stop.patience
 
 
 def _log_epoch(tag: str, epochs: int, row: dict) -> None:
