@@ -23,7 +23,7 @@ from kiln.artifacts import Layout, build_root, new_run_id, runner_file, runner_j
 from kiln.config import board_names, lab_file, load_board, load_project, project_names, project_path, projects_dir
 from kiln.errors import KilnError, ManifestError
 from kiln.registry import implementation
-from kiln.actions import fail, refused_command_line, run
+from kiln.actions import call, fail, refused_command_line, run
 from kiln.uptodate import matches_record
 from passes.pipeline import PIPELINE, STAGES, App, Stage, Unit
 
@@ -164,7 +164,8 @@ def stage_task(stage: Stage, u: Unit) -> dict:
         action = (run, [stage.entry_for(u), *stage.args(u)])
     except KilnError as e:  # e.g. a bad $KILN_TUNE_MEASURE: the task fails with it when it runs
         action = (fail, [f"{type(e).__name__}: {e}"])
-    task = {"name": u.name, "doc": stage.subdoc(u), "actions": [(stale_report, [u.lay]), action]}
+    before = [(call, [stage.before[0], *stage.before[1](u)])] if stage.before else []
+    task = {"name": u.name, "doc": stage.subdoc(u), "actions": [(stale_report, [u.lay]), *before, action]}
     if deps := stage.task_dep(u):
         task["task_dep"] = deps
     task["file_dep"] = [*map(str, stage.inputs(u)), *sources.files(stage.entry_for(u).split(":")[0], *stage.uses(u))]

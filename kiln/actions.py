@@ -68,6 +68,20 @@ def run(target: str, *args: Any, task, **kwargs: Any):
     return out if isinstance(out, TaskFailed) else True
 
 
+def call(target: str, *args: Any, **kwargs: Any):
+    """doit action: ``run`` without the per-task lock, for what a task does before it waits its
+    turn (the hil stage takes its hold on the lab there: a deploy waiting for another's task of
+    the same board then keeps the lab up when the other ends, instead of racing its teardown)."""
+    try:
+        out = entry(target)(*args, **kwargs)
+    except KilnError as e:
+        return TaskFailed(f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:
+        print(f"kiln: interrupted during {target}", file=sys.__stderr__, flush=True)
+        raise SystemExit(INTERRUPTED) from None
+    return out if isinstance(out, TaskFailed) else True
+
+
 # when this doit process started (dodo.py imports this module before doit checks any task)
 _STARTED = time.time()
 # tasks whose outputs are measurements on the lab, not builds: serialized, but always run (a

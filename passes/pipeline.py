@@ -100,6 +100,9 @@ class Stage:
     when: Callable[[Unit], bool] = lambda u: True
     instead: tuple[Callable[[Unit], bool], str] | None = None  # (when, entry point): run that one instead
     teardown: tuple[str, ...] = ()  # "module:function"s run after the task
+    # ("module:function", args(unit)) run before the task waits its turn (kiln.actions.call: not
+    # under the per-task lock that serializes the same task of two doit processes)
+    before: tuple[str, Callable[[Unit], list]] | None = None
     goal: bool = False  # the app's goal: an app that is skipped, or whose board choice is refused, fails here
 
     def entry_for(self, u: Unit) -> str:
@@ -241,6 +244,9 @@ PIPELINE: list[Stage] = [
           config=lambda u: {"instance": u.instance.model_dump(), "board": u.board.model_dump(),
                             "validation": u.p.validation.model_dump()},
           checks=lambda u: [last_run_ok(u.lay.last_run(u.instance.name))],
+          # hold the lab before waiting for another doit process's run of this task: the other's
+          # teardown then leaves the lab up for this one (and never stops it under its waiter)
+          before=("hil.lab:open_lab", lambda u: [u.app.lab_file]),
           teardown=("hil.lab:close_opened",)),
     Stage("deploy", "Build everything an app needs, run it on every lab board it targets, validate, report.",
           "hil.validate:run", lambda u: [u.p, u.lay, _deployed(u), list(u.app.built_only), u.app.lab.name, u.app.run_id],
