@@ -200,7 +200,7 @@ def _group_report(rule: str, groups: dict) -> dict:
     shared = {}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         if groups[a] is not None and groups[b] is not None:
-            both = sorted(set(groups[a].astype(str)) & set(groups[b].astype(str)))
+            both = sorted(str(g) for g in set(groups[a].astype(str)) & set(groups[b].astype(str)))
             if both:
                 shared[f"{a}+{b}"] = both
                 log.warning("data: %d group(s) (%s) are in both the %s and the %s split as the data set ships "
