@@ -79,14 +79,14 @@ def rows_for(name: str, manifest: dict, modality: str, noise: Path | None) -> li
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="basic_motions,digits_images",
+    ap.add_argument("--only", default=None,
                     help="comma list of bench/real_data.py's sets with augmentations (basic_motions, digits_images, "
-                    "tts_words)")
+                    "tts_words); default basic_motions,digits_images (--smoke: basic_motions)")
     ap.add_argument("--smoke", action="store_true", help="a few epochs on the smallest sets: a check that it runs")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kiln-augment-") as tmp:
         tmp = Path(tmp)
-        wanted = args.only.split(",")
+        wanted = (args.only or ("basic_motions" if args.smoke else "basic_motions,digits_images")).split(",")
         chosen = {k: v for k, v in real_data.sets(tmp / "data", args.smoke).items() if k in wanted}
         noise = noise_folder(tmp / "noise")
         table = []
