@@ -178,7 +178,9 @@ def test_raw_train_is_kept_only_when_raw_augmentation_is_on(kiln_env):
     {**WINDOWS, "augment": {"jitter": 0.05}},
     {"format": "audio_folders", "path": "no/such", "synthetic": {"classes": 3, "per_class": 6, "test_per_class": 2},
      "augment": {"time_shift_ms": 50}},
-], ids=["sensor-normalize", "audio-mfcc"])
+    {"format": "gtsrb", "path": "no/such/dir", "synthetic": {"per_class": 4, "test_per_class": 2}, "image_size": [16, 16],
+     "front_end": {"kind": "normalize"}, "augment": {"rotate_deg": 10, "contrast": 0.3}},
+], ids=["sensor-normalize", "audio-mfcc", "image-uint8-normalize"])
 def test_raw_batches_without_draws_equal_the_data_stages_features(kiln_env, dataset):
     project, layout, _ = _data(kiln_env, dataset)
     raw = training.raw_batches(project, layout.data)
