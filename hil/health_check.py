@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from hil.lab.health import BY_COMMAND_ONLY, HealthError, record_check, state
+from hil.lab.health import BY_COMMAND_ONLY, HealthError, record_check, record_event, state
 from kiln.artifacts import atomic_path, build_root, read_json, runner_dir, sha256_file, write_bytes, write_json
 from kiln.errors import KilnError
 from kiln.schema import Board, Instance
@@ -182,3 +182,52 @@ def check_board(instance: Instance, board_type: Board, lab_dir: Path, db: Path |
         return now, None
     check = health_check(instance, board_type, lab_dir, timeout_s)
     return record_check(instance.name, check["passed"], check["error"] or "", db), check
+
+
+# -- recovery: a power cycle before a board is marked bad ----------------------------------
+
+def power_cycle(instance: Instance, lab_dir: Path, reason: str, db: Path | None = None,
+                answer_timeout_s: float | None = None) -> dict:
+    """Cycle the board's power and wait (bounded) for its transport to answer; recorded in its
+    health history. ``{"action": "cycle", "reason", "passed", "seconds", "answered_s", "error", "at"}``."""
+    from hil.lab import power
+
+    t0, at = time.perf_counter(), time.time()
+    out = {"action": "cycle", "reason": reason, "passed": False, "seconds": 0.0, "answered_s": None,
+           "error": None, "at": at}
+    try:
+        power.switch(instance, "cycle")
+        out["answered_s"] = power.wait_answering(instance, lab_dir, answer_timeout_s or power.ANSWER_TIMEOUT_S)
+        out["passed"] = True
+    except KilnError as e:
+        out["error"] = str(e)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    record_event(instance.name, f"power cycle ({reason}): " + (
+        f"answered after {out['answered_s']:.2f} s" if out["passed"] else f"failed: {out['error']}"), db=db)
+    return out
+
+
+def check_and_recover(instance: Instance, board_type: Board, lab_dir: Path, db: Path | None = None,
+                      timeout_s: float = CHECK_TIMEOUT_S, answer_timeout_s: float | None = None
+                      ) -> tuple[str, dict | None, list[dict]]:
+    """``check_board`` with recovery: a board that fails its check and has power control is
+    power-cycled, waited for, and checked again; only a failure after the cycle marks it bad.
+    ``(state after, the last check or None, the power cycles)``; the last check carries
+    ``first`` (the check before the cycle) when there was one."""
+    now = state(instance.name, db)
+    if now in BY_COMMAND_ONLY:
+        return now, None, []
+    check = health_check(instance, board_type, lab_dir, timeout_s)
+    if check["passed"] or instance.power is None:
+        return record_check(instance.name, check["passed"], check["error"] or "", db), check, []
+    record_event(instance.name, f"check failed: {check['error']} (power-cycling before judging it)",
+                 by="health check", db=db)
+    cycle = power_cycle(instance, lab_dir, f"failed its health check: {check['error']}", db, answer_timeout_s)
+    first = check
+    if cycle["passed"]:
+        check = health_check(instance, board_type, lab_dir, timeout_s)
+    else:
+        check = {"passed": False, "seconds": 0.0, "error": f"power: {cycle['error']}"}
+    check["first"] = first
+    detail = (check["error"] or "") + ("" if check["passed"] else " (after a power cycle)")
+    return record_check(instance.name, check["passed"], detail, db), check, [cycle]

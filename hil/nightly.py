@@ -136,8 +136,15 @@ class Night:
             self.board_info[inst.name] = {"type": inst.type, "health": shared, "check": None}
             log.info("board %s is %s for every runner of the lab: not used", inst.name, shared)
             return False
-        now, check = health_check.check_board(inst, self.boards[inst.type], self.lab_dir)
+        if inst.power is None:  # nothing to cycle: checked, and marked bad when it fails
+            (now, check), cycles = health_check.check_board(inst, self.boards[inst.type], self.lab_dir), []
+        else:
+            now, check, cycles = health_check.check_and_recover(inst, self.boards[inst.type], self.lab_dir)
         self.board_info[inst.name] = {"type": inst.type, "health": now, "check": check}
+        if cycles:
+            self.board_info[inst.name]["power_cycles"] = cycles
+            log.warning("board %s failed its health check (%s): power-cycled, %s", inst.name,
+                        check["first"]["error"], "recovered" if check["passed"] else "still failing")
         if check is not None:
             self.leasing.publish_health(inst.name, now)
         if check is None:
@@ -165,6 +172,12 @@ class Night:
         outcome = "infra" if infra_failure(err) else ("fail" if err else "ran")
         job.attempts.append({"board": inst.name, "outcome": outcome, "error": err and err["message"][:500],
                              "seconds": round(time.perf_counter() - t0, 2), "start": start, "end": time.time()})
+        if outcome == "infra" and inst.power is not None and len(job.attempts) < self.max_attempts:
+            if self._recover(inst, f"went silent during {job.app}: {err['message'][:200]}"):
+                log.warning("%s on %s: the board went silent (%s): power-cycled, it answers again: retried on it",
+                            job.app, inst.name, err["message"][:200])
+                self.queues[job.type].put(job)
+                return
         if outcome == "infra" and len(job.attempts) < self.max_attempts and self._others(job, inst):
             log.warning("%s on %s: infrastructure failure (%s): retried on another %s", job.app, inst.name,
                         err["message"][:200], job.type)
@@ -173,6 +186,25 @@ class Night:
             return
         job.record, job.board = rec, inst.name
         deploy.write_record(Layout(job.app), inst.name, self.run_id, rec)
+
+    def _recover(self, inst, reason: str) -> bool:
+        """A board that went silent mid-job: power-cycled, waited for, checked again; marked bad
+        when the check still fails. Whether it answers again."""
+        from hil import health_check
+        from hil.lab.health import record_check
+
+        info = self.board_info.setdefault(inst.name, {"type": inst.type, "health": "good", "check": None})
+        cycle = health_check.power_cycle(inst, self.lab_dir, reason)
+        info.setdefault("power_cycles", []).append(cycle)
+        check = (health_check.health_check(inst, self.boards[inst.type], self.lab_dir) if cycle["passed"]
+                 else {"passed": False, "seconds": 0.0, "error": f"power: {cycle['error']}"})
+        cycle["check"] = check
+        info["health"] = record_check(inst.name, check["passed"], (check["error"] or "") + " (after a power cycle)"
+                                      if not check["passed"] else "after a power cycle", None)
+        self.leasing.publish_health(inst.name, info["health"])
+        if not check["passed"]:
+            log.warning("board %s still fails after a power cycle (%s): marked bad", inst.name, check["error"])
+        return check["passed"]
 
     def _worker(self, inst) -> None:
         q = self.queues.get(inst.type)
@@ -211,6 +243,8 @@ class Night:
                     passed_over.append(job)
                     continue
                 self._run_job(job, inst, lease)
+                if self.board_info.get(inst.name, {}).get("health") != "good":
+                    break  # went silent and did not come back: its other jobs go to other boards
             for job in passed_over:
                 q.put(job)
 

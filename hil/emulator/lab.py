@@ -85,7 +85,7 @@ def is_up() -> bool:
     """The lab's boards are running (whoever holds it)."""
     st = _read_state()
     return (bool(st) and st.get("complete", True) and inventory_path().exists()
-            and all(_alive(p) for b in st["boards"].values() for p in b["pids"]))
+            and all(_alive(p) for b in st["boards"].values() if not b.get("off") for p in b["pids"]))
 
 
 def held_by_hand() -> bool:
@@ -198,6 +198,8 @@ def _start(spec: EmulatedLab, spec_path: Path) -> None:
                 entry["transport"] = h.transport_spec(**given)
             else:
                 entry["transport"] = given or {"kind": "local"}
+            if b.link in ("ssh", "serial") and b.power is None:
+                entry["power"] = {"kind": "emulated"}  # its switch is ours (power() below)
             boards.append(entry)
             save(complete=False)
             log.info("lab: board %s (%s) up over %s", b.name, b.type, b.link)
@@ -273,6 +275,87 @@ def release() -> None:
         else:
             log.info("lab: stopping the emulated lab (no deploy holds it any more)")
             _stop_all()
+
+
+# -- power switches (kiln.schema.EmulatedPower) -------------------------------------------------
+
+def default_power(instance):
+    """The power control this lab gives a board started here (ssh and serial boards)."""
+    from kiln.schema.lab import EmulatedPower
+
+    return instance.power or (EmulatedPower(kind="emulated") if instance.link in ("ssh", "serial") else None)
+
+
+def _board_off(b: dict) -> None:
+    """Cut the board's power: its processes are killed at once (SIGKILL: a frozen sshd goes too),
+    its address, keys and work dir stay, as a real board's would."""
+    from hil.emulator import pty_board, sshd
+
+    if b["link"] == "ssh":
+        h = _ssh_handle(b["handle"])
+        procs = []
+        try:
+            main = psutil.Process(h.pid)
+            if str(Path(h.state) / "sshd_config") in main.cmdline():  # our sshd, not a reused pid
+                procs = main.children(recursive=True) + [main]
+        except psutil.Error:
+            pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+        popen = sshd._procs.pop(h.pid, None)
+        if popen is not None:
+            popen.wait(timeout=5)
+    else:
+        pty_board.stop_serial_board(pty_board.SerialBoard(**b["handle"]))
+    b["off"] = True
+
+
+def _board_on(name: str, b: dict) -> None:
+    """Power the board on: its processes start again, same address (port, tty) and host key."""
+    from hil.emulator import pty_board, sshd
+
+    if not b.get("off") and all(_alive(p) for p in b["pids"]):
+        return
+    if b["link"] == "ssh":
+        h = _ssh_handle(b["handle"])
+        h.pid = sshd._launch(h)
+        b["handle"], b["pids"] = _plain(h), [h.pid]
+    else:
+        old = b["handle"]
+        h = pty_board.start_serial_board(name, state_dir(), old.get("fault"))
+        b["handle"], b["pids"] = _plain(h), list(h.pids)
+    b.pop("off", None)
+
+
+def power(instance, action: str, spec) -> None:
+    """``kind: emulated``: switch a board of the running lab off, on, or cycle it (off, ``off_s``, on)."""
+    import time
+
+    from hil.lab.power import PowerError
+
+    with _locked():
+        st = _read_state()
+        if not st or instance.name not in st.get("boards", {}):
+            known = ", ".join(st.get("boards", {})) if st else ""
+            raise PowerError(f"board {instance.name}: not a board of the running emulated lab "
+                             f"({'its boards: ' + known if known else 'the lab is not up: python -m hil.emulator.lab up'})")
+        b = st["boards"][instance.name]
+        if action in ("off", "cycle"):
+            _board_off(b)
+            write_json(state_dir() / "state.json", st)
+            if action == "cycle":
+                time.sleep(spec.off_s)
+        if action in ("on", "cycle"):
+            try:
+                _board_on(instance.name, b)
+            except KilnError as e:
+                raise PowerError(f"board {instance.name}: power on failed: {e}") from e
+        write_json(state_dir() / "state.json", st)
+        log.info("lab: board %s power %s", instance.name, action)
 
 
 # -- the lab-backend interface (hil/lab) -------------------------------------------------------

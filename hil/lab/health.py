@@ -191,6 +191,16 @@ def record_check(board: str, passed: bool, detail: str = "", db: Path | None = N
         return new
 
 
+def record_event(board: str, detail: str, by: str = "recovery", db: Path | None = None) -> str:
+    """A history row that leaves the state as it is (a failed check about to be retried after a
+    power cycle, the cycle itself); the state."""
+    with _db(db) as con:
+        now = _current(con, board)
+        con.execute("INSERT INTO history (board, at, state, reason, by) VALUES (?, ?, ?, ?, ?)",
+                    (board, _now(), now, detail, by))
+        return now
+
+
 def should_check(board: str, db: Path | None = None) -> bool:
     """Whether the board gets a check: not when it is in maintenance or retired."""
     return state(board, db) not in BY_COMMAND_ONLY

@@ -10,6 +10,8 @@ The layout follows the common JUnit schema (the one Jenkins, GitLab and pytest's
 - infra (link, upload, timeout, board gone): <error> — not a test failure, CI can tell them apart;
 - not_validated / skipped: <skipped> with the reason; a requirement not enforced under emulation
   is <skipped> too (measured, not tested);
+- the ``lab`` testsuite: a testcase per board's health check and per power cycle (recovery),
+  an <error> when it failed, so that a night whose only trouble is a dead board says so;
 - flaky (passed only after an infrastructure retry): never a silent pass — each of its testcases
   carries <property name="flaky" value="true"/> and the word "flaky" in system-out (JUnit has no
   flaky element; twister drops the information, the property keeps it machine-readable).
@@ -120,10 +122,64 @@ def build(nightly: dict) -> ET.Element:
             totals[k] += v
         suite.set("time", f"{suite_time:.3f}")
         total_time += suite_time
+    lab_counts, lab_time = _lab_suite(root, nightly, len(apps), stamp)
+    for k, v in lab_counts.items():
+        totals[k] += v
+    total_time += lab_time
     for k, v in totals.items():
         root.set(k, str(v))
     root.set("time", f"{total_time:.3f}")
     return root
+
+
+def _lab_suite(root: ET.Element, nightly: dict, suite_id: int, stamp: str) -> tuple[dict, float]:
+    """The ``lab`` testsuite: a testcase per board's health check (an <error> when it failed: a
+    dead board is the infrastructure's failure, not a test's) and one per power cycle (an <error>
+    when the board did not answer after it). A board left unchecked (maintenance, retired, busy)
+    is <skipped> with its state."""
+    counts = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+    seconds_total = 0.0
+    suite = ET.Element("testsuite", name="lab", id=str(suite_id), timestamp=stamp, hostname=nightly["host"])
+
+    def case(board: str, name: str, seconds: float, tag: str | None, message: str, out: str) -> None:
+        nonlocal seconds_total
+        tc = ET.SubElement(suite, "testcase", classname=f"lab.{board}", name=name, time=f"{seconds:.3f}")
+        if tag:
+            ET.SubElement(tc, tag, message=message, type="infrastructure" if tag == "error" else "board").text = message
+            counts["errors" if tag == "error" else "skipped"] += 1
+        ET.SubElement(tc, "system-out").text = out
+        counts["tests"] += 1
+        seconds_total += seconds
+
+    for board, info in sorted(nightly.get("boards", {}).items()):
+        check, cycles = info.get("check"), info.get("power_cycles") or []
+        first = (check or {}).get("first")
+        if first is not None:  # the check before a power cycle
+            case(board, "health_check", first["seconds"], None if first["passed"] else "error",
+                 f"health check failed: {first.get('error')}", "before a power cycle")
+        for i, c in enumerate(cycles, 1):
+            out = f"power cycle {i}: {c['reason']}" + (f"; answered after {c['answered_s']:.2f} s"
+                                                        if c.get("answered_s") is not None else "")
+            case(board, f"power_cycle {i}", c["seconds"], None if c["passed"] else "error",
+                 f"power cycle failed: {c.get('error')}", out)
+            after = c.get("check")
+            if after is not None:
+                case(board, f"health_check after power_cycle {i}", after["seconds"],
+                     None if after["passed"] else "error", f"health check failed: {after.get('error')}", "")
+        if check is not None:
+            name = "health_check" + (" after power_cycle 1" if first is not None else "")
+            case(board, name, check["seconds"], None if check["passed"] else "error",
+                 f"health check failed: {check.get('error')} (board marked {info['health']})",
+                 f"board health: {info['health']}")
+        elif not cycles:
+            why = info.get("busy") or f"not checked: board is {info['health']}"
+            case(board, "health_check", 0.0, "skipped", why, why)
+    if counts["tests"]:
+        root.append(suite)
+        for k, v in counts.items():
+            suite.set(k, str(v))
+        suite.set("time", f"{seconds_total:.3f}")
+    return counts, seconds_total
 
 
 def write_junit(nightly: dict, path: str | Path) -> None:

@@ -132,7 +132,10 @@ JOB = obj({
     "reason": null_or(STR),
 })
 BOARD = obj({"type": STR, "health": enum(*HEALTH),
-             "check": null_or(obj({"passed": BOOL, "seconds": NUM, "error": null_or(STR)}))})
+             "check": null_or(obj({"passed": BOOL, "seconds": NUM, "error": null_or(STR)})),
+             # power cycles of a board with power control (hil/health_check.py power_cycle)
+             "power_cycles": optional(list_of(obj({"action": STR, "reason": STR, "passed": BOOL, "seconds": NUM,
+                                                   "error": null_or(STR)})))})
 REGRESSION = obj({"app": STR, "board": STR, "metric": STR, "value": null_or(NUM),
                   "baseline": null_or(NUM), "tolerance": null_or(NUM),
                   "kind": enum("metric", "flip"), "message": STR})

@@ -17,6 +17,34 @@ def _unique_names(boards: list) -> None:
     if dup:
         raise ValueError(f"board instance names must be unique, repeated: {sorted(dup)}")
 
+class CommandPower(Strict):
+    """A board's power through shell commands (a PDU's CLI, uhubctl, a relay script): ``on``,
+    ``off`` and, optionally, ``cycle`` (else off, ``off_s`` seconds, on). Run by hil/lab/power.py
+    with KILN_BOARD set to the board's name."""
+
+    implementation: ClassVar[str] = "hil.lab.power"
+
+    kind: Literal["command"]
+    on: str = Field(min_length=1)
+    off: str = Field(min_length=1)
+    cycle: str | None = None
+    off_s: float = Field(1.0, ge=0, le=60, description="seconds between off and on in a cycle without its own command")
+    timeout_s: float = Field(30, gt=0, le=600)
+
+
+class EmulatedPower(Strict):
+    """An emulated board's power switch (hil/emulator/lab.py): off stops the board's processes
+    (its sshd, its console), on starts them again with the same address and host key."""
+
+    implementation: ClassVar[str] = "hil.emulator.lab"
+
+    kind: Literal["emulated"]
+    off_s: float = Field(0.2, ge=0, le=60)
+
+
+Power = Annotated[Union[CommandPower, EmulatedPower], Field(discriminator="kind")]
+
+
 class Instance(Strict):
     """A board *instance* in a lab: a type, a transport and tags; one model whatever started
     the board (a static inventory, the emulated lab, ...)."""
@@ -29,6 +57,8 @@ class Instance(Strict):
         "its latency is reported, not enforced"
     )
     tags: list[str] = Field(default_factory=list)
+    power: Power | None = Field(None, description="how the board's power is switched (on/off/cycle); "
+                                "a board with it is power-cycled before it is marked bad")
 
     @property
     def link(self) -> str:

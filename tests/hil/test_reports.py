@@ -269,7 +269,9 @@ def test_junit(tonight, tmp_path):
     junit.write_junit(tonight, path)
     root = ET.parse(path).getroot()
     _check_schema(root)
-    assert [s.get("name") for s in root] == APPS
+    assert [s.get("name") for s in root] == [*APPS, "lab"]  # lab: a testcase per board's health check
+    lab = root.find("testsuite[@name='lab']")
+    assert {tc.get("classname") for tc in lab} == {f"lab.{b}" for b in tonight["boards"]}
     cases = {(tc.get("classname"), tc.get("name")): tc for tc in root.iter("testcase")}
     # a testcase per app x board x requirement (3 each), or one for a job that has none
     assert len(cases) == len(list(root.iter("testcase")))
@@ -293,7 +295,9 @@ def test_junit(tonight, tmp_path):
     assert {c for c, _ in flaky} == {"activity.rpi4-1"} and len(flaky) == 3
     out = cases[("activity.rpi4-1", "accuracy")].find("system-out").text
     assert out.startswith("flaky") and "attempt 1 on rpi4-1: infra" in out and "attempt 2 on rpi4-1: pass" in out
-    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("30", "1", "1")
+    jobs = [s for s in root if s.get("name") != "lab"]
+    assert (sum(int(s.get("tests")) for s in jobs), sum(int(s.get("errors")) for s in jobs)) == (30, 1)
+    assert (root.get("tests"), root.get("failures")) == (str(30 + len(lab)), "1")
 
 
 # -- HTML ----------------------------------------------------------------------------------------
