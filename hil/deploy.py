@@ -300,11 +300,41 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
                                 "the task list was made; run doit again)")
         with deploy_lease(lab_path, live) as (lease, live):  # a shared lab's board: held for the job
             record = fenced(job(project, board, live, layout, inv_path.parent, run_id), lease, instance.name)
+            record = _recover(project, board, live, layout, inv_path.parent, run_id, record, lease, blog)
     except KilnError as e:
         blog.error("%s", e)
         record = {**_record_head(board, instance, run_id), "error": {"step": "prepare", "message": str(e)}}
     write_record(layout, instance.name, run_id, record)
     return record
+
+
+def _recover(project, board, live, layout, lab_dir: Path, run_id: str, record: dict, lease, blog) -> dict:
+    """A board that went silent during the job (an infrastructure failure) and has power
+    control: power-cycled, waited for, health-checked, and the job run once more on it. The
+    record carries ``power_cycles``; the cycle is in the board's health history; a board still
+    failing after it is marked bad (hil/health_check.py)."""
+    from hil import health_check
+    from hil.lab import fenced
+    from hil.lab.health import record_check
+    from hil.nightly import infra_failure
+
+    err = record.get("error")
+    if live.power is None or not infra_failure(err) or err.get("step") == "lease":
+        return record
+    blog.warning("board %s went silent (%s): power-cycling it", live.name, err["message"][:200])
+    cycle = health_check.power_cycle(live, lab_dir, f"went silent during a deploy of {project.name}: "
+                                     f"{err['message'][:200]}")
+    check = (health_check.health_check(live, board, lab_dir) if cycle["passed"]
+             else {"passed": False, "seconds": 0.0, "error": f"power: {cycle['error']}"})
+    cycle["check"] = check
+    record_check(live.name, check["passed"], "after a power cycle" if check["passed"]
+                 else f"{check['error']} (after a power cycle)")
+    if check["passed"]:
+        blog.warning("board %s answers again after a power cycle: the job runs again", live.name)
+        record = fenced(job(project, board, live, layout, lab_dir, run_id), lease, live.name)
+    else:
+        blog.error("board %s still fails after a power cycle (%s): marked bad", live.name, check["error"])
+    return {**record, "power_cycles": [cycle]}
 
 
 def write_record(layout, instance: str, run_id: str, record: dict) -> None:

@@ -176,6 +176,8 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
     for name in instance_names:
         r = runs[name]
         res = {"instance": name, "type": r["type"], "transport": r.get("transport"), "run_id": r.get("run_id")}
+        if r.get("power_cycles"):  # the board went silent and was power-cycled (hil/deploy.py)
+            res["power_cycles"] = r["power_cycles"]
         if "error" in r:
             res["error"] = r["error"]
         else:

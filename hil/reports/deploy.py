@@ -86,6 +86,12 @@ def table(report: dict) -> str:
         lines.append("front end in the library against the host's features (max relative difference, "
                      f"first {next(iter(fe.values()))['samples']} raw test samples): "
                      + ", ".join(f"{n} {v['max_rel_diff']:.1e}" for n, v in fe.items()))
+    for name, r in report["boards"].items():  # boards that went silent and were power-cycled
+        for c in r.get("power_cycles") or []:
+            after = c.get("check") or {}
+            lines.append(f"{name}: power-cycled ({c['reason'][:80]}): "
+                         + (f"answered after {c['answered_s']:.1f} s, check {'passed' if after.get('passed') else 'FAILED'}"
+                            if c["passed"] else f"FAILED: {c.get('error')}"))
     lines += task.details(report["boards"])  # a classifier's per-class block (macro-F1, its weakest classes)
     lines += sizing_table(report)
     lines.append(verdict(report))

@@ -421,11 +421,19 @@ def _boards(nightly: dict, history) -> str:
         c = b.get("check")
         check = "not checked" if c is None else (
             f"{'passed' if c['passed'] else 'FAILED'} in {c['seconds']:.1f} s" + (f": {c['error']}" if c.get("error") else ""))
+        if c is not None and c.get("first"):
+            f = c["first"]
+            check = f"FAILED in {f['seconds']:.1f} s: {f.get('error')}; after a power cycle: {check}"
+        cycles = "; ".join(
+            f"{'ok' if p['passed'] else 'FAILED'} in {p['seconds']:.1f} s ({p['reason']})"
+            + (f": {p['error']}" if p.get("error") else "")
+            + ("" if p.get("check") is None else f", check after it {'passed' if p['check']['passed'] else 'FAILED'}")
+            for p in b.get("power_cycles") or []) or "none"
         rows.append(f'<tr><td>{e(name)}</td><td>{e(b["type"])}</td>'
-                    f'<td class="h-{b["health"]}">{b["health"]}</td><td>{e(check)}</td></tr>')
+                    f'<td class="h-{b["health"]}">{b["health"]}</td><td>{e(check)}</td><td>{e(cycles)}</td></tr>')
     plot = _health_plot(nightly, history, "health") if history is not None else None
     return ('<h2>Boards</h2><table id="boards"><tr><th>board</th><th>type</th><th>health</th>'
-            f'<th>health check</th></tr>{"".join(rows)}</table>{plot or ""}')
+            f'<th>health check</th><th>power cycles</th></tr>{"".join(rows)}</table>{plot or ""}')
 
 
 def render(nightly: dict, history=None) -> str:

@@ -225,6 +225,10 @@ def test_nightly_cycles_a_board_that_goes_silent_mid_job_and_its_jobs_pass(emu, 
                        "boards": night.board_info})
     lab = xml.find("testsuite[@name='lab']")
     assert [tc.get("name") for tc in lab] == ["power_cycle 1", "health_check after power_cycle 1", "health_check"]
+    from hil.reports.html import _boards
+
+    page = _boards({"boards": night.board_info}, None)
+    assert "power cycles" in page and "ok in " in page and "went silent during tiny" in page
 
 
 def test_a_dead_board_is_an_error_testcase_in_the_junit():
@@ -251,3 +255,41 @@ def test_a_dead_board_is_an_error_testcase_in_the_junit():
     assert cases[("lab.bench", "health_check")].find("skipped") is not None
     assert root.get("errors") == "3" and lab.get("errors") == "3" and root.get("tests") == "5"
     ET.tostring(root)
+
+
+def test_deploy_cycles_a_board_that_goes_silent_and_runs_the_job_again(emu, runner_bundle, monkeypatch):
+    """A lone deploy (hil.deploy.run) on a board whose sshd freezes during the job: the board
+    is power-cycled, checked, the job runs again and its record carries the cycle."""
+    from hil import deploy
+    from hil.lab import close_opened
+    from hil.transport import open_transport
+    from kiln.artifacts import Layout
+    from kiln.config import load_board
+    from kiln.schema import Project
+    from tests.conftest import TINY
+
+    calls = []
+
+    def job(project, board, live, layout, lab_dir, run_id, latency_windows=0):
+        if not calls:
+            os.kill(_sshd_pid(), signal.SIGSTOP)
+        calls.append(live.name)
+        try:
+            with open_transport(live, lab_dir, emu["root"] / "local") as t:
+                t.run(["true"], timeout=5)
+        except Exception as e:  # noqa: BLE001
+            return {"instance": live.name, "error": {"step": "connect", "message": str(e)}}
+        return {"instance": live.name, "runner": {"windows_us": [10.0] * 5}, "emulated": False}
+
+    monkeypatch.setattr(deploy, "job", job)
+    written = []
+    monkeypatch.setattr(deploy, "write_record", lambda layout, inst, run_id, rec: written.append(rec))
+    project = Project.model_validate({**TINY, "targets": ["x86-host"]})
+    try:
+        rec = deploy.run(project, load_board("x86-host"), emu["boards"]["s1"], Layout("tiny"), emu["spec"], "d-1")
+    finally:
+        close_opened()
+    assert calls == ["s1", "s1"] and "error" not in rec
+    (cycle,) = rec["power_cycles"]
+    assert cycle["passed"] and cycle["check"]["passed"] and "went silent during a deploy of tiny" in cycle["reason"]
+    assert health.state("s1") == "good" and any(r.startswith("power cycle") for _, _, r in health.history("s1"))
