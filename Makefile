@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kiln-installed
-APT_PACKAGES := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user openssh-server socat iproute2 g++ chromium ser2net
+APT_PACKAGES := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user openssh-server socat iproute2 g++ chromium ser2net espeak-ng
 
 .PHONY: deploy test setup system-packages list clean
 
