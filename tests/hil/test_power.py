@@ -86,7 +86,7 @@ def emu(kiln_env):
     spec = kiln_env["root"] / "lab.yaml"
     spec.write_text(yaml.safe_dump({"backend": "emulated", "boards": [
         {"name": "s1", "type": "x86-host", "transport": {"kind": "ssh"}},
-        {"name": "c1", "type": "rpi3", "transport": {"kind": "serial"}, "emulated": True}]}))
+        {"name": "c1", "type": "x86-host", "transport": {"kind": "serial", "timeout_s": 3, "retries": 1}}]}))
     inv = StaticLab.model_validate(yaml.safe_load(emlab.up(spec).read_text()))
     yield {"spec": spec, "boards": {b.name: b for b in inv.boards}, "root": kiln_env["root"]}
     emlab.down()
@@ -156,6 +156,24 @@ def test_a_frozen_sshd_is_recovered_by_a_power_cycle(emu, runner_bundle):
     assert rows[-3].startswith("check failed: ") and "power-cycling" in rows[-3]
     assert rows[-2].startswith("power cycle (failed its health check") and "answered after" in rows[-2]
     assert rows[-1].startswith("check passed")
+
+
+def test_a_frozen_serial_board_is_recovered_by_a_power_cycle(emu, runner_bundle):
+    from hil import health_check
+    from hil.emulator import lab as emlab
+    from kiln.config import load_board
+
+    c1 = emu["boards"]["c1"]
+    pids = emlab._read_state()["boards"]["c1"]["pids"]
+    for p in pids:  # its console (socat) and its shell: wedged
+        os.kill(p, signal.SIGSTOP)
+    t0 = time.perf_counter()
+    state, check, cycles = health_check.check_and_recover(c1, load_board("x86-host"), emu["root"], timeout_s=20)
+    print(f"\nserial frozen -> recovered in {time.perf_counter() - t0:.1f} s: first {check['first']}, cycle {cycles}")
+    assert not check["first"]["passed"] and check["passed"] and state == "good"
+    assert cycles[0]["passed"] and not set(pids) & set(emlab._read_state()["boards"]["c1"]["pids"])
+    rows = [r for _, _, r in health.history("c1")]
+    assert rows[-3].startswith("check failed") and rows[-2].startswith("power cycle") and rows[-1].startswith("check passed")
 
 
 def test_a_board_that_stays_dead_after_a_cycle_is_marked_bad_with_both_attempts(emu, runner_bundle):
