@@ -274,7 +274,7 @@ class Night:
                 continue
             lay = Layout(app)
             try:
-                validate.run(p, lay, names, [], self.inventory.name, self.run_id)
+                validate.run(p, lay, names, [], self.inventory.name, self.run_id, latest=False)
             except ValidationError as e:
                 log.info("%s: %s", app, e)
             for n in names:

@@ -156,9 +156,11 @@ def front_end_check(runner: dict, host: np.ndarray) -> dict:
 
 # -- the deploy stage's last step: every board's run -> results and the app's report -----------
 
-def run(project, layout, instance_names: list[str], compile_only: list[str], lab_name: str, run_id: str) -> dict:
-    """Turn every board's last run into its result and the app's report (runs/<run id>/ and
-    build/<app>/report.json); raise ValidationError naming board and requirement when any
+def run(project, layout, instance_names: list[str], compile_only: list[str], lab_name: str, run_id: str,
+        latest: bool = True) -> dict:
+    """Turn every board's last run into its result and the app's report (runs/<run id>/ and,
+    with ``latest``, build/<app>/report.json, the last deploy's: a nightly passes False and
+    leaves it alone, its report is the night's); raise ValidationError naming board and requirement when any
     requirement is missed. Compile-only board types are listed with their kernel library as
     not validated."""
     from hil.reports import deploy as report
@@ -206,7 +208,8 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
                      "warnings": [v for e in estimates.values() if e for v in e.get("violations", [])]}
     rep["run_id"] = run_id
     report.write(layout.run_report(run_id), rep)
-    report.write(layout.report, rep)
+    if latest:
+        report.write(layout.report, rep)
     print(report.table(rep))
     if not rep["passed"]:
         raise ValidationError("; ".join(rep["failures"]))

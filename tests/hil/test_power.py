@@ -1,4 +1,4 @@
-"""Power as a board resource (issue 29): the schema, the command and emulated switches, the
+"""Issue 29: power as a board resource: the schema, the command and emulated switches, the
 ``python -m hil.lab power`` command, recovery by a power cycle (a real sshd frozen with SIGSTOP,
 a real pty board), and the nightly JUnit's lab testcases."""
 
@@ -311,3 +311,30 @@ def test_deploy_cycles_a_board_that_goes_silent_and_runs_the_job_again(emu, runn
     (cycle,) = rec["power_cycles"]
     assert cycle["passed"] and cycle["check"]["passed"] and "went silent during a deploy of tiny" in cycle["reason"]
     assert health.state("s1") == "good" and any(r.startswith("power cycle") for _, _, r in health.history("s1"))
+def test_a_nightly_leaves_the_last_deploy_report_alone(tmp_path, monkeypatch):
+    """Issue 29: the nightly's validation rewrote build/<app>/report.json, the last deploy's."""
+    from hil import deploy, nightly
+    from kiln.artifacts import Layout, write_json
+    from kiln.config import load_board
+    from kiln.schema import Project, StaticLab
+    from tests.conftest import TINY
+
+    monkeypatch.setenv("KILN_BUILD", str(tmp_path / "build"))
+    lay = Layout("tiny")
+    write_json(lay.test_labels, [0, 1])
+    write_json(lay.data_json, {"test_inputs": {"dtype": "float32", "shape": [2, 3, 16, 16]}})
+    write_json(lay.report, {"app": "tiny", "from": "the last deploy"})
+    monkeypatch.setattr(deploy, "job", lambda *a, **k: {"instance": "b1", "type": "x86-host", "run_id": "n1",
+                                                         "error": {"step": "run", "message": "exit 1"}})
+    monkeypatch.setattr(deploy, "write_record", lambda layout, inst, run_id, rec: write_json(layout.last_run(inst), rec))
+    project = Project.model_validate({**TINY, "targets": ["x86-host"]})
+    inv = StaticLab(name="one", boards=[{"name": "b1", "type": "x86-host", "transport": {"kind": "local"}}])
+    from hil import health_check
+    monkeypatch.setattr(health_check, "check_board", lambda i, b, d: ("good", {"passed": True, "seconds": 0.0, "error": None}))
+    night = nightly.Night({"tiny": project}, {"x86-host": load_board("x86-host")}, inv, tmp_path, "n1")
+    night.run_jobs()
+    results = night._validate()
+    assert results[("tiny", "b1")]["error"]["step"] == "run"
+    assert lay.run_report("n1").is_file()  # the night's own report of the app
+    import json
+    assert json.loads(lay.report.read_text()) == {"app": "tiny", "from": "the last deploy"}
