@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.artifacts import Layout, write_json
+from kiln.artifacts import Layout, sha256_file, write_json
 from kiln.errors import PassError
 from kiln.registry import implementation
 from kiln.schema import Board, Project
@@ -279,6 +279,7 @@ def run(project: Project, layout: Layout, library_board: Board | None) -> dict:
     except (KeyError, RuntimeError, ValueError) as e:
         raise PassError(f"compress {project.name}: the last pass left a checkpoint that does not rebuild ({e})") from e
     save_checkpoint(out_pt, out)
+    summary["compressed_sha256"] = sha256_file(out_pt)  # a damaged compressed.pt is rebuilt (kiln.uptodate)
     write_json(out_json, summary)
     log.info("compress %s: %d -> %d weight bytes (%.2fx), %s %.4f -> %.4f", project.name, base.row["weight_bytes"],
              final["size_bytes"], final["size_ratio"], val.name, base.row[val.key], final[val.key])

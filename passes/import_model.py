@@ -42,6 +42,7 @@ def run(project: Project, layout: Layout) -> dict:
         "image_size": list(ds.image_size), "metrics": metrics,
     }
     save_checkpoint(layout.model_pt, ckpt)
+    metrics["model_sha256"] = sha256_file(layout.model_pt)  # a damaged model.pt is rebuilt (kiln.uptodate)
     write_json(layout.metrics, metrics)
     log.info("import %s: %s, %d params, %d MACs, val %.4f, test %.4f (not trained)", project.name, source,
              cx.params, cx.macs, val_acc, test_acc)

@@ -67,6 +67,7 @@ def run(project: Project, layout: Layout) -> dict:
         **task.checkpoint(project),  # what it was trained on (an anomaly detector's normal classes)
     }
     save_checkpoint(layout.model_pt, ckpt)
+    metrics["model_sha256"] = sha256_file(layout.model_pt)  # a damaged model.pt is rebuilt (kiln.uptodate)
     write_json(layout.metrics, metrics)
     log.info("train %s: best epoch %d, %s", project.name, metrics["best_epoch"], summary)
     return metrics
