@@ -82,7 +82,11 @@ def test_a_broken_board_is_marked_bad_and_skipped_while_the_others_pass(night_la
     assert night["exit_code"] == 2 and p.returncode != 0, out[-3000:]
     d = lab["build"] / "nightly" / "night-1"
     suites = ET.parse(d / "junit.xml").getroot()
-    assert {s.get("name") for s in suites.iter("testsuite")} == {"tiny", "tiny2"}
+    assert {s.get("name") for s in suites.iter("testsuite")} == {"tiny", "tiny2", "lab"}
+    # the dead board is in the JUnit (issue 29: before, every testcase passed and it was absent)
+    broken = suites.find("testsuite[@name='lab']/testcase[@classname='lab.x86-broken']")
+    assert broken.get("name") == "health_check" and broken.find("error").get("message").startswith("health check failed: connect")
+    assert int(suites.get("errors")) >= 1
     html = (d / "report.html").read_text()
     assert "<svg" in html and "x86-broken" in html and "http://" not in html.replace("http://www.w3.org", "")
     # the health state outlives the night: the next one finds the board bad and checks it again
