@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from hil.deploy import infra_failure
 from kiln.artifacts import Layout, build_root, read_json, write_json
 from kiln.errors import KilnError, ValidationError
 
@@ -45,8 +46,6 @@ log = logging.getLogger("kiln.nightly")
 SCHEMA = "kiln-nightly/1"
 WINDOWS = 5  # latency windows per job (MLPerf Tiny's runner takes the median of 5)
 WINDOW_SIZE = 20  # back-to-back inferences per window (at most the samples sent)
-INFRA_STEPS = {"prepare", "connect", "upload", "verify", "lease"}
-INFRA_WORDS = ("timed out", "timeout", "connection", "link", "unreachable", "broken pipe", "no route")
 EXIT_PASSED, EXIT_FAILED, EXIT_INFRA = 0, 1, 2
 EXIT_USAGE = 64  # python -m hil.nightly's bad arguments (sysexits.h EX_USAGE), not argparse's 2 = EXIT_INFRA
 
@@ -67,17 +66,6 @@ class Job:
     excluded: set[str] = field(default_factory=set)  # instances it failed on for the infrastructure
     record: dict | None = None  # the last run's record (hil/deploy.py)
     board: str | None = None  # the instance that gave the record
-
-
-def infra_failure(error: dict | None) -> bool:
-    """Whether a run's error is the infrastructure's (link, upload, timeout, board gone), not
-    the model's: the connect/upload/verify steps, and a run that timed out or lost its link."""
-    if not error:
-        return False
-    if error.get("step") in INFRA_STEPS:
-        return True
-    msg = str(error.get("message", "")).lower()
-    return any(w in msg for w in INFRA_WORDS)
 
 
 class Night:

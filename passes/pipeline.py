@@ -237,7 +237,7 @@ PIPELINE: list[Stage] = [
           config=lambda u: u.board.model_dump(),
           checks=lambda u: [matches_record(u.lay.compile_json(u.board.name), {u.lay.library(u.board.name): "sha256"})]),
     Stage("hil", "Deploy the kernel library to one lab board, run the on-board runner, fetch its output.",
-          "hil.deploy:run", lambda u: [u.p, u.board, u.instance, u.lay, u.app.lab_file, u.app.run_id],
+          "hil.board_run:run", lambda u: [u.p, u.board, u.instance, u.lay, u.app.lab_file, u.app.run_id],
           lambda u: f"run {u.app.name} on lab board {u.instance.name} ({u.instance.type})", per=INSTANCE,
           inputs=lambda u: [u.lay.library(u.board.name), u.lay.test_inputs,
                             *([u.lay.front_end_library(u.board.name)] if front_end(u) else []), runner_file(u.board.arch)],

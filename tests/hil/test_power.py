@@ -276,9 +276,9 @@ def test_a_dead_board_is_an_error_testcase_in_the_junit():
 
 
 def test_deploy_cycles_a_board_that_goes_silent_and_runs_the_job_again(emu, runner_bundle, monkeypatch):
-    """A lone deploy (hil.deploy.run) on a board whose sshd freezes during the job: the board
-    is power-cycled, checked, the job runs again and its record carries the cycle."""
-    from hil import deploy
+    """A lone deploy (hil.board_run.run, the hil stage) on a board whose sshd freezes during the
+    job: the board is power-cycled, checked, the job runs again and its record carries the cycle."""
+    from hil import board_run, deploy
     from hil.lab import close_opened
     from hil.transport import open_transport
     from kiln.artifacts import Layout
@@ -304,7 +304,7 @@ def test_deploy_cycles_a_board_that_goes_silent_and_runs_the_job_again(emu, runn
     monkeypatch.setattr(deploy, "write_record", lambda layout, inst, run_id, rec: written.append(rec))
     project = Project.model_validate({**TINY, "targets": ["x86-host"]})
     try:
-        rec = deploy.run(project, load_board("x86-host"), emu["boards"]["s1"], Layout("tiny"), emu["spec"], "d-1")
+        rec = board_run.run(project, load_board("x86-host"), emu["boards"]["s1"], Layout("tiny"), emu["spec"], "d-1")
     finally:
         close_opened()
     assert calls == ["s1", "s1"] and "error" not in rec
