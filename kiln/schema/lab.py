@@ -133,7 +133,7 @@ class EmulatedHosts(Strict):
 
 
 class LabgridLab(Strict):
-    """A lab on many hosts, driven through a labgrid coordinator (hil/lab/labgrid.py): each
+    """A lab on many hosts, driven through a labgrid coordinator (hil/lab/labgrid/): each
     board is a place tagged ``kiln_type=<board type>``; Kiln acquires places through labgrid's
     client API, renews a lease on each, and reaches the boards over its own SSH and serial
     (RFC2217) transports. ``boards`` may be left out: the places are then found on the
