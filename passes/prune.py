@@ -53,7 +53,7 @@ from kiln.schema import PruneSettings
 from passes import tasks
 from passes.tasks import fit_split
 from passes.support.common import bn_after, sparsity, to_tensor, trace, weight_layers
-from passes.support.training import fit
+from passes.support.training import finetune_options, fit
 
 log = logging.getLogger("kiln.prune")
 
@@ -92,7 +92,8 @@ def run(model, ckpt: dict, settings: PruneSettings, ctx) -> tuple[Any, dict]:
             history = fit(model, xtr, ytr, epochs=s.finetune_epochs, batch=cfg.batch, lr=lr,
                           aug=ctx.project.dataset.augment, gen=gen, xva=xva, yva=yva,
                           after_step=functools.partial(apply_masks, masks=masks),
-                          tag=f"prune {ctx.project.name} round {step}", loss=objective, keep_best=True)
+                          tag=f"prune {ctx.project.name} round {step}", loss=objective, keep_best=True,
+                          **finetune_options(ctx.project, ctx.data_dir, ytr))
         metric, value = _val(model, xva, yva, tasks.of(ctx.project), history)
         rounds.append({"round": step, "share": share, "widths": list(ckpt["architecture"].get("widths", [])),
                        "channels": channels(model), "sparsity": sparsity(model), metric: value,

@@ -42,7 +42,7 @@ from kiln.errors import PassError
 from kiln.schema import WeightCodingSettings
 from passes.tasks import fit_split
 from passes.support.common import bn_after, stored_weight_bytes, trace, weight_layers, weights_sha256
-from passes.support.training import fit
+from passes.support.training import finetune_options, fit
 
 log = logging.getLogger("kiln.weight_coding")
 
@@ -284,7 +284,7 @@ def run(model, ckpt: dict, settings: WeightCodingSettings, ctx) -> tuple[Any, di
         fit(model, xtr, ytr, epochs=s.finetune_epochs, batch=cfg.batch, lr=s.finetune_lr or cfg.lr / 3,
             aug=ctx.project.dataset.augment, gen=torch.Generator().manual_seed(ctx.seed),
             after_step=lambda m: tie_to_clusters(m, clusters), tag=f"weight coding {ctx.project.name}",
-            loss=ctx.project.objective)
+            loss=ctx.project.objective, **finetune_options(ctx.project, ctx.data_dir, ytr))
     bn_convs = _followed_by_bn(model)
     layers, total = [], 0
     for name, m in weight_layers(model):

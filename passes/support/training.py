@@ -178,6 +178,13 @@ def raw_batches(project, data_dir) -> RawBatches | None:
     return RawBatches(x, ds.augment, info["layout"], module, info["sample_rate"], *noise)
 
 
+def finetune_options(project, data_dir, y_train) -> dict:
+    """What a compression pass's fine-tuning keeps of the train stage's loop (prune, weight
+    coding): the task's loss weights (training.class_weights) and the augmented raw batches; the
+    schedule is fine-tuning's own (one-cycle over its few epochs, no early stopping)."""
+    return {"class_weights": _tasks.of(project).loss_weights(project, y_train), "raw": raw_batches(project, data_dir)}
+
+
 def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, yva=None,
         after_step=None, keep_best: bool = False, tag: str = "train", loss: str = "classification",
         class_weights: list[float] | None = None, recipe=None, raw=None) -> list[dict]:

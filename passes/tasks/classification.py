@@ -1,6 +1,7 @@
 """Task ``classification``, torch side: cross-entropy on the labels (weighted per class by
-``training.class_weights``), judged by top-1 accuracy (val for training and compress, test
-reported with its per-class report: recall, precision, F1, confusion matrix, macro-F1).
+``training.class_weights``), judged by top-1 accuracy (val for training and compress; compress
+judges by val macro-F1 where requirements.macro_f1 is set), test reported with its per-class
+report: recall, precision, F1, confusion matrix, macro-F1).
 Torch-free side: kiln/tasks/classification.py."""
 
 from __future__ import annotations
@@ -68,7 +69,28 @@ class Judge:
         return {"val_accuracy": accuracy(model, self.x, self.y)[0]}
 
 
-def judge(project, x, y) -> Judge:
+@dataclass(frozen=True)
+class MacroF1Judge:
+    """The judge where the manifest asks for ``requirements.macro_f1``: each compress row is
+    judged on val macro-F1, the figure the board is held to (top-1 can hold while a rare class
+    is lost: on imbalanced data that is the drop that matters)."""
+
+    x: Any
+    y: Any
+    classes: tuple[str, ...]
+    key = "val_macro_f1"
+    name = "val macro-F1"
+    drop_key = "macro_f1_drop"
+
+    def measure(self, model) -> dict:
+        acc, preds = accuracy(model, self.x, self.y)
+        f1 = per_class(self.y, preds, list(self.classes))["macro_f1"]
+        return {"val_macro_f1": 0.0 if f1 is None else f1, "val_accuracy": acc}
+
+
+def judge(project, x, y) -> Judge | MacroF1Judge:
+    if project.requirements.macro_f1 is not None:
+        return MacroF1Judge(x, y, tuple(class_names(project)))
     return Judge(x, y)
 
 

@@ -56,6 +56,50 @@ def test_accuracy_budget_failure_names_field_and_numbers(small_layout, wreck):
     assert not small_layout.compressed_pt.exists()
 
 
+
+def test_a_manifest_asking_for_macro_f1_is_judged_on_val_macro_f1(small_layout, wreck):
+    """Top-1 can hold while a rare class is lost: where requirements.macro_f1 is set, each row
+    carries val macro-F1 (scikit-learn's f1_score, macro) and the budget bounds its drop."""
+    from sklearn.metrics import f1_score
+
+    from passes.support.common import accuracy, load_split
+
+    project = small_project(passes=[{WRECKED: {}}], max_accuracy_drop=0.05)
+    project.requirements.macro_f1 = {"min": 0.5}
+    project = type(project).model_validate(project.model_dump(by_alias=True))
+    with pytest.raises(PassError) as e:
+        compress.run(project, small_layout, load_board("x86-host"))
+    summary = json.loads(small_layout.compress_json.read_text())
+    base = summary["passes"][0]
+    x, y = load_split(small_layout.data, "val")
+    _, preds = accuracy(load_checkpoint(small_layout.model_pt)[0], x, y)
+    assert base["val_macro_f1"] == pytest.approx(f1_score(y, preds, average="macro"), abs=1e-9)
+    assert summary["judged_on"] == "val_macro_f1" and "macro_f1_drop" in summary
+    assert "val macro-F1 dropped" in str(e.value) and "compression.max_accuracy_drop 0.05" in str(e.value)
+
+
+@pytest.mark.parametrize("step", [{"prune": {"method": "magnitude", "amount": 0.3, "finetune_epochs": 1}},
+                                  {"weight_coding": {"finetune_epochs": 1}}])
+def test_fine_tuning_keeps_the_class_weights_of_training(small_layout, tmp_path, step):
+    """prune and weight coding fine-tune on the train stage's loss: with training.class_weights
+    set the fine-tuned weights differ from an unweighted run's (they were dropped before)."""
+    import torch
+
+    from passes.tasks import fit_split
+
+    weighted = small_manifest(passes=[step], max_accuracy_drop=1.0)
+    weighted["training"]["class_weights"] = [1.0] * 9 + [20.0]
+    project = type(small_project()).model_validate(weighted)
+    _, y = fit_split(project, small_layout.data, "train")
+    from passes.support.training import finetune_options
+
+    assert finetune_options(project, small_layout.data, y)["class_weights"][-1] == 20.0
+    states = []
+    for p in (small_project(passes=[step], max_accuracy_drop=1.0), project):
+        compress.run(p, small_layout, None)
+        states.append(load_checkpoint(small_layout.compressed_pt)[0].state_dict())
+    assert any(not torch.equal(a, states[1][k]) for k, a in states[0].items() if a.is_floating_point())
+
 def test_size_targets_failures_name_field_and_numbers(small_layout):
     with pytest.raises(PassError) as e:
         compress_run(small_layout, passes=[{"weight_coding": {"finetune_epochs": 0}}], max_accuracy_drop=1.0,
