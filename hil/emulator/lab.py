@@ -279,7 +279,7 @@ def release() -> None:
 
 # -- power switches (kiln.schema.EmulatedPower) -------------------------------------------------
 
-def default_power(instance):
+def default_power(instance, lab=None):
     """The power control this lab gives a board started here (ssh and serial boards)."""
     from kiln.schema.lab import EmulatedPower
 

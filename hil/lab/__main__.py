@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         backend = implementation(lab)
         if inst.power is None and hasattr(backend, "default_power"):
-            inst = inst.model_copy(update={"power": backend.default_power(inst)})
+            inst = inst.model_copy(update={"power": backend.default_power(inst, lab)})
         if inst.power is None:
             with_power = [n for n, b in boards.items() if b.power is not None]
             print(f"kiln: board '{args.board}' of lab {args.lab} has no power control (boards with one: "

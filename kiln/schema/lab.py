@@ -42,7 +42,58 @@ class EmulatedPower(Strict):
     off_s: float = Field(0.2, ge=0, le=60)
 
 
-Power = Annotated[Union[CommandPower, EmulatedPower], Field(discriminator="kind")]
+def _labgrid_power_models() -> list[str] | None:
+    """labgrid's PDU backends (labgrid/driver/power/<model>.py), found without importing labgrid;
+    None when labgrid is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("labgrid")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "driver" / "power"
+    return sorted(f.stem for f in d.glob("*.py") if not f.stem.startswith("_"))
+
+
+class LabgridPower(Strict):
+    """A board's PDU port switched by labgrid's own power backends (a ``NetworkPowerPort`` with
+    labgrid's ``model``: netio, gude, apc, raritan, simplerest, ...) through labgrid's
+    NetworkPowerDriver (hil/lab/labgrid/power.py), for a static lab where labgrid is installed."""
+
+    implementation: ClassVar[str] = "hil.lab.labgrid.power"
+
+    kind: Literal["labgrid"]
+    model: str = Field(description="labgrid's power backend: a module of labgrid.driver.power")
+    host: str = Field(min_length=1, description="the PDU's host (or URL, for the rest/simplerest models)")
+    index: int = Field(0, ge=0, description="the PDU's outlet")
+    delay_s: float = Field(1.0, ge=0, le=60, description="seconds between off and on in a cycle")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v):
+        models = _labgrid_power_models()
+        if models is None:
+            raise ValueError("power kind 'labgrid' needs labgrid installed (pip install labgrid)")
+        if v not in models:
+            raise ValueError(f"'{v}' is not one of labgrid's power backends ({', '.join(models)})")
+        return v
+
+
+class LabgridPlacePower(Strict):
+    """A labgrid lab's board: its place's own power resource (an exported NetworkPowerPort,
+    PDUDaemonPort, USB power port...) switched by labgrid's driver for it while Kiln holds the
+    place (hil/lab/labgrid/power.py). The labgrid lab gives it to every place with one."""
+
+    implementation: ClassVar[str] = "hil.lab.labgrid.power"
+
+    kind: Literal["labgrid-place"]
+    coordinator: str = Field(pattern=r"^[A-Za-z0-9_.:\[\]-]+:[0-9]{1,5}$")
+    place: str = Field(min_length=1)
+    delay_s: float = Field(1.0, ge=0, le=60)
+    lease_ttl_s: float = Field(15, ge=1, le=600)
+
+
+Power = Annotated[Union[CommandPower, EmulatedPower, LabgridPower, LabgridPlacePower], Field(discriminator="kind")]
 
 
 class Instance(Strict):

@@ -55,6 +55,7 @@ import yaml
 from hil import protocol
 from hil.lab.labgrid.client import Client, LabgridError
 from hil.lab.labgrid.lease import LEASE_TAG, POLL_S, RESTART_GRACE_S, Lease, Reaper, acquire_place
+from hil.lab.labgrid.power import power_resources
 from hil.lab.leases import LeaseBusy
 from kiln.artifacts import build_root, write_bytes
 from kiln.errors import ManifestError
@@ -195,6 +196,9 @@ def open_lab(lab, path: Path) -> Path:
             raise ManifestError(f"{path}: board '{b.name}' has transport kind '{given['kind']}', but its place's "
                                 f"resources are reached over {reached['kind']}")
         entry["transport"] = {**reached, **given}  # the lab file's own settings (workdir, timeouts) win
+        if b.power is None and power_resources(p):  # the place's own power, through labgrid's drivers
+            entry["power"] = {"kind": "labgrid-place", "coordinator": lab.coordinator, "place": b.name,
+                              "lease_ttl_s": lab.lease_ttl_s}
         boards.append(entry)
     if not boards:
         raise LabgridError(f"lab '{lab.name}': no board reachable through coordinator {lab.coordinator}")
@@ -202,6 +206,18 @@ def open_lab(lab, path: Path) -> Path:
     out = _live_dir(lab) / f"inventory-{os.getpid()}.yaml"
     write_bytes(out, yaml.safe_dump(inv.model_dump(), sort_keys=False).encode())
     return out
+
+
+def default_power(instance, lab=None):
+    """``python -m hil.lab power`` on a labgrid lab's board: its place's own power resource."""
+    if instance.power is not None or lab is None:
+        return instance.power
+    from kiln.schema.lab import LabgridPlacePower
+
+    if not power_resources(client_for(lab).places().get(instance.name, {})):
+        return None
+    return LabgridPlacePower(kind="labgrid-place", coordinator=lab.coordinator, place=instance.name,
+                             lease_ttl_s=lab.lease_ttl_s)
 
 
 def close_lab(lab, path: Path) -> None:
