@@ -31,13 +31,41 @@ SIGNALS = {
 }
 
 
+CONSOLE_LINES = 30  # the last lines of a failed board's console kept in its record, as LAVA keeps a job's log
+
+
 class DeployError(KilnError):
-    """A deploy step failed on one board; carries which step, for the report."""
+    """A deploy step failed on one board; carries which step, for the report, and ``console``:
+    the last lines of the board's console (``{"source", "lines"}``) or None."""
 
     def __init__(self, step: str, cause: KilnError):
         super().__init__(f"{step}: {cause}")
         self.step = step
         self.cause = cause
+        self.console: dict | None = None
+
+    def as_error(self) -> dict:
+        """The record's ``error``: the step, the message and, when there is one, the console."""
+        return {"step": self.step, "message": str(self.cause), **({"console": self.console} if self.console else {})}
+
+
+def console_tail(transport, cause: BaseException | None, n: int = CONSOLE_LINES) -> dict | None:
+    """The last ``n`` lines of a failed board's console: what its serial console printed outside
+    Kiln's own protocol (a board reached over one: hil/transport/console_shell.py), then the
+    runner's stderr (or stdout) when a command it ran failed (every board; the only console an
+    SSH board has). None when there is none."""
+    lines, sources = [], []
+    seen = list(getattr(transport, "console_lines", None) or [])
+    if seen:
+        lines += seen
+        sources.append("serial console")
+    out = getattr(cause, "output", None)
+    if out and out.strip():
+        lines += out.rstrip("\n").splitlines()
+        sources.append("runner stderr")
+    if not lines:
+        return None
+    return {"source": " + ".join(sources), "lines": [ln[:300] for ln in lines[-n:]]}
 
 
 class Board(CommandProtocol, FileTransferProtocol):  # for type checkers: what deploy needs
@@ -120,7 +148,11 @@ def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], tim
     log = logging.getLogger(f"kiln.board.{board}")
     timings: dict[str, float] = {}
     run_dir = run_dir_name()
-    _step("connect", timings, transport.open)
+    try:
+        _step("connect", timings, transport.open)
+    except DeployError as e:
+        e.console = console_tail(transport, e.cause)
+        raise
     try:
         _remove_stale_runs(transport, log)
         sent = _step("upload", timings, _upload, transport, files, run_dir, log)
@@ -128,6 +160,9 @@ def deploy(transport: Board, files: dict[str, Path], runner_argv: list[str], tim
         out = _step("run", timings, _run, transport, runner_argv, run_dir, timeout)
         extra = {name: _step(f"run {name}", timings, _run, transport, argv, run_dir, timeout)
                  for name, argv in (checks or {}).items()}
+    except DeployError as e:  # the console as it was when the step failed (before the cleanup's commands)
+        e.console = console_tail(transport, e.cause)
+        raise
     finally:
         try:
             transport.run(["rm", "-rf", run_dir], timeout=60)
@@ -231,18 +266,25 @@ def _verify(t: Board, files: dict[str, Path], run_dir: str) -> None:
                              + (f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""))
 
 
+def _with_output(err: KilnError, r) -> KilnError:
+    err.output = r.stderr if r.stderr.strip() else r.stdout  # console_tail's runner lines
+    return err
+
+
 def _run(t: Board, argv: list[str], run_dir: str, timeout: float) -> dict:
     r = t.run(argv, timeout=timeout, cwd=run_dir)
     if r.returncode < 0 or r.returncode > 128:  # killed by a signal (directly, or via qemu/shell)
         sig = -r.returncode if r.returncode < 0 else r.returncode - 128
         why = SIGNALS.get(sig, "")
-        raise TransportError(f"runner killed by signal {sig}{why}: {r.stderr.strip()[-300:]}")
+        raise _with_output(TransportError(f"runner killed by signal {sig}{why}: {r.stderr.strip()[-300:]}"), r)
     if r.returncode != 0:
-        raise TransportError(f"runner exited {r.returncode}: {r.stderr.strip()[-500:] or r.stdout.strip()[-500:]}")
+        raise _with_output(TransportError(f"runner exited {r.returncode}: "
+                                          f"{r.stderr.strip()[-500:] or r.stdout.strip()[-500:]}"), r)
     try:
         out = json.loads(r.stdout)
     except json.JSONDecodeError as e:
-        raise ValidationError(f"runner printed no valid JSON ({e}); output began {r.stdout[:200]!r}") from e
+        raise _with_output(ValidationError(f"runner printed no valid JSON ({e}); output began "
+                                           f"{r.stdout[:200]!r}"), r) from e
     for key, kind in (("predictions", list), ("latencies_us", list), ("count", int)):
         if not isinstance(out.get(key), kind):
             raise ValidationError(f"runner JSON lacks '{key}' ({kind.__name__}); got keys {sorted(out)[:10]}")
@@ -362,7 +404,9 @@ def job(project, board, live, layout, lab_dir: Path, run_id: str, latency_window
             record.update(deploy(transport, files, argv, project.validation.timeout_s, live.name, checks))
         except DeployError as e:
             blog.error("%s", e)
-            record["error"] = {"step": e.step, "message": str(e.cause)}
+            record["error"] = e.as_error()
+            for line in (e.console or {}).get("lines", [])[-5:]:
+                blog.error("console: %s", line)
         except KilnError as e:
             blog.error("%s", e)
             record["error"] = {"step": "prepare", "message": str(e)}

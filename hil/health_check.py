@@ -153,7 +153,7 @@ def health_check(instance: Instance, board_type: Board, lab_dir: Path, timeout_s
     from hil.transport import open_transport
 
     t0 = time.perf_counter()
-    error = None
+    error = console = None
     try:
         try:
             model = health_model(board_type)
@@ -169,8 +169,9 @@ def health_check(instance: Instance, board_type: Board, lab_dir: Path, timeout_s
         if wrong:
             error = f"outputs: {wrong}"
     except DeployError as e:
-        error = f"{e.step}: {e.cause}"
-    return {"passed": error is None, "seconds": round(time.perf_counter() - t0, 3), "error": error}
+        error, console = f"{e.step}: {e.cause}", e.console
+    out = {"passed": error is None, "seconds": round(time.perf_counter() - t0, 3), "error": error}
+    return {**out, "console": console} if console else out
 
 
 def check_board(instance: Instance, board_type: Board, lab_dir: Path, db: Path | None = None,

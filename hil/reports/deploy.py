@@ -92,6 +92,11 @@ def table(report: dict) -> str:
             lines.append(f"{name}: power-cycled ({c['reason'][:80]}): "
                          + (f"answered after {c['answered_s']:.1f} s, check {'passed' if after.get('passed') else 'FAILED'}"
                             if c["passed"] else f"FAILED: {c.get('error')}"))
+    for name, r in report["boards"].items():  # a failed board's console log, its last lines
+        console = (r.get("error") or {}).get("console")
+        if console:
+            lines.append(f"{name}: its console ({console['source']}), last lines:")
+            lines += [f"  | {ln}" for ln in console["lines"][-10:]]
     lines += task.details(report["boards"])  # a classifier's per-class block (macro-F1, its weakest classes)
     lines += sizing_table(report)
     lines.append(verdict(report))

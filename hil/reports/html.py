@@ -293,9 +293,13 @@ def _glance(nightly: dict, history) -> str:
     for j in sorted(jobs, key=lambda j: (j["status"] != "fail", j["app"], j["board"])):
         if j["status"] in ("fail", "infra"):
             since = _since(j, nightly, history)
+            console = (j.get("error") or {}).get("console")
+            log_html = (f'<details><summary>the board\'s console ({e(console["source"])}), last '
+                        f'{len(console["lines"])} lines</summary><pre>{e(chr(10).join(console["lines"]))}</pre>'
+                        f'</details>' if console else "")
             items.append(f'<li><b>{e(j["app"])}</b> on <b>{e(j["board"])}</b>: '
                          f'<span class="{j["status"]}" style="color:#fff;padding:0 .3em">{j["status"].upper()}</span> '
-                         f'{e(_failed_text(j))}{" <small>— " + e(since) + "</small>" if since else ""}</li>')
+                         f'{e(_failed_text(j))}{" <small>— " + e(since) + "</small>" if since else ""}{log_html}</li>')
     for r in nightly["regressions"]:
         items.append(f'<li><b>{e(r["app"])}</b> on <b>{e(r["board"])}</b>: regression in {e(r["metric"])}: '
                      f'{e(r["message"])}</li>')

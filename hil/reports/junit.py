@@ -45,6 +45,10 @@ def _attempts_text(job: dict) -> str:
              + (f": {a['error']}" if a.get("error") else "") for i, a in enumerate(job["attempts"], 1)]
     if job["flaky"]:
         lines.insert(0, "flaky: passed only after an infrastructure retry")
+    console = (job.get("error") or {}).get("console")
+    if console:  # the failed board's console log (hil/deploy.py console_tail)
+        lines += [f"-- the board's console ({console['source']}), last {len(console['lines'])} lines --",
+                  *console["lines"]]
     return "\n".join(lines)
 
 

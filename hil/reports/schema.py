@@ -128,7 +128,9 @@ JOB = obj({
     "requirements": list_of(obj({"name": STR, "measured": NUM, "op": enum(">=", "<="), "limit": NUM,
                                  "verdict": enum("pass", "fail", "not enforced (emulated)")})),
     "metrics": METRICS,
-    "error": null_or(obj({"step": STR, "message": STR})),
+    "error": null_or(obj({"step": STR, "message": STR,
+                          # the failed board's console log (hil/deploy.py console_tail)
+                          "console": optional(obj({"source": STR, "lines": list_of(STR)}))})),
     "reason": null_or(STR),
 })
 BOARD = obj({"type": STR, "health": enum(*HEALTH),

@@ -101,6 +101,11 @@ class LinkGlitch(Exception):
     reported as a TransportError by the retry mixin)."""
 
 
+# console lines that our own protocol causes (a command line's echo, the ^C before a re-sent
+# line, the shell's notices about kiln_job's background jobs): left out of the console log
+_OURS = re.compile(r"#kiln|KILN_S_|kiln_|^\^C$|^\[\d+\]\s*[+-]?\s*(Done|Killed|Terminated|Stopped|Running)\b")
+
+
 class _Event:
     """A ``KILN <kind> <nonce> <args...>`` line from the board (junk before it is skipped)."""
 
@@ -130,6 +135,9 @@ class ConsoleShell(Retrying, CommandProtocol, FileTransferProtocol):
         self._open = False
         self._workdir: str | None = None
         self._seen: collections.deque[str] = collections.deque(maxlen=3)
+        # what the board printed on its console outside the protocol (a kernel's messages, a
+        # runner writing to the tty): the console log a failed deploy keeps (hil/deploy.py)
+        self.console_lines: collections.deque[str] = collections.deque(maxlen=200)
         self._stale = False  # a command went unanswered: resynchronise before the next one
         self._unanswered = False  # the last line for the shell got no answer yet
         # one dict: the console counts the bytes on the wire, the shell the payload, frames and
@@ -604,6 +612,8 @@ class ConsoleShell(Retrying, CommandProtocol, FileTransferProtocol):
     def _note(self, text: str) -> None:
         if text.strip():
             self._seen.append(text[:80])
+            if not _OURS.search(text) and _Event.parse(text) is None:
+                self.console_lines.append(text[:300])
 
     def _seen_text(self) -> str:
         if not self._seen:
