@@ -53,11 +53,15 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
     nodes, inits = [], []
 
     def init(name, arr):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        # np.ascontiguousarray would make a scalar shape [1]: a per-tensor scale must stay a scalar
+        # (the ONNX spec's form; ONNX Runtime's default optimization fuses DQ-Add-Q into QLinearAdd
+        # and refuses a scale of shape [1])
+        arr = np.asarray(arr)
+        inits.append(numpy_helper.from_array(arr if arr.flags.c_contiguous else arr.copy(order="C"), name))
         return name
 
     def qdq(x, qp, tag, out=None):
-        """x -> QuantizeLinear -> DequantizeLinear with per-tensor uint8/int8 parameters."""
+        """x -> QuantizeLinear -> DequantizeLinear with per-tensor uint8/int8 parameters (scalars)."""
         s = init(f"{tag}.scale", np.array(qp["scale"], dtype=np.float32))
         z = init(f"{tag}.zero_point", np.array(qp["zero_point"], dtype=np.dtype(act_dtype(qp))))
         out = out or f"{tag}.dq"
@@ -358,6 +362,12 @@ def export_model(model, ckpt: dict, data_dir: Path, out_onnx: Path, out_json: Pa
         if diff > tol or agree < min_agree:
             raise PassError(f"export: ONNX output differs from torch (max |diff| {diff:.2e} > {tol:.2e}, "
                             f"argmax agreement {agree:.3f}, need {min_agree})")
+        if quant and len(feed):  # portable: ONNX Runtime at its defaults (fused QLinear ops) takes it too
+            try:
+                ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run([OUTPUT], {INPUT: feed[:1]})
+            except Exception as e:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
+                raise PassError(f"export: ONNX Runtime at its default optimization level refuses the exported "
+                                f"model: {e}") from e
     info = {"opset": OPSET, "input": INPUT, "input_shape": in_shape, "input_dtype": in_dtype, "output": OUTPUT,
             "net_input_shape": list(shape), "front_end": fe_info["kind"] if fe_info else None,
             "output_kind": "anomaly score" if score else "logits",

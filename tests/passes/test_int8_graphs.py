@@ -315,6 +315,19 @@ def test_qdq_onnx_passes_parity_with_onnx_runtime(graph):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     weights = [i for i in proto.graph.initializer if i.name.endswith(".weight_q")]
     assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+    # portable: ONNX Runtime at its defaults (full optimization fuses DQ-op-Q into QLinearAdd/Mul,
+    # which refuse a per-tensor scale of shape [1]) loads and runs it, per-tensor scales are scalars
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(graph["onnx"]), providers=["CPUExecutionProvider"])
+    got = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: graph["x"][i : i + 1].numpy()})[0]
+                          for i in range(len(graph["x"]))])
+    # (its fused QLinear kernels saturate pair sums and round each gate op their own way: an
+    # unrolled GRU's argmax agrees with the twin on about half the samples there, so only that
+    # it runs is asserted; parity is held at the basic level above)
+    assert got.shape == graph["ref"].shape and np.isfinite(got).all()
+    per_tensor = [i for i in proto.graph.initializer if i.name.endswith((".scale", ".zero_point"))]
+    assert per_tensor and all(list(i.dims) == [] for i in per_tensor)
     # weights stored once per layer, also when an unrolled cell calls it at every step
     assert len(weights) == len({i.name for i in weights}) == len(
         {s["module"] for s in graph["ckpt"]["quantization"]["layers"].values() if s["kind"] in ("conv", "linear")})
