@@ -11,7 +11,7 @@ deploy: setup
 	$(VENV)/bin/doit deploy:traffic_signs
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 list: setup
 	$(VENV)/bin/doit list
