@@ -40,6 +40,29 @@ DOIT_CONFIG = {
     "forget_disable_default": True,  # doit forget with no task says so (the command line is checked below too)
 }
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+
+
+def _interrupted(signum, frame):
+    """Ctrl-C. Inside a task's action: KeyboardInterrupt, which kiln.actions turns into one line
+    and exit 130. Anywhere else (doit between two tasks: its up-to-date checks, its reporter,
+    its dependency file) doit would let it through as a traceback: one line and exit 130 here,
+    as SystemExit, which doit's runner lets pass after saving the tasks done and running the
+    teardowns (its ``finally``)."""
+    import kiln.actions
+
+    f = frame
+    while f is not None:
+        if f.f_code.co_filename == kiln.actions.__file__ and f.f_code.co_name in ("run", "call"):
+            raise KeyboardInterrupt
+        f = f.f_back
+    print("kiln: interrupted; rerun to go on", file=sys.__stderr__, flush=True)
+    raise SystemExit(kiln.actions.INTERRUPTED)
+
+
+if os.path.basename(sys.argv[0]) == "doit" or os.path.basename(os.path.dirname(sys.argv[0])) == "doit":
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupted)  # doit's own process only (not a test importing dodo)
 logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 try:

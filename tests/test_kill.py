@@ -214,3 +214,38 @@ def test_each_saved_task_is_in_the_file_at_once_and_a_checker_never_writes_back_
     b.dump()  # b exits
     c = DurableSqliteDB(path, JSONCodec())
     assert c.get("t", "_values_:") == {"v": "new", "_verified:r.json": {"f": [1, 2]}}
+
+
+def test_ctrl_c_between_two_tasks_is_one_line_and_exit_130(tmp_path):
+    """SIGINT (a terminal's Ctrl-C: to doit's whole process group) while doit is between two
+    tasks -- here frozen right after it reported one up to date, in its own reporter and
+    up-to-date checks -- ends the run with ``kiln: interrupted; rerun to go on`` and exit 130,
+    no traceback (before: doit's KeyboardInterrupt traceback, exit 1); the rerun goes on."""
+    for app in ("tiny", "tiny2"):
+        write_project(tmp_path / "projects", {**copy.deepcopy(TINY), "name": app})
+    inv = tmp_path / "lab.yaml"
+    inv.write_text(yaml.safe_dump({"boards": [{"name": BOARD, "type": BOARD, "transport": {"kind": "local"}}]}))
+    env = dict(os.environ, KILN_LAB=str(inv), KILN_PROJECTS=str(tmp_path / "projects"),
+               KILN_BUILD=str(tmp_path / "build"), PYTHONUNBUFFERED="1")
+    argv = [*DOIT, "data:tiny", "data:tiny2"]
+    assert subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    for _ in range(3):  # it may finish before the signal lands: then once more
+        p = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+        out = []
+        for line in p.stdout:
+            out.append(line)
+            if line.startswith("-- "):  # doit's own code now: no action runs in an up-to-date run
+                os.killpg(p.pid, signal.SIGSTOP)
+                os.killpg(p.pid, signal.SIGINT)
+                os.killpg(p.pid, signal.SIGCONT)
+                break
+        out += p.stdout.readlines()
+        rc, text = p.wait(timeout=60), "".join(out)
+        if rc != 0:
+            break
+    assert rc == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert text.rstrip().splitlines()[-1] == "kiln: interrupted; rerun to go on"
+    again = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "-- data:tiny2" in again.stdout, again.stdout + again.stderr
