@@ -14,9 +14,22 @@ from kiln.artifacts import Layout, atomic_path, sha256_file, write_json
 from kiln.errors import PassError
 from kiln.registry import implementation
 from kiln.schema.datasets import raw_augmented
+from kiln.tasks.regression import target_stats
 from passes.formats import Loaded
 
 log = logging.getLogger("kiln.data")
+
+
+STRATA = 10  # a regressor's numeric labels are split as classes are, on this many quantile bins
+
+
+def _strata(y: np.ndarray) -> np.ndarray:
+    """The labels a split is stratified on: class labels as they are; numeric labels (a
+    regressor's) binned at their quantiles, so every split spans the label's range."""
+    if not np.issubdtype(y.dtype, np.floating) or not len(y):
+        return y
+    edges = np.unique(np.quantile(y, np.linspace(0, 1, STRATA + 1)[1:-1]))
+    return np.searchsorted(edges, y, side="right").astype(np.int64)
 
 
 def _stratified(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
@@ -160,14 +173,14 @@ def _splits(loaded: Loaded, val: float, test: float, seed: int, rule: str) -> tu
     if loaded.test is not None:
         out["test"], out_groups["test"] = loaded.test, group_ids(loaded, "test", rule)
     else:
-        keep, part = _group_split(rest[1], groups, test, seed, "test")
+        keep, part = _group_split(_strata(rest[1]), groups, test, seed, "test")
         part = np.random.default_rng([seed, 3]).permutation(part)
         out["test"], out_groups["test"] = _take(rest, part, groups)
         rest, groups = _take(rest, keep, groups)
     if loaded.val is not None:
         out["val"], out_groups["val"] = loaded.val, group_ids(loaded, "val", rule)
     else:  # val of the whole, taken from what is left
-        keep, part = _group_split(rest[1], groups, val / (1 - (test if loaded.test is None else 0)), seed, "val")
+        keep, part = _group_split(_strata(rest[1]), groups, val / (1 - (test if loaded.test is None else 0)), seed, "val")
         out["val"], out_groups["val"] = _take(rest, part, groups)
         rest, groups = _take(rest, keep, groups)
     out["train"], out_groups["train"] = rest, groups
@@ -179,7 +192,7 @@ def _sample_splits(loaded: Loaded, val: float, test: float, seed: int) -> dict:
     """train/val/test of samples that share no file: stratified per class, seeded."""
     x, y = loaded.train
     fractions = (() if loaded.val is not None else (val,)) + (() if loaded.test is not None else (test,))
-    parts = _stratified(y, fractions, seed)
+    parts = _stratified(_strata(y), fractions, seed)
     out = {"train": (x[parts[0]], y[parts[0]])}
     rest = iter(parts[1:])
     out["val"] = loaded.val if loaded.val is not None else (lambda i: (x[i], y[i]))(next(rest))
@@ -370,8 +383,10 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
                     "alike, and the test accuracy then overstates what the board will see")
     splits, groups = _splits(loaded, val, test, seed, rule)
     report, source = loaded.report, loaded.source
-    _check_class_coverage(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
-    report_class_counts(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
+    numeric = np.issubdtype(splits["train"][1].dtype, np.floating)  # a regressor's label is a number
+    if not numeric:
+        _check_class_coverage(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
+        report_class_counts(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
     raw_test = splits["test"][0]
     keep_raw = front_end is not None and raw_train is not None
     files = [f for f in Layout.data_files(front_end is not None, keep_raw) if f != Layout.DATA_JSON]  # data.json: last
@@ -394,12 +409,14 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
         test_inputs = {"file": Layout.TEST_INPUTS, "dtype": fe_info["raw_dtype"], "byteorder": "little",
                        "layout": fe_info["layout"], "shape": [len(y), *fe_info["raw_shape"]],
                        "scale": f"raw samples ({fe_info['kind']} front end in the library)"}
-    write_json(out_dir / Layout.TEST_LABELS, [int(v) for v in y])
+    write_json(out_dir / Layout.TEST_LABELS, [float(v) if numeric else int(v) for v in y])
     k = source["num_classes"]
     info = {
         "pass": "data", **source, "image_size": list(size),
         "counts": {n: len(v[1]) for n, v in splits.items()},
-        "class_counts": {n: np.bincount(v[1], minlength=k).tolist() for n, v in splits.items()},
+        "class_counts": None if numeric else {n: np.bincount(v[1], minlength=k).tolist() for n, v in splits.items()},
+        # a regressor's targets are standardized by the training split's statistics (kiln/tasks/regression.py)
+        **({"target": target_stats(splits["train"][1])} if numeric else {}),
         "test_inputs": test_inputs, "front_end": fe_info, "groups": _group_report(rule, groups),
         "load": report,
         "files": {f: sha256_file(out_dir / f) for f in files},

@@ -11,7 +11,7 @@ Schema of the manifest, board files and lab inventories so editors complete ever
 | ``frontends``   | front ends (``FrontEnd``, by ``kind``); shape/cost in kiln/frontends/<kind>.py  |
 | ``nets``        | net families (``Architecture``, by ``family``); estimate in kiln/nets/<family>.py |
 | ``compression`` | compression passes (``CompressionStep``, by the pass's name), ``Compression``   |
-| ``tasks``       | tasks (classification, anomaly detection; ``TASKS``, by the net's objective)   |
+| ``tasks``       | tasks (classification, anomaly detection, regression; ``TASKS``, by objective) |
 | ``project``     | ``Project`` (the manifest) and its sections: requirements, training, ...       |
 | ``board``       | ``Board`` (a board type, targets/<board>.yaml)                                  |
 | ``transports``  | transports (``Transport``, by ``kind``)                                         |
@@ -41,7 +41,7 @@ from kiln.schema.nets import (Architecture, AutoencoderArchitecture, CnnArchitec
                               parse_architecture)
 from kiln.schema.project import (LatencyLimit, MemoryLimit, MinLimit, Project, Requirements, SizeLimit, Sizing, Training,
                                  Tuning, Validation)
-from kiln.schema.tasks import TASKS, Anomaly, Classification, _TaskBase, judged_by, task_for
+from kiln.schema.tasks import TASKS, Anomaly, Classification, Regression, _TaskBase, judged_by, task_for
 from kiln.schema.transports import LocalTransport, SerialTransport, SSHTransport, Transport
 
 __all__ = [
@@ -55,6 +55,6 @@ __all__ = [
     "MlperfAdArchitecture", "MlperfIcArchitecture", "MlperfKwsArchitecture", "MlperfVwwArchitecture",
     "MobilenetV1Architecture", "ModuleArchitecture", "OnnxArchitecture", "ResnetArchitecture", "RnnArchitecture",
     "parse_architecture", "LatencyLimit", "MemoryLimit", "MinLimit", "Project", "Requirements", "SizeLimit", "Sizing",
-    "Training", "Tuning", "Validation", "Anomaly", "Classification", "TASKS", "task_for", "judged_by",
+    "Training", "Tuning", "Validation", "Anomaly", "Classification", "Regression", "TASKS", "task_for", "judged_by",
     "LocalTransport", "SerialTransport", "SSHTransport", "Transport",
 ]

@@ -285,6 +285,10 @@ class _OwnData(Strict):
     # set by kiln/config.py when the manifest loads and the classes (or a table's features)
     # are inferred from the data (the format module's ``infer``)
     _inferred: dict = PrivateAttr(default_factory=dict)
+    # set when the manifest loads (kiln.schema.tasks.Regression.check) for a regressor: the label
+    # is a number, read by the formats that can (``numeric_label``), and the net has one output
+    _numeric: bool = PrivateAttr(False)
+    numeric_label: ClassVar[str | None] = None  # where a format reads a numeric label (None: it cannot)
 
     _classes = field_validator("classes")(classmethod(lambda cls, v: _class_names(v)))
 
@@ -294,6 +298,8 @@ class _OwnData(Strict):
 
     @property
     def num_classes(self) -> int:
+        if self._numeric:  # a regressor: one output, the value
+            return 1
         names = self.class_names
         if names is None:
             raise ValueError("the classes are not known before the data is read (kiln.config infers them)")
@@ -465,6 +471,7 @@ class CsvTableDataset(_FrontEndShaped, _DatasetBase):
 
     implementation: ClassVar[str] = "passes.formats.csv_table"
     layout: ClassVar[str] = "table"
+    numeric_label: ClassVar[str | None] = "the label column (dataset.label) as numbers"
     format: Literal["csv_table"]
     features: list[str] | None = Field(None, description="feature columns, in input order; unset: every "
                                        "column but the label")

@@ -10,7 +10,7 @@ from kiln.schema.base import Strict
 from kiln.schema.compression import Compression
 from kiln.schema.datasets import Dataset, dataset_class_names
 from kiln.schema.nets import Architecture
-from kiln.schema.tasks import Anomaly, task_for
+from kiln.schema.tasks import Anomaly, Regression, task_for
 
 
 # --- project manifest -------------------------------------------------------------------------
@@ -18,6 +18,10 @@ from kiln.schema.tasks import Anomaly, task_for
 
 class MinLimit(Strict):
     min: float = Field(ge=0.0, le=1.0, description="lowest acceptable value")
+
+
+class MaxLimit(Strict):
+    max: float = Field(gt=0, description="highest acceptable value, in the label's units")
 
 
 class LatencyLimit(Strict):
@@ -90,6 +94,10 @@ class Requirements(Strict):
         None, description="classification: min recall (per-class accuracy) of every class, or of the named ones, "
         "on the board's test predictions; a miss names the class"
     )
+    mae: MaxLimit | None = Field(None, description="regression: max mean absolute error of the board's test "
+                                 "predictions (de-standardized by the host), in the label's units")
+    rmse: MaxLimit | None = Field(None, description="regression: max root mean squared error of the board's test "
+                                  "predictions, in the label's units")
 
 
 class Sizing(Strict):
@@ -171,6 +179,8 @@ class Project(Strict):
     sizing: Sizing = Field(default_factory=Sizing)
     anomaly: Anomaly | None = Field(None, description="anomaly detection (a reconstruction objective): "
                                     "which classes are normal; required for, and only for, that objective")
+    regression: Regression | None = Field(None, description="regression: the net (a classification family, one "
+                                          "output) predicts the dataset's numeric label; its loss")
     targets: list[str] = Field(min_length=1, description="board types from targets/*.yaml")
 
     @field_validator("targets")
@@ -183,8 +193,10 @@ class Project(Strict):
     @property
     def objective(self) -> str:
         """The net's objective: "classification" or "reconstruction" (a field of family module,
-        else the family's class variable)."""
-        return getattr(self.architecture, "objective", "classification")
+        else the family's class variable); "regression" for a classification family with a
+        ``regression`` section."""
+        objective = getattr(self.architecture, "objective", "classification")
+        return "regression" if objective == "classification" and self.regression is not None else objective
 
     def normal_indices(self) -> list[int]:
         """The labels of the normal classes of an anomaly-detection app (ValueError naming the

@@ -2,7 +2,8 @@
 and reported. One settings model per task, listed in ``TASKS``; the task is chosen by the net's
 ``objective`` (a family's class variable, family module's field): "classification" is the task
 ``classification``, "reconstruction" the task ``anomaly_detection``, whose settings are the
-manifest's ``anomaly`` section. A task names its torch side (``implementation``,
+manifest's ``anomaly`` section, and a classification family with a ``regression`` section has
+the objective "regression", the task ``regression``. A task names its torch side (``implementation``,
 passes/tasks/<task>.py: loss, training metric, the compress judge, the samples stages fit on) and
 holds its torch-free side in ``scoring`` (kiln/tasks/<task>.py: how validate scores the board's
 outputs, the report's column), as a front end names passes/frontends/<kind>.py and holds
@@ -12,13 +13,14 @@ task's requirement or section) to why; ``Project`` refuses it when the manifest 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import Field, field_validator
 
 from kiln.schema.base import Strict
 from kiln.schema.datasets import dataset_class_names
 from kiln.tasks import anomaly_detection as _anomaly_detection, classification as _classification
+from kiln.tasks import regression as _regression
 
 
 class _TaskBase(Strict):
@@ -48,6 +50,10 @@ class Classification(_TaskBase):
                             "(a reconstruction objective, e.g. family autoencoder); require accuracy",
         "anomaly": "anomaly: family '{family}' is a classifier; anomaly applies to a reconstruction objective only "
                    "(e.g. family autoencoder)",
+        "requirements.mae": "requirements.mae: the app is a classifier (no regression section); mae applies to a "
+                            "regressor: add regression: {} to predict a number, or require accuracy",
+        "requirements.rmse": "requirements.rmse: the app is a classifier (no regression section); rmse applies to a "
+                             "regressor: add regression: {} to predict a number, or require accuracy",
     }
 
     def check(self, project) -> None:
@@ -92,6 +98,12 @@ class Anomaly(_TaskBase):
                                      "its outputs are no classes to recall; require auc: {min: ...} instead",
         "training.class_weights": "training.class_weights: family '{family}' has a reconstruction objective: its "
                                   "loss is the reconstruction error of the normal samples, with no class to weigh",
+        "requirements.mae": "requirements.mae: family '{family}' has a reconstruction objective (anomaly "
+                            "detection): require auc: {min: ...}; mae applies to a regressor",
+        "requirements.rmse": "requirements.rmse: family '{family}' has a reconstruction objective (anomaly "
+                             "detection): require auc: {min: ...}; rmse applies to a regressor",
+        "regression": "regression: family '{family}' has a reconstruction objective (anomaly detection); a regressor "
+                      "is a net of the classification families (mlp, cnn, ...) with a regression section",
     }
 
     normal: list[str] = Field(min_length=1, description="the classes that are normal, by name (formats without "
@@ -127,8 +139,59 @@ class Anomaly(_TaskBase):
             project.normal_indices()
 
 
+class Regression(_TaskBase):
+    """Regression: the net predicts one number, the dataset's numeric label (csv_table's label
+    column). The manifest's ``regression`` section selects it for a net of the classification
+    families (their head becomes one output wide). Targets are standardized for training with
+    the training split's mean and std (data.json ``target``); the board's library returns the
+    standardized value and the host de-standardizes it before scoring MAE, RMSE and R²
+    (``requirements.mae`` / ``requirements.rmse`` gate a deploy); compress judges a candidate by
+    its validation MAE."""
+
+    name: ClassVar[str] = "regression"
+    implementation: ClassVar[str] = "passes.tasks.regression"
+    scoring: ClassVar[ModuleType] = _regression
+    objective: ClassVar[str] = "regression"
+    section: ClassVar[str | None] = "regression"
+    missing: ClassVar[str] = "regression: family '{family}' regresses a number: add a regression section"
+    refuses: ClassVar[dict[str, str]] = {
+        f"requirements.{k}": f"requirements.{k}: the app is a regressor (regression section): its output is a "
+                             f"number, not a class{why}; require mae: {{max: ...}} or rmse: {{max: ...}} instead"
+        for k, why in (("accuracy", " to be right about"), ("macro_f1", " to score an F1 on"),
+                       ("class_recall", " to recall"), ("auc", " nor an anomaly score"))
+    } | {
+        "training.class_weights": "training.class_weights: the app is a regressor (regression section): there is "
+                                  "no class to weigh",
+        "anomaly": "anomaly: the app is a regressor (regression section); anomaly applies to a reconstruction "
+                   "objective only (e.g. family autoencoder)",
+    }
+
+    loss: Literal["mse", "mae"] = Field("mse", description="the training loss on the standardized targets: mse "
+                                        "(mean squared error) or mae (mean absolute error, less swayed by outliers)")
+
+    def check(self, project) -> None:
+        """The dataset must be able to read a numeric label (its format's ``numeric_label``) and
+        list no classes; the dataset is then told that its label is a number (one output)."""
+        ds = project.dataset
+        where = getattr(type(ds), "numeric_label", None)
+        if where is None:
+            able = ", ".join(sorted(get_args(t.model_fields["format"].annotation)[0] for t in _numeric_formats()))
+            raise ValueError(f"dataset.format: '{ds.format}' has class labels only; a regressor reads a numeric "
+                             f"label from: {able}")
+        if getattr(ds, "classes", None):
+            raise ValueError("dataset.classes: the app is a regressor (regression section): its label is a number, "
+                             "not one of listed classes; leave classes out")
+        ds._numeric = True
+
+
+def _numeric_formats() -> list[type]:
+    from kiln.schema.datasets import Dataset
+
+    return [t for t in get_args(get_args(Dataset)[0]) if getattr(t, "numeric_label", None)]
+
+
 # the registry of tasks; adding one is its settings model here, one entry, and its two modules
-TASKS: tuple[type[_TaskBase], ...] = (Classification, Anomaly)
+TASKS: tuple[type[_TaskBase], ...] = (Classification, Anomaly, Regression)
 
 
 def task_for(objective: str) -> type[_TaskBase]:

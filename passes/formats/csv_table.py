@@ -10,7 +10,7 @@ number (0..n-1 or 1..n, +1 per row) in the first file, is left out with a warnin
 file and column (a listed one stays, warned of). ``infer`` streams the first file only until no
 column can be an index, and the label column when the classes are not listed; its answer is
 cached under build/infer/ by the files' sizes and mtimes. The label column holds class names (any strings; numbers
-are names too). A missing value, a cell that is not a number or a ragged row is a PassError
+are names too), or for a regressor (the manifest's ``regression`` section) numbers, the target. A missing value, a cell that is not a number or a ragged row is a PassError
 naming file, line and column. Raw samples: float32 N x F, as the board receives them.
 
 ``synthesize`` writes ``train.csv`` and ``test.csv`` of gaussian clusters with class-dependent
@@ -111,7 +111,7 @@ def _infer_table(ds, files: dict[str, list[Path]]) -> tuple[dict, list[str]]:
             positions, unnamed_notes = ([], []) if ds.features else _candidates(ds, header)
             watch = RunningIndex(header, positions)
             try:
-                if ds.classes:
+                if ds.classes or ds._numeric:
                     watch.watch(rows)
                 else:
                     collect(first, ds.label, header.index(ds.label), rows, found, watch)
@@ -121,7 +121,7 @@ def _infer_table(ds, files: dict[str, list[Path]]) -> tuple[dict, list[str]]:
                 _choose(first, header, watch, unnamed_notes)
     except UnreadableCsv as e:
         raise PassError(f"data: {first}: cannot read the header line: {str(e).removeprefix('data: ')}") from e
-    if not ds.classes:
+    if not ds.classes and not ds._numeric:
         for path in (p for ps in files.values() for p in ps if p != first):
             try:
                 found |= label_values(path, ds.label)
@@ -139,9 +139,11 @@ def infer(ds, root: Path) -> dict:
     root = Path(root)
     if not _has_data(root):
         synthetic_or_refuse(ds, root, None, "holds no CSV table")
+        if ds._numeric:  # a regressor's label is a number: no classes
+            return {"features": synthetic_features(ds)}
         return {"classes": synthetic_classes(ds), "features": synthetic_features(ds)}
     files = _files(root, [])
-    settings = {"label": ds.label, "features": ds.features, "classes": bool(ds.classes)}
+    settings = {"label": ds.label, "features": ds.features, "classes": bool(ds.classes) or ds._numeric}
     return cached_infer("csv_table", settings, root, [p for ps in files.values() for p in ps], [__file__],
                         lambda: _infer_table(ds, files))
 
@@ -168,7 +170,8 @@ def _read(ds, path: Path, features: list[str] | None, skipped: list[str], first:
     if not features:
         raise PassError(f"data: {path}:1: no feature columns (the header has only the label {ds.label!r}"
                         " and unnamed or index columns)")
-    return table.numbers(features).astype(np.float32), table.strings(ds.label), features
+    labels = table.numbers([ds.label])[:, 0] if ds._numeric else table.strings(ds.label)  # a regressor's: numbers
+    return table.numbers(features).astype(np.float32), labels, features
 
 
 def load(ds, root: Path) -> Loaded:
@@ -190,6 +193,8 @@ def load(ds, root: Path) -> Loaded:
         raise PassError(f"data: no readable training table under {root}"
                         + (f"; first skipped: {skipped[0]}" if skipped else ""))
     joined = {s: (np.concatenate([x for x, _ in ps]), [v for _, ls in ps for v in ls]) for s, ps in parts.items()}
+    if ds._numeric:
+        return _numeric_loaded(ds, root, joined, features, skipped)
     names = list(ds.classes) if ds.classes else sorted({v for _, ls in joined.values() for v in ls})
     arrays, unlisted, index = {}, 0, {n: i for i, n in enumerate(names)}
     for split, (x, labels) in joined.items():
@@ -209,6 +214,19 @@ def load(ds, root: Path) -> Loaded:
               "synthetic": read_marker(root) if root.is_dir() else None,
               "test_source": "test.csv" if "test" in arrays else "split of the table"}
     log.info("data: %d rows of %d features from %s", n, len(features), root)
+    return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"))
+
+
+def _numeric_loaded(ds, root: Path, joined: dict, features: list[str], skipped: list[str]) -> Loaded:
+    """A regressor's rows -> Loaded: the label column's numbers as float64 targets (no classes)."""
+    arrays = {s: (np.ascontiguousarray(x), np.asarray(v, np.float64)) for s, (x, v) in joined.items()}
+    n = sum(len(v[1]) for v in arrays.values())
+    report = {"source": str(root), "samples": n, "images": n, "skipped": len(skipped), "skipped_examples": skipped[:5],
+              "rows": {s: len(v[1]) for s, v in arrays.items()}, "features": features}
+    source = {"format": "csv_table", "num_classes": 1, "channels": 1, "classes": None, "target_column": ds.label,
+              "features": features, "synthetic": read_marker(root) if root.is_dir() else None,
+              "test_source": "test.csv" if "test" in arrays else "split of the table"}
+    log.info("data: %d rows of %d features and the numeric label %r from %s", n, len(features), ds.label, root)
     return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"))
 
 
@@ -253,6 +271,13 @@ def _means(k: int, rng: np.random.Generator) -> np.ndarray:
     return 3.0 * q.T
 
 
+def _value(x: np.ndarray) -> np.ndarray:
+    """A regressor's synthetic target: a smooth, partly nonlinear function of the informative
+    features (on a scale far from unit, as real labels are) plus a little noise of its own."""
+    noise = np.sin(x.sum(axis=1) * 7.0) * 0.1  # deterministic in the row
+    return 50.0 + 10.0 * (x[:, 0] - 0.5 * x[:, 1] + 0.3 * x[:, 2] ** 2 + np.tanh(x[:, 3]) + noise)
+
+
 def synthesize(ds, dest: Path) -> dict:
     """Write ``train.csv`` (per_class rows per class) and ``test.csv`` (test_per_class) at
     ``dest``: gaussian clusters, deterministic in the seed (same seed, same bytes)."""
@@ -268,8 +293,9 @@ def synthesize(ds, dest: Path) -> dict:
     def fill(tmp: Path) -> None:
         for split, count, stream in (("train", syn.per_class, 1), ("test", syn.test_per_class, 2)):
             x, y = _rows(means, count, np.random.default_rng([syn.seed, stream]), len(features))
+            labels = [f"{v:.5f}" for v in _value(x)] if ds._numeric else [names[c] for c in y]
             write_csv(tmp / f"{split}.csv", [*features, ds.label],
-                      [[*(f"{v:.5f}" for v in row), names[c]] for row, c in zip(x, y)])
+                      [[*(f"{v:.5f}" for v in row), lab] for row, lab in zip(x, labels)])
 
     out = write_tree(dest, marker, fill)
     log.info("data: synthesized a table of %d features, %d + %d rows per class at %s", len(features),
