@@ -1,0 +1,168 @@
+"""Regression: the manifest's regression section and what it refuses at load, csv_table's
+numeric label through the data stage (quantile strata, the training split's target statistics),
+standardized targets for fitting, the loss, and the host's scoring of a board's outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError as PydanticError
+
+from kiln.errors import PassError, ValidationError
+from kiln.schema import CsvTableDataset, Project, Requirements
+from kiln.tasks import regression as scoring
+from passes import data, tasks
+from passes.formats import csv_table
+from passes.tasks import regression
+
+APP = {
+    "name": "reg",
+    "requirements": {"mae": {"max": 10.0}},
+    "dataset": {"format": "csv_table", "path": "table.csv", "label": "y", "features": ["a", "b"]},
+    "architecture": {"family": "mlp", "widths": [8]},
+    "training": {"epochs": 1, "lr": 0.01},
+    "regression": {},
+    "targets": ["x86-host"],
+}
+
+
+def manifest(**changes) -> dict:
+    m = copy.deepcopy(APP)
+    for key, value in changes.items():
+        if value is None:
+            m.pop(key, None)
+        else:
+            m[key] = value
+    return m
+
+
+def test_a_regression_section_makes_a_one_output_regressor():
+    p = Project.model_validate(manifest())
+    assert p.objective == "regression" and p.task.name == "regression" and p.task.loss == "mse"
+    assert p.dataset.num_classes == 1 and tasks.of(p) is regression
+    assert Project.model_validate(manifest(regression={"loss": "mae"})).task.loss == "mae"
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"requirements": {"accuracy": {"min": 0.5}}}, "requirements.accuracy"),
+    ({"requirements": {"mae": {"max": 1}, "macro_f1": {"min": 0.5}}}, "requirements.macro_f1"),
+    ({"requirements": {"auc": {"min": 0.5}}}, "requirements.auc"),
+    ({"regression": None}, "requirements.mae"),  # a classifier asked for an MAE
+    ({"regression": None, "requirements": {"rmse": {"max": 2}}}, "requirements.rmse"),
+    ({"regression": {"loss": "huber"}}, "regression.loss"),
+    ({"requirements": {"mae": {"max": 0}}}, "requirements.mae.max"),
+    ({"architecture": {"family": "autoencoder", "widths": [8]}, "anomaly": {"normal": ["0"]},
+      "dataset": {"format": "synthetic", "classes": 2, "image_size": [1, 8]},
+      "requirements": {"auc": {"min": 0.5}}}, "regression:"),
+    ({"dataset": {"format": "digits"}}, "dataset.format: 'digits' has class labels only"),
+    ({"dataset": {**APP["dataset"], "classes": ["lo", "hi"]}}, "dataset.classes"),
+    ({"training": {"epochs": 1, "lr": 0.01, "class_weights": "balanced"}}, "training.class_weights"),
+])
+def test_a_wrong_field_is_refused_at_load_naming_it(changes, field):
+    with pytest.raises(PydanticError) as e:
+        Project.model_validate(manifest(**changes))
+    assert field in str(e.value)
+
+
+def _table(path, n: int = 200, seed: int = 0, bad: str | None = None):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    y = 300 + 40 * a - 25 * b + rng.normal(0, 2, n)
+    lines = ["a,b,y"] + [f"{u:.6f},{v:.6f},{t:.4f}" for u, v, t in zip(a, b, y)]
+    if bad is not None:
+        lines[5] = f"0.1,0.2,{bad}"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _dataset(path) -> CsvTableDataset:
+    ds = CsvTableDataset(format="csv_table", path=str(path), label="y", features=["a", "b"])
+    ds._numeric = True  # what the manifest's regression section does when it loads
+    return ds
+
+
+def _prepared(tmp_path):
+    ds = _dataset(_table(tmp_path / "t.csv"))
+    out = tmp_path / "data"
+    info = data.prepare(csv_table.load(ds, tmp_path / "t.csv"), out, ds.image_size, 0.2, 0.2, 0,
+                        front_end=data.front_end_of(ds))
+    return info, out
+
+
+def test_the_data_stage_splits_numeric_labels_across_their_range_and_records_the_train_stats(tmp_path):
+    info, out = _prepared(tmp_path)
+    counts = info["counts"]  # about 20 % each held out (the split draws whole groups: about, not exactly)
+    assert sum(counts.values()) == 200 and 25 <= counts["val"] <= 55 and 25 <= counts["test"] <= 55
+    assert info["class_counts"] is None
+    with np.load(out / "train.npz") as z:
+        ytr = z["y"]
+    assert ytr.dtype == np.float64
+    assert info["target"]["mean"] == pytest.approx(ytr.mean()) and info["target"]["std"] == pytest.approx(ytr.std())
+    labels = json.loads((out / "test_labels.json").read_text())
+    assert all(isinstance(v, float) for v in labels)
+    everything = np.concatenate([ytr, labels])
+    for split in ("val", "test"):  # quantile strata: each held-out split spans the label's range
+        with np.load(out / f"{split}.npz") as z:
+            y = z["y"]
+        assert y.min() < np.quantile(everything, 0.15) and y.max() > np.quantile(everything, 0.85)
+
+
+def test_a_label_that_is_not_a_number_is_refused_naming_file_line_and_column(tmp_path):
+    path = _table(tmp_path / "t.csv", bad="tall")
+    with pytest.raises(PassError, match=r"t\.csv:6: column 'y': 'tall' is not a number"):
+        csv_table.load(_dataset(path), path)
+
+
+def test_fitting_sees_standardized_targets_and_the_loss_is_the_manifests(tmp_path):
+    import torch
+
+    _, out = _prepared(tmp_path)
+    p = Project.model_validate(manifest())
+    _, z = regression.fit_split(p, out, "train")
+    assert z.dtype == np.float32 and abs(z.mean()) < 1e-5 and z.std() == pytest.approx(1.0, abs=1e-5)
+    assert isinstance(regression.loss_fn(regression.loss_weights(p, z)), torch.nn.MSELoss)
+    mae = Project.model_validate(manifest(regression={"loss": "mae"}))
+    fn = regression.loss_fn(regression.loss_weights(mae, z))
+    assert isinstance(fn, torch.nn.L1Loss)
+    out_ = torch.tensor([[1.0], [3.0]])
+    assert regression.loss(fn, out_, None, torch.tensor([0.0, 0.0])).item() == pytest.approx(2.0)
+
+
+def _runner(z) -> dict:
+    return {"outputs": [[float(v)] for v in z], "predictions": [0] * len(z)}
+
+
+def test_the_host_scores_the_boards_standardized_outputs_in_the_labels_units():
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    rng = np.random.default_rng(1)
+    y = rng.normal(150, 70, 60)
+    pred = y + rng.normal(0, 20, 60)
+    s = scoring.Scorer(mean=150.0, std=70.0)
+    z = (pred - 150.0) / 70.0
+    req = Requirements.model_validate({"mae": {"max": 20.0}, "rmse": {"max": 10.0}})
+    got, checks = s.quality(req, _runner(z), y, None)
+    assert got["mae"] == pytest.approx(mean_absolute_error(y, pred))
+    assert got["rmse"] == pytest.approx(mean_squared_error(y, pred) ** 0.5)
+    assert got["r2"] == pytest.approx(r2_score(y, pred))
+    assert checks == [("mae", got["mae"], 20.0, "<="), ("rmse", got["rmse"], 10.0, "<=")]
+    # another board: agreement with the reference board's outputs, within VALUE_ATOL stds
+    other = z.copy()
+    other[:6] += 0.05
+    got2, _ = s.quality(req, _runner(other), y, _runner(z)["outputs"])
+    assert got2["agreement_with_reference"] == pytest.approx(0.9)
+    assert got2["value_max_abs_diff"] == pytest.approx(0.05 * 70.0)
+
+
+def test_a_board_without_one_finite_output_per_sample_is_a_clear_error():
+    s = scoring.Scorer(mean=0.0, std=1.0)
+    req = Requirements.model_validate({"mae": {"max": 1.0}})
+    with pytest.raises(ValidationError, match="no 'outputs'"):
+        s.quality(req, {"predictions": [0, 0]}, np.zeros(2), None)
+    with pytest.raises(ValidationError, match=r"expected \(2, 1\)"):
+        s.quality(req, {"outputs": [[0.0, 1.0], [0.0, 1.0]], "predictions": [0, 0]}, np.zeros(2), None)
+    with pytest.raises(ValidationError, match="not finite"):
+        s.quality(req, _runner([0.0, float("nan")]), np.zeros(2), None)
