@@ -3,9 +3,9 @@ boards' test inputs. Formats are modules in passes/formats/, chosen by ``dataset
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,48 +16,18 @@ from kiln.registry import implementation
 from kiln.schema.datasets import raw_augmented
 from kiln.tasks.regression import target_stats
 from passes.formats import Loaded
+from passes.support import decode_cache, splits
 
 log = logging.getLogger("kiln.data")
 
 
-STRATA = 10  # a regressor's numeric labels are split as classes are, on this many quantile bins
-
-
-def _strata(y: np.ndarray) -> np.ndarray:
-    """The labels a split is stratified on: class labels as they are; numeric labels (a
-    regressor's) binned at their quantiles, so every split spans the label's range."""
-    if not np.issubdtype(y.dtype, np.floating) or not len(y):
-        return y
-    edges = np.unique(np.quantile(y, np.linspace(0, 1, STRATA + 1)[1:-1]))
-    return np.searchsorted(edges, y, side="right").astype(np.int64)
-
-
-def _stratified(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
-    """Split indices per class by ``fractions``; returns [rest, *parts]. Each class keeps >= 1 in rest."""
-    rng = np.random.default_rng(seed)
-    parts: list[list] = [[] for _ in range(len(fractions) + 1)]
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        counts = [int(round(len(idx) * f)) for f in fractions]
-        while sum(counts) >= len(idx) and any(counts):  # tiny classes: train must keep one
-            counts[int(np.argmax(counts))] -= 1
-        start = len(idx) - sum(counts)
-        parts[0].append(idx[:start])
-        for i, n in enumerate(counts):
-            parts[i + 1].append(idx[start:start + n])
-            start += n
-    return [np.sort(np.concatenate(p)) if p else np.empty(0, np.int64) for p in parts]
-
-
 def _write_npz(path: Path, **arrays) -> None:
-    """Like np.savez, but with fixed zip timestamps so the same data gives the same sha256."""
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-        for name, a in arrays.items():
-            with zf.open(zipfile.ZipInfo(f"{name}.npy", (1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
+    """An uncompressed .npz with fixed zip timestamps (the same data gives the same sha256),
+    each array written a chunk at a time (an array, a ``_Part`` or the decode cache's Rows)."""
+    splits.write_npz(path, {n: (a.shape, a.dtype, splits.in_chunks(a)) for n, a in arrays.items()})
 
 
-def _write_runner_inputs(path: Path, x: np.ndarray) -> None:
+def _write_runner_inputs(path: Path, x) -> None:
     """Raw little-endian float32 N x C x H x W in [0, 1]: what the C++ runner feeds a model
     without a front end."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -65,11 +35,13 @@ def _write_runner_inputs(path: Path, x: np.ndarray) -> None:
             f.write((x[i:i + 1024].transpose(0, 3, 1, 2).astype("<f4") / np.float32(255)).tobytes())
 
 
-def _write_raw_inputs(path: Path, x: np.ndarray) -> None:
+def _write_raw_inputs(path: Path, x) -> None:
     """The raw samples as the board gets them (int16 audio, uint8 pixels, float32 sensor values),
     little-endian, in the data set's layout: the library's front end computes the features."""
+    step = splits.chunk_rows(x.shape[1:], x.dtype)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<")).tobytes())
+        for i in range(0, len(x), step):
+            f.write(np.ascontiguousarray(x[i:i + step], dtype=np.dtype(x.dtype).newbyteorder("<")).tobytes())
 
 
 RAW_DTYPES = {"image": np.uint8, "audio": np.int16, "sequence": np.float32, "table": np.float32}
@@ -85,7 +57,8 @@ def _check_size(image_size) -> tuple[int, int]:
     return h, w
 
 
-SPLIT_VERSION = 2  # 2: whole groups (recording, speaker, track) per split, never single samples
+SPLIT_VERSION = 3  # 2: whole groups (recording, speaker, track) per split, never single samples;
+# 3: each group's split drawn by a seeded hash of its name (stable as files come and go)
 SPEAKER = re.compile(r"(?:^|/)([^/]+?)_nohash_[^/]*$")  # Speech Commands: <word>/<speaker>_nohash_<n>.wav
 
 
@@ -108,100 +81,142 @@ def group_ids(loaded: Loaded, split: str, rule: str) -> np.ndarray | None:
     return np.asarray([_group_of(rule, s) for s in sources], dtype=object)
 
 
-def _group_split(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int,
-                 what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(rest, part) indices: about ``fraction`` of the samples of each class in ``part``, whole
-    groups only.
+def _unit(seed: int, salt: int, names) -> np.ndarray:
+    """A number in [0, 1) per name, from a seeded hash of the name alone: a name draws the same
+    number whatever else the data set holds."""
+    out = np.empty(len(names), np.float64)
+    for i, n in enumerate(names):
+        d = hashlib.blake2b(f"{seed}\0{salt}\0{n}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(d, "little") / 2.0 ** 64
+    return out
 
-    With groups, a seeded greedy pass over the groups in random order: first one group for every
-    class that has one to spare, then any group that fills more of a class's shortfall than it
-    overshoots; a class's last group always stays in the rest (training). Kiln's own rather than
-    scikit-learn's StratifiedGroupKFold, whose folds of 1/k neither promise every class a group in
-    the held-out part nor keep a class's last group for training."""
+
+def _sample_keys(loaded: Loaded, split: str) -> list[str]:
+    """A name per sample that does not depend on the other samples: its source file and its
+    place among that file's samples (the sample's index where the format gives no sources)."""
+    sources = loaded.sources.get(split)
+    if sources is None:
+        return [str(i) for i in range(len(getattr(loaded, split)[1]))]
+    seen: dict[str, int] = {}
+    keys = []
+    for s in sources:
+        k = seen[s] = seen.get(s, -1) + 1
+        keys.append(f"{s}#{k}")
+    return keys
+
+
+def _assign(y: np.ndarray, groups: np.ndarray, bands: dict[int, tuple[float, float]], seed: int,
+            grouped: bool) -> np.ndarray:
+    """Each sample's split (0 train, 1 val, 2 test), whole groups only: a group goes to the
+    part whose band [lo, hi) holds its seeded hash (``_unit``), so about ``hi - lo`` of each
+    class's groups land there and a group's split depends on its name alone: adding, changing
+    or removing files moves no other group. Then, for small classes, whole groups move: a class
+    whose groups all drew a held-out part keeps the one nearest the training band for training,
+    and a held-out part without a group of a class takes one, of the smallest hash, from
+    training, else from the other held-out part, where that leaves every class the group holds
+    a group there. (Only in such a small class can a later file move an old group: the moves
+    depend on the class's other groups.) Kiln's own
+    rather than scikit-learn's StratifiedGroupKFold: its folds are a draw over the whole set,
+    so one added file moves other groups (and it promises no class a held-out group)."""
     uniq, inv = np.unique(groups.astype(str), return_inverse=True)
     classes = int(y.max()) + 1 if len(y) else 0
-    hist = np.zeros((len(uniq), classes), np.int64)  # samples of each class in each group
+    hist = np.zeros((len(uniq), classes), np.int32)  # samples of each class in each group
     np.add.at(hist, (inv, y), 1)
-    left = (hist > 0).sum(axis=0)  # groups of each class still in the rest
-    if not (left >= 2).any():
+    has = hist > 0
+    if grouped and not (has.sum(axis=0) >= 2).any():
         raise PassError(f"data: no class has samples in two groups ({len(uniq)} group(s): "
-                        f"{', '.join(map(repr, uniq[:3].tolist()))}{', ...' if len(uniq) > 3 else ''}), so no {what} "
+                        f"{', '.join(map(repr, uniq[:3].tolist()))}{', ...' if len(uniq) > 3 else ''}), so no held-out "
                         "split can be cut without sharing a group with training; add recordings, or ship the split "
                         "as folders (train/ val/ test/), or set dataset.split.group_by")
-    target = fraction * hist.sum(axis=0)
-    got = np.zeros(classes, np.int64)
-    taken = np.zeros(len(uniq), bool)
-    order = np.random.default_rng([seed, 7]).permutation(len(uniq))
-
-    def take(g: int) -> None:
-        nonlocal left, got
-        taken[g] = True
-        left = left - (hist[g] > 0)
-        got = got + hist[g]
-
-    def spare(g: int) -> bool:  # taking g leaves every class it holds a group in the rest
-        return not taken[g] and bool((left[hist[g] > 0] >= 2).all())
-
-    for c in np.random.default_rng([seed, 8]).permutation(classes):  # every class a group, where it can
-        if got[c] == 0:
-            options = [g for g in order if hist[g, c] and spare(g)]
-            if options:
-                take(min(options, key=lambda g: hist[g].sum()))
-    for g in order:  # then fill the shortfalls
-        if spare(g):
-            fill = np.minimum(hist[g], np.maximum(target - got, 0)).sum()
-            if fill > hist[g].sum() - fill:
-                take(g)
-    part = np.flatnonzero(taken[inv])
-    return np.flatnonzero(~taken[inv]), part
+    u = _unit(seed, 0, uniq.tolist())
+    part = np.zeros(len(uniq), np.int8)
+    for p, (lo, hi) in bands.items():
+        part[(u >= lo) & (u < hi)] = p
+    for c in range(classes):  # every class keeps a training group
+        mine = np.flatnonzero(has[:, c])
+        if len(mine) and not (part[mine] == 0).any():
+            part[mine[np.argmax(u[mine])]] = 0
+    for p in sorted(bands, reverse=True):  # test first, then val: every class a group where it can
+        for c in range(classes):
+            mine = np.flatnonzero(has[:, c])
+            if not len(mine) or (part[mine] == p).any():
+                continue
+            for donor in (0, *(q for q in bands if q != p)):  # training's groups first, then the other part's
+                held = (has & (part == donor)[:, None]).sum(axis=0)  # groups of each class in the donor
+                spare = [g for g in mine[np.argsort(u[mine])] if part[g] == donor and (held[has[g]] >= 2).all()]
+                if spare:
+                    part[spare[0]] = p
+                    break
+    return part[inv]
 
 
-def _take(xy, i: np.ndarray, groups: np.ndarray | None):
-    return (xy[0][i], xy[1][i]), (None if groups is None else groups[i])
+def _test_order(keys: list[str], idx: np.ndarray, seed: int) -> np.ndarray:
+    """The test split's samples in a seeded order that depends on each sample's name alone
+    (the boards may get only a prefix, validation.samples)."""
+    return idx[np.argsort(_unit(seed, 3, [keys[i] for i in idx]), kind="stable")]
+
+
+class _Part:
+    """One split's samples: rows ``idx`` of ``x`` (an array, or the decode cache's Rows: read
+    a chunk at a time when the split is written), their labels ``y``."""
+
+    def __init__(self, x, idx: np.ndarray | None, y: np.ndarray):
+        self.x, self.idx = x, (np.arange(len(y)) if idx is None else idx)
+        self.y = y if idx is None else y[idx]
+        self.shape = (len(self.idx), *x.shape[1:])
+        self.dtype = x.dtype
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, s) -> np.ndarray:
+        return np.asarray(self.x[self.idx[s]])
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
+
+
+STRATA = 10  # a regressor's numeric labels are split as classes are, on this many quantile bins
+
+
+def _strata(y: np.ndarray) -> np.ndarray:
+    """The labels a split is stratified on: class labels as they are; numeric labels (a
+    regressor's) binned at their quantiles, so every split spans the label's range."""
+    if not np.issubdtype(y.dtype, np.floating) or not len(y):
+        return y
+    edges = np.unique(np.quantile(y, np.linspace(0, 1, STRATA + 1)[1:-1]))
+    return np.searchsorted(edges, y, side="right").astype(np.int64)
 
 
 def _splits(loaded: Loaded, val: float, test: float, seed: int, rule: str) -> tuple[dict, dict]:
-    """train/val/test and each one's groups: a shipped test (validation) split stays the test
-    (validation) split; otherwise ``test`` (``val``) of the data is split off, whole groups only
-    (stratified, seeded; the test split shuffled: the boards may get only a prefix,
-    validation.samples)."""
-    rest, groups = loaded.train, group_ids(loaded, "train", rule)
-    if groups is None or len(set(groups)) == len(groups):  # every sample its own group: per class at once
-        return _sample_splits(loaded, val, test, seed), {
-            n: group_ids(loaded, n, rule) for n in ("train", "val", "test")}
-    out, out_groups = {}, {}
-    if loaded.test is not None:
-        out["test"], out_groups["test"] = loaded.test, group_ids(loaded, "test", rule)
-    else:
-        keep, part = _group_split(_strata(rest[1]), groups, test, seed, "test")
-        part = np.random.default_rng([seed, 3]).permutation(part)
-        out["test"], out_groups["test"] = _take(rest, part, groups)
-        rest, groups = _take(rest, keep, groups)
-    if loaded.val is not None:
-        out["val"], out_groups["val"] = loaded.val, group_ids(loaded, "val", rule)
-    else:  # val of the whole, taken from what is left
-        keep, part = _group_split(_strata(rest[1]), groups, val / (1 - (test if loaded.test is None else 0)), seed, "val")
-        out["val"], out_groups["val"] = _take(rest, part, groups)
-        rest, groups = _take(rest, keep, groups)
-    out["train"], out_groups["train"] = rest, groups
+    """train/val/test (``_Part``) and each one's groups: a shipped test (validation) split stays
+    the test (validation) split; otherwise ``test`` (``val``) of the data is split off, whole
+    groups only, by ``_assign`` (the test split in a seeded order)."""
     names = ("train", "val", "test")
-    return {n: out[n] for n in names}, {n: out_groups[n] for n in names}
-
-
-def _sample_splits(loaded: Loaded, val: float, test: float, seed: int) -> dict:
-    """train/val/test of samples that share no file: stratified per class, seeded."""
     x, y = loaded.train
-    fractions = (() if loaded.val is not None else (val,)) + (() if loaded.test is not None else (test,))
-    parts = _stratified(_strata(y), fractions, seed)
-    out = {"train": (x[parts[0]], y[parts[0]])}
-    rest = iter(parts[1:])
-    out["val"] = loaded.val if loaded.val is not None else (lambda i: (x[i], y[i]))(next(rest))
-    if loaded.test is not None:
-        out["test"] = loaded.test
-    else:
-        test_i = np.random.default_rng([seed, 3]).permutation(next(rest))
-        out["test"] = (x[test_i], y[test_i])
-    return {name: out[name] for name in ("train", "val", "test")}
+    groups = group_ids(loaded, "train", rule)
+    keys = _sample_keys(loaded, "train")
+    grouped = groups is not None and len(set(groups)) < len(groups)
+    bands, lo = {}, 0.0
+    if loaded.test is None:
+        bands[2], lo = (0.0, test), test
+    if loaded.val is None:
+        bands[1] = (lo, lo + val)
+    which = _assign(_strata(np.asarray(y)), np.asarray(keys, dtype=object) if groups is None else groups, bands, seed,
+                    grouped)
+    parts, out_groups = {}, {}
+    for n, p in (("train", 0), ("val", 1), ("test", 2)):
+        shipped = getattr(loaded, n) if n != "train" else None
+        if shipped is not None:
+            parts[n], out_groups[n] = _Part(shipped[0], None, np.asarray(shipped[1])), group_ids(loaded, n, rule)
+            continue
+        idx = np.flatnonzero(which == p)
+        if n == "test":
+            idx = _test_order(keys, idx, seed)
+        parts[n] = _Part(x, idx, np.asarray(y))
+        out_groups[n] = None if groups is None else groups[idx]
+    return {n: parts[n] for n in names}, {n: out_groups[n] for n in names}
 
 
 def _group_report(rule: str, groups: dict) -> dict:
@@ -286,15 +301,25 @@ def synthesize(project, layout) -> None:
 
 def run(project, layout) -> dict:
     """The data stage: load the manifest's data set with its format, split it and write the
-    stage's outputs to ``layout.data``."""
+    stage's outputs to ``layout.data``. The formats that read a file per sample decode through
+    the decode cache (``layout.data/cache``, passes/support/decode_cache.py) on
+    ``dataset.workers`` processes: a rerun decodes only the files added or changed."""
     ds = project.dataset
     fmt = implementation(ds)
     root, _ = fmt.locate(ds, layout)
     size = _check_size(ds.image_size)
     raw_train = _raw_train_extras(ds, root) if raw_augmented(ds) else None
-    return prepare(fmt.load(ds, root), layout.data, size, ds.split.val, ds.split.test, ds.split.seed,
-                   params={"dataset_root": str(root)}, front_end=front_end_of(ds), group_by=ds.split.group_by,
-                   raw_train=raw_train)
+    with decode_cache.active(Path(layout.data) / CACHE_DIR, ds.workers) as stats:
+        loaded = fmt.load(ds, root)
+        loaded.report = {**loaded.report, "decode": stats.as_dict()}
+        log.info("data: %d file(s) decoded on %d worker(s), %d from the cache (%.1f s)", stats.decoded,
+                 stats.workers, stats.cached, stats.seconds)
+        return prepare(loaded, layout.data, size, ds.split.val, ds.split.test, ds.split.seed,
+                       params={"dataset_root": str(root)}, front_end=front_end_of(ds), group_by=ds.split.group_by,
+                       raw_train=raw_train)
+
+
+CACHE_DIR = "cache"  # under build/<app>/data: the decode cache
 
 
 NOISE_FOLDER = "_background_noise_"  # Speech Commands' folder of long noise recordings
@@ -335,32 +360,42 @@ def front_end_of(ds) -> dict | None:
             "sample_rate": getattr(ds, "sample_rate", None)}
 
 
-def _apply_front_end(front_end: dict, splits: dict, out_dir: Path) -> tuple[dict, dict]:
-    """Fit the front end on the training split, compute every split's features with it (the
-    same graph the library runs) and keep the raw samples the boards and the export's parity
-    check need. Returns (splits of features, front_end.json's contents)."""
+def _apply_front_end(front_end: dict, parts: dict, out_dir: Path) -> tuple[dict, dict]:
+    """Fit the front end on the training split and write every split's features with it (the
+    same graph the library runs, a chunk at a time) and the raw samples the boards and the
+    export's parity check need. Returns (the features' split files' writers, front_end.json)."""
     from passes import frontends
 
     fe, layout, sr = front_end["settings"], front_end["layout"], front_end["sample_rate"]
     raw_dtype = np.dtype(RAW_DTYPES[layout])
-    for name, (x, _) in splits.items():
-        if x.dtype != raw_dtype or tuple(x.shape[1:]) != tuple(front_end["raw_shape"]):
-            raise PassError(f"data: the {name} split's raw samples are {x.dtype} {tuple(x.shape[1:])}, "
+    for name, part in parts.items():
+        if part.dtype != raw_dtype or tuple(part.shape[1:]) != tuple(front_end["raw_shape"]):
+            raise PassError(f"data: the {name} split's raw samples are {part.dtype} {tuple(part.shape[1:])}, "
                             f"expected {raw_dtype} {tuple(front_end['raw_shape'])} (a bug in the format)")
-    impl = implementation(fe)
-    stats = impl.fit(fe, layout, splits["train"][0])
-    out = {}
-    for name, (x, y) in splits.items():
-        log.info("data: %s front end on the %s split (%d samples)", fe.kind, name, len(y))
-        out[name] = (frontends.features(fe, layout, x, stats, sr), y)
-    _write_npz(out_dir / Layout.RAW_NPZ, val=splits["val"][0], test=splits["test"][0])
+    _write_npz(out_dir / Layout.RAW_NPZ, val=parts["val"], test=parts["test"])
+    train = parts["train"]
     if front_end.get("raw_train") is not None:  # training augments raw samples, then runs the front end
-        _write_npz(Layout.split_file(out_dir, Layout.RAW_TRAIN), x=splits["train"][0], y=splits["train"][1],
-                   **front_end["raw_train"])
+        path = Layout.split_file(out_dir, Layout.RAW_TRAIN)
+        _write_npz(path, x=train, y=train.y, **{k: np.asarray(v) for k, v in front_end["raw_train"].items()})
+        train = splits.memmap_member(path, "x")  # the fit reads it from there
+    impl = implementation(fe)
+    stats = impl.fit(fe, layout, train)
+    raw_shape = tuple(front_end["raw_shape"])
+    c, h, w = fe.output_shape(layout, raw_shape, sr)
+    writers = {}
+    for name, part in parts.items():
+        log.info("data: %s front end on the %s split (%d samples)", fe.kind, name, len(part))
+        step = splits.chunk_rows(raw_shape, np.float32)
+
+        def chunks(part=part, step=step):
+            for i in range(0, len(part), step):
+                yield frontends.features(fe, layout, part[i:i + step], stats, sr)
+
+        writers[name] = ((len(part), h, w, c), np.float32, chunks)
     info = {"kind": fe.kind, "settings": fe.model_dump(), "layout": layout, "raw_shape": front_end["raw_shape"],
             "raw_dtype": raw_dtype.name, "sample_rate": sr, "stats": stats,
-            "output_shape": list(fe.output_shape(layout, tuple(front_end["raw_shape"]), sr))}
-    return out, info
+            "output_shape": list(fe.output_shape(layout, raw_shape, sr))}
+    return writers, info
 
 
 def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, seed: int,
@@ -368,10 +403,13 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
             raw_train: dict | None = None) -> dict:
     """Split what a format loaded and write the data stage's outputs to ``out_dir``.
 
-    A shipped test split (GTSRB's labelled Final_Test) is the test split; otherwise ``test`` of
-    the data is. ``val`` of the rest (stratified, seeded) is the validation split. Returns what
-    it writes to ``out_dir/data.json``. With ``raw_train`` (a front end, and training augments raw
-    samples) the raw training split is kept too, in raw_train.npz with ``raw_train``'s arrays.
+    A shipped test split (GTSRB's labelled Final_Test) is the test split; otherwise about
+    ``test`` of the data is; about ``val`` of the data is the validation split (whole groups,
+    each drawn by a seeded hash of its name: ``_assign``). Returns what it writes to
+    ``out_dir/data.json``. With ``raw_train`` (a front end, and training augments raw samples)
+    the raw training split is kept too, in raw_train.npz with ``raw_train``'s arrays. Every
+    array is written a chunk at a time (passes/support/splits.py): the samples are never all in
+    memory when the format loaded them through the decode cache.
     """
     out_dir = Path(out_dir)
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
@@ -381,23 +419,29 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
     if rule == "none" and any(len(set(v)) < len(v) for v in loaded.sources.values()):
         log.warning("data: dataset.split.group_by is none: samples cut from one file may land in train and test "
                     "alike, and the test accuracy then overstates what the board will see")
-    splits, groups = _splits(loaded, val, test, seed, rule)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts, groups = _splits(loaded, val, test, seed, rule)
+    labels = {n: (None, p.y) for n, p in parts.items()}
     report, source = loaded.report, loaded.source
-    numeric = np.issubdtype(splits["train"][1].dtype, np.floating)  # a regressor's label is a number
+    numeric = np.issubdtype(parts["train"].y.dtype, np.floating)  # a regressor's label is a number
+    classes = [str(c) for c in source.get("classes") or range(source["num_classes"])]
     if not numeric:
-        _check_class_coverage(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
-        report_class_counts(splits, [str(c) for c in source.get("classes") or range(source["num_classes"])])
-    raw_test = splits["test"][0]
+        _check_class_coverage(labels, classes)
+        report_class_counts(labels, classes)
+    raw_test = parts["test"]
     keep_raw = front_end is not None and raw_train is not None
     files = [f for f in Layout.data_files(front_end is not None, keep_raw) if f != Layout.DATA_JSON]  # data.json: last
     fe_info = None
     if front_end is not None:
-        splits, fe_info = _apply_front_end({**front_end, "raw_train": raw_train}, splits, out_dir)
+        writers, fe_info = _apply_front_end({**front_end, "raw_train": raw_train}, parts, out_dir)
         write_json(out_dir / Layout.FRONT_END_JSON, fe_info)
-    for name, (x, y) in splits.items():
-        log.info("data: writing %s split: %d samples", name, len(y))
-        _write_npz(Layout.split_file(out_dir, name), x=x, y=y)
-    y = splits["test"][1]
+    else:
+        writers = {n: (p.shape, p.dtype, splits.in_chunks(p)) for n, p in parts.items()}
+    for name, part in parts.items():
+        log.info("data: writing %s split: %d samples", name, len(part))
+        splits.write_npz(Layout.split_file(out_dir, name), {"x": writers[name], "y": (
+            part.y.shape, np.float64 if numeric else np.int64, splits.in_chunks(part.y))})
+    y = parts["test"].y
     if not len(y):
         log.warning("data: the test split is empty (test=%s and no labelled test set)", test)
     if fe_info is None:
@@ -413,10 +457,10 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
     k = source["num_classes"]
     info = {
         "pass": "data", **source, "image_size": list(size),
-        "counts": {n: len(v[1]) for n, v in splits.items()},
-        "class_counts": None if numeric else {n: np.bincount(v[1], minlength=k).tolist() for n, v in splits.items()},
+        "counts": {n: len(p) for n, p in parts.items()},
+        "class_counts": None if numeric else {n: np.bincount(p.y, minlength=k).tolist() for n, p in parts.items()},
         # a regressor's targets are standardized by the training split's statistics (kiln/tasks/regression.py)
-        **({"target": target_stats(splits["train"][1])} if numeric else {}),
+        **({"target": target_stats(parts["train"].y)} if numeric else {}),
         "test_inputs": test_inputs, "front_end": fe_info, "groups": _group_report(rule, groups),
         "load": report,
         "files": {f: sha256_file(out_dir / f) for f in files},

@@ -177,6 +177,8 @@ class _DatasetBase(Strict):
         default_factory=dict, validate_default=True, description="online augmentation of the training samples, "
         "by the format's layout: images rotate_deg/brightness/contrast/blur, audio time_shift_ms/noise/gain_db, "
         "sensor windows jitter/scale/time_warp, tables none")
+    workers: int | None = Field(None, ge=1, le=1024, description="processes that decode the data set's files in the "
+                                "data stage (formats that read a file per sample); unset: every core")
 
     @field_validator("augment", mode="before")
     @classmethod

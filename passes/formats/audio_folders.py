@@ -25,6 +25,7 @@ from passes.formats.support.folders import Unreadable
 EXTS = (".wav",)
 WHAT = "WAV clips"
 GENERATOR_VERSION = 1  # bump whenever the synthesis changes, so cached trees are regenerated
+DECODER_VERSION = 1  # bump whenever decoding changes, so the data stage's decode cache is not used
 
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 # ten tone frequencies, evenly spaced in mel from 300 to 3500 Hz: a keyword is a sequence of them
@@ -46,7 +47,8 @@ def load(ds, root: Path) -> Loaded:
     def read(path: Path) -> np.ndarray:
         return fit_length(read_wav(path, ds.sample_rate), length)
 
-    return folders.load_tree(ds, root, EXTS, read, np.int16, "audio_folders", group_by="speaker")
+    return folders.load_tree(ds, root, EXTS, read, np.int16, "audio_folders", group_by="speaker",
+                             settings={"sample_rate": ds.sample_rate, "length": length, "decoder": DECODER_VERSION})
 
 
 def read_wav(path: Path, sample_rate: int) -> np.ndarray:

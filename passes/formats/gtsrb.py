@@ -20,6 +20,7 @@ from kiln.errors import PassError
 from passes.formats import Loaded, synthetic_or_refuse
 from passes.formats.support.folders import Unreadable
 from passes.formats.image_folders import open_image
+from passes.support import decode_cache
 from passes.formats.support.gtsrb_synth import CSV_COLUMNS, MARKER, NUM_CLASSES, TEST_CSV, synthesize_gtsrb
 
 log = logging.getLogger("kiln.data")
@@ -110,23 +111,27 @@ def _load_image(path: Path, roi, size_hw) -> np.ndarray:
     return np.asarray(im, np.uint8)
 
 
+DECODER_VERSION = 1  # bump whenever _load_image changes, so the data stage's decode cache is not used
+
+
+def _reason(e: Exception) -> str:
+    # open_image wraps what Pillow raises (a missing file: FileNotFoundError) in Unreadable
+    if isinstance(e.__cause__, FileNotFoundError):
+        return "missing"
+    return str(e) if isinstance(e, Unreadable) else f"{type(e).__name__}: {e}"
+
+
 def _load_rows(rows, size_hw, root: Path, skipped: list, kept: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    x = np.empty((len(rows), *size_hw, 3), np.uint8)
-    y = np.empty(len(rows), np.int64)
-    n = 0
-    for path, roi, cid in rows:
-        try:
-            x[n] = _load_image(path, roi, size_hw)
-        except (Unreadable, ValueError) as e:
-            # open_image wraps what Pillow raises (a missing file: FileNotFoundError) in Unreadable
-            missing = isinstance(e.__cause__, FileNotFoundError)
-            reason = "missing" if missing else str(e) if isinstance(e, Unreadable) else f"{type(e).__name__}: {e}"
-            skipped.append({"path": path.relative_to(root).as_posix(), "reason": reason})
-            continue
-        y[n] = cid
-        n += 1
-        kept.append(path.relative_to(root).as_posix())
-    return x[:n].copy(), y[:n].copy()  # copy: don't keep the over-allocated buffer alive
+    """The images of ``rows`` (through the data stage's decode cache, keyed by each file's bytes
+    and its ROI, when one is open), their class ids; unreadable ones go to ``skipped``."""
+    paths = [p for p, _, _ in rows]
+    x, ok, errors = decode_cache.decode(
+        paths, lambda p, roi: _load_image(p, roi, size_hw), (*size_hw, 3), np.uint8,
+        {"format": "gtsrb", "size": list(size_hw), "decoder": DECODER_VERSION},
+        extras=[tuple(roi) for _, roi, _ in rows], catch=(Unreadable, ValueError), reason=_reason)
+    skipped += [{"path": paths[i].relative_to(root).as_posix(), "reason": r} for i, r in sorted(errors.items())]
+    kept += [p.relative_to(root).as_posix() for p, good in zip(paths, ok) if good]
+    return x, np.asarray([cid for (_, _, cid), good in zip(rows, ok) if good], np.int64)
 
 
 def _test_csv(root: Path) -> Path | None:

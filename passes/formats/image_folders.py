@@ -26,6 +26,7 @@ from passes.formats.support.folders import Unreadable
 EXTS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp")
 WHAT = "images"
 GENERATOR_VERSION = 1  # bump whenever the drawing changes, so cached trees are regenerated
+DECODER_VERSION = 1  # bump whenever decoding changes, so the data stage's decode cache is not used
 SIDE = 32  # synthetic images are drawn at 4x this and downscaled (anti-aliased edges)
 
 # synthetic classes: shape k in colour k (k < 10); beyond ten, every shape in every colour
@@ -50,7 +51,8 @@ def load(ds, root: Path) -> Loaded:
     def read(path: Path) -> np.ndarray:
         return read_image(path, mode, (h, w))
 
-    return folders.load_tree(ds, root, EXTS, read, np.uint8, "image_folders")
+    return folders.load_tree(ds, root, EXTS, read, np.uint8, "image_folders",
+                             settings={"mode": mode, "size": [h, w], "decoder": DECODER_VERSION})
 
 
 def read_image(path: Path, mode: str, size_hw: tuple[int, int]) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from kiln.errors import PassError, ValidationError
 from kiln.tasks.anomaly_detection import auc, normal_indices, normal_mask  # noqa: F401  (shared with the board's scoring)
 from passes.support.common import load_split, to_tensor
+from passes.support.splits import open_split
 
 VAL_METRIC, VAL_SIGN = "val_mse", -1.0  # the MSE of the normal val samples: lower is better
 SCORE_HEAD = True  # the library ends in the anomaly score
@@ -48,13 +49,14 @@ def loss(fn, out, x, y):
 def fit_split(project, data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The samples of ``split`` a stage fits on: only the normal classes' (the net must learn
     what normal looks like and nothing else). A split with no normal sample is a PassError
-    naming it."""
-    x, y = load_split(data_dir, split)
+    naming it. x is memory-mapped (copy-on-write) when every sample is normal, else the normal
+    ones are read into memory."""
+    x, y = open_split(data_dir, split, mode="c")
     keep = normal_mask(y, normal_indices(project))
     if not keep.any():
         raise PassError(f"{Path(data_dir) / (split + '.npz')}: the {split} split holds no sample of the normal classes "
                         f"(anomaly.normal: {', '.join(project.anomaly.normal)})")
-    return x[keep], y[keep]
+    return (x, y) if keep.all() else (x[keep], y[keep])
 
 
 def scores(model, x: np.ndarray, batch: int = 512) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 from kiln.schema.datasets import dataset_class_names
 from kiln.tasks.classification import loss_weights as _resolve, per_class
 from passes.support.common import accuracy, load_split
+from passes.support.splits import open_split
 
 VAL_METRIC, VAL_SIGN = "val_accuracy", 1.0
 SCORE_HEAD = False
@@ -51,8 +52,9 @@ def validation(model, x, y) -> float:
 
 
 def fit_split(project, data_dir: Path, split: str):
-    """Every sample of ``split``."""
-    return load_split(data_dir, split)
+    """Every sample of ``split``, x memory-mapped (copy-on-write: an in-place change stays in
+    this process; passes/support/splits.py)."""
+    return open_split(data_dir, split, mode="c")
 
 
 @dataclass(frozen=True)

@@ -185,8 +185,11 @@ def test_missing_final_training_says_what_layout_was_expected(tmp_path):
 def test_prepare_uses_final_test_and_a_stratified_val(synth, tmp_path):
     out = tmp_path / "out"
     info = prepare(synth, out, (12, 10), val=0.2, test=0.3, seed=0)
-    assert info["counts"] == {"train": 344, "val": 86, "test": 86}
-    assert info["class_counts"]["val"] == [2] * 43 and info["class_counts"]["train"] == [8] * 43
+    # val: each file by a seeded hash of its name (stable as files come and go, passes/data.py
+    # _assign), about 0.2 of each class and never a class without a sample in train or val
+    assert info["counts"]["test"] == 86 and info["counts"]["train"] + info["counts"]["val"] == 430
+    assert 0.15 < info["counts"]["val"] / 430 < 0.25
+    assert min(info["class_counts"]["val"]) >= 1 and min(info["class_counts"]["train"]) >= 1
     assert info["test_source"] == "Final_Test" and info["synthetic"]["per_class"] == 10
     assert json.loads((out / "data.json").read_text()) == info
     for name, digest in info["files"].items():
@@ -217,9 +220,10 @@ def test_prepare_splits_test_off_training_without_final_test(tmp_path):
     gtsrb.synthesize_gtsrb(root, per_class=10, test_per_class=0, seed=1)
     info = prepare(root, tmp_path / "out", (8, 8), val=0.1, test=0.2, seed=0)
     assert info["test_source"] == "split of Final_Training"
-    assert info["counts"] == {"train": 301, "val": 43, "test": 86}
-    assert info["class_counts"]["test"] == [2] * 43 and info["class_counts"]["val"] == [1] * 43
-    assert (tmp_path / "out" / "test_inputs.bin").stat().st_size == 86 * 3 * 8 * 8 * 4
+    assert sum(info["counts"].values()) == 430 and 0.15 < info["counts"]["test"] / 430 < 0.25
+    assert min(info["class_counts"]["test"]) >= 1 and min(info["class_counts"]["val"]) >= 1
+    n = info["counts"]["test"]
+    assert (tmp_path / "out" / "test_inputs.bin").stat().st_size == n * 3 * 8 * 8 * 4
 
 
 def test_prepare_rejects_bad_fractions(synth, tmp_path):

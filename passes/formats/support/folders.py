@@ -25,6 +25,7 @@ import numpy as np
 from kiln.artifacts import ROOT, read_json
 from kiln.errors import ManifestError, PassError
 from passes.formats import MARKER, Loaded, synthetic_or_refuse, write_tree  # noqa: F401 (write_tree: the formats' writer)
+from passes.support import decode_cache
 
 log = logging.getLogger("kiln.data")
 
@@ -185,24 +186,20 @@ def scan(root: Path, listed: list[str] | None, exts: tuple[str, ...]) -> Scan:
 
 
 def load_files(files: list[tuple[Path, int]], read: Callable[[Path], np.ndarray], shape: tuple[int, ...],
-               dtype, skipped: list[str], kept: list[Path] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               dtype, skipped: list[str], kept: list[Path] | None = None,
+               settings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read each file with ``read`` (which raises ``Unreadable`` with the reason) into one
     (N, *shape) array and int64 labels; unreadable files go to ``skipped``, the files read (in
-    sample order) to ``kept``."""
-    x = np.empty((len(files), *shape), dtype)
-    y = np.empty(len(files), np.int64)
-    n = 0
-    for path, label in files:
-        try:
-            x[n] = read(path)
-        except Unreadable as e:
-            skipped.append(f"{path}: {e}")
-            continue
-        y[n] = label
-        n += 1
-        if kept is not None:
-            kept.append(path)
-    return x[:n].copy(), y[:n].copy()  # copy: don't keep the over-allocated buffer alive
+    sample order) to ``kept``. Through the decode cache (passes/support/decode_cache.py, when
+    the data stage has one open; ``settings``: all that decides a decoded sample besides the
+    file's bytes) the samples are the cache's Rows, decoded on every core."""
+    paths = [p for p, _ in files]
+    x, ok, errors = decode_cache.decode(paths, read, shape, dtype, settings or {"read": repr(read)},
+                                        catch=(Unreadable,))
+    skipped += [f"{paths[i]}: {e}" for i, e in sorted(errors.items())]
+    if kept is not None:
+        kept += [p for p, good in zip(paths, ok) if good]
+    return x, np.asarray([label for (_, label), good in zip(files, ok) if good], np.int64)
 
 
 class Unreadable(Exception):
@@ -220,17 +217,18 @@ def check_classes(scan_: Scan, y: np.ndarray, split: str) -> None:
 
 
 def load_tree(ds, root: Path, exts: tuple[str, ...], read: Callable[[Path], np.ndarray], dtype,
-              fmt: str, group_by: str = "file") -> Loaded:
+              fmt: str, group_by: str = "file", settings: dict | None = None) -> Loaded:
     """Scan and read a class-folder tree into a ``Loaded``: per split (N, *ds.raw_shape()) of
     ``dtype`` and int64 labels in class order, and each sample's file (``group_by``: the
-    format's default grouping of them); what was skipped is logged and reported."""
+    format's default grouping of them); what was skipped is logged and reported. ``settings``:
+    what decides a decoded sample besides its file (the decode cache's key)."""
     root = Path(root)
     sc = scan(root, ds.classes, exts)
     shape = tuple(ds.raw_shape())
     arrays, sources = {}, {}
     for split, files in sc.splits.items():
         kept: list[Path] = []
-        arrays[split] = load_files(files, read, shape, dtype, sc.skipped, kept)
+        arrays[split] = load_files(files, read, shape, dtype, sc.skipped, kept, {"format": fmt, **(settings or {})})
         sources[split] = [p.relative_to(root).as_posix() for p in kept]
         check_classes(sc, arrays[split][1], split)
         if split != "train" and not len(arrays[split][1]):

@@ -1,0 +1,366 @@
+"""Decoded samples cached per source file by content, decoded on every core.
+
+The data stage (passes/data.py ``run``) opens a cache with ``active(folder, workers)``; inside
+it a format's loader hands its files to ``decode``, which returns their decoded samples. A
+sample's key is the sha256 of its file's bytes, the loader's decode ``settings`` (image size,
+colour, sample rate, a decoder version) and the sample's own ``extra`` (GTSRB's ROI): a file
+that is added or changed is decoded again, every other one is read from the cache, and a
+removed one only leaves an entry that is dropped when its pack is compacted.
+
+Storage (``<folder>/<settings hash>/``): packs of decoded rows (``pack-*.npy``, one per chunk
+of decoded files, written by the worker that decoded them) and ``index.sqlite``: key -> (pack,
+row) or the reason the file could not be read (so an unreadable file is not retried until it
+changes), and path -> (size, mtime_ns, inode, sha256) so that an unchanged file is not hashed
+again (git's index does the same; a rewrite within the same nanosecond mtime and size would
+be missed). sqlite (stdlib) rather than a JSON index: lookups of 50,000+ keys and updates
+that commit atomically.
+
+Outside ``active`` (a format loaded directly, as tests do), ``decode`` reads every file in
+this process into one array, as the loaders always did. Inside it the samples come back as
+``Rows``: an array-like over the packs that reads only the rows asked for (memory-mapped, one
+chunk at a time), so the data stage's memory does not grow with the data set.
+
+Workers are forked processes (``multiprocessing``'s fork context): the loaders' read
+functions are closures, which fork inherits and a spawned process could not unpickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import multiprocessing
+import os
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from kiln.artifacts import atomic_path, sha256_json
+from kiln.errors import PassError
+
+log = logging.getLogger("kiln.data")
+
+CACHE_VERSION = 1  # bump when the storage changes: a new folder, old ones left to compaction
+CHUNK = 256  # files a worker decodes into one pack
+
+
+@dataclass
+class Stats:
+    """What one data stage run did: files decoded, read from the cache, hashed."""
+
+    decoded: int = 0
+    cached: int = 0
+    hashed: int = 0
+    workers: int = 1
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"decoded": self.decoded, "cached": self.cached, "hashed": self.hashed, "workers": self.workers,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class _Active:
+    folder: Path
+    workers: int
+    stats: Stats = field(default_factory=Stats)
+    live: dict[str, set[str]] = field(default_factory=dict)  # settings hash -> keys used this run
+
+
+_ACTIVE: _Active | None = None
+
+
+def default_workers() -> int:
+    """Every core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def active(folder: str | os.PathLike, workers: int | None = None) -> Iterator[Stats]:
+    """Inside: ``decode`` caches under ``folder`` and decodes on ``workers`` processes (None:
+    every core). On a clean exit, packs no sample of this run uses are compacted away."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise RuntimeError("decode_cache.active is not reentrant")
+    ctx = _Active(Path(folder), int(workers or default_workers()))
+    ctx.stats.workers = ctx.workers
+    ctx.folder.mkdir(parents=True, exist_ok=True)
+    _ACTIVE = ctx
+    try:
+        yield ctx.stats
+        for settings_hash, keys in ctx.live.items():
+            _Store(ctx.folder / settings_hash).compact(keys)
+    finally:
+        _ACTIVE = None
+
+
+class Rows:
+    """The decoded samples of one ``decode`` call, in order, backed by the cache's packs.
+    Array-like enough for the data stage: ``len``, ``shape``, ``dtype``, and ``rows[i]`` with an
+    integer array or a slice gives an ndarray (read from the packs memory-mapped, then
+    unmapped: only what is asked for is resident)."""
+
+    def __init__(self, folder: Path, packs: list[str], pack: np.ndarray, row: np.ndarray, shape, dtype):
+        self.folder, self.packs, self.pack, self.row = folder, packs, pack, row
+        self.shape = (len(pack), *shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        idx = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        packs, rows = self.pack[idx], self.row[idx]
+        for p in np.unique(packs):
+            at = np.flatnonzero(packs == p)
+            arr = np.load(self.folder / self.packs[p], mmap_mode="r")
+            try:
+                out[at] = arr[rows[at]]
+            finally:
+                del arr  # unmapped: the pages read are not kept resident
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[slice(None)]
+        return a if dtype is None else a.astype(dtype)
+
+
+class _Store:
+    """One settings hash's folder: packs and the index."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(folder / "index.sqlite", timeout=60)
+        self.db.executescript(
+            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime INT, ino INT, sha TEXT);"
+            "CREATE TABLE IF NOT EXISTS samples (key TEXT PRIMARY KEY, pack TEXT, row INT, error TEXT);")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def shas(self) -> dict[str, tuple[int, int, int, str]]:
+        return {p: (s, m, i, h) for p, s, m, i, h in self.db.execute("SELECT path, size, mtime, ino, sha FROM files")}
+
+    def samples(self) -> dict[str, tuple[str | None, int | None, str | None]]:
+        return {k: (p, r, e) for k, p, r, e in self.db.execute("SELECT key, pack, row, error FROM samples")}
+
+    def record(self, files: list[tuple], samples: list[tuple]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", files)
+            self.db.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?)", samples)
+
+    def compact(self, live: set[str]) -> None:
+        """Drop the entries no sample of this run used; a pack left without a used row is
+        deleted, and when half the stored rows are unused the used ones are copied into one
+        new pack (so a data set that keeps changing does not grow the cache without bound)."""
+        rows = self.samples()
+        dead = [k for k in rows if k not in live]
+        if not dead:
+            self.close()
+            return
+        used: dict[str, list[tuple[str, int]]] = {}
+        for k in live:
+            if k in rows and rows[k][0] is not None:
+                used.setdefault(rows[k][0], []).append((k, rows[k][1]))
+        stored = sum(1 for p, _, _ in rows.values() if p is not None)
+        in_use = sum(len(v) for v in used.values())
+        moves: list[tuple] = []
+        if stored and in_use * 2 < stored and in_use:
+            name = f"pack-{uuid.uuid4().hex}.npy"
+            first = np.load(self.folder / next(iter(used)), mmap_mode="r")
+            out = np.lib.format.open_memmap(self.folder / f".{name}.tmp", "w+", first.dtype, (in_use, *first.shape[1:]))
+            del first
+            n = 0
+            for pack, entries in used.items():
+                arr = np.load(self.folder / pack, mmap_mode="r")
+                for k, r in entries:
+                    out[n] = arr[r]
+                    moves.append((name, n, k))
+                    n += 1
+                del arr
+            out.flush()
+            del out
+            os.replace(self.folder / f".{name}.tmp", self.folder / name)
+        with self.db:
+            self.db.executemany("DELETE FROM samples WHERE key = ?", [(k,) for k in dead])
+            self.db.executemany("UPDATE samples SET pack = ?, row = ? WHERE key = ?", moves)
+        keep = {r[0] for r in self.db.execute("SELECT DISTINCT pack FROM samples WHERE pack IS NOT NULL")}
+        self.close()
+        for p in self.folder.glob("pack-*.npy"):
+            if p.name not in keep:
+                p.unlink()
+        log.info("data: decode cache: dropped %d unused entr%s%s", len(dead), "y" if len(dead) == 1 else "ies",
+                 f", compacted {in_use} rows into one pack" if moves else "")
+
+
+def _key(sha: str, extra: Any) -> str:
+    return hashlib.sha256(f"{sha}\0{extra!r}".encode()).hexdigest()
+
+
+def _sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# what forked workers inherit: (read, shape, dtype, catch, reason, store folder, known keys)
+_JOB: tuple | None = None
+
+
+def _decode_one(path: str, extra: Any, read: Callable, catch: tuple, reason: Callable):
+    """(sample, None) or (None, the reason it is unreadable)."""
+    try:
+        return (read(Path(path)) if extra is None else read(Path(path), extra)), None
+    except catch as e:
+        return None, reason(e)
+
+
+def _work(chunk: list[tuple[int, str, Any]]) -> list[tuple]:
+    """Hash and decode ``chunk`` [(i, path, extra)] into one pack; -> [(i, sha, key, pack, row,
+    error, decoded)]. A file whose content turns out to be cached (touched, not changed) is
+    not decoded."""
+    read, shape, dtype, catch, reason, folder, known = _JOB
+    out, rows = [], []
+    for i, path, extra in chunk:
+        sha = _sha(path)
+        key = _key(sha, extra)
+        if key in known:
+            out.append((i, sha, key, None, None, None, False))
+            continue
+        x, err = _decode_one(path, extra, read, catch, reason)
+        if err is None:
+            rows.append(x)
+        out.append((i, sha, key, None, len(rows) - 1 if err is None else None, err, True))
+    if rows:
+        name = f"pack-{uuid.uuid4().hex}.npy"
+        with atomic_path(folder / name) as tmp, open(tmp, "wb") as f:
+            np.lib.format.write_array(f, np.stack(rows).astype(dtype, copy=False).reshape(len(rows), *shape))
+        out = [(i, sha, key, name if row is not None else None, row, err, d) for i, sha, key, _, row, err, d in out]
+    return out
+
+
+def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int, ...], dtype,
+           settings: dict, extras: Sequence[Any] | None = None, catch: tuple = (Exception,),
+           reason: Callable[[Exception], str] = str) -> tuple[Any, np.ndarray, dict[int, str]]:
+    """Decode each file with ``read(path)`` (``read(path, extra)`` with ``extras``) -> (x, ok,
+    errors): ``x`` the samples of the files that could be read, in order (an ndarray outside
+    ``active``, else ``Rows``), ``ok`` a bool mask over ``paths``, ``errors`` {index: reason}
+    for the others (``read`` raised one of ``catch``; ``reason`` words it). ``settings``: all
+    that decides the decoded sample besides the file's bytes and its extra."""
+    shape = tuple(int(v) for v in shape)
+    n = len(paths)
+    extras = [None] * n if extras is None else list(extras)
+    if _ACTIVE is None:
+        return _decode_here(paths, read, shape, dtype, extras, catch, reason)
+    start = time.perf_counter()
+    ctx = _ACTIVE
+    settings_hash = sha256_json({"settings": settings, "shape": list(shape), "dtype": np.dtype(dtype).str,
+                                 "version": CACHE_VERSION})[:20]
+    store = _Store(ctx.folder / settings_hash)
+    try:
+        known_files, known = store.shas(), store.samples()
+        keys: list[str | None] = [None] * n
+        todo: list[tuple[int, str, Any]] = []
+        files: list[tuple] = []
+        errors: dict[int, str] = {}
+        stats: dict[int, os.stat_result] = {}
+        for i, (p, extra) in enumerate(zip(paths, extras)):
+            p = os.path.abspath(p)
+            try:
+                st = os.stat(p)
+            except OSError:  # missing: the reader says so in its own words, nothing to cache
+                _, err = _decode_one(p, extra, read, catch, reason)
+                if err is None:  # gone between the stat and the read, then back
+                    raise PassError(f"data: {p} changed while the data stage read it; run it again")
+                errors[i] = err
+                continue
+            stats[i] = st
+            have = known_files.get(p)
+            if have is not None and have[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
+                k = _key(have[3], extra)
+                if k in known:
+                    keys[i] = k
+                    continue
+            todo.append((i, p, extra))
+        new_samples: list[tuple] = []
+        if todo:
+            for i, sha, key, pack, row, err, decoded in _run(todo, read, shape, dtype, catch, reason, store.folder,
+                                                              set(known), ctx.workers):
+                st = stats[i]
+                files.append((os.path.abspath(paths[i]), st.st_size, st.st_mtime_ns, st.st_ino, sha))
+                keys[i] = key
+                ctx.stats.hashed += 1
+                if decoded:
+                    ctx.stats.decoded += 1
+                    new_samples.append((key, pack, row, err))
+                    known[key] = (pack, row, err)
+        ctx.stats.cached += sum(1 for i in range(n) if keys[i] is not None) - sum(1 for s in new_samples)
+        store.record(files, new_samples)
+    finally:
+        store.close()
+    live = ctx.live.setdefault(settings_hash, set())
+    packs: dict[str, int] = {}
+    pack_of, row_of = [], []
+    ok = np.zeros(n, bool)
+    for i, k in enumerate(keys):
+        if k is None:
+            continue
+        live.add(k)
+        pack, row, err = known[k]
+        if err is not None:
+            errors[i] = err
+            continue
+        ok[i] = True
+        pack_of.append(packs.setdefault(pack, len(packs)))
+        row_of.append(row)
+    ctx.stats.seconds += time.perf_counter() - start
+    rows = Rows(store.folder, list(packs), np.asarray(pack_of, np.int32), np.asarray(row_of, np.int64), shape, dtype)
+    return rows, ok, errors
+
+
+def _run(todo, read, shape, dtype, catch, reason, folder: Path, known: set[str], workers: int) -> Iterator[tuple]:
+    """_work over ``todo`` in chunks, on ``workers`` forked processes (in this one for a single
+    worker or a single chunk)."""
+    global _JOB
+    per = max(1, min(CHUNK, -(-len(todo) // (workers * 4))))
+    chunks = [todo[i:i + per] for i in range(0, len(todo), per)]
+    _JOB = (read, shape, dtype, catch, reason, folder, known)
+    try:
+        if workers <= 1 or len(chunks) == 1:
+            for c in chunks:
+                yield from _work(c)
+            return
+        with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+            for part in pool.imap_unordered(_work, chunks):
+                yield from part
+    finally:
+        _JOB = None
+
+
+def _decode_here(paths, read, shape, dtype, extras, catch, reason) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    x = np.empty((len(paths), *shape), dtype)
+    ok = np.zeros(len(paths), bool)
+    errors: dict[int, str] = {}
+    n = 0
+    for i, (p, extra) in enumerate(zip(paths, extras)):
+        sample, err = _decode_one(p, extra, read, catch, reason)
+        if err is not None:
+            errors[i] = err
+            continue
+        x[n] = sample
+        ok[i] = True
+        n += 1
+    return x[:n].copy(), ok, errors  # copy: don't keep the over-allocated buffer alive

@@ -1,0 +1,146 @@
+"""The data stage at scale: decoded samples cached per file by content (a rerun decodes only
+what was added or changed, and no old sample changes split), decoding on several processes,
+and split files read back memory-mapped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from kiln.artifacts import Layout
+from kiln.schema import GtsrbDataset, Project
+from passes import data, tasks
+from passes.formats import gtsrb, image_folders
+from passes.support import decode_cache
+from passes.support.splits import open_split
+
+CLASSES = ("cat", "dog", "owl")
+
+
+def _image(path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def _tree(root, n: int = 12) -> None:
+    for k, c in enumerate(CLASSES):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            _image(root / c / f"{c}_{i:03d}.png", 100 * k + i)
+    (root / "owl" / "owl_999.png").write_bytes(b"\x89PNG not really")  # unreadable: reported, cached
+
+
+def _project(root, workers: int | None = 1, name: str = "cached") -> Project:
+    return Project.model_validate({
+        "name": name, "requirements": {"accuracy": {"min": 0.0}},
+        "dataset": {"format": "image_folders", "path": str(root), "image_size": [8, 8], "workers": workers,
+                    "split": {"val": 0.2, "test": 0.2, "seed": 0}},
+        "architecture": {"family": "cnn", "widths": [4], "max_macs": 1_000_000},
+        "training": {"epochs": 1, "batch": 8, "lr": 0.01, "seed": 0}, "targets": ["x86-host"]})
+
+
+def _membership(info: dict) -> dict[str, str]:
+    """Each source file's split (group_by file: a group is a file)."""
+    return {f: s for s in ("train", "val", "test") for f in info["groups"][s]["names"]}
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[str]:
+    """The files image_folders decodes (workers=1: in this process)."""
+    seen: list[str] = []
+    real = image_folders.read_image
+
+    def read_image(path, mode, size_hw):
+        seen.append(path.name)
+        return real(path, mode, size_hw)
+
+    monkeypatch.setattr(image_folders, "read_image", read_image)
+    return seen
+
+
+def test_a_rerun_decodes_only_the_file_added_changed_or_removed(tmp_path, kiln_env, counted):
+    root = tmp_path / "imgs"
+    # 30 files a class: each class has files whose hash draws val and test, so no group is
+    # moved to fill a class's held-out split (only such a move can depend on the other files)
+    _tree(root, n=30)
+    project, lay = _project(root), Layout("cached")
+
+    def rerun(expect_decoded: list[str]) -> dict:
+        counted.clear()
+        info = data.run(project, lay)
+        assert sorted(counted) == sorted(expect_decoded)
+        assert info["load"]["decode"]["decoded"] == len(expect_decoded)
+        assert info["load"]["skipped"] == 1  # the broken file: its reason comes from the cache
+        return info
+
+    first = rerun([p.name for p in root.rglob("*.png")])
+    before = _membership(first)
+    assert len(before) == 90 and {"train", "val", "test"} == set(before.values())
+
+    same = rerun([])
+    assert same["files"] == first["files"]  # byte-identical outputs from the cache
+
+    (root / "cat" / "cat_000.png").touch()  # a new mtime, the same bytes: hashed, not decoded
+    assert rerun([])["load"]["decode"]["hashed"] == 1
+
+    _image(root / "dog" / "dog_new.png", 999)  # added
+    after = _membership(rerun(["dog_new.png"]))
+    assert {f: after[f] for f in before} == before and "dog/dog_new.png" in after
+
+    _image(root / "cat" / "cat_003.png", 12345)  # changed
+    changed = rerun(["cat_003.png"])
+    assert {f: s for f, s in _membership(changed).items() if f != "dog/dog_new.png"} == before
+    x, _ = open_split(lay.data, before["cat/cat_003.png"])
+    want = np.asarray(Image.open(root / "cat" / "cat_003.png").convert("RGB"))
+    assert any(np.array_equal(row, want) for row in x)  # the new pixels, not the cached old ones
+
+    (root / "owl" / "owl_005.png").unlink()  # removed
+    gone = _membership(rerun([]))
+    assert "owl/owl_005.png" not in gone and all(gone[f] == s for f, s in before.items() if f != "owl/owl_005.png")
+
+
+def test_workers_give_the_same_arrays_as_one(tmp_path, kiln_env):
+    root = tmp_path / "imgs"
+    _tree(root)
+    one = data.run(_project(root, 1, "one"), Layout("one"))
+    two = data.run(_project(root, 2, "two"), Layout("two"))
+    assert two["load"]["decode"]["workers"] == 2 and two["load"]["decode"]["decoded"] == 37
+    assert one["files"] == two["files"]
+
+
+def test_memmapped_splits_read_back_what_np_load_gives(tmp_path, kiln_env):
+    root = tmp_path / "imgs"
+    _tree(root, n=5)
+    project, lay = _project(root), Layout("cached")
+    data.run(project, lay)
+    for split in ("train", "val", "test"):
+        x, y = open_split(lay.data, split)
+        assert isinstance(x, np.memmap) and not x.flags.writeable
+        with np.load(Layout.split_file(lay.data, split)) as z:
+            assert np.array_equal(x, z["x"]) and np.array_equal(y, z["y"]) and x.dtype == z["x"].dtype
+    fx, fy = tasks.fit_split(project, lay.data, "train")  # what the stages fit on: mapped too
+    assert isinstance(fx, np.memmap) and np.array_equal(fx, open_split(lay.data, "train")[0])
+
+
+def test_a_gtsrb_roi_is_part_of_the_key(tmp_path):
+    root = tmp_path / "gtsrb"
+    gtsrb.synthesize_gtsrb(root, per_class=2, test_per_class=0, seed=0)
+    ds = GtsrbDataset(format="gtsrb", path=str(root), image_size=(8, 8))
+    with decode_cache.active(tmp_path / "cache", 1) as first:
+        x0 = gtsrb.load(ds, root).train[0][:]
+    csv = root / "Final_Training" / "Images" / "00000" / "GT-00000.csv"
+    lines = csv.read_text().splitlines()
+    f = lines[1].split(";")
+    f[3:7] = ["0", "0", str(int(f[1]) - 1), str(int(f[2]) - 1)]  # the whole image as the ROI
+    csv.write_text("\n".join([lines[0], ";".join(f), *lines[2:]]) + "\n")
+    with decode_cache.active(tmp_path / "cache", 1) as second:
+        x1 = gtsrb.load(ds, root).train[0][:]
+    assert first.decoded == 86 and second.decoded == 1 and second.cached == 85
+    assert not np.array_equal(x0[0], x1[0]) and np.array_equal(x0[1:], x1[1:])
+
+
+def test_workers_below_one_are_refused_at_load():
+    with pytest.raises(ValidationError, match="workers"):
+        GtsrbDataset(format="gtsrb", path="x", workers=0)
