@@ -16,6 +16,34 @@ import sys
 from doit import get_var
 from doit.tools import config_changed
 
+
+def _this_checkout() -> None:
+    """Kiln's code must come from the checkout whose dodo.py this is. The venv of one checkout run
+    in another (a second clone, a worktree) has its editable install's ``kiln`` already imported
+    (doit loads kiln.doitdb, its state backend, before this file), and every path resolves from
+    it: that checkout's code, projects and boards. Start doit again with this checkout first on
+    the path (``-P``: not the working directory); if its code still comes from elsewhere, refuse
+    naming both."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    away = {}
+    for pkg in ("kiln", "hil", "passes"):
+        f = getattr(sys.modules.get(pkg), "__file__", None)
+        if f and os.path.dirname(os.path.dirname(os.path.abspath(f))) != here:
+            away[pkg] = os.path.dirname(os.path.dirname(os.path.abspath(f)))
+    if not away:
+        return
+    if os.environ.get("KILN_CHECKOUT") != here:
+        os.environ["KILN_CHECKOUT"] = here
+        os.environ["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-P", "-m", "doit", *sys.argv[1:]])
+    sys.exit(f"kiln: this build's dodo.py is in {here}, but its code ({', '.join(away)}) comes from "
+             f"{next(iter(away.values()))} (that checkout's editable install); run {here}'s own venv, "
+             f"or set PYTHONPATH={here}")
+
+
+_this_checkout()
+
 from hil.lab import choose, compile_only, describe, runnable
 from hil.rpc import RpcLab
 from kiln import sources
