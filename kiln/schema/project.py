@@ -121,6 +121,34 @@ class EarlyStopping(Strict):
 Weight = Annotated[float, Field(gt=0.0, le=1e6)]
 
 
+class Distributed(Strict):
+    """training.distributed: data-parallel training (torch DDP) launched with torchrun by the
+    train task (passes/support/distributed.py)."""
+
+    nproc_per_node: int = Field(2, ge=1, le=64, description="processes on each machine (one per GPU on CUDA)")
+    nnodes: int = Field(1, ge=1, le=1024, description="machines; above 1 the others join with "
+                        "`python -m passes.support.distributed join <app>` and the same rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$",
+        description="host:port of the c10d rendezvous (the machine running the train task); required when "
+        "nnodes > 1; unset on one machine: torchrun --standalone")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU")
+    timeout_s: float = Field(1800, gt=0, description="how long the rendezvous waits for every machine")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "Distributed":
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"rdzv_endpoint: required with nnodes {self.nnodes} (host:port every machine reaches)")
+        return self
+
+
+def cuda_devices() -> int:
+    """How many CUDA devices torch sees (imported only for a manifest that names CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 class Training(Strict):
     epochs: int = Field(ge=1, le=1000)
     batch: int = Field(128, ge=1, le=8192)
@@ -138,6 +166,33 @@ class Training(Strict):
     weight_decay: float = Field(0.0, ge=0, le=1, description="decoupled weight decay (AdamW) when above 0; 0: Adam")
     early_stopping: EarlyStopping | None = Field(None, description="stop on the validation metric; unset: train "
                                                  "every epoch")
+    device: str = Field("auto", description="auto (CUDA when torch sees it, else cpu), cpu, cuda or cuda:N; "
+                        "mixed precision (autocast + GradScaler) on CUDA")
+    loader_workers: int | Literal["auto"] = Field(
+        "auto", description="background processes loading batches (torch DataLoader); auto: 0 on cpu (the step and "
+        "the loading share the same cores), min(4, cores - 1) on CUDA")
+    distributed: Distributed | None = Field(None, description="data-parallel training over processes and machines "
+                                            "(torchrun, DDP); unset: one process")
+    warm_start: int | None = Field(
+        None, ge=1, le=1000, description="epochs: when only the data changed since the last train, fine-tune the "
+        "last model.pt for this many epochs instead of training from scratch (`doit forget train:<app>` then "
+        "`doit train:<app>` retrains from scratch)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        import re
+
+        m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", v)
+        if m is None:
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+        if v.startswith("cuda"):
+            have, want = cuda_devices(), int(m.group(1) or 0)
+            if have == 0:
+                raise ValueError(f"{v!r} asked, but torch sees no CUDA device on this machine (use auto or cpu)")
+            if want >= have:
+                raise ValueError(f"{v!r} asked, but torch sees {have} CUDA device(s): cuda:0..cuda:{have - 1}")
+        return v
 
     @field_validator("class_weights", mode="before")
     @classmethod

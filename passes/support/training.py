@@ -23,6 +23,7 @@ from kiln.artifacts import Layout, read_json
 from kiln.errors import PassError
 from kiln.schema.datasets import raw_augmented
 from passes import tasks as _tasks
+from passes.support import distributed as _distributed
 from passes.support.common import to_tensor
 from passes.tasks import LOSSES, by_objective
 from passes.tasks.anomaly_detection import reconstruction_error  # noqa: F401  (prune and tests import it here)
@@ -185,9 +186,90 @@ def finetune_options(project, data_dir, y_train) -> dict:
     return {"class_weights": _tasks.of(project).loss_weights(project, y_train), "raw": raw_batches(project, data_dir)}
 
 
+class Samples:
+    """A split as a torch map-style Dataset fetched a batch at a time: ``self[idx]`` (idx: the
+    batch's indices) is (idx, x[idx], y[idx]). ``x``/``y`` are any array-like indexed by an index
+    array: an in-memory np.ndarray or the data stage's np.memmap (only the batch's rows are
+    read). With background workers (fork) the arrays are shared with the workers, not copied."""
+
+    def __init__(self, x, y, load_x: bool = True):
+        self.x, self.y, self.load_x = x, y, load_x
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        xb = np.ascontiguousarray(self.x[idx]) if self.load_x else np.zeros(0, np.uint8)
+        return idx, xb, np.ascontiguousarray(self.y[idx])
+
+
+class _Batches:
+    """The loader's sampler: each epoch's batches of indices, in the order ``set_order`` gave
+    (the loop draws it from its generator, so the batches, and the augmentation drawn in the
+    main process, are those of the in-memory loop before it)."""
+
+    def __init__(self, batch: int):
+        self.batch, self.order = batch, np.zeros(0, np.int64)
+
+    def set_order(self, order) -> None:
+        self.order = np.asarray(order, dtype=np.int64)
+
+    def __iter__(self):
+        for i in range(0, len(self.order), self.batch):
+            yield self.order[i : i + self.batch]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch)
+
+
+def resolve_device(name: str = "auto"):
+    """training.device as a torch.device: auto is cuda when torch sees it, else cpu."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PassError(f"training.device: {name!r} asked, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def loader_workers(setting, device) -> int:
+    """training.loader_workers: auto is 0 on cpu (the step and the loading would share the same
+    cores: a worker only adds IPC), min(4, cores - 1) when a GPU does the step."""
+    import os
+
+    if setting != "auto":
+        return int(setting)
+    return 0 if device.type == "cpu" else max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+class _OnDevice:
+    """The model as the tasks' validation sees it: CPU batches in, CPU outputs out, the forward
+    on the training device (passes/tasks/ validate on CPU tensors)."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def __call__(self, x):
+        return self.model(x.to(self.device)).float().cpu()
+
+    def __getattr__(self, name):  # parameters(), modules(), ... of the model itself
+        return getattr(self.model, name)
+
+
 def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, yva=None,
         after_step=None, keep_best: bool = False, tag: str = "train", loss: str = "classification",
-        class_weights: list[float] | None = None, recipe=None, raw=None) -> list[dict]:
+        class_weights: list[float] | None = None, recipe=None, raw=None, device=None,
+        workers=None) -> list[dict]:
     """Adam with a one-cycle schedule on uint8 NHWC samples ``x``/``y`` with online augmentation
     ``aug``; batches and augmentation drawn from ``gen``. ``recipe`` (training: its schedule,
     weight_decay and early_stopping; None: one-cycle Adam over every epoch) changes that;
@@ -201,44 +283,96 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
     autoencoders; labels are not used; rows have ``val_mse``, the best epoch is the lowest). An
     anomaly detector's callers pass its normal samples only (``passes.tasks.fit_split``), for
     training and for validation. ``class_weights``: the loss's per-class weights (the task's
-    ``loss_weights``: training.class_weights; None: every class alike)."""
+    ``loss_weights``: training.class_weights; None: every class alike).
+
+    Batches stream through a torch DataLoader over ``x``/``y`` (``Samples``: np.ndarray or
+    np.memmap alike) with ``workers`` background processes (None: the recipe's
+    training.loader_workers, else 0). ``device`` (None: the recipe's training.device, else cpu):
+    on CUDA the step runs under autocast (float16) with a GradScaler. Inside a torch.distributed
+    process group (passes/support/distributed.py) the model is wrapped in DDP and each rank
+    trains on its DistributedSampler share, batch / world_size samples a step (the global batch
+    stays ``batch``); every rank validates the whole validation split, so all keep the same
+    best epoch. The model ends on the CPU."""
     import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
 
     if loss not in LOSSES:
         raise ValueError(f"fit: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    opt, sched = _optimizer(model, lr, max(1, epochs * math.ceil(len(y) / batch)), recipe)
+    device = resolve_device(device or getattr(recipe, "device", "cpu"))
+    workers = loader_workers(workers if workers is not None else getattr(recipe, "loader_workers", 0), device)
+    ddp = dist.is_available() and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if ddp else (1, 0)
+    step_batch = max(1, math.ceil(batch / world))
+    steps_per_epoch = math.ceil(math.ceil(len(y) / world) / step_batch)
+    model.to(device)
+    net = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt, sched = _optimizer(model, lr, max(1, epochs * steps_per_epoch), recipe)
     stop = getattr(recipe, "early_stopping", None)
     if raw is not None and len(raw) != len(y):
         raise PassError(f"{tag}: {len(raw)} raw training samples for {len(y)} training samples; rerun the data task")
     task = by_objective(loss)
     loss_fn = task.loss_fn(class_weights)
+    if isinstance(loss_fn, torch.nn.Module):
+        loss_fn = loss_fn.to(device)
     metric, sign = task.VAL_METRIC, task.VAL_SIGN
-    x_t, y_t = to_tensor(x), torch.from_numpy(y)
+    amp = device.type == "cuda"  # mixed precision on CUDA only (CPU keeps float32: its numbers as before)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    batches = _Batches(step_batch)
+    sampler = DistributedSampler(range(len(y)), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=int(torch.initial_seed()) % 2**31) if ddp else None
+    loader = DataLoader(Samples(x, y, load_x=raw is None), sampler=batches, batch_size=None, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=amp)
+    uint8 = np.dtype(getattr(x, "dtype", np.float32)) == np.uint8
+    probe = _OnDevice(model, device) if device.type != "cpu" else model
     best, history, watch = {"score": -math.inf}, [], {"score": -math.inf, "since": 0}
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(y), generator=gen)
-        total = 0.0
-        for i in range(0, len(order), batch):
-            idx = order[i : i + batch]
+        net.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            batches.set_order(list(sampler))
+        else:
+            batches.set_order(torch.randperm(len(y), generator=gen).numpy())
+        total = torch.zeros(2, dtype=torch.float64)
+        for idx, xb, yb in loader:
             if raw is not None:  # raw samples augmented, then the front end
                 xb = raw(idx, gen)
             else:  # augmentation is for pixels in [0, 1]; a front end's features are left as they are
-                xb = augment(x_t[idx], aug, gen) if x.dtype == np.uint8 else x_t[idx]
-            out = model(xb)
-            value = task.loss(loss_fn, out, xb, y_t[idx])
+                xb = to_tensor(xb.numpy())
+                xb = augment(xb, aug, gen) if uint8 else xb
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                out = net(xb)
+                value = task.loss(loss_fn, out.float(), xb, yb)
             opt.zero_grad()
-            value.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(value).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                value.backward()
+                opt.step()
             if sched is not None:
                 sched.step()
             if after_step is not None:
                 after_step(model)
-            total += value.item() * len(idx)
-        row = {"epoch": epoch, "loss": total / max(1, len(y))}
+            total += torch.tensor([value.item() * len(idx), len(idx)], dtype=torch.float64)
+            if ddp:
+                _distributed.fault_hook(rank, epoch)  # tests only: a rank lost mid-epoch
+        if ddp:  # the epoch's loss over every rank's samples; rank 0's BatchNorm statistics
+            total = total.to(device)  # everywhere (DDP broadcasts them before a forward, not after),
+            dist.all_reduce(total)  # so every rank validates the same model and keeps the same
+            total = total.cpu()  # best epoch and early stop
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
+        row = {"epoch": epoch, "loss": float(total[0] / max(1.0, float(total[1])))}
         if xva is not None:
-            row[metric] = task.validation(model, xva, yva)
+            row[metric] = task.validation(probe, xva, yva)
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         _log_epoch(tag, epochs, row)
@@ -251,6 +385,7 @@ def fit(model, x, y, *, epochs: int, batch: int, lr: float, aug, gen, xva=None, 
             break
     if keep_best and "state_dict" in best:
         model.load_state_dict(best["state_dict"])
+    model.to("cpu")
     model.eval()
     return history
 
