@@ -352,6 +352,7 @@ def run(apps: dict, boards: dict, lab_path: Path, run_id: str, busy: str = "wait
     started, t0 = _now(), time.perf_counter()
     inv_path = open_lab(lab_path)
     try:
+        _freeze(lab_path, [b for b in os.environ.get("KILN_NIGHTLY_FREEZE", "").split(",") if b.strip()])
         night = Night(apps, boards, load_inventory(inv_path), inv_path.parent, run_id, busy=busy, only=only,
                       leasing=leasing(lab_path), only_from=only_from)
         log.info("nightly %s: %d jobs on %d boards (%d listed only)", run_id, len(night.jobs),
@@ -370,6 +371,21 @@ def run(apps: dict, boards: dict, lab_path: Path, run_id: str, busy: str = "wait
     write_json(out_root / "latest.json", {"run_id": run_id, "dir": str(out), "exit_code": result["exit_code"]})
     log.info("nightly %s: %s; reports in %s", run_id, summary(result), out)
     return result
+
+
+def _freeze(lab_path: Path, names: list[str]) -> None:
+    """``--freeze BOARD`` ($KILN_NIGHTLY_FREEZE): hang those boards of an emulated lab before the
+    night (hil/emulator/lab.py freeze), to see them recovered by a power cycle."""
+    if not names:
+        return
+    from kiln.config import load_lab
+    from kiln.registry import implementation
+
+    backend = implementation(load_lab(lab_path))
+    if not hasattr(backend, "freeze"):
+        raise ValidationError(f"nightly --freeze {','.join(names)}: lab {lab_path} is not an emulated lab "
+                              "(only its boards can be frozen on purpose)")
+    backend.freeze([n.strip() for n in names])
 
 
 def summary(night: dict) -> str:
@@ -417,6 +433,9 @@ def parser():
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--busy", choices=("wait", "skip"), default="wait",
                     help="a board leased by another run: wait for it, or skip it")
+    ap.add_argument("--freeze", metavar="BOARD[,BOARD]", default="",
+                    help="an emulated lab's boards to hang on purpose (SIGSTOP) before the night: "
+                         "they are recovered by a power cycle")
     return ap
 
 
@@ -430,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     run_id = os.environ.get("KILN_RUN_ID") or new_run_id()
     env = dict(os.environ, KILN_RUN_ID=run_id, KILN_NIGHTLY_BUSY=args.busy)
+    if args.freeze:
+        env["KILN_NIGHTLY_FREEZE"] = args.freeze
     proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT), "nightly"],
                           env=env)
     latest = nightly_root() / run_id / "nightly.json"

@@ -358,6 +358,36 @@ def power(instance, action: str, spec) -> None:
         log.info("lab: board %s power %s", instance.name, action)
 
 
+def freeze(names: list[str]) -> None:
+    """Hang boards of the running lab on purpose, as a wedged board hangs: SIGSTOP to every
+    process of each (an SSH board's sshd, a serial board's socat and shell). Its transport then
+    stops answering; a power cycle (power off SIGKILLs them) brings it back. For trying recovery:
+    ``python -m hil.nightly --freeze BOARD`` and ``python -m hil.emulator.lab freeze BOARD``."""
+    import signal
+
+    with _locked():
+        st = _read_state()
+        boards = (st or {}).get("boards", {})
+        for name in names:
+            b = boards.get(name)
+            if b is None or b["link"] not in ("ssh", "serial"):
+                raise ManifestError(f"freeze {name}: not an SSH or serial board of the running emulated lab "
+                                    f"(those: {', '.join(n for n, x in boards.items() if x['link'] in ('ssh', 'serial')) or 'none: is it up?'})")
+            procs = []
+            for pid in b["pids"]:
+                try:
+                    p = psutil.Process(pid)
+                    procs += [p, *p.children(recursive=True)]
+                except psutil.Error:
+                    pass
+            for p in procs:
+                try:
+                    p.send_signal(signal.SIGSTOP)
+                except psutil.Error:
+                    pass
+            log.warning("lab: board %s frozen on purpose (SIGSTOP to %s)", name, ", ".join(str(p.pid) for p in procs))
+
+
 # -- the lab-backend interface (hil/lab) -------------------------------------------------------
 
 def open_lab(lab: EmulatedLab, path: Path) -> Path:
@@ -378,6 +408,8 @@ def main(argv: list[str]) -> int:
             print(up(Path(argv[1]) if len(argv) > 1 else DEFAULT_LAB))
         elif cmd == "down":
             down()
+        elif cmd == "freeze" and len(argv) > 1:
+            freeze(argv[1:])
         elif cmd == "status":
             if not is_up():
                 print("down")
@@ -387,7 +419,7 @@ def main(argv: list[str]) -> int:
                 who = (["by hand"] if held_by_hand() else []) + [f"pid {p}" for p in pids]
                 print(f"up (held {', '.join(who)})" if who else "up (held by no live process: the next deploy adopts it)")
         else:
-            print("usage: python -m hil.emulator.lab up [LAB.yaml]|down|status", file=sys.stderr)
+            print("usage: python -m hil.emulator.lab up [LAB.yaml]|down|status|freeze BOARD...", file=sys.stderr)
             return 2
     except KilnError as e:
         print(f"kiln: {e}", file=sys.stderr)
