@@ -47,12 +47,21 @@ def _check_layout(fe, layout, raw_shape) -> None:
 
 def fit(fe, layout, raw_train: np.ndarray) -> dict:
     """{"mean": [...], "std": [...]} per channel of the scaled training samples, python floats."""
-    raw_train = np.asarray(raw_train)
     _check_layout(fe, layout, raw_train.shape[1:])
     if raw_train.shape[0] == 0:
         raise PassError("front end 'normalize': the training split is empty, nothing to fit mean and std on")
-    x = raw_train.reshape(-1, raw_train.shape[-1]).astype(np.float64) * default_scale(fe, layout)
-    mean, std = x.mean(axis=0), x.std(axis=0)
+    # two passes over chunks of samples (mean, then the mean squared deviation: numpy's std), so a
+    # memory-mapped training split is never copied whole into float64 (8x its uint8 size)
+    step = max(1, (1 << 21) // max(1, int(np.prod(raw_train.shape[1:]))))
+    scale, channels = default_scale(fe, layout), raw_train.shape[-1]
+
+    def chunks():
+        for i in range(0, raw_train.shape[0], step):
+            yield np.asarray(raw_train[i:i + step]).reshape(-1, channels).astype(np.float64) * scale
+
+    count = int(np.prod(raw_train.shape[:-1]))
+    mean = sum(c.sum(axis=0) for c in chunks()) / count
+    std = np.sqrt(sum(((c - mean) ** 2).sum(axis=0) for c in chunks()) / count)
     flat = np.flatnonzero(std < STD_FLOOR)
     if len(flat):
         log.warning("front end 'normalize': %d channel(s) constant over the training split (first %s): "
