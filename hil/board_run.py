@@ -28,13 +28,51 @@ def run(project, board, instance, layout, lab_path: Path, run_id: str) -> dict:
             raise ManifestError(f"{inv_path}: no board instance '{instance.name}' (the lab changed since "
                                 "the task list was made; run doit again)")
         with deploy_lease(lab_path, live) as (lease, live):  # a shared lab's board: held for the job
-            record = fenced(deploy.job(project, board, live, layout, inv_path.parent, run_id), lease, instance.name)
-            record = _recover(project, board, live, layout, inv_path.parent, run_id, record, lease, blog)
+            before = _check_first(project, board, live, inv_path.parent, blog)
+            if before is not None and not before["check"]["passed"]:
+                record = {**deploy._record_head(board, instance, run_id), "power_cycles": [before],
+                          "error": {"step": "health", "message": f"the board did not answer and still fails after "
+                                    f"a power cycle: {before['check']['error']}"}}
+            else:
+                record = fenced(deploy.job(project, board, live, layout, inv_path.parent, run_id), lease,
+                                instance.name)
+                record = _recover(project, board, live, layout, inv_path.parent, run_id, record, lease, blog)
+                if before is not None:
+                    record = {**record, "power_cycles": [before, *record.get("power_cycles", [])]}
     except KilnError as e:
         blog.error("%s", e)
         record = {**deploy._record_head(board, instance, run_id), "error": {"step": "prepare", "message": str(e)}}
     deploy.write_record(layout, instance.name, run_id, record)
     return record
+
+
+PROBE_S = 3.0  # how long a board's transport has to answer before a lone deploy's job
+
+
+def _check_first(project, board, live, lab_dir: Path, blog) -> dict | None:
+    """Before a lone deploy's job, on a board with power control: does its transport answer (an
+    SSH board's sshd sends its banner within PROBE_S)? One that does not is power-cycled, waited
+    for and health-checked (hil/health_check.py check_and_recover, recorded in its health
+    history) before the job, instead of the job meeting the hang at its connect's timeouts and
+    retries. The cycle (with its ``check``), or None when the board answered or has no power
+    control. (A serial board's console cannot be probed without opening its shell: a hang there
+    is met by the job's connect, and recovered after it by ``_recover``.)"""
+    from hil import health_check
+    from hil.lab import power
+
+    if live.power is None or live.link != "ssh":
+        return None
+    try:
+        power.wait_answering(live, lab_dir, PROBE_S)
+        return None
+    except power.PowerError:
+        pass
+    blog.warning("board %s does not answer before the deploy of %s: checking it, power-cycling it if need be",
+                 live.name, project.name)
+    _, check, cycles = health_check.check_and_recover(live, board, lab_dir)
+    if not cycles:  # it passed the full check after all (or is in maintenance: the job says what it meets)
+        return None
+    return {**cycles[0], "check": check}
 
 
 def _recover(project, board, live, layout, lab_dir: Path, run_id: str, record: dict, lease, blog) -> dict:

@@ -338,3 +338,38 @@ def test_a_nightly_leaves_the_last_deploy_report_alone(tmp_path, monkeypatch):
     assert lay.run_report("n1").is_file()  # the night's own report of the app
     import json
     assert json.loads(lay.report.read_text()) == {"app": "tiny", "from": "the last deploy"}
+
+
+def test_a_lone_deploy_checks_a_silent_board_first_and_cycles_it_before_the_job(emu, runner_bundle, monkeypatch):
+    """A lone deploy (hil.board_run.run) on a board whose sshd is frozen before it starts: the
+    board is found silent, power-cycled and health-checked first; the job then runs once, on a
+    board that answers (before: the job met the hang at its connect, and only then the cycle)."""
+    from hil import board_run, deploy
+    from hil.lab import close_opened
+    from hil.transport import open_transport
+    from kiln.artifacts import Layout
+    from kiln.config import load_board
+    from kiln.schema import Project
+    from tests.conftest import TINY
+
+    calls = []
+
+    def job(project, board, live, layout, lab_dir, run_id, latency_windows=0):
+        calls.append(_ssh_answers(live.transport))
+        with open_transport(live, lab_dir, emu["root"] / "local") as t:
+            t.run(["true"], timeout=5)
+        return {"instance": live.name, "runner": {"windows_us": [10.0] * 5}, "emulated": False}
+
+    monkeypatch.setattr(deploy, "job", job)
+    monkeypatch.setattr(deploy, "write_record", lambda layout, inst, run_id, rec: None)
+    os.kill(_sshd_pid(), signal.SIGSTOP)
+    project = Project.model_validate({**TINY, "targets": ["x86-host"]})
+    try:
+        rec = board_run.run(project, load_board("x86-host"), emu["boards"]["s1"], Layout("tiny"), emu["spec"], "d-2")
+    finally:
+        close_opened()
+    assert calls == [True] and "error" not in rec, rec  # one job, on a board that answered
+    (cycle,) = rec["power_cycles"]
+    assert cycle["passed"] and cycle["check"]["passed"] and "failed its health check" in cycle["reason"]
+    rows = [r for _, _, r in health.history("s1")]
+    assert any(r.startswith("power cycle") for r in rows) and rows[-1].startswith("check passed")
