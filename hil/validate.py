@@ -207,10 +207,14 @@ def run(project, layout, instance_names: list[str], compile_only: list[str], lab
     rep["sizing"] = {"on_violation": project.sizing.on_violation,
                      "warnings": [v for e in estimates.values() if e for v in e.get("violations", [])]}
     rep["run_id"] = run_id
+    if layout.metrics.is_file():  # the train stage's word: "warm start from <data> for N epochs" or "trained from scratch"
+        rep["training"] = read_json(layout.metrics).get("start")
     report.write(layout.run_report(run_id), rep)
     if latest:
         report.write(layout.report, rep)
     print(report.table(rep))
+    if rep.get("training"):
+        print(f"model: {rep['training']}")
     if not rep["passed"]:
         raise ValidationError("; ".join(rep["failures"]))
     return rep
