@@ -44,8 +44,8 @@ from kiln.errors import ManifestError
 from kiln.schema import QuantizeSettings
 from passes.tasks import fit_split
 from passes.support.common import to_tensor
-from passes.support.int8 import (LUT_OUTPUT, WEIGHTED, WMAX, act_range, bias_ints, bias_scale, fake_quant, graph_plan, layer_bias,
-                                 lut,                                  snap_weights)
+from passes.support.int8 import (LUT_OUTPUT, TABLES, WEIGHTED, WMAX, act_range, bias_ints, bias_scale, fake_quant,
+                                 graph_plan, layer_bias, lut, snap_weights)
 
 log = logging.getLogger("kiln.quantize")
 
@@ -118,7 +118,9 @@ def weight_scales(w) -> list[float]:
     return [float(s) for s in np.where(amax > 0, amax / WMAX, 1.0).astype(np.float32)]
 
 
-CALIBRATED = ("input", "conv", "linear", "add", "sub", "mul")  # kinds whose output range is measured
+CALIBRATED = ("input", "conv", "linear", "add", "sub", "mul", "hardswish")  # kinds whose output range is measured
+# kinds whose kernels requantize to their own output parameters: a quantized model's are kept
+SOURCE_KEPT = (*CALIBRATED, "avgpool")
 
 
 def calibrate(model, plan: list[dict], x: np.ndarray, params: QuantizeSettings) -> dict[str, tuple[float, float]]:
@@ -149,7 +151,8 @@ def _static(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in ("name", "tap")}
 
 
-def describe(model, plan: list[dict], ranges: dict | None, params: QuantizeSettings, samples: int) -> dict:
+def describe(model, plan: list[dict], ranges: dict | None, params: QuantizeSettings, samples: int,
+             source: dict | None = None) -> dict:
     """The ``ckpt["quantization"]`` record, version 3. ``layers`` maps each plan entry (see
     passes/support/int8.py graph_plan), in topological order, to its spec: kind, inputs (entry
     names), shape (at batch 1), module (conv/linear/pools/flatten: the module's name), relu
@@ -157,8 +160,12 @@ def describe(model, plan: list[dict], ranges: dict | None, params: QuantizeSetti
     entry has ``output`` activation parameters {scale, zero_point, dtype} (dtype ``uint8``, zero
     point 0, or ``int8``, see :func:`act_qparams`; None for float logits: a conv/linear that is
     the model's output), single-input kinds ``input`` (their input's parameters), add/sub/mul
-    ``operands`` (both inputs' parameters), sigmoid/tanh ``lut`` (the output code of each input
+    ``operands`` (both inputs' parameters), sigmoid/tanh/hardsigmoid/hardswish ``lut`` (the output code of each input
     code, lowest first). ``output`` names the entry whose result the model returns.
+    ``source`` (a model that came quantized, e.g. an int8 TFLite file: kiln/nets/tflite.py
+    convert) holds ``activations`` (fx node -> parameters) and ``weights`` (module -> scales)
+    taken instead of the calibrated and measured ones wherever the entry's kernel has its own
+    output parameters (conv, linear, add, sub, mul, hard-swish, average pool, the input).
     Version 3 replaced version 2's Sequential-only ``layers`` (module name -> spec, each fed by
     the one before; passes/support/int8.py upgrade reads it); version 2 added ``dtype``."""
     layers: dict[str, dict] = {}
@@ -167,8 +174,10 @@ def describe(model, plan: list[dict], ranges: dict | None, params: QuantizeSetti
     for entry in plan:
         spec: dict[str, Any] = _static(entry)
         kind = entry["kind"]
+        given = (source or {}).get("activations", {}).get(entry["tap"])
         if kind in WEIGHTED:
-            spec["weight_scale"] = weight_scales(model.get_submodule(entry["module"]).weight)
+            spec["weight_scale"] = (source or {}).get("weights", {}).get(entry["module"]) or \
+                weight_scales(model.get_submodule(entry["module"]).weight)
         if int8:
             ins = [layers[i]["output"] for i in entry["inputs"]]
             if kind in ("add", "sub", "mul"):
@@ -177,15 +186,20 @@ def describe(model, plan: list[dict], ranges: dict | None, params: QuantizeSetti
                 spec["input"] = ins[0]
             if kind in WEIGHTED and entry["name"] == last:
                 spec["output"] = None  # float logits: the accumulator times the bias scale
+            elif given is not None and kind in SOURCE_KEPT:
+                spec["output"] = dict(given)
             elif kind in CALIBRATED:
                 spec["output"] = act_qparams(*ranges[entry["name"]])
             elif kind in LUT_OUTPUT:
                 spec["output"] = dict(LUT_OUTPUT[kind])
-                spec["lut"] = lut(kind, spec["input"])
             else:  # pools and data movement keep their input's parameters
                 spec["output"] = spec["input"]
+            if kind in TABLES:  # hard-swish's table maps onto its calibrated output grid
+                spec["lut"] = lut(kind, spec["input"], spec["output"])
         layers[entry["name"]] = spec
     calib = {"method": params.calibration, "samples": samples}
+    if source:
+        calib = {"method": "from the model file (scales and zero points kept)", "samples": 0}
     if params.calibration == "percentile":
         calib["percentile"] = params.percentile
     return {
@@ -242,7 +256,8 @@ def run(model, ckpt: dict, settings: QuantizeSettings, ctx):
         n = min(p.calibration_samples, len(x))
         rng = np.random.default_rng(ctx.seed)
         ranges = calibrate(model, plan, x[np.sort(rng.choice(len(x), n, replace=False))], p)
-    quantization = describe(model, plan, ranges, p, n)
+    source = ckpt.get("source_quantization")
+    quantization = describe(model, plan, ranges, p, n, source if p.mode == "int8" else None)
     quantize_weights_inplace(model, quantization)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     twin = fake_quant(model, quantization)

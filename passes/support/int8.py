@@ -7,7 +7,8 @@ The unit is a *graph plan* (:func:`graph_plan`): the model traced by torch.fx, i
 topological order, each with its kind and inputs, BatchNorm folded into the conv/linear before
 it and a following ReLU fused into the conv/linear/add/sub/mul before it. Any model in Kiln's op
 vocabulary has one (convs of any kernel, stride, padding, dilation and groups; linear; max and
-global average pooling; flatten; residual add, sub, mul; sigmoid, tanh; slicing by constants);
+global average pooling; flatten; residual add, sub, mul (a channel gate broadcast over H x W too); sigmoid, tanh, hard-sigmoid,
+hard-swish; slicing by constants);
 anything else is refused with a PassError naming the node and what to do instead.
 
 Integer semantics, one formula per kind, computed bit for bit alike by the torch twin below and
@@ -23,9 +24,13 @@ by the compiled library (x86 and aarch64):
   Mb + 2^(S-1)) >> S`` in int64, + zp, clip. No float arithmetic, so no fused multiply-add of a
   compiler can change a result between platforms;
 * mul: ``(qa - za) * (qb - zb)`` (exact int32), ``float32(.) * M``, round, + zp, clip;
-* sigmoid / tanh: a 256-entry table over the input codes (:func:`lut`), computed once in
-  float64 and applied by indexing: exact by construction. Their outputs have fixed parameters
-  (sigmoid uint8 scale 1/256, tanh int8 scale 1/128, zero point 0);
+* sigmoid / tanh / hard-sigmoid / hard-swish: a 256-entry table over the input codes
+  (:func:`lut`), computed once in float64 and applied by indexing: exact by construction.
+  sigmoid, tanh and hard-sigmoid outputs have fixed parameters (sigmoid uint8 scale 1/256, tanh
+  int8 scale 1/128, hard-sigmoid uint8 scale 1/255, zero point 0); hard-swish's output range is
+  calibrated like a conv's;
+* mul broadcasts: a (N, C, 1, 1) gate times a (N, C, H, W) tensor (squeeze-and-excitation) is
+  the same exact product per element;
 * data movement (slices, flatten, max pool, a ReLU that could not be fused) works on the codes
   and keeps the parameters.
 
@@ -50,7 +55,11 @@ INPUT = "input"  # the plan name of the model's (single) input
 LUT_OUTPUT = {
     "sigmoid": {"scale": 1.0 / 256, "zero_point": 0, "dtype": "uint8"},
     "tanh": {"scale": 1.0 / 128, "zero_point": 0, "dtype": "int8"},
+    # 1/255, not sigmoid's 1/256: hard-sigmoid reaches 1.0 exactly (x >= 3), and 1.0 is code 255
+    "hardsigmoid": {"scale": 1.0 / 255, "zero_point": 0, "dtype": "uint8"},
 }
+# table-driven activations (:func:`lut`); those not in LUT_OUTPUT have a calibrated output
+TABLES = ("sigmoid", "tanh", "hardsigmoid", "hardswish")
 WEIGHTED = ("conv", "linear")
 MOVES = ("maxpool", "flatten", "getitem", "relu")  # on codes, parameters unchanged
 ADD_BITS = 30  # add/sub fixed point: the larger multiplier lies in (2^29, 2^30]
@@ -99,9 +108,15 @@ def add_multipliers(sa, sb, so) -> tuple[int, int, int]:
 
 
 def lut(kind: str, in_qp: dict, out_qp: dict | None = None) -> list[int]:
-    """The output code of ``kind`` (sigmoid, tanh) for every input code, lowest code first:
-    f((c - zp) * scale) in float64, rounded half to even onto the output grid, clipped."""
-    f = {"sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)), "tanh": np.tanh}[kind]
+    """The output code of ``kind`` (sigmoid, tanh, hardsigmoid, hardswish) for every input
+    code, lowest code first: f((c - zp) * scale) in float64, rounded half to even onto the
+    output grid, clipped. hard-sigmoid and hard-swish are torch's (MobileNetV3's):
+    relu6(x + 3) / 6 and x * relu6(x + 3) / 6."""
+    def hsig(v):
+        return np.clip(v + 3.0, 0.0, 6.0) / 6.0
+
+    f = {"sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)), "tanh": np.tanh, "hardsigmoid": hsig,
+         "hardswish": lambda v: v * hsig(v)}[kind]
     out_qp = out_qp or LUT_OUTPUT[kind]
     lo, hi = act_range(act_dtype(in_qp))
     codes = np.arange(lo, hi + 1, dtype=np.float64)
@@ -156,11 +171,15 @@ def _module_kind(node, m) -> str:
         return "sigmoid"
     if isinstance(m, nn.Tanh):
         return "tanh"
+    if isinstance(m, nn.Hardsigmoid):
+        return "hardsigmoid"
+    if isinstance(m, nn.Hardswish):
+        return "hardswish"
     if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)):
         _fail(node, what, "TVM's ONNX import has no LSTM/GRU/RNN: use family rnn (cells unrolled into Linear, "
                           "sigmoid, tanh, mul and add)")
     _fail(node, what, "has no int8 lowering in Kiln; use Conv2d, Linear, BatchNorm, ReLU, MaxPool2d, "
-                      "AdaptiveAvgPool2d(1), Flatten, Dropout, Identity, Sigmoid, Tanh")
+                      "AdaptiveAvgPool2d(1), Flatten, Dropout, Identity, Sigmoid, Tanh, Hardsigmoid, Hardswish")
     raise AssertionError  # unreachable
 
 
@@ -171,7 +190,8 @@ def _function_kind(node) -> str:
     t = node.target
     table = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
              operator.mul: "mul", torch.mul: "mul", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
-             torch.relu: "relu", F.relu: "relu", operator.getitem: "getitem", torch.flatten: "flatten"}
+             torch.relu: "relu", F.relu: "relu", operator.getitem: "getitem", torch.flatten: "flatten",
+             F.hardsigmoid: "hardsigmoid", F.hardswish: "hardswish"}
     kind = table.get(t)
     if node.op == "call_method":
         kind = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "flatten": "flatten"}.get(t)
@@ -184,15 +204,15 @@ def _function_kind(node) -> str:
         _fail(node, f"{node.op} {name}", fix)
     if kind in ("add", "sub", "mul"):
         if node.kwargs or len(node.args) != 2 or not all(hasattr(a, "op") for a in node.args):
-            _fail(node, f"{node.op} {name}", "only a tensor with a tensor (same shape, no alpha) is lowered; "
+            _fail(node, f"{node.op} {name}", "only a tensor with a tensor (same shape, or broadcast: a (N, C, 1, 1) gate; no alpha) is lowered; "
                                               "a constant operand has no int8 lowering")
     elif kind == "flatten":
         args = list(node.args[1:]) + list(node.kwargs.values())
         if args not in ([1], [1, -1]):
             _fail(node, f"{node.op} {name}", "only flatten(x, 1) is lowered")
-    elif kind in ("sigmoid", "tanh", "relu"):
-        extra = list(node.args[1:]) + [v for k, v in node.kwargs.items() if not (kind == "relu" and k == "inplace")]
-        if extra or (kind == "relu" and node.kwargs.get("inplace")):
+    elif kind in ("sigmoid", "tanh", "relu", "hardsigmoid", "hardswish"):
+        extra = list(node.args[1:]) + [v for k, v in node.kwargs.items() if not (kind != "sigmoid" and k == "inplace")]
+        if extra or node.kwargs.get("inplace"):
             _fail(node, f"{node.op} {name}", "expects one tensor argument (and no inplace)")
     return kind
 
@@ -508,7 +528,7 @@ def _relu(twin, spec, xs):
 
 KERNELS = {
     "conv": _conv, "linear": _linear, "avgpool": _avgpool, "add": _add_sub, "sub": _add_sub, "mul": _mul,
-    "sigmoid": _table, "tanh": _table, "maxpool": _maxpool, "relu": _relu,
+    "sigmoid": _table, "tanh": _table, "hardsigmoid": _table, "hardswish": _table, "maxpool": _maxpool, "relu": _relu,
     "flatten": lambda twin, spec, xs: xs[0].flatten(1),
     "getitem": lambda twin, spec, xs: xs[0][getitem_key(spec["index"])],
 }

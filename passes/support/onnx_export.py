@@ -26,7 +26,7 @@ import numpy as np
 from kiln.artifacts import Layout, atomic_path, sha256_file, write_json
 from kiln.errors import PassError
 from passes.support.common import load_checkpoint, load_split, to_tensor
-from passes.support.int8 import act_dtype, bias_ints, bias_scale, fake_quant, layer_bias, upgrade, weight_ints
+from passes.support.int8 import act_dtype, act_range, bias_ints, bias_scale, fake_quant, layer_bias, upgrade, weight_ints
 
 log = logging.getLogger("kiln.export")
 
@@ -119,6 +119,29 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
             nodes.append(helper.make_node(kind.capitalize(), xs, [y], name=name))
         elif kind in ("sigmoid", "tanh"):
             nodes.append(helper.make_node(kind.capitalize(), xs, [out], name=name))
+        elif kind in ("hardsigmoid", "hardswish") and int8:
+            # the table itself, on the input's codes (Cast, Sub, Gather, then dequantized):
+            # exact in ONNX Runtime and, once imported, plain integer ops for the Relax lowering
+            # (TVM's frontend would spell HardSwish as several float ops between Q and DQ)
+            lo = act_range(act_dtype(spec["input"]))[0]
+            idx = f"{name}.index"
+            nodes.append(helper.make_node("Cast", [f"{spec['inputs'][0]}.q"], [idx], to=TensorProto.INT32,
+                                          name=f"{name}.cast"))
+            if lo:
+                nodes.append(helper.make_node("Sub", [idx, init(f"{name}.lowest", np.array(lo, np.int32))],
+                                              [f"{name}.offset"], name=f"{name}.offset"))
+                idx = f"{name}.offset"
+            table = init(f"{name}.table", np.asarray(spec["lut"], dtype=np.dtype(act_dtype(spec["output"]))))
+            nodes.append(helper.make_node("Gather", [table, idx], [f"{name}.codes"], axis=0, name=name))
+            qp = spec["output"]
+            nodes.append(helper.make_node(
+                "DequantizeLinear", [f"{name}.codes", init(f"{name}.table_scale", np.array(qp["scale"], np.float32)),
+                                     init(f"{name}.table_zero_point", np.array(qp["zero_point"], np.dtype(act_dtype(qp))))],
+                [out], name=f"{name}.table_dequantize"))
+        elif kind == "hardsigmoid":
+            nodes.append(helper.make_node("HardSigmoid", xs, [out], name=name, alpha=1.0 / 6, beta=0.5))
+        elif kind == "hardswish":
+            nodes.append(helper.make_node("HardSwish", xs, [out], name=name))
         elif kind == "relu":
             nodes.append(helper.make_node("Relu", xs, [out], name=name))
         elif kind == "maxpool":
@@ -148,7 +171,7 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
                                               name=f"{name}.squeeze"))
         else:
             raise PassError(f"export: node '{name}' of kind {kind!r} has no QDQ export")
-        if relu and kind not in ("sigmoid", "tanh", "relu"):
+        if relu and kind not in ("sigmoid", "tanh", "relu", "hardsigmoid", "hardswish"):
             nodes.append(helper.make_node("Relu", [y], [out], name=f"{name}.relu"))
 
     def in_shape(spec):

@@ -26,6 +26,8 @@ asymmetric; weights are symmetric ``int8`` per output channel.
   in int32 (exact), ``astype(float32) * M``, round, + zp, clip (one float op: exact IEEE);
 * sigmoid / tanh: ``quantize(sigmoid | tanh(dequantize(xq)))`` -> ``take(table, xq - qmin)``,
   the 256-entry table (int8.py lut) computed from the same float32 scales as the twin's;
+  hard-sigmoid / hard-swish come as that table already (the export writes an ONNX Gather on
+  the codes), taken in "clip" mode;
 * data movement: ``quantize(op(dequantize(xq), ...))`` with the same parameters, ``op`` one of
   MOVE_OPS (what the frontend makes of MaxPool, Slice, Squeeze, Reshape, Flatten, Gather,
   Transpose, Unsqueeze) -> the op on the 8-bit codes; ``quantize(relu(dequantize(xq)))`` with
@@ -570,6 +572,23 @@ class _Rewrites:
 
         return root, rewrite
 
+    def table_take(self):
+        """take(8-bit table, codes): a hard-sigmoid/hard-swish table the QDQ export wrote as
+        ONNX Gather (passes/support/onnx_export.py), in "clip" mode like lut_int8's (the codes
+        index the 256 entries in bounds by construction)."""
+        from tvm import relax
+        from tvm.relax.dpl import is_const, is_op, wildcard
+
+        table, idx = is_const(), wildcard()
+        root = is_op("relax.take")(table, idx)
+
+        def rewrite(orig, m):
+            if _dtype(m[table]) not in ACT_RANGE or str(orig.attrs.mode) == "clip":
+                raise _Skip
+            return relax.op.take(m[table], m[idx], axis=orig.attrs.axis, mode="clip")
+
+        return root, rewrite
+
     def relu_int8(self):
         """quantize(relu(dequantize(xq))) with unchanged parameters -> max(xq, zp)."""
         from tvm import relax
@@ -739,7 +758,7 @@ def lower(mod):
     bb = relax.BlockBuilder(mod)
     rw = _Rewrites(bb)
     order = [rw.conv_int8(), rw.dense_int8(), rw.dense_float_out(True), rw.dense_float_out(False),
-             rw.mean_int8(), rw.add_sub_int8(), rw.mul_int8(), rw.lut_int8(), rw.relu_int8(), rw.moves(), rw.pool_into_conv(),
+             rw.mean_int8(), rw.add_sub_int8(), rw.mul_int8(), rw.lut_int8(), rw.table_take(), rw.relu_int8(), rw.moves(), rw.pool_into_conv(),
              rw.same_params(), rw.weight_only("conv"), rw.weight_only("dense"), rw.dequantize_output()]
     for gv, func in funcs:
         for pattern, rewriter in order:
