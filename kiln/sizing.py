@@ -39,7 +39,7 @@ from typing import Any
 from kiln.errors import ManifestError
 
 # nets whose parameter and MAC counts are measured on the torch model (see module docstring)
-TORCH_FAMILIES = frozenset({"module", "onnx"})
+TORCH_FAMILIES = frozenset({"module", "onnx", "tflite"})
 # resident copies of the weights at the runner's peak (measured on x86-host: 3.8-4.5)
 WEIGHT_COPIES = 4
 # untuned kernels vs tuned ones per core, where a board gives no untuned figure: measured on

@@ -1,5 +1,5 @@
 """Import stage: the train stage of a family Kiln does not train (``architecture.trains`` false,
-e.g. ``family: onnx``). It reads the team's model into a Kiln checkpoint, checked against the
+e.g. ``family: onnx``, ``family: tflite``). It reads the team's model into a Kiln checkpoint, checked against the
 dataset's input shape and classes, and measures it on the validation and test splits, so the
 compress stage (post-training passes only) and everything after it run as for a trained model.
 """
@@ -19,11 +19,12 @@ def run(project: Project, layout: Layout) -> dict:
     """Write ``layout.model_pt`` and ``layout.metrics`` for the manifest's ready-made model."""
     import torch
 
-    from kiln.nets import build, measure
+    from kiln.nets import imported, measure
 
     ds, arch = project.dataset, project.architecture
     torch.set_num_threads(project.training.threads)
-    model = build(arch, ds.channels, ds.num_classes, ds.image_size)
+    # the family's checks and what it adds (family tflite: TVM's import, an int8 file's quantization)
+    model, extra = imported(arch, ds.channels, ds.num_classes, ds.image_size, project.compression)
     cx = measure(model, (ds.channels, *ds.image_size))
     xva, yva = load_split(layout.data, "val")
     xte, yte = load_split(layout.data, "test")
@@ -34,12 +35,12 @@ def run(project: Project, layout: Layout) -> dict:
         "params": cx.params, "macs": cx.macs, "imported": source, "trained": False,
         "source_sha256": sha256_file(source) if source else None,
         "val_accuracy": val_acc, "test_accuracy": test_acc, "history": [],
-        "data_sha256": sha256_file(layout.split("train")),
+        "data_sha256": sha256_file(layout.split("train")), **extra.get("metrics", {}),
     }
     ckpt = {
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "architecture": arch.model_dump(), "channels": ds.channels, "num_classes": ds.num_classes,
-        "image_size": list(ds.image_size), "metrics": metrics,
+        "image_size": list(ds.image_size), "metrics": metrics, **extra.get("checkpoint", {}),
     }
     save_checkpoint(layout.model_pt, ckpt)
     metrics["model_sha256"] = sha256_file(layout.model_pt)  # a damaged model.pt is rebuilt (kiln.uptodate)

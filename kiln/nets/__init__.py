@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,18 @@ def build(arch, in_ch: int, classes: int, image_size: tuple[int, int]):
     from kiln.registry import implementation
 
     return implementation(arch).build(arch, in_ch, classes, tuple(image_size))
+
+
+def imported(arch, in_ch: int, classes: int, image_size: tuple[int, int], compression) -> tuple[Any, dict]:
+    """(model, what the import stage adds to the checkpoint and metrics) of a family Kiln does
+    not train: the family's own ``imported`` where it has one (family tflite: the file's
+    quantization, TVM's import of it), else its ``build`` and nothing more."""
+    from kiln.registry import implementation
+
+    family = implementation(arch)
+    if hasattr(family, "imported"):
+        return family.imported(arch, in_ch, classes, tuple(image_size), compression)
+    return family.build(arch, in_ch, classes, tuple(image_size)), {}
 
 
 # --- the analytic side: a plan of the graph, op by op, in the order the torch build runs ------

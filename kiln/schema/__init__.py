@@ -37,8 +37,8 @@ from kiln.schema.lab import (EmulatedHosts, EmulatedLab, Instance, Inventory, La
 from kiln.schema.nets import (Architecture, AutoencoderArchitecture, CnnArchitecture, Conv1dArchitecture,
                               DsCnnArchitecture, MlpArchitecture, MlperfAdArchitecture, MlperfIcArchitecture,
                               MlperfKwsArchitecture, MlperfVwwArchitecture, MobilenetV1Architecture, ModuleArchitecture,
-                              OnnxArchitecture, ResnetArchitecture, RnnArchitecture, _ArchitectureBase, _FamilyBase,
-                              parse_architecture)
+                              OnnxArchitecture, ResnetArchitecture, RnnArchitecture, TfliteArchitecture,
+                              _ArchitectureBase, _FamilyBase, parse_architecture)
 from kiln.schema.project import (LatencyLimit, MemoryLimit, MinLimit, Project, Requirements, SizeLimit, Sizing, Training,
                                  Tuning, Validation)
 from kiln.schema.tasks import TASKS, Anomaly, Classification, Regression, _TaskBase, judged_by, task_for
@@ -54,7 +54,7 @@ __all__ = [
     "AutoencoderArchitecture", "CnnArchitecture", "Conv1dArchitecture", "DsCnnArchitecture", "MlpArchitecture",
     "MlperfAdArchitecture", "MlperfIcArchitecture", "MlperfKwsArchitecture", "MlperfVwwArchitecture",
     "MobilenetV1Architecture", "ModuleArchitecture", "OnnxArchitecture", "ResnetArchitecture", "RnnArchitecture",
-    "parse_architecture", "LatencyLimit", "MemoryLimit", "MinLimit", "Project", "Requirements", "SizeLimit", "Sizing",
+    "TfliteArchitecture", "parse_architecture", "LatencyLimit", "MemoryLimit", "MinLimit", "Project", "Requirements", "SizeLimit", "Sizing",
     "Training", "Tuning", "Validation", "Anomaly", "Classification", "Regression", "TASKS", "task_for", "judged_by",
     "LocalTransport", "SerialTransport", "SSHTransport", "Transport",
 ]

@@ -263,10 +263,25 @@ class OnnxArchitecture(_FamilyBase):
     path: str = Field(description="the .onnx file, relative to the project's directory; made absolute when the manifest loads")
 
 
+class TfliteArchitecture(_FamilyBase):
+    """A model the team already has, as a TensorFlow Lite file (float32, or int8 with full
+    integer quantization): not trained, post-training compression only (kiln/nets/tflite.py).
+    An int8 file is taken as quantized: its manifest lists ``quantize`` (mode int8) as its only
+    pass, which keeps the file's scales and zero points instead of calibrating."""
+
+    implementation: ClassVar[str] = "kiln.nets.tflite"
+    trains: ClassVar[bool] = False
+    analytic: ClassVar[bool] = False
+
+    family: Literal["tflite"]
+    path: str = Field(description="the .tflite file, relative to the project's directory; made absolute when the "
+                      "manifest loads")
+
+
 Architecture = Annotated[Union[CnnArchitecture, DsCnnArchitecture, MobilenetV1Architecture, ResnetArchitecture,
                                MlpArchitecture, Conv1dArchitecture, RnnArchitecture, AutoencoderArchitecture,
                                MlperfKwsArchitecture, MlperfVwwArchitecture, MlperfIcArchitecture,
-                               MlperfAdArchitecture, ModuleArchitecture, OnnxArchitecture],
+                               MlperfAdArchitecture, ModuleArchitecture, OnnxArchitecture, TfliteArchitecture],
                          Field(discriminator="family")]
 _ARCHITECTURE: TypeAdapter = TypeAdapter(Architecture)
 
