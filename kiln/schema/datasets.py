@@ -449,6 +449,7 @@ class CsvWindowsDataset(_FrontEndShaped, _DatasetBase):
 
     implementation: ClassVar[str] = "passes.formats.csv_windows"
     layout: ClassVar[str] = "sequence"
+    numeric_label: ClassVar[str | None] = "the label column (dataset.label) as numbers: a window's target is its last row's"
     format: Literal["csv_windows"]
     columns: list[str] = Field(min_length=1, description="the channel columns, in input order")
     timestamp: str | None = Field("timestamp", description="the timestamp column (seconds); null: none")

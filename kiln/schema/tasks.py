@@ -178,6 +178,9 @@ class Regression(_TaskBase):
             able = ", ".join(sorted(get_args(t.model_fields["format"].annotation)[0] for t in _numeric_formats()))
             raise ValueError(f"dataset.format: '{ds.format}' has class labels only; a regressor reads a numeric "
                              f"label from: {able}")
+        if "label" in type(ds).model_fields and ds.label is None:
+            raise ValueError(f"dataset.label: null reads one class per folder; a regressor reads its numeric target "
+                             f"from a label column ({where}): name it")
         if getattr(ds, "classes", None):
             raise ValueError("dataset.classes: the app is a regressor (regression section): its label is a number, "
                              "not one of listed classes; leave classes out")

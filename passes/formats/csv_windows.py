@@ -9,6 +9,10 @@ are the splits, each laid out the same way):
   labels, two files or a gap in the timestamps.
 * ``label: null``: ``<root>/<class>/*.csv`` or ``<root>/<class>.csv``, one label per file.
 
+For a regressor (the manifest's ``regression`` section) the label column holds numbers: a
+segment ends only at a file's end or a gap, and a window's target is the label of its last row
+(the value at the time the window ends); ``label: null`` has no numeric target (refused at load).
+
 Timestamps (when ``timestamp`` names a column) must increase: a row whose timestamp is not
 after the previous one is a PassError naming file and line. Steps that disagree with
 ``sample_rate`` (a gap, or a rate that is not the manifest's) are reported (file, line) and a gap
@@ -57,6 +61,13 @@ def infer(ds, root: Path) -> dict:
     are always listed (``dataset.columns``), never inferred: an index column is never used
     unless named there."""
     root = Path(root)
+    if ds._numeric:  # a regressor's label is a number: no classes to infer
+        if not _has_data(root):
+            synthetic_or_refuse(ds, root, None, "holds no CSV files")
+            raise ManifestError(f"field 'dataset.path': {root} holds no CSV files, and the synthetic recordings "
+                                "have activity names for labels: a regressor needs recordings with a numeric label "
+                                "column")
+        return {}
     if not _has_data(root):
         synthetic_or_refuse(ds, root, None, "holds no CSV files")
         return {"classes": sorted(synthetic_classes(ds))}
@@ -165,6 +176,20 @@ def _cut(ds, x: np.ndarray, labels: list[str | None], breaks: np.ndarray, out: _
         out.sources += [path] * len(w)
 
 
+def _cut_numeric(ds, x: np.ndarray, values: np.ndarray, breaks: np.ndarray, out: _Split, path: Path) -> None:
+    """A regressor's windows: segments end at gaps only (the label changes every row); each
+    window's target is the label of its last row."""
+    bounds = sorted({0, len(values), *breaks.tolist()})
+    for s, e in zip(bounds, bounds[1:]):
+        w = _windows(ds, x[s:e])
+        if not len(w):
+            out.unused_rows += e - s
+            continue
+        out.x.append(w)
+        out.labels += values[s + ds.window - 1:e:ds.stride][:len(w)].tolist()
+        out.sources += [path] * len(w)
+
+
 def _read(ds, path: Path, label: str | None, listed: set[str] | None, skipped: list[str],
           warnings: list[str], out: _Split) -> None:
     """One file: its channels (float32), labels, timestamps, then its windows into ``out``."""
@@ -181,6 +206,9 @@ def _read(ds, path: Path, label: str | None, listed: set[str] | None, skipped: l
         raise PassError(f"data: {path}:1: missing column {ds.timestamp!r} (dataset.timestamp; set it to null when "
                         f"the files have no timestamps; header: {','.join(table.header)!r})")
     x = table.numbers(list(ds.columns)).astype(np.float32)
+    if ds._numeric:  # a regressor's: each window's target is its last row's value
+        _cut_numeric(ds, x, table.numbers([ds.label])[:, 0], _timestamps(ds, table, warnings), out, path)
+        return
     labels = table.strings(ds.label) if label is None else [label] * len(table.rows)
     unlisted = sorted({v for v in labels if listed is not None and v not in listed})
     if unlisted:
@@ -232,6 +260,8 @@ def load(ds, root: Path) -> Loaded:
     if "train" not in splits or not splits["train"].files:
         raise PassError(f"data: no readable CSV file for training under {root}"
                         + (f"; first skipped: {skipped[0]}" if skipped else ""))
+    if ds._numeric:
+        return _numeric_loaded(ds, root, splits, skipped, warnings)
     names = list(ds.classes) if ds.classes else sorted(set().union(*(s.seen for s in splits.values())))
     train = splits["train"]
     where = (f"the training windows of {root} (window {ds.window}, stride {ds.stride}; segments shorter "
@@ -247,6 +277,28 @@ def load(ds, root: Path) -> Loaded:
               "synthetic": read_marker(root) if root.is_dir() else None,
               "test_source": "test/ recordings" if "test" in arrays else "split of the recordings"}
     log.info("data: %d windows of %d x %d from %s", n, ds.window, len(ds.columns), root)
+    sources = {name: [_relative(p, root) for p in s.sources] for name, s in splits.items()}
+    return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"), sources, "recording")
+
+
+def _numeric_loaded(ds, root: Path, splits: dict, skipped: list[str], warnings: list[str]) -> Loaded:
+    """A regressor's windows -> Loaded: float64 targets (each window's last label), no classes."""
+    if not splits["train"].labels:
+        raise PassError(f"data: no training window under {root} (window {ds.window}, stride {ds.stride}; segments "
+                        "shorter than a window give none)")
+    empty = np.empty((0, ds.window, len(ds.columns)), np.float32)
+    arrays = {name: (np.ascontiguousarray(np.concatenate(s.x) if s.x else empty, np.float32),
+                     np.asarray(s.labels, np.float64)) for name, s in splits.items()}
+    n = sum(len(y) for _, y in arrays.values())
+    report = {"source": str(root), "samples": n, "images": n, "skipped": len(skipped), "skipped_examples": skipped[:5],
+              "files": {k: s.files for k, s in splits.items()}, "windows": {k: len(a[1]) for k, a in arrays.items()},
+              "unused_rows": sum(s.unused_rows for s in splits.values()),
+              "notes": len(warnings), "notes_examples": warnings[:5]}
+    source = {"format": "csv_windows", "num_classes": 1, "channels": len(ds.columns), "classes": None,
+              "target_column": ds.label, "synthetic": read_marker(root) if root.is_dir() else None,
+              "test_source": "test/ recordings" if "test" in arrays else "split of the recordings"}
+    log.info("data: %d windows of %d x %d and the numeric label %r from %s", n, ds.window, len(ds.columns), ds.label,
+             root)
     sources = {name: [_relative(p, root) for p in s.sources] for name, s in splits.items()}
     return Loaded(arrays["train"], arrays.get("test"), report, source, arrays.get("val"), sources, "recording")
 

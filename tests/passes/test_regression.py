@@ -166,3 +166,40 @@ def test_a_board_without_one_finite_output_per_sample_is_a_clear_error():
         s.quality(req, {"outputs": [[0.0, 1.0], [0.0, 1.0]], "predictions": [0, 0]}, np.zeros(2), None)
     with pytest.raises(ValidationError, match="not finite"):
         s.quality(req, _runner([0.0, float("nan")]), np.zeros(2), None)
+
+
+def _recording(path, n: int, seed: int, gap_at: int | None = None):
+    """A recording of two channels at 10 Hz whose label is a smooth function of them."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 10.0
+    if gap_at is not None:
+        t[gap_at:] += 5.0  # a gap: the segment ends there
+    a, b = np.sin(t + seed), rng.normal(size=n)
+    y = 20 + 5 * a
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("timestamp,a,b,level\n" + "".join(f"{u:.2f},{v:.5f},{w:.5f},{z:.5f}\n"
+                                                     for u, v, w, z in zip(t, a, b, y)))
+    return y
+
+
+def test_csv_windows_gives_each_window_its_last_rows_value_and_refuses_class_folders(tmp_path):
+    from kiln.schema import CsvWindowsDataset
+    from passes.formats import csv_windows
+
+    ys = [_recording(tmp_path / "rec" / f"r{i}.csv", 40, i, gap_at=25 if i == 0 else None) for i in range(3)]
+    ds = CsvWindowsDataset(format="csv_windows", path=str(tmp_path / "rec"), columns=["a", "b"], label="level",
+                           sample_rate=10, window=8, stride=4)
+    ds._numeric = True
+    assert csv_windows.infer(ds, tmp_path / "rec") == {}
+    got = csv_windows.load(ds, tmp_path / "rec")
+    x, y = got.train
+    assert y.dtype == np.float64 and got.source["num_classes"] == 1 and got.group_by == "recording"
+    # r0: segments [0, 25) and [25, 40) (the gap): windows end at rows 7, 11, ..., 23 and 32, 36; r1, r2: 7..39
+    want = np.concatenate([ys[0][[7, 11, 15, 19, 23, 32, 36]], ys[1][7::4], ys[2][7::4]])
+    order = np.argsort([s for s in got.sources["train"]], kind="stable")  # files in scan order: r0, r1, r2
+    assert np.allclose(y[order], want, atol=1e-5)
+    assert x.shape == (len(want), 8, 2)
+    m = manifest(dataset={"format": "csv_windows", "path": str(tmp_path / "rec"), "columns": ["a", "b"],
+                          "label": None, "sample_rate": 10, "window": 8, "stride": 4})
+    with pytest.raises(PydanticError, match="dataset.label: null"):
+        Project.model_validate(m)
