@@ -341,6 +341,7 @@ class ImageFoldersDataset(_ImageDataset, _OwnData):
     RGB or grayscale, resized to ``image_size``: passes/formats/image_folders.py."""
 
     implementation: ClassVar[str] = "passes.formats.image_folders"
+    numeric_label: ClassVar[str | None] = "<path>/labels.csv: a header file,value, a row per image"
     format: Literal["image_folders"]
     color: Literal["rgb", "grayscale"] = "rgb"
     front_end: NormalizeFrontEnd | None = Field(None, description="in the library (board fed uint8 pixels); "

@@ -7,6 +7,12 @@ high byte), then it is converted to RGB or grayscale (``dataset.color``) and res
 ``dataset.image_size``: uint8 N x H x W x C. The folder rules (classes, splits, what is skipped
 or refused) are passes/formats/support/folders.py's. ``synthesize`` writes simple shapes in class
 colours, as PNG (some JPEG and BMP) files in the same layout.
+
+A regressor (the manifest's ``regression`` section) reads its numeric labels from
+``<root>/labels.csv`` instead of class folders: a header ``file,value``, then one row per image,
+its path relative to ``<root>`` and its value. A row naming no file under ``<root>``, or a value
+that is not a number, is a PassError naming the line; an image that cannot be read is reported
+and skipped, as in class folders. Every image is its own group (``dataset.split.group_by``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from kiln.errors import ManifestError, PassError
 from passes.formats import Loaded
 from passes.formats.support import folders
 from passes.formats.support.folders import Unreadable
@@ -36,11 +43,22 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), 
            "purple": (160, 80, 230), "brown": (180, 120, 60)}
 
 
+LABELS_CSV = "labels.csv"  # a regressor's labels: file,value
+
+
 def locate(ds, layout) -> tuple[Path, bool]:
+    if ds._numeric:
+        path = folders.resolve(ds.path)
+        if not (path / LABELS_CSV).is_file():
+            raise ManifestError(f"field 'dataset.path': {path} holds no {LABELS_CSV}: a regressor's images are listed "
+                                "there with their values (a header file,value; paths relative to dataset.path)")
+        return path, False
     return folders.locate(ds, layout, EXTS, WHAT)
 
 
 def infer(ds, root: Path) -> dict:
+    if ds._numeric:  # no classes: the values are in labels.csv
+        return {}
     return folders.infer(ds, root, EXTS, WHAT, synthetic_names)
 
 
@@ -51,8 +69,49 @@ def load(ds, root: Path) -> Loaded:
     def read(path: Path) -> np.ndarray:
         return read_image(path, mode, (h, w))
 
-    return folders.load_tree(ds, root, EXTS, read, np.uint8, "image_folders",
-                             settings={"mode": mode, "size": [h, w], "decoder": DECODER_VERSION})
+    settings = {"mode": mode, "size": [h, w], "decoder": DECODER_VERSION}
+    if ds._numeric:
+        return _load_values(ds, Path(root), read, settings)
+    return folders.load_tree(ds, root, EXTS, read, np.uint8, "image_folders", settings=settings)
+
+
+def _load_values(ds, root: Path, read, settings: dict) -> Loaded:
+    """A regressor's images, listed in ``<root>/labels.csv`` (file,value) -> Loaded with float64
+    values; every image its own group."""
+    from passes.formats.support.csvio import UnreadableCsv, read_table
+
+    path = root / LABELS_CSV
+    try:
+        table = read_table(path)
+    except UnreadableCsv as e:
+        raise PassError(f"data: {path}: cannot read it: {str(e).removeprefix('data: ')}") from e
+    for column in ("file", "value"):
+        if column not in table.header:
+            raise PassError(f"data: {path}:1: missing column {column!r} (a header file,value; got "
+                            f"{','.join(table.header)!r})")
+    values = table.numbers(["value"])[:, 0]
+    files, top = [], root.resolve()
+    for i, (line, name) in enumerate(zip(table.lines, table.strings("file"))):
+        p = (root / name.strip()).resolve()
+        if not p.is_file() or top not in p.parents:
+            raise PassError(f"data: {path}:{line}: {name.strip()!r} is no file under {root}")
+        files.append((p, i))
+    if not files:
+        raise PassError(f"data: {path} lists no images")
+    skipped: list[str] = []
+    kept: list[Path] = []
+    x, idx = folders.load_files(files, read, tuple(ds.raw_shape()), np.uint8, skipped, kept,
+                                {"format": "image_folders", **settings})
+    if skipped:
+        folders.log.warning("data: skipped %d image(s) listed in %s, first: %s", len(skipped), path,
+                            "; ".join(skipped[:folders.EXAMPLES]))
+    n = len(idx)
+    report = {"source": str(root), "samples": n, "images": n, "skipped": len(skipped),
+              "skipped_examples": skipped[:folders.EXAMPLES], "labels_csv": str(path)}
+    source = {"format": "image_folders", "num_classes": 1, "channels": ds.channels, "classes": None,
+              "target_column": "value", "synthetic": None, "test_source": "split of labels.csv"}
+    sources = {"train": [p.relative_to(top).as_posix() for p in kept]}
+    return Loaded((x, values[idx].astype(np.float64)), None, report, source, None, sources, "file")
 
 
 def read_image(path: Path, mode: str, size_hw: tuple[int, int]) -> np.ndarray:

@@ -203,3 +203,32 @@ def test_csv_windows_gives_each_window_its_last_rows_value_and_refuses_class_fol
                           "label": None, "sample_rate": 10, "window": 8, "stride": 4})
     with pytest.raises(PydanticError, match="dataset.label: null"):
         Project.model_validate(m)
+
+
+def test_image_folders_read_a_regressors_values_from_labels_csv(tmp_path):
+    from PIL import Image
+
+    from kiln.schema import ImageFoldersDataset
+    from passes.formats import image_folders
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    rows = ["file,value"]
+    for i in range(12):
+        Image.fromarray(np.full((6, 6), 20 * i, np.uint8)).save(root / "a" / f"{i}.png")
+        rows.append(f"a/{i}.png,{1.5 * i}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    ds = ImageFoldersDataset(format="image_folders", path=str(root), image_size=[4, 4], color="grayscale")
+    ds._numeric = True
+    assert image_folders.locate(ds, None) == (root, False) and image_folders.infer(ds, root) == {}
+    got = image_folders.load(ds, root)
+    x, y = np.asarray(got.train[0]), got.train[1]
+    assert y.dtype == np.float64 and got.source["num_classes"] == 1
+    assert np.allclose(y, 1.5 * (x[:, 0, 0, 0] / 20.0))  # each image's value beside its own pixels
+    assert sorted(got.sources["train"]) == sorted(f"a/{i}.png" for i in range(12))
+    (root / "labels.csv").write_text("file,value\na/0.png,1\na/missing.png,2\n")
+    with pytest.raises(PassError, match=r"labels\.csv:3: 'a/missing.png' is no file"):
+        image_folders.load(ds, root)
+    p = Project.model_validate(manifest(dataset={"format": "image_folders", "path": str(root), "image_size": [4, 4],
+                                                 "color": "grayscale"}))
+    assert p.dataset.num_classes == 1
