@@ -428,4 +428,7 @@ def _log_epoch(tag: str, epochs: int, row: dict) -> None:
     if "val_mse" in row:
         fmt += " val_mse %.5f"
         args.append(row["val_mse"])
+    if "val_mae_std" in row:  # a regressor's: the val MAE in target stds
+        fmt += " val_mae %.4f std"
+        args.append(row["val_mae_std"])
     log.info(fmt + " (%.1f s)", *args, row["seconds"])
