@@ -43,6 +43,7 @@ def power_resources(place: dict) -> list[dict]:
 def _switch(board: str, cls: str, args: dict, action: str, delay_s: float, extra: dict | None = None) -> None:
     """``action`` through labgrid's driver for one power resource of class ``cls``."""
     try:
+        import attr
         from labgrid import Target
         from labgrid.factory import target_factory
         import labgrid.driver  # noqa: F401  (registers labgrid's drivers with its factory)
@@ -55,8 +56,9 @@ def _switch(board: str, cls: str, args: dict, action: str, delay_s: float, extra
         res = target_factory.make_resource(target, cls, None, dict(args))
         if extra is not None:  # an exported resource: labgrid's proxy settings for its host
             res.extra, res.avail = extra, True
-        drv = target_factory.make_driver(target, DRIVERS[cls], None, {"delay": float(delay_s)}
-                                         if cls in ("NetworkPowerPort",) else {})
+        fields = attr.fields_dict(target_factory.drivers[DRIVERS[cls]])  # the off-on delay, where it has one
+        drv = target_factory.make_driver(target, DRIVERS[cls], None,
+                                         {"delay": float(delay_s)} if "delay" in fields else {})
         target.activate(drv)
         getattr(drv, action)()
     except Exception as e:  # labgrid's own errors (InvalidConfigError, ExecutionError), requests', OSError
