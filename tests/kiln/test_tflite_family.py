@@ -1,0 +1,167 @@
+"""family: tflite — a team's TensorFlow Lite file (float32 or full-integer int8), checked
+against TVM's own TFLite frontend (``tvm.relax.frontend.tflite``) operator by operator, imported
+by it, and converted into Kiln's op vocabulary (NCHW); an int8 file's scales and zero points
+kept by the quantize pass. The models are written by tests/tflite_builder.py (the ``tflite``
+package's flatbuffers builder: no TensorFlow installs here), never checked in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tflite.BuiltinOperator import BuiltinOperator as Op
+
+from kiln.errors import ManifestError
+from kiln.nets import tflite
+from tests.tflite_builder import F32, I8, Writer, digits_cnn, trained_digits_cnn
+
+
+def _tvm_run(path, x_nchw: np.ndarray) -> np.ndarray:
+    """The file imported and built by TVM's own TFLite frontend, run on NHWC samples one by one."""
+    import tvm
+    from tvm import relax
+
+    mod, _, _ = tflite.tvm_import(path)
+    ex = relax.build(mod, target=tvm.target.Target({"kind": "llvm"}))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    x = np.ascontiguousarray(x_nchw.transpose(0, 2, 3, 1))
+    return np.concatenate([vm["main"](tvm.runtime.tensor(x[i : i + 1])).numpy() for i in range(len(x))])
+
+
+def test_float_file_converts_to_the_trained_net_and_tvm_imports_it_alike(tmp_path):
+    path = digits_cnn(tmp_path / "float.tflite")
+    model = tflite.load(path)
+    assert tflite.problems(model, vocabulary=True) == [] and not tflite.is_quantized(model)
+    assert tflite.input_shape(model) == (1, 8, 8)
+    module, source = tflite.convert(model, str(path))
+    assert source is None
+    net, xt = trained_digits_cnn()
+    x = xt[:64]
+    with torch.no_grad():
+        want, got = net(x).numpy(), module(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # NHWC weights reordered right
+    # TVM's own import of the file (which ends in SOFTMAX: Kiln drops it and reads the logits)
+    probs = _tvm_run(path, x.numpy())
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(got), 1).numpy(), rtol=1e-4, atol=1e-5)
+    kinds = {type(m).__name__ for m in module.modules()} - {"GraphModule", "Module"}
+    assert kinds <= {"Conv2d", "ReLU", "MaxPool2d", "AdaptiveAvgPool2d", "Flatten", "Linear"}
+
+
+def test_int8_file_keeps_its_scales_and_zero_points(tmp_path):
+    from kiln.schema import QuantizeSettings
+    from passes.quantize import describe
+    from passes.support.int8 import fake_quant, graph_plan
+
+    path = digits_cnn(tmp_path / "int8.tflite", int8=True)
+    model = tflite.load(path)
+    assert tflite.problems(model, vocabulary=True) == [] and tflite.is_quantized(model)
+    module, source = tflite.convert(model, str(path))
+    sg = model.Subgraphs(0)
+    by_name = {tflite._name(sg, i): sg.Tensors(i) for i in range(sg.TensorsLength())}
+    plan = graph_plan(module, (1, 1, 8, 8))
+    record = describe(module, plan, {}, QuantizeSettings(mode="int8"), 0, source)
+    layers = record["layers"]
+    convs = [s for s in layers.values() if s["kind"] == "conv"]
+    # the file's int8 grids: its input (int8 zero point -128 = Kiln's uint8 zero point 0), each
+    # conv's output (after its fused ReLU), the mean, and every weight scale, kept exactly
+    assert layers["input"]["output"] == {"scale": float(np.float32(1 / 255)), "zero_point": 0, "dtype": "uint8"}
+    for spec, name in zip(convs, ("a1", "a2")):
+        q = by_name[name].Quantization()
+        assert spec["output"]["scale"] == float(q.ScaleAsNumpy()[0]) and spec["output"]["dtype"] == "uint8"
+    w = by_name["conv1/weights"].Quantization().ScaleAsNumpy()
+    assert convs[0]["weight_scale"] == [float(v) for v in w]
+    pool = next(s for s in layers.values() if s["kind"] == "avgpool")
+    assert pool["output"]["scale"] == float(by_name["m"].Quantization().ScaleAsNumpy()[0])
+    # the dequantized weights fall back onto the file's int8 codes
+    wq = np.frombuffer(model.Buffers(by_name["conv1/weights"].Buffer()).DataAsNumpy().tobytes(), np.int8)
+    from passes.support.int8 import weight_ints
+
+    conv1 = module.get_submodule(convs[0]["module"])
+    assert np.array_equal(weight_ints(conv1.weight, convs[0]["weight_scale"]).numpy().transpose(0, 2, 3, 1).reshape(-1),
+                          wq.astype(np.float32))
+    # Kiln's twin against TVM's own import of the int8 file (its QDQ float math): the same
+    # classes, logits within a few steps of the file's output grid
+    twin = fake_quant(module, record)
+    _, xt = trained_digits_cnn()
+    x = xt[:128]
+    with torch.no_grad():
+        mine = twin(x).numpy()
+    theirs = _tvm_run(path, x.numpy())
+    step = float(by_name["lg"].Quantization().ScaleAsNumpy()[0])
+    assert (mine.argmax(1) == theirs.argmax(1)).mean() >= 0.97
+    assert np.abs(mine - theirs).max() <= 4 * step
+
+
+def test_operators_tvm_lacks_are_named_per_operator(tmp_path):
+    w = Writer()
+    x = w.tensor("input", [1, 4, 4, 2])
+    h = w.tensor("rnn_out", [1, 4, 4, 2])
+    w.op(Op.RNN, [x], [h])
+    xq = w.tensor("xq", [1, 4, 4, 2], I8, scale=0.1, zero_point=0)
+    w.op(Op.QUANTIZE, [h], [xq])
+    pads = w.tensor("pads", [4, 2], 2, np.zeros((4, 2), np.int32))
+    padded = w.tensor("padded_q", [1, 4, 4, 2], I8, scale=0.1, zero_point=0)
+    w.op(Op.PAD, [xq, pads], [padded])
+    out = w.tensor("transposed", [1, 4, 4, 2], F32)
+    perm = w.tensor("perm", [4], 2, np.array([0, 2, 1, 3], np.int32))
+    w.op(Op.TRANSPOSE, [x, perm], [out])  # float: TVM imports it, Kiln does not convert it
+    path = tmp_path / "bad.tflite"
+    w.save(path, [x], [out])
+    model = tflite.load(path)
+    text = "\n".join(tflite.problems(model, vocabulary=True))
+    assert "operator 0 'rnn_out' (RNN): TVM's TFLite frontend has no converter for RNN" in text
+    assert "operator 2 'padded_q' (PAD): TVM's TFLite frontend does not import PAD quantized" in text
+    assert "operator 3 'transposed' (TRANSPOSE): TRANSPOSE is outside what Kiln converts" in text
+    with pytest.raises(ManifestError, match="cannot be built for the boards"):
+        tflite.check(model, str(path))
+
+
+def test_a_file_that_is_not_tflite_is_one_clear_error(tmp_path):
+    bad = tmp_path / "model.tflite"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(ManifestError, match="not a TFLite model"):
+        tflite.load(bad)
+    with pytest.raises(ManifestError, match="no such TFLite file"):
+        tflite.load(tmp_path / "missing.tflite")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_tflite_app_deploys_int8_and_passes_on_x86_host_and_rpi4(int8, tmp_path):
+    """``doit deploy`` of a TFLite app: the float file through the quantize pass (calibrated),
+    the int8 file through the same pass keeping the file's parameters; both pass on x86-host
+    and rpi4 (qemu). An int8 file with another pass listed is refused naming the field."""
+    import json
+
+    from tests.conftest import local_lab, run_doit, write_project
+
+    lab = local_lab(tmp_path, "tfl")
+    name = "tfl"
+
+    def app(passes):
+        return {"name": name, "requirements": {"accuracy": {"min": 0.5}, "agreement": {"min": 0.9}},
+                "dataset": {"format": "digits", "path": "sklearn", "image_size": [8, 8],
+                            "split": {"val": 0.15, "test": 0.15, "seed": 0}},
+                "architecture": {"family": "tflite", "path": "model.tflite"},
+                "training": {"epochs": 1, "batch": 32, "lr": 0.01, "seed": 0, "threads": 1},
+                "compression": {"max_accuracy_drop": 0.1, "library_bytes": False, "passes": passes},
+                "validation": {"samples": 40, "warmup": 1, "timeout_s": 600},
+                "targets": ["x86-host", "rpi4"]}
+
+    quantize = {"quantize": {"mode": "int8", "calibration_samples": 128}}
+    if int8:  # refused before anything is built: the file is quantized already
+        write_project(lab["projects"], app([{"prune": {"method": "magnitude", "amount": 0.5}}, quantize]))
+        digits_cnn(lab["projects"] / name / "model.tflite", int8=True)
+        p = run_doit(lab["env"], f"train:{name}", timeout=600)
+        assert p.returncode != 0 and "compression.passes" in p.stdout + p.stderr and "int8-quantized" in p.stdout + p.stderr
+    write_project(lab["projects"], app([quantize]))
+    digits_cnn(lab["projects"] / name / "model.tflite", int8=int8)
+    p = run_doit(lab["env"], f"deploy:{name}", timeout=1500)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    build = lab["build"] / name
+    report = json.loads((build / "report.json").read_text())
+    assert report["passed"] and sorted(report["validated"]) == ["rpi4", "x86-host"], report
+    metrics = json.loads((build / "metrics.json").read_text())
+    assert metrics["trained"] is False and metrics["tflite_quantized"] is int8 and metrics["tvm_tflite_import"] == "ok"
+    calibration = json.loads((build / "compress.json").read_text())
+    assert calibration["passes"][-1]["pass"] == "quantize"
