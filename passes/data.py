@@ -165,6 +165,8 @@ class _Part:
         self.y = y if idx is None else y[idx]
         self.shape = (len(self.idx), *x.shape[1:])
         self.dtype = x.dtype
+        # each row's decode-cache key (what its file held, how it was decoded); None: not cached
+        self.keys = None if getattr(x, "keys", None) is None else x.keys[self.idx]
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -360,42 +362,93 @@ def front_end_of(ds) -> dict | None:
             "sample_rate": getattr(ds, "sample_rate", None)}
 
 
-def _apply_front_end(front_end: dict, parts: dict, out_dir: Path) -> tuple[dict, dict]:
-    """Fit the front end on the training split and write every split's features with it (the
-    same graph the library runs, a chunk at a time) and the raw samples the boards and the
-    export's parity check need. Returns (the features' split files' writers, front_end.json)."""
+def _how(*parts) -> str | None:
+    """How an output is made (splits.fingerprint), or None when a part's rows are not cached
+    (no keys): then it is always written again."""
+    if any(isinstance(p, _Part) and p.keys is None for p in parts):
+        return None
+    return splits.fingerprint(*[(p.keys, p.y) if isinstance(p, _Part) else p for p in parts])
+
+
+def _emit(prev: splits.Previous, name: str, how: str | None, write, transform: str | None = None,
+          keys=None) -> None:
+    """Write output ``name`` with ``write()`` unless the last run made it the same way."""
+    if prev.unchanged(name, how):
+        log.info("data: %s unchanged since the last run, kept", name)
+        return
+    write()
+    prev.wrote(name, how, transform, keys)
+
+
+def _features(fe, layout, sr, stats, part: "_Part", reuse, step: int):
+    """``chunks`` of the front end's features of ``part``: rows the last run computed with the
+    same transform (``reuse``: (open its x, {key: row})) are copied from its file."""
     from passes import frontends
 
+    def chunks():
+        copied = 0
+        for i in range(0, len(part), step):
+            at = np.arange(i, min(i + step, len(part)))
+            if reuse is None or part.keys is None:
+                yield frontends.features(fe, layout, part[at], stats, sr)
+                continue
+            old_x, old_rows = reuse[0](), reuse[1]
+            rows = np.asarray([old_rows.get(k, -1) for k in part.keys[at].tolist()], np.int64)
+            hit = rows >= 0
+            out = np.empty((len(at), *old_x.shape[1:]), np.float32)
+            out[hit] = old_x[rows[hit]]
+            del old_x  # unmapped: its pages are not kept resident
+            if not hit.all():
+                out[~hit] = frontends.features(fe, layout, part[at[~hit]], stats, sr)
+            copied += int(hit.sum())
+            yield out
+        log.info("data: front end: %d of %d samples' features copied from the last run's file", copied, len(part))
+    return chunks
+
+
+def _transform(fe, layout, raw_shape, stats, sr) -> str:
+    """The front end as it computes features: its settings and its module's tensors."""
+    from passes import frontends
+
+    mod = frontends.module(fe, layout, tuple(raw_shape), stats, sr)
+    return splits.fingerprint(fe.model_dump(mode="json"), layout, list(raw_shape), sr, type(mod).__name__,
+                              *[(k, v.detach().cpu().numpy()) for k, v in mod.state_dict().items()])
+
+
+def _apply_front_end(front_end: dict, parts: dict, out_dir: Path, prev: splits.Previous) -> tuple[dict, dict]:
+    """Fit the front end on the training split and write the raw samples the boards and the
+    export's parity check need. Returns (per split: the writer of its features, the same graph
+    the library runs, a chunk at a time; front_end.json's contents)."""
     fe, layout, sr = front_end["settings"], front_end["layout"], front_end["sample_rate"]
     raw_dtype = np.dtype(RAW_DTYPES[layout])
     for name, part in parts.items():
         if part.dtype != raw_dtype or tuple(part.shape[1:]) != tuple(front_end["raw_shape"]):
             raise PassError(f"data: the {name} split's raw samples are {part.dtype} {tuple(part.shape[1:])}, "
                             f"expected {raw_dtype} {tuple(front_end['raw_shape'])} (a bug in the format)")
-    _write_npz(out_dir / Layout.RAW_NPZ, val=parts["val"], test=parts["test"])
+    _emit(prev, Layout.RAW_NPZ, _how(Layout.RAW_NPZ, parts["val"], parts["test"]),
+          lambda: _write_npz(out_dir / Layout.RAW_NPZ, val=parts["val"], test=parts["test"]))
     train = parts["train"]
     if front_end.get("raw_train") is not None:  # training augments raw samples, then runs the front end
         path = Layout.split_file(out_dir, Layout.RAW_TRAIN)
-        _write_npz(path, x=train, y=train.y, **{k: np.asarray(v) for k, v in front_end["raw_train"].items()})
+        extras = {k: np.asarray(v) for k, v in front_end["raw_train"].items()}
+        _emit(prev, path.name, _how(path.name, train, *(a for kv in sorted(extras.items()) for a in kv)),
+              lambda: _write_npz(path, x=train, y=train.y, **extras))
         train = splits.memmap_member(path, "x")  # the fit reads it from there
     impl = implementation(fe)
     stats = impl.fit(fe, layout, train)
     raw_shape = tuple(front_end["raw_shape"])
     c, h, w = fe.output_shape(layout, raw_shape, sr)
+    transform = _transform(fe, layout, raw_shape, stats, sr)
     writers = {}
     for name, part in parts.items():
-        log.info("data: %s front end on the %s split (%d samples)", fe.kind, name, len(part))
-        step = splits.chunk_rows(raw_shape, np.float32)
-
-        def chunks(part=part, step=step):
-            for i in range(0, len(part), step):
-                yield frontends.features(fe, layout, part[i:i + step], stats, sr)
-
-        writers[name] = ((len(part), h, w, c), np.float32, chunks)
+        fname = Layout.split_file(out_dir, name).name
+        writers[name] = ((len(part), h, w, c), np.float32,
+                         _features(fe, layout, sr, stats, part, prev.rows(fname, transform),
+                                   splits.chunk_rows(raw_shape, np.float32)))
     info = {"kind": fe.kind, "settings": fe.model_dump(), "layout": layout, "raw_shape": front_end["raw_shape"],
             "raw_dtype": raw_dtype.name, "sample_rate": sr, "stats": stats,
             "output_shape": list(fe.output_shape(layout, raw_shape, sr))}
-    return writers, info
+    return {"writers": writers, "transform": transform}, info
 
 
 def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, seed: int,
@@ -431,25 +484,35 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
     raw_test = parts["test"]
     keep_raw = front_end is not None and raw_train is not None
     files = [f for f in Layout.data_files(front_end is not None, keep_raw) if f != Layout.DATA_JSON]  # data.json: last
+    prev = splits.Previous(out_dir, out_dir / CACHE_DIR)  # what the last run wrote: kept where unchanged
     fe_info = None
+    label_dtype = np.float64 if numeric else np.int64
     if front_end is not None:
-        writers, fe_info = _apply_front_end({**front_end, "raw_train": raw_train}, parts, out_dir)
+        made, fe_info = _apply_front_end({**front_end, "raw_train": raw_train}, parts, out_dir, prev)
+        writers, transform = made["writers"], made["transform"]
         write_json(out_dir / Layout.FRONT_END_JSON, fe_info)
     else:
         writers = {n: (p.shape, p.dtype, splits.in_chunks(p)) for n, p in parts.items()}
+        transform = "raw samples"
     for name, part in parts.items():
-        log.info("data: writing %s split: %d samples", name, len(part))
-        splits.write_npz(Layout.split_file(out_dir, name), {"x": writers[name], "y": (
-            part.y.shape, np.float64 if numeric else np.int64, splits.in_chunks(part.y))})
+        path = Layout.split_file(out_dir, name)
+
+        def write(path=path, name=name, part=part):
+            log.info("data: writing %s split: %d samples", name, len(part))
+            splits.write_npz(path, {"x": writers[name], "y": (part.y.shape, label_dtype, splits.in_chunks(part.y))})
+
+        _emit(prev, path.name, _how(path.name, transform, part), write, transform, part.keys)
     y = parts["test"].y
     if not len(y):
         log.warning("data: the test split is empty (test=%s and no labelled test set)", test)
     if fe_info is None:
-        _write_runner_inputs(out_dir / Layout.TEST_INPUTS, raw_test)
+        _emit(prev, Layout.TEST_INPUTS, _how(Layout.TEST_INPUTS, "float32 NCHW", raw_test),
+              lambda: _write_runner_inputs(out_dir / Layout.TEST_INPUTS, raw_test))
         test_inputs = {"file": Layout.TEST_INPUTS, "dtype": "float32", "byteorder": "little", "layout": "NCHW",
                        "shape": [len(y), source["channels"], *size], "scale": "pixel / 255"}
     else:
-        _write_raw_inputs(out_dir / Layout.TEST_INPUTS, raw_test)
+        _emit(prev, Layout.TEST_INPUTS, _how(Layout.TEST_INPUTS, "raw", raw_test),
+              lambda: _write_raw_inputs(out_dir / Layout.TEST_INPUTS, raw_test))
         test_inputs = {"file": Layout.TEST_INPUTS, "dtype": fe_info["raw_dtype"], "byteorder": "little",
                        "layout": fe_info["layout"], "shape": [len(y), *fe_info["raw_shape"]],
                        "scale": f"raw samples ({fe_info['kind']} front end in the library)"}
@@ -463,11 +526,12 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
         **({"target": target_stats(parts["train"].y)} if numeric else {}),
         "test_inputs": test_inputs, "front_end": fe_info, "groups": _group_report(rule, groups),
         "load": report,
-        "files": {f: sha256_file(out_dir / f) for f in files},
+        "files": {f: prev.sha256(f) if f in prev.new else sha256_file(out_dir / f) for f in files},
         "params": {**(params or {}), "image_size": list(size), "val": val, "test": test, "seed": seed,
                    "group_by": rule, "split_version": SPLIT_VERSION,
                    "front_end": None if front_end is None else front_end["settings"].model_dump()},
     }
+    prev.save()
     write_json(out_dir / Layout.DATA_JSON, info)  # last: its presence means every output above is complete
     log.info("data: wrote %s (train %d, val %d, test %d)", out_dir, *info["counts"].values())
     return info

@@ -48,6 +48,8 @@ def _check_layout(fe, layout, raw_shape) -> None:
 def fit(fe, layout, raw_train: np.ndarray) -> dict:
     """{"mean": [...], "std": [...]} per channel of the scaled training samples, python floats."""
     _check_layout(fe, layout, raw_train.shape[1:])
+    if fe.mean is not None and fe.std is not None:  # both given: they are what the module uses, nothing to fit
+        return {"mean": [float(v) for v in fe.mean], "std": [float(v) for v in fe.std]}
     if raw_train.shape[0] == 0:
         raise PassError("front end 'normalize': the training split is empty, nothing to fit mean and std on")
     # two passes over chunks of samples (mean, then the mean squared deviation: numpy's std), so a

@@ -108,8 +108,10 @@ class Rows:
     integer array or a slice gives an ndarray (read from the packs memory-mapped, then
     unmapped: only what is asked for is resident)."""
 
-    def __init__(self, folder: Path, packs: list[str], pack: np.ndarray, row: np.ndarray, shape, dtype):
+    def __init__(self, folder: Path, packs: list[str], pack: np.ndarray, row: np.ndarray, shape, dtype,
+                 keys: np.ndarray):
         self.folder, self.packs, self.pack, self.row = folder, packs, pack, row
+        self.keys = keys  # each row's cache key (S64: its file's content, extra and settings)
         self.shape = (len(pack), *shape)
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
@@ -278,7 +280,8 @@ def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int,
         errors: dict[int, str] = {}
         stats: dict[int, os.stat_result] = {}
         for i, (p, extra) in enumerate(zip(paths, extras)):
-            p = os.path.abspath(p)
+            p = os.fspath(p)
+            p = p if os.path.isabs(p) else os.path.abspath(p)
             try:
                 st = os.stat(p)
             except OSError:  # missing: the reader says so in its own words, nothing to cache
@@ -296,11 +299,12 @@ def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int,
                     continue
             todo.append((i, p, extra))
         new_samples: list[tuple] = []
+        todo_path = {i: p for i, p, _ in todo}
         if todo:
             for i, sha, key, pack, row, err, decoded in _run(todo, read, shape, dtype, catch, reason, store.folder,
                                                               set(known), ctx.workers):
                 st = stats[i]
-                files.append((os.path.abspath(paths[i]), st.st_size, st.st_mtime_ns, st.st_ino, sha))
+                files.append((todo_path[i], st.st_size, st.st_mtime_ns, st.st_ino, sha))
                 keys[i] = key
                 ctx.stats.hashed += 1
                 if decoded:
@@ -313,7 +317,7 @@ def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int,
         store.close()
     live = ctx.live.setdefault(settings_hash, set())
     packs: dict[str, int] = {}
-    pack_of, row_of = [], []
+    pack_of, row_of, row_keys = [], [], []
     ok = np.zeros(n, bool)
     for i, k in enumerate(keys):
         if k is None:
@@ -326,8 +330,10 @@ def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int,
         ok[i] = True
         pack_of.append(packs.setdefault(pack, len(packs)))
         row_of.append(row)
+        row_keys.append(f"{settings_hash}:{k}")
     ctx.stats.seconds += time.perf_counter() - start
-    rows = Rows(store.folder, list(packs), np.asarray(pack_of, np.int32), np.asarray(row_of, np.int64), shape, dtype)
+    rows = Rows(store.folder, list(packs), np.asarray(pack_of, np.int32), np.asarray(row_of, np.int64), shape, dtype,
+                np.asarray(row_keys, dtype="S85"))
     return rows, ok, errors
 
 

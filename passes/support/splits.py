@@ -13,6 +13,9 @@ reads those rows only (a DataLoader worker can open its own, the file is read-on
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -115,3 +118,84 @@ def open_split(data_dir: str | Path, split: str, mode: str = "r") -> tuple[np.nd
     if len(x) != len(y):
         raise PassError(f"{path}: the {split} split has {len(x)} samples but {len(y)} labels; rerun the data task")
     return x, y
+
+
+class Previous:
+    """What the data stage's last run wrote, so that a rerun writes only what changed: per
+    output file, a fingerprint of how it was made (``how``: its rows' cache keys, labels and
+    transform), its stat and sha256 (``<cache>/outputs.json``), and for a split file its rows'
+    keys (``<cache>/rows-<file>.npy``). A file made the same way and untouched since is kept
+    as it is; a split file's rows made by the same transform (``transform``: the front end's
+    settings and tensors) are copied from it instead of computed again."""
+
+    def __init__(self, out_dir: Path, cache_dir: Path):
+        self.out_dir, self.cache_dir = Path(out_dir), Path(cache_dir)
+        self.record_path = self.cache_dir / "outputs.json"
+        try:
+            self.old = json.loads(self.record_path.read_text())
+        except (OSError, ValueError):
+            self.old = {}
+        self.new: dict[str, dict] = {}
+
+    def _intact(self, name: str) -> dict | None:
+        r = self.old.get(name)
+        try:
+            st = os.stat(self.out_dir / name)
+        except OSError:
+            return None
+        return r if r and r["stat"] == [st.st_size, st.st_mtime_ns, st.st_ino] else None
+
+    def unchanged(self, name: str, how: str | None) -> bool:
+        """True (and recorded again) when ``name`` was made by ``how`` and is untouched since."""
+        r = self._intact(name) if how is not None else None
+        if r is None or r["how"] != how:
+            return False
+        self.new[name] = r
+        return True
+
+    def rows(self, name: str, transform: str) -> tuple[Callable, dict[bytes, int]] | None:
+        """(open: a fresh memmap of the old file's ``x``, {row key: row}) when ``name``'s rows
+        were made by ``transform``; else None."""
+        r = self._intact(name)
+        if r is None or r.get("transform") != transform or not r.get("keys"):
+            return None
+        try:
+            keys = np.load(self.cache_dir / r["keys"])
+            memmap_member(self.out_dir / name, "x").shape  # readable
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
+        return (lambda: memmap_member(self.out_dir / name, "x")), {k: i for i, k in enumerate(keys.tolist())}
+
+    def wrote(self, name: str, how: str | None, transform: str | None = None, keys: np.ndarray | None = None) -> None:
+        from kiln.artifacts import sha256_file
+
+        path = self.out_dir / name
+        st = os.stat(path)
+        rec = {"how": how, "stat": [st.st_size, st.st_mtime_ns, st.st_ino], "sha256": sha256_file(path),
+               "transform": transform, "keys": None}
+        if keys is not None and transform is not None:
+            rec["keys"] = f"rows-{name}.npy"
+            with atomic_path(self.cache_dir / rec["keys"]) as tmp, open(tmp, "wb") as f:
+                np.save(f, keys)
+        self.new[name] = rec
+
+    def sha256(self, name: str) -> str:
+        return self.new[name]["sha256"]
+
+    def save(self) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.record_path) as tmp:
+            Path(tmp).write_text(json.dumps(self.new))
+
+
+def fingerprint(*parts) -> str:
+    """sha256 over ``parts`` (arrays by their bytes, dtype and shape; anything else by repr)."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(f"{p.dtype.str}{p.shape}".encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        else:
+            h.update(repr(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()

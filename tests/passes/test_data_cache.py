@@ -4,6 +4,9 @@ and split files read back memory-mapped."""
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -144,3 +147,31 @@ def test_a_gtsrb_roi_is_part_of_the_key(tmp_path):
 def test_workers_below_one_are_refused_at_load():
     with pytest.raises(ValidationError, match="workers"):
         GtsrbDataset(format="gtsrb", path="x", workers=0)
+
+
+def test_a_rerun_after_a_change_writes_what_a_cold_run_writes(tmp_path, kiln_env, caplog):
+    """With a front end (its features copied from the last run's file where the transform is the
+    same) and the raw training split kept: the rerun's files equal a fresh build's, byte for byte."""
+    root = tmp_path / "imgs"
+    _tree(root, n=30)  # no class small enough for a group to be moved (see the first test)
+
+    def project(name: str) -> Project:
+        d = _project(root, 1, name).model_dump(mode="json", exclude_unset=True)
+        d["dataset"]["front_end"] = {"kind": "normalize", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+        d["dataset"]["augment"] = {"brightness": 0.1}
+        return Project.model_validate(d)
+
+    warm = Layout("warm")
+    data.run(project("warm"), warm)
+    _image(root / "dog" / "dog_new.png", 999)
+    _image(root / "cat" / "cat_001.png", 4242)
+    with caplog.at_level(logging.INFO, "kiln.data"):
+        again = data.run(project("warm"), warm)
+    copied = [(int(a), int(b)) for a, b in re.findall(r"(\d+) of (\d+) samples' features copied", caplog.text)]
+    # the splits written again computed the two new files' features only, the rest were copied
+    assert copied and sum(b - a for a, b in copied) == 2, copied
+    fresh = data.run(project("fresh"), Layout("fresh"))
+    assert again["load"]["decode"]["decoded"] == 2 and fresh["load"]["decode"]["decoded"] == 92
+    assert "raw_train.npz" in again["files"] and again["files"] == fresh["files"]
+    same = data.run(project("warm"), warm)  # nothing changed: every file kept
+    assert same["files"] == again["files"]
