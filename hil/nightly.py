@@ -307,7 +307,7 @@ class Night:
 
 NO_METRICS = {"accuracy": None, "auc": None, "latency_ms": None, "latency_windows_ms": None,
               "latency_ms_median_of_windows": None, "model_bytes": None, "memory_kb": None, "emulated": False,
-              "macro_f1": None, "per_class": None, "confusion": None}
+              "macro_f1": None, "per_class": None, "confusion": None, "mae": None, "rmse": None, "r2": None}
 
 
 def metrics(record: dict, result: dict) -> dict:
@@ -322,7 +322,9 @@ def metrics(record: dict, result: dict) -> dict:
             "emulated": bool(result.get("latency_emulated", record.get("emulated"))),
             # a classifier's per-class truth (kiln/tasks/classification.py per_class), for the HTML
             "macro_f1": result.get("macro_f1"), "per_class": result.get("per_class"),
-            "confusion": result.get("confusion")}
+            "confusion": result.get("confusion"),
+            # a regressor's figures, in the label's units (kiln/tasks/regression.py)
+            "mae": result.get("mae"), "rmse": result.get("rmse"), "r2": result.get("r2")}
 
 
 def exit_code(night: dict) -> int:

@@ -120,6 +120,8 @@ METRICS = obj({
     # a classifier's per-class truth (kiln/tasks/classification.py per_class)
     "macro_f1": optional(null_or(NUM)), "per_class": optional(null_or(dict_of(PER_CLASS))),
     "confusion": optional(null_or(CONFUSION)),
+    # a regressor's figures on the board, in the label's units (kiln/tasks/regression.py)
+    "mae": optional(null_or(NUM)), "rmse": optional(null_or(NUM)), "r2": optional(null_or(NUM)),
 })
 JOB = obj({
     "app": STR, "board": STR, "type": STR, "status": enum(*STATUSES), "flaky": BOOL,

@@ -232,3 +232,22 @@ def test_image_folders_read_a_regressors_values_from_labels_csv(tmp_path):
     p = Project.model_validate(manifest(dataset={"format": "image_folders", "path": str(root), "image_size": [4, 4],
                                                  "color": "grayscale"}))
     assert p.dataset.num_classes == 1
+
+
+def test_the_nightly_carries_a_regressors_figures_and_flags_a_rising_mae():
+    from hil import history, nightly
+    from hil.reports import html, schema
+
+    lat = {k: 0.1 for k in ("p50", "p90", "p99", "mean", "min", "max")}
+    result = {"accuracy": None, "mae": 43.5, "rmse": 56.1, "r2": 0.45, "latency_ms": lat,
+              "model_bytes": 1000, "memory_kb": None, "latency_emulated": False}
+    m = nightly.metrics({"runner": {}}, result)
+    assert (m["mae"], m["rmse"], m["r2"]) == (43.5, 56.1, 0.45)
+    schema.METRICS(m, "metrics", "a night")  # the kiln-nightly/1 contract takes them
+    job = {"app": "diabetes", "board": "x86-host", "status": "pass", "flaky": False, "metrics": m,
+           "requirements": [{"name": "mae", "measured": 43.5, "op": "<=", "limit": 55.0, "verdict": "pass"}]}
+    cell = html._cell(job)
+    assert "MAE 43.5" in cell and "R² 0.450" in cell
+    assert history.job_metrics(job)["mae"] == 43.5
+    assert history.judge("mae", 44.5, [43.5] * 5)["flagged"]  # over 1 % worse than the baseline: flagged
+    assert not history.judge("mae", 40.0, [43.5] * 5)["flagged"]  # better: never
