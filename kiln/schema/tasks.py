@@ -170,9 +170,15 @@ class Regression(_TaskBase):
                                         "(mean squared error) or mae (mean absolute error, less swayed by outliers)")
 
     def check(self, project) -> None:
-        """The dataset must be able to read a numeric label (its format's ``numeric_label``) and
-        list no classes; the dataset is then told that its label is a number (one output)."""
+        """Kiln trains the net (an imported one's outputs are not standardized targets), the
+        dataset can read a numeric label (its format's ``numeric_label``) and lists no classes;
+        the dataset is then told that its label is a number (one output)."""
         ds = project.dataset
+        arch = project.architecture
+        if not getattr(type(arch), "trains", True):
+            raise ValueError(f"regression: family '{arch.family}' is imported, not trained by Kiln: a regressor is "
+                             "trained on targets standardized with the training split's statistics, which an "
+                             "imported model's outputs know nothing of")
         where = getattr(type(ds), "numeric_label", None)
         if where is None:
             able = ", ".join(sorted(get_args(t.model_fields["format"].annotation)[0] for t in _numeric_formats()))

@@ -60,6 +60,7 @@ def test_a_regression_section_makes_a_one_output_regressor():
     ({"dataset": {"format": "digits"}}, "dataset.format: 'digits' has class labels only"),
     ({"dataset": {**APP["dataset"], "classes": ["lo", "hi"]}}, "dataset.classes"),
     ({"training": {"epochs": 1, "lr": 0.01, "class_weights": "balanced"}}, "training.class_weights"),
+    ({"architecture": {"family": "onnx", "path": "model.onnx"}}, "regression: family 'onnx' is imported"),
 ])
 def test_a_wrong_field_is_refused_at_load_naming_it(changes, field):
     with pytest.raises(PydanticError) as e:
