@@ -24,12 +24,12 @@ def _this_checkout() -> None:
     it: that checkout's code, projects and boards. Start doit again with this checkout first on
     the path (``-P``: not the working directory); if its code still comes from elsewhere, refuse
     naming both."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.realpath(__file__))
     away = {}
     for pkg in ("kiln", "hil", "passes"):
         f = getattr(sys.modules.get(pkg), "__file__", None)
-        if f and os.path.dirname(os.path.dirname(os.path.abspath(f))) != here:
-            away[pkg] = os.path.dirname(os.path.dirname(os.path.abspath(f)))
+        if f and os.path.dirname(os.path.dirname(os.path.realpath(f))) != here:
+            away[pkg] = os.path.dirname(os.path.dirname(os.path.realpath(f)))
     if not away:
         return
     if os.environ.get("KILN_CHECKOUT") != here:
