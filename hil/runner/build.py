@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -212,27 +213,83 @@ def build_runner(arch: str, out_dir: str | os.PathLike, cache_dir: str | os.Path
     out_dir = Path(out_dir).resolve()
     libs = runtime_libs(arch, cache_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    cxx = compiler_for(arch)
+    key = _bundle_key(arch, cxx, libs)
+    cached = Path(cache_dir) / "runners" / f"{arch}-{key[:16]}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        for name in RUNTIME_LIBS:
-            shutil.copyfile(libs[name], tmp / name)
-            os.chmod(tmp / name, 0o755)
-        cxx = _compile(arch, libs, tmp)
-        write_json(tmp / "runner.json", {
-            "arch": arch,
-            "compiler": cxx,
-            "compiler_version": _compiler_version(cxx),
-            "tvm_versions": tvm_versions(),
-            "source_sha256": sha256_file(RUNNER_SOURCE),
-            "rpc_source_sha256": sha256_file(RPC_SOURCE),
-            "files": {name: sha256_file(tmp / name) for name in (RUNNER_NAME, *RUNTIME_LIBS)},
-        })
+        if _intact(cached):
+            for name in (RUNNER_NAME, *RUNTIME_LIBS, "runner.json"):
+                shutil.copy2(cached / name, tmp / name)
+        else:
+            for name in RUNTIME_LIBS:
+                shutil.copyfile(libs[name], tmp / name)
+                os.chmod(tmp / name, 0o755)
+            _compile(arch, libs, tmp)
+            write_json(tmp / "runner.json", {
+                "arch": arch,
+                "compiler": cxx,
+                "compiler_version": _compiler_version(cxx),
+                "tvm_versions": tvm_versions(),
+                "source_sha256": sha256_file(RUNNER_SOURCE),
+                "rpc_source_sha256": sha256_file(RPC_SOURCE),
+                "files": {name: sha256_file(tmp / name) for name in (RUNNER_NAME, *RUNTIME_LIBS)},
+            })
+            _store(tmp, cached)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         _swap_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir / RUNNER_NAME
+
+
+# Compiled bundles are kept in the runtime cache by what went into them, so that every build
+# directory on the machine (a second checkout, the test suite's many) copies the bundle instead
+# of compiling runner.cc again: a change to the sources, the compiler, its version or the TVM
+# runtime libraries makes another key and a fresh compile.
+def _bundle_key(arch: str, cxx: str, libs: dict) -> str:
+    import hashlib
+
+    version = _compiler_version(cxx) if shutil.which(cxx) else "missing"  # _compile says what is missing
+    parts = {"arch": arch, "compiler": cxx, "compiler_version": version, "tvm": tvm_versions(),
+             "sources": [sha256_file(RUNNER_SOURCE), sha256_file(RPC_SOURCE)],
+             "libs": [sha256_file(libs[name]) for name in RUNTIME_LIBS], "build": sha256_file(Path(__file__))}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _intact(cached: Path) -> bool:
+    """A cached bundle whose files still have the hashes its runner.json records (a damaged or
+    half-copied entry is compiled again)."""
+    try:
+        files = json.loads((cached / "runner.json").read_text())["files"]
+        return set(files) == {RUNNER_NAME, *RUNTIME_LIBS} and all(
+            sha256_file(cached / name) == digest for name, digest in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _store(bundle: Path, cached: Path) -> None:
+    """A copy of a freshly compiled bundle into the cache, renamed into place whole (a rival
+    process that stored the same key first wins; either copy is the same build)."""
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+    except OSError:
+        return  # a read-only cache only costs the next build a compile
+    try:
+        for name in (RUNNER_NAME, *RUNTIME_LIBS, "runner.json"):
+            shutil.copy2(bundle / name, staging / name)
+        if _intact(cached):
+            return
+        if cached.exists():
+            shutil.rmtree(cached, ignore_errors=True)
+        os.replace(staging, cached)
+    except OSError:
+        pass  # another process renamed its copy into place first
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _swap_into_place(new: Path, dest: Path) -> None:

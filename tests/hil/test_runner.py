@@ -7,6 +7,7 @@ cross-compiled model.so, the downloaded aarch64 runtime wheels and the $ORIGIN r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import warnings
@@ -252,6 +253,37 @@ def test_failed_build_keeps_previous_bundle(x86, tmp_path, monkeypatch):
         build.build_runner("x86_64", tmp_path / "fresh", tmp_path / "cache")
     assert not (tmp_path / "fresh").exists()
 
+
+
+def test_a_second_build_dir_copies_the_cached_bundle_and_a_damaged_entry_is_compiled_again(tmp_path, monkeypatch):
+    """Compiled bundles are kept in the cache by what went into them: another build directory
+    copies the bundle without compiling (the compiler made to fail shows it is not called), a
+    changed source compiles afresh, and an entry whose files no longer match its record is
+    compiled again rather than copied."""
+    cache = tmp_path / "cache"  # the host's runtime comes from the installed packages: no download
+    first = build.build_runner("x86_64", tmp_path / "a" / "x86_64", cache)
+    entries = list((cache / "runners").iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("x86_64-")
+    real_compile = build._compile
+
+    def no_compile(*_a, **_k):
+        raise AssertionError("compiled although an intact bundle was cached")
+
+    monkeypatch.setattr(build, "_compile", no_compile)
+    second = build.build_runner("x86_64", tmp_path / "b" / "x86_64", cache)
+    assert (second.parent / "runner.json").read_bytes() == (first.parent / "runner.json").read_bytes()
+    assert sha256_file(second) == sha256_file(first) and os.access(second, os.X_OK)
+    (entries[0] / "kiln-runner").write_bytes(b"damaged")
+    calls = []
+    monkeypatch.setattr(build, "_compile", lambda *a: calls.append(a) or real_compile(*a))
+    third = build.build_runner("x86_64", tmp_path / "c" / "x86_64", cache)
+    assert len(calls) == 1 and sha256_file(third) == sha256_file(first)
+    changed = tmp_path / "runner.cc"
+    changed.write_text(build.RUNNER_SOURCE.read_text() + "\n// changed\n")
+    shutil.copy(build.RPC_SOURCE, tmp_path / build.RPC_SOURCE.name)  # runner.cc includes it
+    monkeypatch.setattr(build, "RUNNER_SOURCE", changed)
+    build.build_runner("x86_64", tmp_path / "d" / "x86_64", cache)
+    assert len(calls) == 2 and len(list((cache / "runners").iterdir())) == 2
 
 def test_failed_wheel_download_is_a_pass_error(tmp_path, monkeypatch):
     other = "aarch64" if build.host_arch() == "x86_64" else "x86_64"
