@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from hil.lab.health import BY_COMMAND_ONLY, HealthError, record_check, record_event, state
-from kiln.artifacts import atomic_path, build_root, read_json, runner_dir, sha256_file, write_bytes, write_json
+from kiln.artifacts import (atomic_path, build_root, read_json, runner_dir, runtime_cache, sha256_file, write_bytes,
+                            write_json)
 from kiln.errors import KilnError
 from kiln.schema import Board, Instance
 
@@ -86,7 +87,15 @@ def health_model(board: Board) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         key = _cache_key(board)
         info = out / "expected.json"
-        if info.exists() and read_json(info).get("key") == key and (out / "model.so").is_file():
+        if _built(out, key):
+            return out
+        # the same model for the same key in another build directory (the runtime cache is the
+        # machine's): copied, not compiled again
+        shared = runtime_cache() / "health" / f"{board.name}-{key}"
+        if _built(shared, key):
+            for name in _FILES:
+                write_bytes(out / name, (shared / name).read_bytes())
+            write_json(info, read_json(shared / "expected.json"))  # last: it vouches for the files
             return out
         w, b, x = _known()
         write_bytes(out / "model.onnx", _onnx(w, b))
@@ -96,7 +105,28 @@ def health_model(board: Board) -> Path:
         # written last: it vouches for the files next to it
         write_json(info, {"key": key, "target": _target(board), "shape": [4], "samples": len(x),
                           "expected": expected, "model_sha256": sha256_file(out / "model.so")})
+        try:
+            shared.mkdir(parents=True, exist_ok=True)
+            for name in _FILES:
+                write_bytes(shared / name, (out / name).read_bytes())
+            write_json(shared / "expected.json", read_json(info))
+        except OSError:
+            pass  # a read-only cache only costs another build directory a compile
     return out
+
+
+_FILES = ("model.onnx", "model.so", "inputs.bin")
+
+
+def _built(folder: Path, key: str) -> bool:
+    """``folder`` holds the health model of ``key``, its library the one its record vouches for."""
+    info = folder / "expected.json"
+    try:
+        record = read_json(info)
+        return (record.get("key") == key and (folder / "inputs.bin").is_file()
+                and sha256_file(folder / "model.so") == record.get("model_sha256"))
+    except (OSError, ValueError):
+        return False
 
 
 def _compile(board: Board, onnx_path: Path, out_so: Path) -> None:

@@ -212,6 +212,33 @@ def test_wrong_output_fails_the_check(lab):
     assert not check["passed"] and check["error"].startswith("outputs: ") and "sample 1 value 2" in check["error"]
 
 
+
+def test_a_second_build_dir_copies_the_health_model_and_a_damaged_copy_is_built_again(tmp_path, monkeypatch):
+    """The health model is kept in the machine's runtime cache by its key: another build
+    directory copies it instead of compiling (the compiler made to fail shows it is not called);
+    a cached library that no longer matches its record is compiled again."""
+    x86 = load_board("x86-host")
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KILN_BUILD", str(tmp_path / "a"))
+    first = health_check.health_model(x86)
+    real = health_check._compile
+
+    def no_compile(*_a):
+        raise AssertionError("compiled although the cache held the model")
+
+    monkeypatch.setattr(health_check, "_compile", no_compile)
+    monkeypatch.setenv("KILN_BUILD", str(tmp_path / "b"))
+    second = health_check.health_model(x86)
+    assert second != first and read_json(second / "expected.json") == read_json(first / "expected.json")
+    assert (second / "model.so").read_bytes() == (first / "model.so").read_bytes()
+    shared = next((tmp_path / "cache" / "health").iterdir())
+    (shared / "model.so").write_bytes(b"damaged")
+    calls = []
+    monkeypatch.setattr(health_check, "_compile", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setenv("KILN_BUILD", str(tmp_path / "c"))
+    third = health_check.health_model(x86)
+    assert len(calls) == 1 and read_json(third / "expected.json")["key"] == read_json(first / "expected.json")["key"]
+
 def test_missing_runner_bundle_fails_in_prepare(kiln_env):
     check = health_check.health_check(local("x86-3", "x86-host"), load_board("x86-host"), kiln_env["root"])
     assert not check["passed"] and check["error"].startswith("prepare: runner bundle")
