@@ -21,8 +21,9 @@ Each in its own child, in interleaved rounds (cold, +20, no-op; the 20 images re
 the end of a round), with the child's peak RSS (``ru_maxrss``; its decode workers' too). A
 100,000-clip audio_folders set (0.1 s clips at 8 kHz, speakers as groups, MFCC front end) is
 measured cold and no-op with its peak RSS (``--no-audio``: skip it). When bench/scale_training.py
-exists its ``run(smoke)`` rows (training figures) are printed too. ``--smoke``: about 500 images
-(tracks of 5) and 300 clips, one round: seconds.
+exists its ``run(smoke)`` rows (training figures) are printed too (``--no-training``: not). ``--smoke``:
+about 500 images (tracks of 5) and 300 clips, one round, every phase in the bench's own process:
+seconds.
 """
 
 from __future__ import annotations
@@ -155,6 +156,11 @@ def manifest(kind: str, path: Path) -> dict:
 
 
 def child(kind: str, path: str, build: str) -> None:
+    print("RESULT " + json.dumps(measure(kind, path, build)))
+
+
+def measure(kind: str, path: str, build: str) -> dict:
+    """One data stage run on the tree at ``path`` into the build folder ``build``."""
     import resource
 
     os.environ["KILN_BUILD"] = build
@@ -174,10 +180,15 @@ def child(kind: str, path: str, build: str) -> None:
     out = {"seconds": seconds, "imports": imports, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
            "decode": info["load"]["decode"], "counts": info["counts"], "groups": groups}
-    print("RESULT " + json.dumps(out))
+    return out
+
+
+IN_PROCESS = False  # --smoke: every phase in this process (one import of torch; the figures mean nothing)
 
 
 def run_child(kind: str, path: Path, build: Path) -> dict:
+    if IN_PROCESS:
+        return measure(kind, str(path), str(build))
     p = subprocess.run([sys.executable, __file__, "--child", kind, str(path), str(build)], cwd=ROOT,
                        capture_output=True, text=True)
     if p.returncode:
@@ -216,6 +227,9 @@ def main(argv=None) -> None:
         child(*a.child)
         return
     from kiln.artifacts import tree_fingerprint
+
+    global IN_PROCESS
+    IN_PROCESS = a.smoke
 
     rounds = 1 if a.smoke else a.rounds
     train, test, clips = (430, 86, 300) if a.smoke else (TRAIN, TEST, 100_000)

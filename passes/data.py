@@ -191,11 +191,48 @@ def _strata(y: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, y, side="right").astype(np.int64)
 
 
+def _stratified(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Split indices per class by ``fractions``; returns [rest, *parts]. Each class keeps >= 1 in rest."""
+    rng = np.random.default_rng(seed)
+    parts: list[list] = [[] for _ in range(len(fractions) + 1)]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        counts = [int(round(len(idx) * f)) for f in fractions]
+        while sum(counts) >= len(idx) and any(counts):  # tiny classes: train must keep one
+            counts[int(np.argmax(counts))] -= 1
+        start = len(idx) - sum(counts)
+        parts[0].append(idx[:start])
+        for i, n in enumerate(counts):
+            parts[i + 1].append(idx[start:start + n])
+            start += n
+    return [np.sort(np.concatenate(p)) if p else np.empty(0, np.int64) for p in parts]
+
+
+def _unnamed_splits(loaded: Loaded, val: float, test: float, seed: int) -> dict:
+    """train/val/test of a data set whose samples have no source files (generated, or rows of
+    one file): nothing can be added to one file at a time, so the exact stratified draw per
+    class (seeded) stays, as before split version 3."""
+    x, y = loaded.train
+    y = np.asarray(y)
+    fractions = (() if loaded.val is not None else (val,)) + (() if loaded.test is not None else (test,))
+    parts = _stratified(_strata(y), fractions, seed)
+    rest = iter(parts[1:])
+    out = {"train": _Part(x, parts[0], y)}
+    out["val"] = _Part(loaded.val[0], None, np.asarray(loaded.val[1])) if loaded.val is not None else \
+        _Part(x, next(rest), y)
+    out["test"] = _Part(loaded.test[0], None, np.asarray(loaded.test[1])) if loaded.test is not None else \
+        _Part(x, np.random.default_rng([seed, 3]).permutation(next(rest)), y)
+    return out
+
+
 def _splits(loaded: Loaded, val: float, test: float, seed: int, rule: str) -> tuple[dict, dict]:
     """train/val/test (``_Part``) and each one's groups: a shipped test (validation) split stays
     the test (validation) split; otherwise ``test`` (``val``) of the data is split off, whole
-    groups only, by ``_assign`` (the test split in a seeded order)."""
+    groups only, by ``_assign`` (the test split in a seeded order); samples without source files
+    by ``_unnamed_splits``."""
     names = ("train", "val", "test")
+    if loaded.sources.get("train") is None:
+        return _unnamed_splits(loaded, val, test, seed), {n: group_ids(loaded, n, rule) for n in names}
     x, y = loaded.train
     groups = group_ids(loaded, "train", rule)
     keys = _sample_keys(loaded, "train")

@@ -191,7 +191,7 @@ PIPELINE: list[Stage] = [
           task_dep=lambda u: [f"synth:{u.app.name}"] if u.app.synthetic else [],
           outputs=lambda u: [u.lay.data / f for f in Layout.data_files(front_end(u), raw_augmented(u.p.dataset))],
           uses=lambda u: [module_name(u.p.dataset), *front_end_modules(u)],
-          config=lambda u: {**u.p.dataset.model_dump(exclude={"augment", "synthetic"}), **raw_train_slice(u)},
+          config=lambda u: {**u.p.dataset.model_dump(exclude={"augment", "synthetic", "workers"}), **raw_train_slice(u)},
           checks=lambda u: [tree_unchanged(u.app.data_root), matches_record(u.lay.data_json, listed="files")]),
     Stage("train", "Train the app's network with PyTorch; keep the best validation checkpoint.",
           "passes.train:run", lambda u: [u.p, u.lay],
