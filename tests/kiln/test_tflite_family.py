@@ -127,7 +127,7 @@ def test_a_file_that_is_not_tflite_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
-def test_tflite_app_deploys_int8_and_passes_on_x86_host_and_rpi4(int8, tmp_path):
+def test_tflite_app_deploys_and_passes_on_x86_host_and_rpi4(int8, tmp_path):
     """``doit deploy`` of a TFLite app: the float file through the quantize pass (calibrated),
     the int8 file through the same pass keeping the file's parameters; both pass on x86-host
     and rpi4 (qemu). An int8 file with another pass listed is refused naming the field."""
