@@ -1,7 +1,7 @@
 """Training at size: Kiln's loop against a plain PyTorch script, DDP over 2 processes against 1,
 and a warm start against a full retrain after +20 samples.
 
-    .venv/bin/python bench/scale_training.py [--rounds 3] [--smoke]
+    .venv/bin/python bench/scale_training.py [--rounds 3] [--parts loop,ddp,warm] [--smoke]
 
 The net and data are traffic_signs' (cnn [16, 32, 64] with a GAP head, 43 classes, 32x32x3 uint8
 pixels, batch 128, lr 0.003, one-cycle Adam); the samples are drawn by the bench (a class-coloured
@@ -14,7 +14,7 @@ any row: the rows time the loop, not the augmentation.
 * samples/s, plain loop: what a hand-written script does on the same arrays, held in memory as
   one float tensor: TensorDataset + DataLoader(shuffle=True), the same net, optimizer, schedule;
 * DDP 1 and 2 processes: the train stage (passes/train.py) under torchrun (training.distributed,
-  nproc_per_node 1 then 2, gloo; the threads split between the ranks), samples/s over its epochs
+  nproc_per_node 1 then 2, gloo; one intra-op thread per process), samples/s over its epochs
   (each epoch's seconds, its validation included) and the wall time with torchrun's start;
 * warm start vs full retrain: the train stage after 20 samples were added to the training split,
   from the last model.pt for training.warm_start epochs, against training.epochs from scratch.
@@ -155,7 +155,9 @@ def train_stage(build: Path, **training) -> tuple[float, dict]:
 def ddp(build: Path, nproc: int, epochs: int, n_train: int) -> tuple[float, float]:
     """(samples/s over the epochs, wall seconds with torchrun's start) of the train stage under
     torchrun with ``nproc`` processes."""
-    wall, m = train_stage(build, epochs=epochs, distributed={"nproc_per_node": nproc})
+    # one intra-op thread per process in both rows (training.threads is split between the
+    # ranks): 2 processes x 1 thread against 1 x 1 measures DDP, not OpenMP under contention
+    wall, m = train_stage(build, epochs=epochs, threads=nproc, distributed={"nproc_per_node": nproc})
     assert m["processes"] == nproc, m
     return n_train * len(m["history"]) / sum(r["seconds"] for r in m["history"]), wall
 
@@ -178,10 +180,14 @@ def _fig(values: list[float]) -> tuple[float, str]:
     return statistics.median(values), f"{min(values):.3g}..{max(values):.3g}"
 
 
-def run(smoke: bool, rounds: int | None = None) -> list[dict]:
-    """The bench's rows: {measure, value, unit, ratio, goal, spread, rounds}."""
+PARTS = ("loop", "ddp", "warm")
+
+
+def run(smoke: bool, rounds: int | None = None, parts: tuple[str, ...] = PARTS) -> list[dict]:
+    """The bench's rows: {measure, value, unit, ratio, goal, spread, rounds}; ``parts``: which
+    measurements (loop, ddp, warm; --smoke has no ddp)."""
     rounds = rounds or (1 if smoke else 3)
-    n_train = 256 if smoke else 4000
+    n_train = 256 if smoke else 1500
     epochs, loop_epochs, ddp_epochs, warm = (2, 1, 1, 1) if smoke else (8, 2, 2, 1)
     work = Path(tempfile.mkdtemp(prefix="kiln-scale-training-"))
     old_build = os.environ.get("KILN_BUILD")
@@ -190,7 +196,7 @@ def run(smoke: bool, rounds: int | None = None) -> list[dict]:
         data = build / MANIFEST["name"] / "data"
         write_data(data, n_train)
         base = work / "base"  # the model trained on the old data (what a warm start starts from)
-        train_stage(build, epochs=epochs)
+        train_stage(build, epochs=epochs if "warm" in parts else 1)
         base.mkdir()
         for f in ("model.pt", "metrics.json"):
             shutil.copy(build / MANIFEST["name"] / f, base / f)
@@ -198,14 +204,16 @@ def run(smoke: bool, rounds: int | None = None) -> list[dict]:
                              "warm_ratio")}
         for _ in range(rounds):
             write_data(data, n_train)
-            k, p = kiln_loop(data, loop_epochs), plain_loop(data, loop_epochs)
-            r["kiln"].append(k), r["plain"].append(p), r["ratio"].append(k / p)
-            if not smoke:  # (two torchrun starts: tens of seconds; tests/test_distributed.py runs the path)
+            if "loop" in parts:
+                k, p = kiln_loop(data, loop_epochs), plain_loop(data, loop_epochs)
+                r["kiln"].append(k), r["plain"].append(p), r["ratio"].append(k / p)
+            if not smoke and "ddp" in parts:  # (two torchrun starts: tens of seconds; tests/test_distributed.py runs the path)
                 (s1, w1), (s2, w2) = ddp(build, 1, ddp_epochs, n_train), ddp(build, 2, ddp_epochs, n_train)
                 r["ddp1"].append(s1), r["ddp2"].append(s2), r["wall1"].append(w1), r["wall2"].append(w2)
                 r["scaling"].append(s2 / s1)
-            tw, tf, _ = warm_vs_full(build, epochs, warm, n_train, base)
-            r["warm"].append(tw), r["full"].append(tf), r["warm_ratio"].append(tw / tf)
+            if "warm" in parts:
+                tw, tf, _ = warm_vs_full(build, epochs, warm, n_train, base)
+                r["warm"].append(tw), r["full"].append(tf), r["warm_ratio"].append(tw / tf)
     finally:
         if old_build is None:
             os.environ.pop("KILN_BUILD", None)
@@ -215,7 +223,7 @@ def run(smoke: bool, rounds: int | None = None) -> list[dict]:
 
     def row(measure, key, unit, ratio_key=None, goal=""):
         if not r[key]:
-            return {"measure": measure, "value": float("nan"), "unit": unit, "spread": "not run (--smoke)",
+            return {"measure": measure, "value": float("nan"), "unit": unit, "spread": "not run",
                     "rounds": 0, "goal": goal}
         value, spread = _fig(r[key])
         out = {"measure": measure, "value": round(value, 3), "unit": unit, "spread": spread, "rounds": rounds}
@@ -229,8 +237,8 @@ def run(smoke: bool, rounds: int | None = None) -> list[dict]:
     return [
         row(f"Kiln loop ({size}, memmap)", "kiln", "samples/s", "ratio", "ratio >= 0.9 (vs plain)"),
         row("plain PyTorch DataLoader loop", "plain", "samples/s"),
-        row("DDP 1 process (torchrun, gloo)", "ddp1", "samples/s"),
-        row("DDP 2 processes (torchrun, gloo)", "ddp2", "samples/s", "scaling", "ratio: 2 procs / 1"),
+        row("DDP 1 process x 1 thread (torchrun, gloo)", "ddp1", "samples/s"),
+        row("DDP 2 processes x 1 thread (torchrun, gloo)", "ddp2", "samples/s", "scaling", "ratio: 2 procs / 1"),
         row("DDP 1 process, wall with start", "wall1", "s"),
         row("DDP 2 processes, wall with start", "wall2", "s"),
         row(f"warm start ({warm} epoch) after +20", "warm", "s", "warm_ratio", "ratio <= 0.25 (vs full)"),
@@ -252,9 +260,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="a few hundred samples, one round")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; --smoke: 1)")
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated: loop, ddp, warm (default all)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = run(a.smoke, a.rounds)
+    rows = run(a.smoke, a.rounds, tuple(a.parts.split(",")))
     print(f"training at size on {os.cpu_count()} cores, torch CPU ({'smoke' if a.smoke else 'full'}; "
           f"{rows[0]['rounds']} interleaved round(s), median and min..max)")
     print(table(rows))
