@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 # the suite's models are far below the FLOPs a kernel needs before the build tunes it
-# (passes/support/tvm_build.py MIN_TUNE_FLOPS); here every kernel is tuned, as a real model's are.
-# Set before any test runs, so doit subprocesses inherit it; test_tune checks the default itself.
+# (passes/support/tvm_build.py MIN_TUNE_FLOPS); here every kernel is tuned, as a real model's are,
+# in the tests that tune (a manifest with tuning.trials > 0: test_pipeline, test_kill, test_tune,
+# test_rpc_tuning). Set before any test runs, so doit subprocesses inherit it; test_tune checks
+# the default itself.
 os.environ.setdefault("KILN_TUNE_MIN_FLOPS", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +40,9 @@ TINY = {
     "architecture": {"family": "cnn", "widths": [4, 8], "max_macs": 1_000_000},
     "training": {"epochs": 1, "batch": 64, "lr": 0.01, "seed": 0},
     "validation": {"samples": 24, "warmup": 1, "timeout_s": 300},
+    # untuned: x86-host's 128 trials cost about 2.5 CPU minutes per build folder, in every test
+    # that deploys; the tests that check tuning set their own trials
+    "tuning": {"trials": 0},
     "targets": ["x86-host"],
 }
 

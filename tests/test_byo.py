@@ -61,6 +61,7 @@ def app(name: str, architecture: dict, passes: list, epochs: int = 3) -> dict:
         "training": {"epochs": epochs, "batch": 32, "lr": 0.01, "seed": 0, "threads": 1},
         "compression": {"max_accuracy_drop": 0.1, "library_bytes": False, "passes": passes},
         "validation": {"samples": 40, "warmup": 1, "timeout_s": 600},
+        "tuning": {"trials": 0},  # tuning is test_pipeline's; 128 trials here would cost minutes
         "targets": ["x86-host", "rpi4"],
     }
 

@@ -64,6 +64,7 @@ def test_se_gate_and_hardswish_deploy_int8_bit_for_bit_with_the_twin(tmp_path):
         "compression": {"max_accuracy_drop": 0.1, "library_bytes": False,
                         "passes": [{"quantize": {"mode": "int8", "calibration_samples": 128}}]},
         "validation": {"samples": 40, "warmup": 1, "timeout_s": 600},
+        "tuning": {"trials": 0},  # untuned kernels: the int8 lowering is what this checks, not the search
         "targets": ["x86-host", "rpi4"],
     })
     (lab["projects"] / "se" / "model.py").write_text(MODEL_PY)

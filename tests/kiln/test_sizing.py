@@ -21,6 +21,7 @@ BOARDS = ["jetson-nano", "rpi3", "rpi4", "x86-avx2", "x86-host"]
 
 def project(**over) -> Project:
     data = copy.deepcopy(TINY)
+    del data["tuning"]  # the board type's trials (TINY builds untuned, for the suite's time)
     for k, v in over.items():
         data[k] = v
     return Project.model_validate(data)

@@ -145,7 +145,7 @@ def test_tflite_app_deploys_and_passes_on_x86_host_and_rpi4(int8, tmp_path):
                 "architecture": {"family": "tflite", "path": "model.tflite"},
                 "training": {"epochs": 1, "batch": 32, "lr": 0.01, "seed": 0, "threads": 1},
                 "compression": {"max_accuracy_drop": 0.1, "library_bytes": False, "passes": passes},
-                "validation": {"samples": 40, "warmup": 1, "timeout_s": 600},
+                "validation": {"samples": 40, "warmup": 1, "timeout_s": 600}, "tuning": {"trials": 0},
                 "targets": ["x86-host", "rpi4"]}
 
     quantize = {"quantize": {"mode": "int8", "calibration_samples": 128}}
