@@ -29,7 +29,6 @@ seconds.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
