@@ -18,3 +18,26 @@ without it.
 """
 
 from __future__ import annotations
+
+from kiln.errors import ValidationError
+
+
+def one_output_per_sample(runner: dict, whose: str, what: str):
+    """The runner's ``outputs`` as float64 (N,): one value per sample, the library's (1, 1)
+    output (an anomaly detector's score, a regressor's value). ``whose``: what the outputs are,
+    for the message when there are none ("an anomaly detector's scores"); ``what``: one output
+    in words, for a wrong shape ("one anomaly score per sample (...)")."""
+    import numpy as np
+
+    outputs = runner.get("outputs")
+    if outputs is None:
+        raise ValidationError(f"the runner returned no 'outputs': {whose} are its outputs "
+                              "(run the runner with --outputs)")
+    try:
+        a = np.asarray(outputs, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValidationError(f"the runner's 'outputs' are not one list of numbers per sample ({e})") from e
+    if a.ndim != 2 or a.shape[1] != 1 or len(a) != len(runner["predictions"]):
+        want = (len(runner["predictions"]), 1)
+        raise ValidationError(f"the runner's 'outputs' have shape {a.shape}, expected {want}: {what}")
+    return a[:, 0]

@@ -71,20 +71,10 @@ def auc(anomalous, score, what: str = "the samples") -> float:
 def board_scores(runner: dict):
     """An anomaly detector's per-sample scores from the runner's ``outputs`` (one value per
     sample: the library's (1, 1) score head), float64 (N,)."""
-    import numpy as np
+    from kiln.tasks import one_output_per_sample
 
-    outputs = runner.get("outputs")
-    if outputs is None:
-        raise ValidationError("the runner returned no 'outputs': an anomaly detector's scores are its outputs "
-                              "(run the runner with --outputs)")
-    try:
-        a = np.asarray(outputs, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValidationError(f"the runner's 'outputs' are not one list of numbers per sample ({e})") from e
-    if a.ndim != 2 or a.shape[1] != 1 or len(a) != len(runner["predictions"]):
-        raise ValidationError(f"the runner's 'outputs' have shape {a.shape}, expected ({len(runner['predictions'])}, 1): "
-                              "one anomaly score per sample (the library's (1, 1) score head)")
-    return a[:, 0]
+    return one_output_per_sample(runner, "an anomaly detector's scores",
+                                 "one anomaly score per sample (the library's (1, 1) score head)")
 
 
 def score_agreement(scores, reference: list | None) -> tuple[float, float]:

@@ -77,20 +77,12 @@ def board_values(runner: dict):
     the library's (1, 1) output), float64 (N,)."""
     import numpy as np
 
-    outputs = runner.get("outputs")
-    if outputs is None:
-        raise ValidationError("the runner returned no 'outputs': a regressor's values are its outputs "
-                              "(run the runner with --outputs)")
-    try:
-        a = np.asarray(outputs, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValidationError(f"the runner's 'outputs' are not one list of numbers per sample ({e})") from e
-    if a.ndim != 2 or a.shape[1] != 1 or len(a) != len(runner["predictions"]):
-        raise ValidationError(f"the runner's 'outputs' have shape {a.shape}, expected ({len(runner['predictions'])}, 1): "
-                              "one value per sample (the regressor's (1, 1) output)")
+    from kiln.tasks import one_output_per_sample
+
+    a = one_output_per_sample(runner, "a regressor's values", "one value per sample (the regressor's (1, 1) output)")
     if not np.isfinite(a).all():
         raise ValidationError(f"the runner's 'outputs' hold {int((~np.isfinite(a)).sum())} values that are not finite")
-    return a[:, 0]
+    return a
 
 
 @dataclass(frozen=True)
