@@ -88,7 +88,7 @@ def test_audio_folders_with_mfcc_in_the_library(lab):
                   "front_end": {"kind": "mfcc"},
                   "synthetic": {"classes": 3, "per_class": 30, "test_per_class": 8, "seed": 0}},
         {"family": "ds_cnn", "filters": 16, "kernel": [5, 3], "stride": [2, 2], "widths": [16]},
-        {"accuracy": {"min": 0.8}}, epochs=8))
+        {"accuracy": {"min": 0.7}}, epochs=8))
     out = deployed(lab, "words")
     ti = out["data"]["test_inputs"]
     assert ti["dtype"] == "int16" and ti["shape"][1:] == [8000]

@@ -51,7 +51,9 @@ def test_a_regressor_deploys_int8_and_the_host_scores_the_boards_outputs(tmp_pat
     target = json.loads((app / "data" / "data.json").read_text())["target"]
     labels = np.asarray(json.loads((app / "data" / "test_labels.json").read_text()))
     metrics = json.loads((app / "metrics.json").read_text())
-    assert metrics["test_mae"] < 55 and metrics["test_r2"] > 0.3, metrics
+    # learnt, against predicting the training mean (bench/regression.py puts RidgeCV beside it)
+    mean_mae = float(np.abs(labels - target["mean"]).mean())
+    assert metrics["test_mae"] < 0.9 * mean_mae and metrics["test_r2"] > 0.2, (metrics, mean_mae)
     compress = json.loads((app / "compress.json").read_text())
     assert compress["judged_on"] == "val_neg_mae_std" and compress["mae_rise_std"] <= 0.05
     outs = {}
@@ -65,7 +67,7 @@ def test_a_regressor_deploys_int8_and_the_host_scores_the_boards_outputs(tmp_pat
         y = labels[: len(pred)]
         assert res["mae"] == pytest.approx(np.abs(pred - y).mean())  # the host's figure, from the board's outputs
         assert res["r2"] == pytest.approx(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-        assert res["mae"] < 55 and res["r2"] > 0.3
+        assert res["mae"] < 0.9 * mean_mae and res["r2"] > 0.2
         outs[board] = z
     # the same int8 library on two arches computes the same codes
     assert np.abs(outs["x86-host"] - outs["rpi4"]).max() < 1e-4
