@@ -74,6 +74,27 @@ def imported(arch, in_ch: int, classes: int, image_size: tuple[int, int], compre
 # --- the analytic side: a plan of the graph, op by op, in the order the torch build runs ------
 
 
+
+def checked_import(path, shape: tuple, want: tuple, convert, classes: int):
+    """An imported model file (family onnx, tflite) converted by ``convert()`` into a torch
+    module, checked against the dataset: its input ``shape`` (C, H, W) must be ``want``, its
+    output one logit per class. Returns what ``convert()`` returned (its first item the module)."""
+    import torch
+
+    from kiln.errors import ManifestError
+
+    if shape != want:
+        raise ManifestError(f"architecture.path: {path}: its input is {shape} (C, H, W) but the dataset gives "
+                            f"{want}: set dataset.image_size (and the format's channels) to the model's input")
+    converted = convert()
+    module = converted[0] if isinstance(converted, tuple) else converted
+    with torch.no_grad():
+        out = module(torch.zeros(1, *want))
+    if out.dim() != 2 or out.shape[1] != classes:
+        raise ManifestError(f"architecture.path: {path}: its output is {tuple(out.shape)}, expected (1, {classes}) "
+                            "(one logit per class of the dataset)")
+    return converted
+
 def same_padding(n: int, k: int, s: int) -> int:
     """Symmetric padding that gives Keras' 'same' output size ceil(n / s) for a kernel k at
     stride s (Keras pads the odd extra row at the end; torch pads both sides alike, and a Pad

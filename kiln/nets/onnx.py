@@ -291,21 +291,11 @@ def convert(model, origin: str):
 
 def build(arch, in_ch: int, classes: int, image_size: tuple[int, int]):
     """The ONNX file's model as a torch module, checked against the dataset's input and classes."""
-    model = load(arch.path)
-    shape = input_shape(model)
-    want = (in_ch, *image_size)
-    if shape != want:
-        raise ManifestError(f"architecture.path: {arch.path}: its input is {shape} (C, H, W) but the dataset gives "
-                            f"{want}: set dataset.image_size (and the format's channels) to the model's input")
-    module = convert(model, f"architecture.path: {arch.path}")
-    import torch
+    from kiln.nets import checked_import
 
-    with torch.no_grad():
-        out = module(torch.zeros(1, *want))
-    if out.dim() != 2 or out.shape[1] != classes:
-        raise ManifestError(f"architecture.path: {arch.path}: its output is {tuple(out.shape)}, expected (1, {classes}) "
-                            "(one logit per class of the dataset)")
-    return module
+    model = load(arch.path)
+    return checked_import(arch.path, input_shape(model), (in_ch, *image_size),
+                          lambda: convert(model, f"architecture.path: {arch.path}"), classes)
 
 
 def estimate(arch, image_size: tuple[int, int], in_ch: int, classes: int) -> Complexity:

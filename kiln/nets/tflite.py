@@ -434,21 +434,11 @@ def build(arch, in_ch: int, classes: int, image_size: tuple[int, int]):
 
 def build_with_source(arch, in_ch: int, classes: int, image_size: tuple[int, int]):
     """(module, the file's quantization or None): see :func:`convert`."""
-    import torch
+    from kiln.nets import checked_import
 
     model = load(arch.path)
-    shape = input_shape(model)
-    want = (in_ch, *image_size)
-    if shape != want:
-        raise ManifestError(f"architecture.path: {arch.path}: its input is {shape} (C, H, W) but the dataset gives "
-                            f"{want}: set dataset.image_size (and the format's channels) to the model's input")
-    module, source = convert(model, f"architecture.path: {arch.path}")
-    with torch.no_grad():
-        out = module(torch.zeros(1, *want))
-    if out.dim() != 2 or out.shape[1] != classes:
-        raise ManifestError(f"architecture.path: {arch.path}: its output is {tuple(out.shape)}, expected (1, {classes}) "
-                            "(one logit per class of the dataset)")
-    return module, source
+    return checked_import(arch.path, input_shape(model), (in_ch, *image_size),
+                          lambda: convert(model, f"architecture.path: {arch.path}"), classes)
 
 
 def estimate(arch, image_size: tuple[int, int], in_ch: int, classes: int) -> Complexity:

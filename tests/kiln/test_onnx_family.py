@@ -128,3 +128,21 @@ def test_dynamic_input_dimensions_are_refused():
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, "H", 8])
     model = _graph([helper.make_node("Relu", ["input"], ["logits"])], [], inputs=[x])
     assert any("dimensions [2] are dynamic" in p for p in problems(model))
+
+
+def test_a_file_whose_input_or_output_does_not_fit_the_dataset_is_refused_naming_it(tmp_path):
+    """kiln.nets.checked_import (families onnx and tflite): the file's input against the
+    dataset's (C, H, W), its output against one logit per class, each a ManifestError naming
+    architecture.path and what to change; a file that fits gives the converted module."""
+    from types import SimpleNamespace
+
+    from kiln.nets.onnx import build
+
+    arch = SimpleNamespace(path=str(exported(Gates(), tmp_path)))
+    with pytest.raises(ManifestError, match=r"architecture.path: .*m\.onnx: its input is \(1, 8, 8\) \(C, H, W\) but "
+                                            r"the dataset gives \(3, 8, 8\): set dataset.image_size"):
+        build(arch, 3, 10, (8, 8))
+    with pytest.raises(ManifestError, match=r"its output is \(1, 10\), expected \(1, 4\)"):
+        build(arch, 1, 4, (8, 8))
+    module = build(arch, 1, 10, (8, 8))
+    assert tuple(module(torch.zeros(1, 1, 8, 8)).shape) == (1, 10)
