@@ -212,7 +212,8 @@ def _infer_data(path: Path, project: Project) -> None:
         ds._inferred.update(fmt.infer(ds, root))
     except KilnError as e:
         raise ManifestError(f"{path}: {str(e).removeprefix('data: ')}") from e
-    if ds.class_names is not None and len(ds.class_names) < 2:
+    if ds.class_names is not None and len(ds.class_names) < 2 and getattr(ds, "labels", "class") != "boxes":
+        # (a detector of one class, e.g. person, is a detector: it tells objects from background)
         raise ManifestError(f"{path}: field 'dataset.classes': the data at {root} holds one class "
                             f"({', '.join(ds.class_names) or 'none'}); a classifier needs at least two")
     try:  # what the task checks against the classes (anomaly detection's normal ones) can be checked only now

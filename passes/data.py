@@ -185,10 +185,31 @@ STRATA = 10  # a regressor's numeric labels are split as classes are, on this ma
 def _strata(y: np.ndarray) -> np.ndarray:
     """The labels a split is stratified on: class labels as they are; numeric labels (a
     regressor's) binned at their quantiles, so every split spans the label's range."""
+    if y.ndim == 3:  # a detector's scenes (N, max_objects, 5): each scene's commonest class, empty ones apart
+        return _scene_strata(y)
     if not np.issubdtype(y.dtype, np.floating) or not len(y):
         return y
     edges = np.unique(np.quantile(y, np.linspace(0, 1, STRATA + 1)[1:-1]))
     return np.searchsorted(edges, y, side="right").astype(np.int64)
+
+
+def _scene_strata(y: np.ndarray) -> np.ndarray:
+    """A stratum per scene of a detector's labels (rows [class, cx, cy, w, h], padding -1): the
+    class it holds most objects of (the lower on a tie), or one past the last class when empty."""
+    cls = y[..., 0].astype(np.int64)
+    k = int(cls.max()) + 1 if cls.size else 0
+    counts = np.zeros((len(y), k + 1), np.int64)
+    scene = np.repeat(np.arange(len(y)), cls.shape[1])
+    real = cls.ravel() >= 0
+    np.add.at(counts, (scene[real], cls.ravel()[real]), 1)
+    counts[:, k] = counts[:, :k].sum(axis=1) == 0
+    return counts.argmax(axis=1)
+
+
+def _objects(y: np.ndarray, k: int) -> list[int]:
+    """A detector's objects per class in labels ``y`` (N, max_objects, 5)."""
+    cls = y[..., 0][y[..., 0] >= 0].astype(np.int64)
+    return np.bincount(cls, minlength=k).tolist()
 
 
 def _stratified(y: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
@@ -513,9 +534,10 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
     parts, groups = _splits(loaded, val, test, seed, rule)
     labels = {n: (None, p.y) for n, p in parts.items()}
     report, source = loaded.report, loaded.source
-    numeric = np.issubdtype(parts["train"].y.dtype, np.floating)  # a regressor's label is a number
+    boxes = parts["train"].y.ndim == 3  # a detector's: (N, max_objects, 5) rows [class, cx, cy, w, h], padding -1
+    numeric = not boxes and np.issubdtype(parts["train"].y.dtype, np.floating)  # a regressor's label is a number
     classes = [str(c) for c in source.get("classes") or range(source["num_classes"])]
-    if not numeric:
+    if not numeric and not boxes:  # (a scene may hold any classes, or none)
         _check_class_coverage(labels, classes)
         report_class_counts(labels, classes)
     raw_test = parts["test"]
@@ -523,7 +545,7 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
     files = [f for f in Layout.data_files(front_end is not None, keep_raw) if f != Layout.DATA_JSON]  # data.json: last
     prev = splits.Previous(out_dir, out_dir / CACHE_DIR)  # what the last run wrote: kept where unchanged
     fe_info = None
-    label_dtype = np.float64 if numeric else np.int64
+    label_dtype = np.float32 if boxes else np.float64 if numeric else np.int64
     if front_end is not None:
         made, fe_info = _apply_front_end({**front_end, "raw_train": raw_train}, parts, out_dir, prev)
         writers, transform = made["writers"], made["transform"]
@@ -553,12 +575,18 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
         test_inputs = {"file": Layout.TEST_INPUTS, "dtype": fe_info["raw_dtype"], "byteorder": "little",
                        "layout": fe_info["layout"], "shape": [len(y), *fe_info["raw_shape"]],
                        "scale": f"raw samples ({fe_info['kind']} front end in the library)"}
-    write_json(out_dir / Layout.TEST_LABELS, [float(v) if numeric else int(v) for v in y])
+    if boxes:  # a detector's: each test scene's objects [class, cx, cy, w, h], padding dropped
+        test_labels = [[[int(r[0]), *(round(float(c), 6) for c in r[1:])] for r in v if r[0] >= 0] for v in y]
+    else:
+        test_labels = [float(v) if numeric else int(v) for v in y]
+    write_json(out_dir / Layout.TEST_LABELS, test_labels)
     k = source["num_classes"]
     info = {
         "pass": "data", **source, "image_size": list(size),
         "counts": {n: len(p) for n, p in parts.items()},
-        "class_counts": None if numeric else {n: np.bincount(p.y, minlength=k).tolist() for n, p in parts.items()},
+        "class_counts": {n: _objects(p.y, k) for n, p in parts.items()} if boxes else None if numeric else
+        {n: np.bincount(p.y, minlength=k).tolist() for n, p in parts.items()},  # a detector's: objects per class
+        **({"objects": {n: int((p.y[..., 0] >= 0).sum()) for n, p in parts.items()}} if boxes else {}),
         # a regressor's targets are standardized by the training split's statistics (kiln/tasks/regression.py)
         **({"target": target_stats(parts["train"].y)} if numeric else {}),
         "test_inputs": test_inputs, "front_end": fe_info, "groups": _group_report(rule, groups),

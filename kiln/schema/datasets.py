@@ -495,8 +495,165 @@ class CsvTableDataset(_FrontEndShaped, _DatasetBase):
         return (len(names),)
 
 
+
+# --- object detection: scenes with boxes ---------------------------------------------------------
+
+
+class DetectionSynthetic(Strict):
+    """Synthetic scenes in the format's own layout (passes/formats/support/detection_synth.py):
+    traffic signs (GTSRB's drawings) pasted into cluttered scenes at several sizes, several per
+    scene, some scenes with none. Deterministic by ``seed``."""
+
+    scenes: int = Field(120, ge=1, le=100_000, description="scenes in the training folder (val and test are split "
+                        "off them, whole scenes)")
+    scene_size: tuple[int, int] = Field((240, 320), description="(height, width) of a scene in pixels")
+    sign_px: tuple[int, int] = Field((20, 56), description="(low, high) side of a sign in pixels")
+    max_per_scene: int = Field(3, ge=0, le=64, description="signs per scene: 0 to this many")
+    empty: float = Field(0.15, ge=0, le=1, description="fraction of scenes with no sign")
+    classes: int = Field(4, ge=1, le=43, description="how many sign classes are drawn when dataset.classes is "
+                         "not listed (a fixed order of distinct GTSRB signs: stop, no entry, yield, priority, ...)")
+    seed: int = 0
+    _sizes = field_validator("sign_px")(_range(4, 1024, "in pixels"))
+
+    @field_validator("scene_size")
+    @classmethod
+    def _scene(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not all(16 <= s <= 4096 for s in v):
+            raise ValueError("each side must be between 16 and 4096 pixels")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.sign_px[1] > min(self.scene_size):
+            raise ValueError(f"sign_px: signs up to {self.sign_px[1]} px do not fit a {self.scene_size[0]}x"
+                             f"{self.scene_size[1]} scene")
+        return self
+
+
+def _detection_names(v: list[str] | None) -> list[str] | None:
+    if v is None:
+        return v
+    if not v:
+        raise ValueError("list at least one class")
+    if len(set(v)) != len(v):
+        raise ValueError(f"a class is listed twice: {sorted(c for c in set(v) if v.count(c) > 1)[0]!r}")
+    return v
+
+
+class _DetectionDataset(_ImageDataset):
+    """What the detection formats share: RGB scenes resized to ``image_size`` with their objects'
+    boxes, normalized to the image (so resizing moves no box). Loaded as uint8 (N, H, W, 3)
+    scenes and float32 (N, max_objects, 5) rows [class, cx, cy, w, h], padding rows all -1."""
+
+    labels: ClassVar[str] = "boxes"  # the task side tells a detection data set by this
+    channels: ClassVar[int] = 3
+    numeric_label: ClassVar[str | None] = None
+
+    path: str = Field(description="the data set's root; relative paths are relative to the repo")
+    image_size: tuple[int, int] = Field((96, 96), description="(height, width) of the model's input; scenes are "
+                                        "resized to it (boxes are normalized, so they follow)")
+    max_objects: int = Field(16, ge=1, le=1000, description="the most objects one scene may hold (the label array's "
+                             "rows per scene); a scene with more is refused, naming it")
+    synthetic: DetectionSynthetic | None = Field(
+        default_factory=DetectionSynthetic, description="scenes generated under build/ in this format's layout when "
+        "path holds no data; only when written in the manifest (opt-in)")
+    # set by kiln/config.py when the manifest loads and the classes are read from the data
+    _inferred: dict = PrivateAttr(default_factory=dict)
+    _numeric: bool = PrivateAttr(False)
+
+    @field_validator("augment", mode="after")
+    @classmethod
+    def _no_geometry(cls, v):
+        if getattr(v, "rotate_deg", 0):
+            raise ValueError("rotate_deg: a rotation would move the boxes, which augmentation does not follow; "
+                             "a detection data set takes brightness, contrast and blur only")
+        return v
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.classes or self._inferred.get("classes")
+
+    @property
+    def num_classes(self) -> int:
+        names = self.class_names
+        if names is None:
+            raise ValueError("the classes are not known before the data is read (kiln.config infers them)")
+        return len(names)
+
+
+class _NamedDetection(_DetectionDataset):
+    classes: list[str] | None = Field(None, description="class names in output order; unset: read from the data "
+                                      "(the format's names list, categories or object names)")
+    _classes = field_validator("classes")(classmethod(lambda cls, v: _detection_names(v)))
+
+
+GTSDB_CLASSES = 43
+
+
+class GtsdbDataset(_DetectionDataset):
+    """The German Traffic Sign Detection Benchmark as it ships: ``*.ppm`` scenes and ``gt.txt``
+    (``file;x1;y1;x2;y2;class``, inclusive pixel corners, GTSRB's 43 class ids; a scene not in
+    gt.txt holds no sign): passes/formats/gtsdb.py."""
+
+    implementation: ClassVar[str] = "passes.formats.gtsdb"
+    format: Literal["gtsdb"]
+    classes: list[int] | None = Field(None, description="the GTSRB class ids detected, in output order (e.g. [14, 17] "
+                                      "for stop and no entry); other signs in gt.txt are left out (counted in the "
+                                      "report); unset: all 43")
+
+    @field_validator("classes")
+    @classmethod
+    def _ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        bad = [c for c in v if not 0 <= c < GTSDB_CLASSES]
+        if bad:
+            raise ValueError(f"{bad[0]} is not a GTSRB class id (0..{GTSDB_CLASSES - 1})")
+        if not v or len(set(v)) != len(v):
+            raise ValueError("list each class id once, at least one")
+        return v
+
+    @property
+    def class_ids(self) -> list[int]:
+        return list(self.classes) if self.classes else list(range(GTSDB_CLASSES))
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self.class_ids]
+
+
+class YoloDataset(_NamedDetection):
+    """YOLO txt: ``images/`` + ``labels/`` (one ``.txt`` per image, lines ``class cx cy w h``
+    normalized), either flat or with ``train/ val/ test/`` below both; class names from
+    ``classes.txt`` or ``data.yaml``'s ``names`` (or dataset.classes): passes/formats/yolo.py."""
+
+    implementation: ClassVar[str] = "passes.formats.yolo"
+    format: Literal["yolo"]
+
+
+class CocoDataset(_NamedDetection):
+    """COCO instances JSON (``images``, ``annotations`` with ``bbox`` [x, y, w, h] in pixels,
+    ``categories`` id -> name) and a folder of the images: passes/formats/coco.py."""
+
+    implementation: ClassVar[str] = "passes.formats.coco"
+    format: Literal["coco"]
+    annotations: str | None = Field(None, description="the instances JSON, relative to path; unset: the one *.json "
+                                    "in path or path/annotations/")
+    images: str | None = Field(None, description="the images' folder, relative to path (file_name is relative to "
+                               "it); unset: path/images, else the JSON's folder, else path")
+
+
+class VocDataset(_NamedDetection):
+    """Pascal VOC: ``JPEGImages/`` + ``Annotations/*.xml`` (``<object><name>``, ``<bndbox>``
+    1-based inclusive pixel corners): passes/formats/voc.py."""
+
+    implementation: ClassVar[str] = "passes.formats.voc"
+    format: Literal["voc"]
+
+
 Dataset = Annotated[Union[GtsrbDataset, DigitsDataset, SyntheticDataset, ImageFoldersDataset, AudioFoldersDataset,
-                          SpeechCommandsDataset, CsvWindowsDataset, CsvTableDataset], Field(discriminator="format")]
+                          SpeechCommandsDataset, CsvWindowsDataset, CsvTableDataset, GtsdbDataset, YoloDataset,
+                          CocoDataset, VocDataset], Field(discriminator="format")]
 
 def dataset_class_names(ds) -> list[str] | None:
     """The class names of a dataset, in label order: the format's own (listed or inferred;

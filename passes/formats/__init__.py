@@ -35,7 +35,9 @@ MARKER = Layout.SYNTHETIC_MARKER  # written into a synthetic tree: what generate
 class Loaded:
     """What a format loads: raw samples in the dataset's layout (``_DatasetBase.layout``: uint8
     N x H x W x C images, int16 N x L audio, float32 N x L x C sequences, float32 N x F tables)
-    and int64 labels; ``test`` (``val``) is None when the data set ships no test (validation)
+    and int64 labels (a regressor's: float64 values; a detector's: float32 (N, max_objects, 5) rows
+    [class, cx, cy, w, h], the box as fractions of the image, padding rows all -1:
+    support/boxes.py); ``test`` (``val``) is None when the data set ships no test (validation)
     split: the data stage splits one off the training data."""
 
     train: tuple[Any, Any]

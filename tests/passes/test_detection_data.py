@@ -1,0 +1,162 @@
+"""Detection data (issue #31 item 2): the gtsdb, yolo, coco and voc formats read their own
+synthetic trees into the contract's arrays (boxes within a pixel of what the generator drew),
+refuse bad labels naming file:line, refuse a wrong layout in one error, and the data stage
+writes y (N, K, 5), test_labels.json and the objects per class."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import TypeAdapter
+
+from kiln.errors import ManifestError, PassError
+from kiln.schema.datasets import Dataset
+from passes.formats.support import detection_synth
+
+FORMATS = ("gtsdb",)
+SYN = {"scenes": 10, "scene_size": [120, 160], "sign_px": [14, 40], "max_per_scene": 3, "empty": 0.2, "seed": 3}
+
+
+def dataset(fmt: str, path, **kw):
+    return TypeAdapter(Dataset).validate_python({"format": fmt, "path": str(path), "synthetic": SYN,
+                                                 "image_size": [60, 80], **kw})
+
+
+def fmt_module(fmt: str):
+    import importlib
+
+    return importlib.import_module(f"passes.formats.{fmt}")
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory) -> dict[str, Path]:
+    """Each format's synthetic tree, written once."""
+    base = tmp_path_factory.mktemp("detection")
+    out = {}
+    for fmt in FORMATS:
+        ds = dataset(fmt, base / "absent")
+        fmt_module(fmt).synthesize(ds, base / fmt)
+        out[fmt] = base / fmt
+    return out
+
+
+def copy_tree(trees, fmt: str, tmp_path: Path) -> Path:
+    dest = tmp_path / fmt
+    shutil.copytree(trees[fmt], dest)
+    return dest
+
+
+def expected_rows(syn, ids) -> list[np.ndarray]:
+    """What the generator drew, per scene: [class, cx, cy, w, h] normalized."""
+    h, w = syn.scene_size
+    out = []
+    for _, objs in detection_synth.scenes(syn, ids):
+        out.append(np.asarray([[k, (x1 + x2 + 1) / 2 / w, (y1 + y2 + 1) / 2 / h, (x2 - x1 + 1) / w,
+                                (y2 - y1 + 1) / h] for k, x1, y1, x2, y2 in objs], np.float64).reshape(-1, 5))
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_reads_its_synthetic_tree_into_the_contract_arrays(trees, fmt):
+    ds = dataset(fmt, trees[fmt])
+    mod = fmt_module(fmt)
+    root, synthetic = mod.locate(ds, None)
+    assert root == trees[fmt] and not synthetic
+    ds._inferred.update(mod.infer(ds, root))
+    loaded = mod.load(ds, root)
+    x, y = loaded.train
+    assert x.dtype == np.uint8 and x.shape == (SYN["scenes"], 60, 80, 3)
+    assert y.dtype == np.float32 and y.shape == (SYN["scenes"], 16, 5)
+    assert loaded.source["labels"] == "boxes" and loaded.group_by == "file"
+    assert len(loaded.sources["train"]) == SYN["scenes"]
+    _, ids = detection_synth.names_and_ids(ds) if fmt != "gtsdb" else (None, detection_synth.default_ids(ds.synthetic))
+    want = expected_rows(ds.synthetic, ids)
+    assert any(len(r) == 0 for r in want) and any(len(r) >= 2 for r in want)  # empty scenes and crowded ones
+    h, w = ds.synthetic.scene_size
+    names = ds.class_names
+    for i, rows in enumerate(want):
+        real = y[i][y[i][:, 0] >= 0]
+        assert (y[i][len(real):] == -1).all()  # padding rows are all -1
+        assert len(real) == len(rows), i
+        for got, exp in zip(real, rows):
+            # the class by name (gtsdb: the GTSRB id), the box within a pixel of the drawing
+            if fmt == "gtsdb":
+                assert names[int(got[0])] == str(ids[int(exp[0])])
+            else:
+                assert int(got[0]) == int(exp[0])
+            assert np.abs((got[1:] - exp[1:]) * [w, h, w, h]).max() <= 1.0
+
+
+def write_gtsdb(root: Path, gt: str, images=("a.ppm",), size=(50, 40)) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in images:
+        Image.new("RGB", size, (90, 90, 90)).save(root / name)
+    (root / "gt.txt").write_text(gt)
+    return root
+
+
+@pytest.mark.parametrize("gt, said", [
+    ("a.ppm;1;2;20;30;14\na.ppm;40;2;51;30;14\n", r"gt.txt:2: box x1=40 y1=2 x2=52 y2=31 px lies outside the 50x40"),
+    ("a.ppm;1;2;20;30;14\n\na.ppm;20;2;20;30;14\n", r"gt.txt:3: box x1=20 y1=2 x2=20 y2=30 is empty"),
+    ("a.ppm;1;2;20;30;43\n", r"gt.txt:1: class 43 is outside GTSRB's ids 0..42"),
+    ("a.ppm;1;2;20;30\n", r"gt.txt:1: 'a.ppm;1;2;20;30': expected file;x1;y1;x2;y2;class"),
+    ("a.ppm;1;2;2x;30;14\n", r"gt.txt:1: x2: '2x' is not an integer"),
+])
+def test_gtsdb_refuses_a_bad_line_naming_it(tmp_path, gt, said):
+    from passes.formats import gtsdb
+
+    root = write_gtsdb(tmp_path / "g", gt)
+    with pytest.raises(PassError, match=said):
+        gtsdb.load(dataset("gtsdb", root), root)
+
+
+def test_gtsdb_keeps_the_listed_ids_a_scene_without_signs_and_refuses_too_many(tmp_path):
+    from passes.formats import gtsdb
+
+    root = write_gtsdb(tmp_path / "g", "a.ppm;0;0;9;9;14\na.ppm;20;20;29;29;17\na.ppm;30;0;39;9;1\n",
+                       images=("a.ppm", "b.ppm"))
+    loaded = gtsdb.load(dataset("gtsdb", root, classes=[17, 14]), root)
+    y = loaded.train[1]
+    assert loaded.sources["train"] == ["a.ppm", "b.ppm"]
+    np.testing.assert_allclose(y[0, :3], [[1, 0.1, 0.125, 0.2, 0.25], [0, 0.5, 0.625, 0.2, 0.25], [-1] * 5],
+                               atol=1e-6)  # id 14 -> output 1, 17 -> 0; id 1 left out
+    assert loaded.report["left_out_objects"] == 1 and (y[1] == -1).all()
+    with pytest.raises(PassError, match=r"gt.txt:1: a.ppm holds 3 objects, over dataset.max_objects \(2\)"):
+        gtsdb.load(dataset("gtsdb", root, max_objects=2), root)
+
+
+def test_an_unreadable_scene_is_skipped_and_reported(tmp_path):
+    from passes.formats import gtsdb
+
+    root = write_gtsdb(tmp_path / "g", "a.ppm;0;0;9;9;14\nc.ppm;0;0;9;9;14\n", images=("a.ppm", "b.ppm"))
+    (root / "c.ppm").write_bytes(b"P6\n50 40\n255\n" + b"\0" * 10)  # truncated
+    loaded = gtsdb.load(dataset("gtsdb", root), root)
+    assert loaded.sources["train"] == ["a.ppm", "b.ppm"]
+    assert loaded.report["skipped"] == 1 and "c.ppm" in loaded.report["skipped_examples"][0]
+
+
+def test_the_data_stage_writes_boxes_test_labels_and_objects_per_class(trees, tmp_path):
+    from passes import data
+    from passes.formats import gtsdb
+
+    ds = dataset("gtsdb", trees["gtsdb"], classes=[14, 17, 13, 12])
+    loaded = gtsdb.load(ds, trees["gtsdb"])
+    info = data.prepare(loaded, tmp_path / "out", ds.image_size, 0.2, 0.3, 0)
+    n = {s: np.load(tmp_path / "out" / f"{s}.npz")["y"] for s in ("train", "val", "test")}
+    assert all(v.dtype == np.float32 and v.shape[1:] == (16, 5) for v in n.values())
+    assert sum(len(v) for v in n.values()) == SYN["scenes"] and info["labels"] == "boxes"
+    for s, v in n.items():
+        assert info["class_counts"][s] == np.bincount(v[..., 0][v[..., 0] >= 0].astype(int), minlength=4).tolist()
+        assert info["objects"][s] == int((v[..., 0] >= 0).sum())
+    test = json.loads((tmp_path / "out" / "test_labels.json").read_text())
+    assert len(test) == len(n["test"])
+    for scene, v in zip(test, n["test"]):
+        np.testing.assert_allclose(np.asarray(scene, np.float64).reshape(-1, 5), v[v[:, 0] >= 0], atol=1e-6)
+    raw = np.fromfile(tmp_path / "out" / "test_inputs.bin", "<f4").reshape(len(test), 3, 60, 80)
+    assert raw.max() <= 1.0 and info["test_inputs"]["layout"] == "NCHW"
