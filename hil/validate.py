@@ -65,7 +65,8 @@ def evaluate(req: Requirements, runner: dict, labels: list[int], library_bytes: 
     preds = np.asarray(runner["predictions"])
     if len(labels) < len(preds):
         raise ValidationError(f"board returned {len(preds)} predictions for {len(labels)} test labels")
-    y = np.asarray(labels[: len(preds)])
+    # a detector's test labels are a list of objects per image (ragged): its Scorer takes them as they are
+    y = labels[: len(preds)] if getattr(task, "ragged_labels", False) else np.asarray(labels[: len(preds)])
     quality, wanted = (task or classification.Scorer()).quality(req, runner, y, reference)
     checks = [_check(*c) for c in wanted]
     agreement = quality["agreement_with_reference"]

@@ -35,13 +35,13 @@ from kiln.schema.frontends import FrontEnd, LogmelFrontEnd, MfccFrontEnd, Normal
 from kiln.schema.lab import (EmulatedHosts, EmulatedLab, Instance, Inventory, Lab, LabgridLab, LabgridSSH, StaticLab,
                              _LabBase)
 from kiln.schema.nets import (Architecture, AutoencoderArchitecture, CnnArchitecture, Conv1dArchitecture,
-                              DsCnnArchitecture, MlpArchitecture, MlperfAdArchitecture, MlperfIcArchitecture,
+                              DsCnnArchitecture, FomoArchitecture, MlpArchitecture, MlperfAdArchitecture, MlperfIcArchitecture,
                               MlperfKwsArchitecture, MlperfVwwArchitecture, MobilenetV1Architecture, ModuleArchitecture,
                               OnnxArchitecture, ResnetArchitecture, RnnArchitecture, TfliteArchitecture,
                               _ArchitectureBase, _FamilyBase, parse_architecture)
 from kiln.schema.project import (LatencyLimit, MemoryLimit, MinLimit, Project, Requirements, SizeLimit, Sizing, Training,
                                  Tuning, Validation)
-from kiln.schema.tasks import TASKS, Anomaly, Classification, Regression, _TaskBase, judged_by, task_for
+from kiln.schema.tasks import TASKS, Anomaly, Classification, Detection, Regression, _TaskBase, judged_by, task_for
 from kiln.schema.transports import LocalTransport, SerialTransport, SSHTransport, Transport
 
 __all__ = [
@@ -53,8 +53,8 @@ __all__ = [
     "EmulatedLab", "Instance", "Inventory", "Lab", "LabgridLab", "LabgridSSH", "StaticLab", "Architecture",
     "AutoencoderArchitecture", "CnnArchitecture", "Conv1dArchitecture", "DsCnnArchitecture", "MlpArchitecture",
     "MlperfAdArchitecture", "MlperfIcArchitecture", "MlperfKwsArchitecture", "MlperfVwwArchitecture",
-    "MobilenetV1Architecture", "ModuleArchitecture", "OnnxArchitecture", "ResnetArchitecture", "RnnArchitecture",
+    "MobilenetV1Architecture", "FomoArchitecture", "ModuleArchitecture", "OnnxArchitecture", "ResnetArchitecture", "RnnArchitecture",
     "TfliteArchitecture", "parse_architecture", "LatencyLimit", "MemoryLimit", "MinLimit", "Project", "Requirements", "SizeLimit", "Sizing",
-    "Training", "Tuning", "Validation", "Anomaly", "Classification", "Regression", "TASKS", "task_for", "judged_by",
+    "Training", "Tuning", "Validation", "Anomaly", "Classification", "Detection", "Regression", "TASKS", "task_for", "judged_by",
     "LocalTransport", "SerialTransport", "SSHTransport", "Transport",
 ]

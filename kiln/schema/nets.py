@@ -114,6 +114,24 @@ class MobilenetV1Architecture(_FamilyBase):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head (training only)")
 
 
+class FomoArchitecture(_FamilyBase):
+    """FOMO-style detector: MobileNetV1's stem and its first ``blocks`` depthwise-separable blocks
+    (widths scaled by ``alpha``), cut where the grid is 1/8 of the input, then a 1x1 conv-ReLU of
+    ``head_width`` channels and a 1x1 conv of classes + 1 channels (background first): a
+    per-class heat map on the H/8 x W/8 grid, fully convolutional: kiln/nets/fomo.py. Its
+    objective is detection (kiln/schema/tasks.py Detection)."""
+
+    implementation: ClassVar[str] = "kiln.nets.fomo"
+    objective: ClassVar[str] = "detection"
+
+    family: Literal["fomo"]
+    alpha: float = Field(0.25, gt=0, le=4, description="width multiplier of the MobileNetV1 blocks")
+    blocks: int = Field(5, ge=4, le=5, description="MobileNetV1 blocks kept: 4 reaches the 1/8 grid (its "
+                        "stride-2 256-alpha block), 5 adds the next block at 1/8 (as FOMO keeps MobileNetV2 to 1/8)")
+    head_width: int = Field(32, ge=0, le=1024, description="channels of the 1x1 conv-ReLU before the output conv "
+                            "(0: none)")
+
+
 class ResnetArchitecture(_FamilyBase):
     """A 3x3 stem conv, then stages of basic residual blocks (conv3x3-BN-ReLU-conv3x3-BN plus the
     shortcut, then ReLU; the first block of every stage after the first has stride 2, and a 1x1
@@ -278,7 +296,7 @@ class TfliteArchitecture(_FamilyBase):
                       "manifest loads")
 
 
-Architecture = Annotated[Union[CnnArchitecture, DsCnnArchitecture, MobilenetV1Architecture, ResnetArchitecture,
+Architecture = Annotated[Union[CnnArchitecture, DsCnnArchitecture, MobilenetV1Architecture, FomoArchitecture, ResnetArchitecture,
                                MlpArchitecture, Conv1dArchitecture, RnnArchitecture, AutoencoderArchitecture,
                                MlperfKwsArchitecture, MlperfVwwArchitecture, MlperfIcArchitecture,
                                MlperfAdArchitecture, ModuleArchitecture, OnnxArchitecture, TfliteArchitecture],

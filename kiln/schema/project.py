@@ -10,7 +10,7 @@ from kiln.schema.base import Strict
 from kiln.schema.compression import Compression
 from kiln.schema.datasets import Dataset, dataset_class_names
 from kiln.schema.nets import Architecture
-from kiln.schema.tasks import Anomaly, Regression, task_for
+from kiln.schema.tasks import Anomaly, Detection, Regression, label_kind_problem, task_for
 
 
 # --- project manifest -------------------------------------------------------------------------
@@ -98,6 +98,10 @@ class Requirements(Strict):
                                  "predictions (de-standardized by the host), in the label's units")
     rmse: MaxLimit | None = Field(None, description="regression: max root mean squared error of the board's test "
                                   "predictions, in the label's units")
+    f1: MinLimit | None = Field(None, description="detection: min F1 of the object centres the host decodes from the "
+                                "board's heat maps (over all classes), matched within detection.match_distance")
+    precision: MinLimit | None = Field(None, description="detection: min precision of the decoded object centres")
+    recall: MinLimit | None = Field(None, description="detection: min recall of the test objects' centres")
 
 
 class Sizing(Strict):
@@ -236,6 +240,8 @@ class Project(Strict):
                                     "which classes are normal; required for, and only for, that objective")
     regression: Regression | None = Field(None, description="regression: the net (a classification family, one "
                                           "output) predicts the dataset's numeric label; its loss")
+    detection: Detection | None = Field(None, description="object detection (family fomo): the heat map's "
+                                        "threshold, merge radius, match distance and object weight")
     targets: list[str] = Field(min_length=1, description="board types from targets/*.yaml")
 
     @field_validator("targets")
@@ -278,6 +284,9 @@ class Project(Strict):
         and ``refuses``). The task then checks what only the whole manifest tells (the normal
         class names against the data's classes, when they are known)."""
         cls, family = task_for(self.objective), self.architecture.family
+        problem = label_kind_problem(self)
+        if problem:
+            raise ValueError(problem)
         if cls.section is not None and getattr(self, cls.section) is None:
             raise ValueError(cls.missing.replace("{family}", family))
         for path, why in cls.refuses.items():

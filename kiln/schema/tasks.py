@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 from kiln.schema.base import Strict
 from kiln.schema.datasets import dataset_class_names
 from kiln.tasks import anomaly_detection as _anomaly_detection, classification as _classification
-from kiln.tasks import regression as _regression
+from kiln.tasks import detection as _detection, regression as _regression
 
 
 class _TaskBase(Strict):
@@ -54,6 +54,10 @@ class Classification(_TaskBase):
                             "regressor: add regression: {} to predict a number, or require accuracy",
         "requirements.rmse": "requirements.rmse: the app is a classifier (no regression section); rmse applies to a "
                              "regressor: add regression: {} to predict a number, or require accuracy",
+        **{f"requirements.{k}": f"requirements.{k}: family '{{family}}' is a classifier; {k} of object centres "
+                                f"applies to a detector (family fomo); require accuracy or macro_f1"
+           for k in ("f1", "precision", "recall")},
+        "detection": "detection: family '{family}' is a classifier; detection applies to a detector (family fomo)",
     }
 
     def check(self, project) -> None:
@@ -104,6 +108,11 @@ class Anomaly(_TaskBase):
                              "detection): require auc: {min: ...}; rmse applies to a regressor",
         "regression": "regression: family '{family}' has a reconstruction objective (anomaly detection); a regressor "
                       "is a net of the classification families (mlp, cnn, ...) with a regression section",
+        **{f"requirements.{k}": f"requirements.{k}: family '{{family}}' has a reconstruction objective (anomaly "
+                                f"detection): require auc: {{min: ...}}; {k} applies to a detector (family fomo)"
+           for k in ("f1", "precision", "recall")},
+        "detection": "detection: family '{family}' has a reconstruction objective; detection applies to a detector "
+                     "(family fomo)",
     }
 
     normal: list[str] = Field(min_length=1, description="the classes that are normal, by name (formats without "
@@ -164,6 +173,11 @@ class Regression(_TaskBase):
                                   "no class to weigh",
         "anomaly": "anomaly: the app is a regressor (regression section); anomaly applies to a reconstruction "
                    "objective only (e.g. family autoencoder)",
+        **{f"requirements.{k}": f"requirements.{k}: the app is a regressor (regression section); {k} applies to a "
+                                f"detector (family fomo); require mae: {{max: ...}} or rmse: {{max: ...}}"
+           for k in ("f1", "precision", "recall")},
+        "detection": "detection: the app is a regressor (regression section); detection applies to a detector "
+                     "(family fomo)",
     }
 
     loss: Literal["mse", "mae"] = Field("mse", description="the training loss on the standardized targets: mse "
@@ -193,6 +207,60 @@ class Regression(_TaskBase):
         ds._numeric = True
 
 
+class Detection(_TaskBase):
+    """Object detection as FOMO does it (kiln/nets/fomo.py): the net predicts a per-class heat
+    map on the H/8 x W/8 grid; it is trained with a weighted per-cell cross-entropy against the
+    objects' centroid cells (``object_weight``), and the host decodes centres from the board's
+    raw map and scores their precision, recall and F1 (kiln/tasks/detection.py;
+    ``requirements.f1`` etc. gate a deploy). Distances are in grid cells (8 input pixels)."""
+
+    name: ClassVar[str] = "detection"
+    implementation: ClassVar[str] = "passes.tasks.detection"
+    scoring: ClassVar[ModuleType] = _detection
+    objective: ClassVar[str] = "detection"
+    section: ClassVar[str | None] = "detection"
+    missing: ClassVar[str] = ("detection: family '{family}' is a detector: add a detection section (detection: {} "
+                              "takes the defaults: threshold 0.5, radius 1.5 and match_distance 1.5 grid cells)")
+    refuses: ClassVar[dict[str, str]] = {
+        f"requirements.{k}": f"requirements.{k}: family '{{family}}' is a detector: its output is a heat map of "
+                             f"object centres, {why}; require f1: {{min: ...}} (and precision/recall) instead"
+        for k, why in (("accuracy", "not one class per image to be right about"),
+                       ("macro_f1", "not one class per image (its f1 is over object centres: require f1)"),
+                       ("class_recall", "not one class per image (require recall)"),
+                       ("auc", "not an anomaly score"), ("mae", "not a number"), ("rmse", "not a number"))
+    } | {
+        "training.class_weights": "training.class_weights: family '{family}' is a detector: its loss weighs object "
+                                  "cells against background by detection.object_weight",
+        "anomaly": "anomaly: family '{family}' is a detector; anomaly applies to a reconstruction objective only",
+        "regression": "regression: family '{family}' is a detector; a regressor is a net of the classification "
+                      "families (mlp, cnn, ...) with a regression section",
+    }
+
+    threshold: float = Field(0.5, gt=0, lt=1, description="a cell is an object of class c when its softmax "
+                             "probability of c is at least this")
+    radius: float = Field(1.5, ge=0, le=64, description="cells of one class within this many grid cells of a "
+                          "stronger one merge into one centre (1.5: a cell and its 8 neighbours)")
+    match_distance: float = Field(1.5, gt=0, le=64, description="a detected centre matches a true object of its "
+                                  "class within this many grid cells (one cell: 8 input pixels)")
+    object_weight: float = Field(100.0, gt=0, le=1e6, description="loss weight of an object cell against a "
+                                 "background cell's 1 (FOMO's object_weight: centres are a few cells of many)")
+
+    def check(self, project) -> None:
+        """The dataset holds boxes (a detection format: gtsdb, yolo, coco, voc)."""
+        if getattr(type(project.dataset), "labels", "class") != "boxes":
+            raise ValueError(f"dataset.format: '{project.dataset.format}' has one class label per sample; family "
+                             f"'{project.architecture.family}' is a detector and needs boxes (formats gtsdb, yolo, "
+                             "coco, voc)")
+
+
+def label_kind_problem(project) -> str | None:
+    """Why a detection dataset (boxes) does not fit a net that is no detector, or None."""
+    if getattr(type(project.dataset), "labels", "class") == "boxes" and project.objective != "detection":
+        return (f"architecture.family: '{project.architecture.family}' has the {project.objective} objective, but "
+                f"dataset.format '{project.dataset.format}' holds boxes (object detection): use family fomo")
+    return None
+
+
 def _numeric_formats() -> list[type]:
     from kiln.schema.datasets import Dataset
 
@@ -200,7 +268,7 @@ def _numeric_formats() -> list[type]:
 
 
 # the registry of tasks; adding one is its settings model here, one entry, and its two modules
-TASKS: tuple[type[_TaskBase], ...] = (Classification, Anomaly, Regression)
+TASKS: tuple[type[_TaskBase], ...] = (Classification, Anomaly, Regression, Detection)
 
 
 def task_for(objective: str) -> type[_TaskBase]:

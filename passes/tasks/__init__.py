@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from kiln.registry import implementation
 from kiln.schema import TASKS, task_for
-from passes.tasks import anomaly_detection, classification, regression  # noqa: F401  (the stages' sources, kiln.sources)
+from passes.tasks import anomaly_detection, classification, detection, regression  # noqa: F401  (the stages' sources, kiln.sources)
 
 LOSSES = tuple(t.objective for t in TASKS)  # what training.fit's ``loss`` names: the net's objective
 
