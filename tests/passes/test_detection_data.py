@@ -17,7 +17,7 @@ from kiln.errors import ManifestError, PassError
 from kiln.schema.datasets import Dataset
 from passes.formats.support import detection_synth
 
-FORMATS = ("gtsdb",)
+FORMATS = ("gtsdb", "yolo", "coco", "voc")
 SYN = {"scenes": 10, "scene_size": [120, 160], "sign_px": [14, 40], "max_per_scene": 3, "empty": 0.2, "seed": 3}
 
 
@@ -73,7 +73,11 @@ def test_each_format_reads_its_synthetic_tree_into_the_contract_arrays(trees, fm
     assert y.dtype == np.float32 and y.shape == (SYN["scenes"], 16, 5)
     assert loaded.source["labels"] == "boxes" and loaded.group_by == "file"
     assert len(loaded.sources["train"]) == SYN["scenes"]
-    _, ids = detection_synth.names_and_ids(ds) if fmt != "gtsdb" else (None, detection_synth.default_ids(ds.synthetic))
+    if fmt == "gtsdb":
+        ids = detection_synth.default_ids(ds.synthetic)
+        drawn = [str(i) for i in ids]
+    else:
+        drawn, ids = detection_synth.names_and_ids(ds)
     want = expected_rows(ds.synthetic, ids)
     assert any(len(r) == 0 for r in want) and any(len(r) >= 2 for r in want)  # empty scenes and crowded ones
     h, w = ds.synthetic.scene_size
@@ -83,11 +87,8 @@ def test_each_format_reads_its_synthetic_tree_into_the_contract_arrays(trees, fm
         assert (y[i][len(real):] == -1).all()  # padding rows are all -1
         assert len(real) == len(rows), i
         for got, exp in zip(real, rows):
-            # the class by name (gtsdb: the GTSRB id), the box within a pixel of the drawing
-            if fmt == "gtsdb":
-                assert names[int(got[0])] == str(ids[int(exp[0])])
-            else:
-                assert int(got[0]) == int(exp[0])
+            # the class by name (gtsdb: the GTSRB id; voc sorts its names), the box within a pixel of the drawing
+            assert names[int(got[0])] == drawn[int(exp[0])]
             assert np.abs((got[1:] - exp[1:]) * [w, h, w, h]).max() <= 1.0
 
 
@@ -160,3 +161,161 @@ def test_the_data_stage_writes_boxes_test_labels_and_objects_per_class(trees, tm
         np.testing.assert_allclose(np.asarray(scene, np.float64).reshape(-1, 5), v[v[:, 0] >= 0], atol=1e-6)
     raw = np.fromfile(tmp_path / "out" / "test_inputs.bin", "<f4").reshape(len(test), 3, 60, 80)
     assert raw.max() <= 1.0 and info["test_inputs"]["layout"] == "NCHW"
+
+
+def test_a_box_within_a_pixel_of_the_edge_is_clipped(tmp_path):
+    from passes.formats import gtsdb
+
+    root = write_gtsdb(tmp_path / "g", "a.ppm;0;0;50;39;14\n")  # x2 = 50: one pixel past the 50-wide image
+    y = gtsdb.load(dataset("gtsdb", root), root).train[1]
+    np.testing.assert_allclose(y[0, 0], [14, 0.5, 0.5, 1.0, 1.0], atol=1e-6)
+
+
+def write_yolo(root: Path, label: str, names=("a", "b"), how="classes.txt") -> Path:
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    Image.new("RGB", (50, 40)).save(root / "images" / "a.png")
+    (root / "labels" / "a.txt").write_text(label)
+    if how == "classes.txt":
+        (root / "classes.txt").write_text("\n".join(names) + "\n")
+    elif how == "data.yaml":
+        (root / "data.yaml").write_text("names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(names)))
+    return root
+
+
+@pytest.mark.parametrize("label, said", [
+    ("0 0.5 0.5 0.2\n", r"a.txt:1: '0 0.5 0.5 0.2': expected 'class cx cy w h' \(5 fields, got 4\)"),
+    ("0 0.5 0.5 0.2 0.2\n\n2 0.5 0.5 0.2 0.2\n", r"a.txt:3: class 2 is outside 0..1 \(2 class\(es\): a, b\)"),
+    ("0 0.98 0.5 0.2 0.2\n", r"a.txt:1: box \(cx, cy, w, h\) = \(0.98, 0.5, 0.2, 0.2\) of the image lies outside "
+                             r"the 50x40 image"),
+    ("1 0.5 0.5 0 0.2\n", r"a.txt:1: box width 0 and height 0.2: both must be above 0"),
+    ("1 0.5 abc 0.2 0.2\n", r"a.txt:1: cy: 'abc' is not a number"),
+])
+def test_yolo_refuses_a_bad_line_naming_it(tmp_path, label, said):
+    from passes.formats import yolo
+
+    root = write_yolo(tmp_path / "y", label)
+    ds = dataset("yolo", root)
+    ds._inferred.update(yolo.infer(ds, root))
+    with pytest.raises(PassError, match=said):
+        yolo.load(ds, root)
+
+
+def test_yolo_reads_names_from_data_yaml_or_classes_txt_and_asks_for_them_otherwise(tmp_path):
+    from passes.formats import yolo
+
+    for how in ("classes.txt", "data.yaml"):
+        root = write_yolo(tmp_path / how, "1 0.5 0.5 0.2 0.2\n", names=("car", "sign"), how=how)
+        assert yolo.infer(dataset("yolo", root), root) == {"classes": ["car", "sign"]}
+    root = write_yolo(tmp_path / "none", "", how=None)
+    with pytest.raises(ManifestError, match="dataset.classes.*names no classes"):
+        yolo.infer(dataset("yolo", root), root)
+    ds = dataset("yolo", root, classes=["person"])  # a detector of one class, the names from the manifest
+    loaded = yolo.load(ds, root)
+    assert loaded.source["classes"] == ["person"] and (loaded.train[1] == -1).all()  # an empty label file
+
+
+def coco_doc(**change) -> dict:
+    doc = {"images": [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}],
+           "annotations": [{"id": 7, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 20], "iscrowd": 0}],
+           "categories": [{"id": 3, "name": "sign"}, {"id": 5, "name": "car"}]}
+    doc["annotations"][0].update(change)
+    return doc
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"category_id": 4}, r"annotations\[0\] \(id 7\): unknown class: category_id 4 is not in categories \(3, 5\)"),
+    ({"bbox": [40, 10, 20, 20]}, r"annotations\[0\] \(id 7\): box x1=40 y1=10 x2=60 y2=30 px lies outside the 50x40"),
+    ({"bbox": [10, 10, 20]}, r"annotations\[0\] \(id 7\): bbox \[10, 10, 20\]: expected \[x, y, width, height\]"),
+    ({"bbox": [10, 10, 0, 5]}, r"annotations\[0\] \(id 7\): bbox \[10, 10, 0, 5\]: width and height must be above 0"),
+    ({"image_id": 2}, r"annotations\[0\] \(id 7\): image_id 2 is not an image of the file"),
+])
+def test_coco_refuses_a_bad_annotation_naming_it(tmp_path, change, said):
+    from PIL import Image
+
+    from passes.formats import coco
+
+    root = tmp_path / "c"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (50, 40)).save(root / "images" / "a.png")
+    (root / "instances.json").write_text(json.dumps(coco_doc(**change)))
+    ds = dataset("coco", root)
+    ds._inferred.update(coco.infer(ds, root))
+    assert ds.class_names == ["sign", "car"]  # in category id order
+    with pytest.raises(PassError, match=said):
+        coco.load(ds, root)
+
+
+def write_voc(root: Path, objects: str) -> Path:
+    from PIL import Image
+
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    Image.new("RGB", (50, 40)).save(root / "JPEGImages" / "a.jpg")
+    (root / "Annotations" / "a.xml").write_text(f"<annotation>\n<filename>a.jpg</filename>\n{objects}</annotation>\n")
+    return root
+
+
+def voc_object(name="sign", box=(11, 11, 30, 30)) -> str:
+    return (f"<object>\n<name>{name}</name>\n<bndbox>\n<xmin>{box[0]}</xmin>\n<ymin>{box[1]}</ymin>\n"
+            f"<xmax>{box[2]}</xmax>\n<ymax>{box[3]}</ymax>\n</bndbox>\n</object>\n")
+
+
+@pytest.mark.parametrize("objects, said", [
+    (voc_object() + voc_object("sing"), r"a.xml:13: unknown class 'sing'; the data set's classes: car, sign"),
+    (voc_object(box=(30, 11, 30, 30)), r"a.xml:5: box xmin=30 ymin=11 xmax=30 ymax=30 is empty"),
+    (voc_object(box=(11, 11, 52, 30)), r"a.xml:5: box x1=10 y1=10 x2=52 y2=30 px lies outside the 50x40 image"),
+    (voc_object(box=(11, "x", 30, 30)), r"a.xml:7: ymin: 'x' is not a number"),
+    ("<object>\n<name>sign</name>\n</objec>\n", r"a.xml:5: not well-formed XML"),
+])
+def test_voc_refuses_a_bad_object_naming_its_line(tmp_path, objects, said):
+    from passes.formats import voc
+
+    root = write_voc(tmp_path / "v", objects)
+    with pytest.raises(PassError, match=said):
+        voc.load(dataset("voc", root, classes=["car", "sign"]), root)
+
+
+@pytest.mark.parametrize("fmt, tree, said", [
+    ("yolo", "voc", r"is not a yolo data set: expected images/ and labels/.*it looks like the voc layout "
+                    r"\(JPEGImages/ and Annotations/\*.xml \(Pascal VOC\)\): set dataset.format: voc"),
+    ("voc", "coco", r"is not a voc data set: expected JPEGImages/.*it looks like the coco layout"),
+    ("coco", "yolo", r"is not a coco data set: expected a COCO instances JSON.*set dataset.format: yolo"),
+    ("gtsdb", "gtsdb-no-gt", r"is not a gtsdb data set: expected \*.ppm scenes and gt.txt"),
+])
+def test_a_wrong_layout_is_one_error_naming_dataset_path(trees, tmp_path, fmt, tree, said):
+    from passes.formats.support import boxes
+
+    root = copy_tree(trees, tree.split("-")[0], tmp_path)
+    if tree == "gtsdb-no-gt":
+        (root / "gt.txt").unlink()
+    with pytest.raises(ManifestError, match=r"field 'dataset.path': .*" + said):
+        fmt_module(fmt).locate(dataset(fmt, root), None)
+    assert boxes.sniff(root) == (None if tree == "gtsdb-no-gt" else tree)
+
+
+def test_the_synthetic_fallback_is_opt_in(tmp_path):
+    from passes.formats import voc
+
+    ds = TypeAdapter(Dataset).validate_python({"format": "voc", "path": str(tmp_path / "nothing")})
+    with pytest.raises(ManifestError, match=r"field 'dataset.path': .* holds no voc data set.*add 'synthetic: \{\}'"):
+        voc.locate(ds, None)
+
+
+def test_a_changed_scene_is_decoded_again_alone(trees, tmp_path):
+    from PIL import Image
+
+    from passes.formats import gtsdb
+    from passes.support import decode_cache
+
+    root = copy_tree(trees, "gtsdb", tmp_path)
+    ds = dataset("gtsdb", root)
+    with decode_cache.active(tmp_path / "cache", 1) as first:
+        x0 = gtsdb.load(ds, root).train[0][:]
+    Image.new("RGB", (160, 120), (255, 0, 0)).save(root / "00004.ppm")
+    with decode_cache.active(tmp_path / "cache", 1) as second:
+        x1 = gtsdb.load(ds, root).train[0][:]
+    assert first.decoded == SYN["scenes"] and second.decoded == 1 and second.cached == SYN["scenes"] - 1
+    assert (x1[4] == (255, 0, 0)).all() and np.array_equal(np.delete(x0, 4, 0), np.delete(x1, 4, 0))

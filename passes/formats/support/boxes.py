@@ -211,7 +211,7 @@ LAYOUTS = {
 def sniff(path: Path) -> str | None:
     """Which detection layout ``path`` holds, by its top-level names (cheap), or None."""
     try:
-        names = {p.name for p in Path(path).iterdir()}
+        names = {p.name for p in Path(path).iterdir() if not p.name.startswith(".")}  # not Kiln's marker
     except OSError:
         return None
     if {"Annotations", "JPEGImages"} <= names:
