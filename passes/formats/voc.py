@@ -86,7 +86,7 @@ def infer(ds, root: Path) -> dict:
     root = Path(root)
     if not _holds(root):
         synthetic_or_refuse(ds, root, None, "holds no VOC tree to read the classes from")
-        return {"classes": detection_synth.names_and_ids(ds)[0]}
+        return {"classes": sorted(detection_synth.names_and_ids(ds)[0])}  # sorted, as read once it is written
     names = set()
     for path in _annotations(root):
         for obj in parse_xml(path).findall("object"):

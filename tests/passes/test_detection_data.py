@@ -67,6 +67,9 @@ def test_each_format_reads_its_synthetic_tree_into_the_contract_arrays(trees, fm
     root, synthetic = mod.locate(ds, None)
     assert root == trees[fmt] and not synthetic
     ds._inferred.update(mod.infer(ds, root))
+    # the classes the manifest gets before the tree is generated are those read from it after
+    absent = trees[fmt].parent / "absent"
+    assert mod.infer(dataset(fmt, absent), absent) == mod.infer(ds, root)
     loaded = mod.load(ds, root)
     x, y = loaded.train
     assert x.dtype == np.uint8 and x.shape == (SYN["scenes"], 60, 80, 3)
@@ -319,3 +322,26 @@ def test_a_changed_scene_is_decoded_again_alone(trees, tmp_path):
         x1 = gtsdb.load(ds, root).train[0][:]
     assert first.decoded == SYN["scenes"] and second.decoded == 1 and second.cached == SYN["scenes"] - 1
     assert (x1[4] == (255, 0, 0)).all() and np.array_equal(np.delete(x0, 4, 0), np.delete(x1, 4, 0))
+
+
+@pytest.mark.parametrize("layout", ["images/<split>", "<split>/images"])
+def test_yolo_split_folders_are_the_splits_as_shipped(tmp_path, layout):
+    from PIL import Image
+
+    from passes.formats import yolo
+
+    root = tmp_path / "y"
+    for split, folder in (("train", "train"), ("val", "valid"), ("test", "test")):
+        images, labels = ((root / "images" / folder, root / "labels" / folder) if layout == "images/<split>" else
+                          (root / folder / "images", root / folder / "labels"))
+        images.mkdir(parents=True)
+        labels.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 40)).save(images / f"{split}{i}.jpg")
+            (labels / f"{split}{i}.txt").write_text("0 0.5 0.5 0.25 0.25\n" if i else "")
+    ds = dataset("yolo", root, classes=["sign"])
+    assert yolo.locate(ds, None) == (root, False)
+    loaded = yolo.load(ds, root)
+    assert [len(loaded.train[1]), len(loaded.val[1]), len(loaded.test[1])] == [2, 2, 2]
+    assert [Path(s).name for s in loaded.sources["test"]] == ["test0.jpg", "test1.jpg"]
+    assert loaded.test[1][1, 0].tolist() == [0, 0.5, 0.5, 0.25, 0.25] and (loaded.test[1][0] == -1).all()
