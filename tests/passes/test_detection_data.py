@@ -320,7 +320,9 @@ def test_a_changed_scene_is_decoded_again_alone(trees, tmp_path):
     Image.new("RGB", (160, 120), (255, 0, 0)).save(root / "00004.ppm")
     with decode_cache.active(tmp_path / "cache", 1) as second:
         x1 = gtsdb.load(ds, root).train[0][:]
-    assert first.decoded == SYN["scenes"] and second.decoded == 1 and second.cached == SYN["scenes"] - 1
+    # each scene twice: its size (header) and its pixels; the rerun opens the changed scene alone
+    n = SYN["scenes"]
+    assert first.decoded == 2 * n and second.decoded == 2 and second.cached == 2 * (n - 1)
     assert (x1[4] == (255, 0, 0)).all() and np.array_equal(np.delete(x0, 4, 0), np.delete(x1, 4, 0))
 
 
@@ -345,3 +347,26 @@ def test_yolo_split_folders_are_the_splits_as_shipped(tmp_path, layout):
     assert [len(loaded.train[1]), len(loaded.val[1]), len(loaded.test[1])] == [2, 2, 2]
     assert [Path(s).name for s in loaded.sources["test"]] == ["test0.jpg", "test1.jpg"]
     assert loaded.test[1][1, 0].tolist() == [0, 0.5, 0.5, 0.25, 0.25] and (loaded.test[1][0] == -1).all()
+
+
+def test_a_detection_manifest_infers_its_classes_and_runs_the_data_stage(kiln_env):
+    from kiln.artifacts import Layout
+    from kiln.config import load_project
+    from passes import data
+    from tests.conftest import write_project
+
+    write_project(kiln_env["projects"], {
+        "name": "det", "requirements": {}, "detection": {},
+        "dataset": {"format": "voc", "path": str(kiln_env["root"] / "no_data_yet"), "image_size": [48, 64],
+                    "synthetic": {**SYN, "classes": 3}},
+        "architecture": {"family": "fomo", "max_macs": 100_000_000},
+        "training": {"epochs": 1, "lr": 0.01, "batch": 8}, "targets": ["x86-host"]})
+    project = load_project("det")  # before the tree exists: the generator's names, sorted as voc reads them
+    assert project.dataset.class_names == ["no_entry", "stop", "yield"] and project.dataset.labels == "boxes"
+    layout = Layout("det")
+    data.synthesize(project, layout)
+    info = data.run(project, layout)
+    assert load_project("det").dataset.class_names == info["classes"] == ["no_entry", "stop", "yield"]
+    assert info["labels"] == "boxes" and sum(info["counts"].values()) == SYN["scenes"]
+    assert info["load"]["decode"]["decoded"] == 2 * SYN["scenes"]
+    assert data.run(project, layout)["load"]["decode"]["decoded"] == 0  # a rerun reads every scene from the cache

@@ -137,6 +137,10 @@ def rows(scene: Scene, size: tuple[int, int], max_objects: int) -> np.ndarray:
     return out
 
 
+def _size(path) -> np.ndarray:
+    return np.asarray(image_size(Path(path)), np.int32)
+
+
 def _read(path, hw: tuple[int, int]) -> np.ndarray:
     from passes.formats.image_folders import read_image
 
@@ -156,15 +160,16 @@ def load_scenes(ds, root: Path, scenes: dict[str, list[Scene]], source: dict, re
     objects = np.zeros(len(names), np.int64)
     top = root.resolve()
     for split, items in scenes.items():
-        good, ys = [], []
-        for scene in items:  # every label is checked before any pixel is decoded
-            try:
-                size = image_size(scene.image)
-            except Unreadable as e:
-                skipped.append(f"{scene.image}: {e}")
-                continue
-            ys.append(rows(scene, size, ds.max_objects))
-            good.append(scene.image)
+        # every label is checked against its image's size before any pixel is decoded; the sizes
+        # go through the decode cache too, so a rerun opens only the files added or changed
+        sizes, found, errors = decode_cache.decode([s.image for s in items], _size, (2,), np.int32,
+                                                   {"format": "image size", "version": DECODER_VERSION},
+                                                   catch=(Unreadable,))
+        skipped += [f"{items[i].image}: {e}" for i, e in sorted(errors.items())]
+        sizes = np.asarray(sizes[:]) if len(sizes) else np.zeros((0, 2), np.int32)
+        present = [s for s, k in zip(items, found) if k]
+        ys = [rows(scene, (int(size[0]), int(size[1])), ds.max_objects) for scene, size in zip(present, sizes)]
+        good = [s.image for s in present]
         x, ok, errors = decode_cache.decode(good, lambda p: _read(p, (h, w)), (h, w, 3), np.uint8,
                                             {"format": "detection scenes", "size": [h, w], "decoder": DECODER_VERSION},
                                             catch=(Unreadable,))
