@@ -561,6 +561,14 @@ class _DetectionDataset(_ImageDataset):
     _inferred: dict = PrivateAttr(default_factory=dict)
     _numeric: bool = PrivateAttr(False)
 
+    @model_validator(mode="after")
+    def _room(self):
+        syn = self.synthetic
+        if syn is not None and "synthetic" in self.model_fields_set and syn.max_per_scene > self.max_objects:
+            raise ValueError(f"synthetic.max_per_scene: {syn.max_per_scene} signs a scene do not fit max_objects "
+                             f"({self.max_objects})")
+        return self
+
     @field_validator("augment", mode="after")
     @classmethod
     def _no_geometry(cls, v):

@@ -119,9 +119,9 @@ def load(ds, root: Path) -> Loaded:
         where = f"{path}: annotations[{i}]" + (f" (id {a['id']})" if isinstance(a, dict) and "id" in a else "")
         if not isinstance(a, dict):
             raise fail(where, "expected an object")
-        if a.get("image_id") not in images:
+        if not isinstance(a.get("image_id"), (int, str)) or a["image_id"] not in images:
             raise fail(where, f"image_id {a.get('image_id')!r} is not an image of the file")
-        if a.get("category_id") not in categories:
+        if not isinstance(a.get("category_id"), int) or a["category_id"] not in categories:
             raise fail(where, f"unknown class: category_id {a.get('category_id')!r} is not in categories "
                        f"({', '.join(map(str, list(categories)[:10]))})")
         if a.get("iscrowd"):

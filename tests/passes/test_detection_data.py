@@ -132,7 +132,7 @@ def test_gtsdb_keeps_the_listed_ids_a_scene_without_signs_and_refuses_too_many(t
                                atol=1e-6)  # id 14 -> output 1, 17 -> 0; id 1 left out
     assert loaded.report["left_out_objects"] == 1 and (y[1] == -1).all()
     with pytest.raises(PassError, match=r"gt.txt:1: a.ppm holds 3 objects, over dataset.max_objects \(2\)"):
-        gtsdb.load(dataset("gtsdb", root, max_objects=2), root)
+        gtsdb.load(dataset("gtsdb", root, max_objects=2, synthetic={**SYN, "max_per_scene": 2}), root)
 
 
 def test_an_unreadable_scene_is_skipped_and_reported(tmp_path):
@@ -370,3 +370,17 @@ def test_a_detection_manifest_infers_its_classes_and_runs_the_data_stage(kiln_en
     assert info["labels"] == "boxes" and sum(info["counts"].values()) == SYN["scenes"]
     assert info["load"]["decode"]["decoded"] == 2 * SYN["scenes"]
     assert data.run(project, layout)["load"]["decode"]["decoded"] == 0  # a rerun reads every scene from the cache
+
+
+@pytest.mark.parametrize("fields, said", [
+    ({"augment": {"rotate_deg": 5}}, r"augment\n.*rotate_deg: a rotation would move the boxes"),
+    ({"max_objects": 2, "synthetic": {"max_per_scene": 3}}, r"synthetic.max_per_scene: 3 signs a scene do not fit "
+                                                             r"max_objects \(2\)"),
+    ({"classes": [14, 43]}, r"classes\n.*43 is not a GTSRB class id \(0..42\)"),
+])
+def test_settings_a_detection_data_set_cannot_honour_are_refused_at_load(fields, said):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=said):
+        TypeAdapter(Dataset).validate_python({"format": "gtsdb", "path": "x", **fields})
+    assert dataset("gtsdb", "x", augment={"brightness": 0.2}).augment.brightness == 0.2  # photometric: allowed

@@ -81,8 +81,8 @@ def class_index(where: str, value, names: list[str], by_name: bool) -> int:
     if by_name:
         if value in names:
             return names.index(value)
-        raise fail(where, f"unknown class {value!r}; the data set's classes: {', '.join(names)} "
-                   "(dataset.classes, or read from the data)")
+        raise fail(where, f"unknown class {value!r}; the data set's classes: {', '.join(names[:12])}"
+                   f"{', ...' if len(names) > 12 else ''} (dataset.classes, or read from the data)")
     i = int(number(where, "class", value, integer=True)) if isinstance(value, str) else int(value)
     if not 0 <= i < len(names):
         raise fail(where, f"class {i} is outside 0..{len(names) - 1} ({len(names)} class(es): "
