@@ -158,6 +158,13 @@ def raw_train_slice(u: Unit) -> dict:
     return {"raw_train": {"noise_folder": None if noise is None else (noise.folder or "default")}}
 
 
+def synth_classes(u: Unit) -> dict:
+    """What else a synthetic tree is drawn from: a detection data set's listed classes (its
+    generator draws those signs, under those names: support/detection_synth.py)."""
+    ds = u.p.dataset
+    return {"dataset_classes": ds.classes} if getattr(ds, "labels", "class") == "boxes" else {}
+
+
 def trains(u: Unit) -> bool:
     """False for a family Kiln does not train (family: onnx): it is imported instead."""
     return getattr(type(u.p.architecture), "trains", True)
@@ -185,7 +192,7 @@ PIPELINE: list[Stage] = [
           when=lambda u: u.app.synthetic,
           outputs=lambda u: [u.app.data_root / Layout.SYNTHETIC_MARKER],
           uses=lambda u: [module_name(u.p.dataset)],
-          config=lambda u: u.p.dataset.synthetic.model_dump()),
+          config=lambda u: {**u.p.dataset.synthetic.model_dump(), **synth_classes(u)}),
     Stage("data", "Load the data set, split it and write train/val/test arrays and the boards' test inputs.",
           "passes.data:run", lambda u: [u.p, u.lay], lambda u: f"load and split {u.app.name}'s data set",
           task_dep=lambda u: [f"synth:{u.app.name}"] if u.app.synthetic else [],

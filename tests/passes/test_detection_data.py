@@ -384,3 +384,16 @@ def test_settings_a_detection_data_set_cannot_honour_are_refused_at_load(fields,
     with pytest.raises(ValidationError, match=said):
         TypeAdapter(Dataset).validate_python({"format": "gtsdb", "path": "x", **fields})
     assert dataset("gtsdb", "x", augment={"brightness": 0.2}).augment.brightness == 0.2  # photometric: allowed
+
+
+def test_the_synth_stage_reruns_when_the_listed_classes_change():
+    # the generator draws dataset.classes' signs under their names: they are part of the tree's recipe
+    from types import SimpleNamespace
+
+    from passes.pipeline import PIPELINE
+
+    synth = next(s for s in PIPELINE if s.name == "synth")
+    recipe = [synth.config(SimpleNamespace(p=SimpleNamespace(dataset=dataset(fmt, "x", classes=c))))
+              for fmt, c in (("yolo", ["stop", "yield"]), ("yolo", ["stop"]), ("gtsdb", [14]), ("gtsdb", [17]))]
+    assert recipe[0] != recipe[1] and recipe[2] != recipe[3]
+    assert recipe[0]["classes"] == 4  # synthetic.classes is kept beside them
