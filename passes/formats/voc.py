@@ -6,8 +6,9 @@ The classes are ``dataset.classes``, else every object name in the annotations, 
 whose name is not a class, a box that is empty or leaves the image, a missing or non-numeric
 corner, or XML that does not parse is a PassError naming the file and line; an image that cannot
 be read is reported and skipped. An XML without objects is a scene without objects. Objects
-marked ``difficult`` are kept (counted in the report). ImageSets/ is not read: the data stage
-splits val and test off the scenes, whole.
+marked ``difficult`` are kept (counted in the report). With VOC's split lists
+(``ImageSets/Main/train.txt`` + ``val.txt``, or ``trainval.txt``; ``test.txt``: an image id a
+line) the splits are as listed, else the data stage splits val and test off the scenes, whole.
 
 The XML is read with the standard library's expat parser (for the line of every element, which
 ElementTree drops); expat refuses entity expansion beyond its limits (billion laughs).
@@ -133,21 +134,63 @@ def read_annotation(path: Path, root: Path, names: list[str]) -> tuple[Scene, in
     return scene, difficult
 
 
+SETS = Path("ImageSets") / "Main"
+
+
+def split_lists(root: Path) -> dict[str, Path] | None:
+    """VOC's own split lists (ImageSets/Main/{train,val,test}.txt, or trainval.txt + test.txt):
+    {split: list file}, or None when the tree has none."""
+    have = {n: Path(root) / SETS / f"{n}.txt" for n in ("train", "val", "trainval", "test")}
+    have = {n: p for n, p in have.items() if p.is_file()}
+    train = have.get("train") or have.get("trainval")
+    if train is None:
+        return None
+    val = {"val": have["val"]} if "train" in have and "val" in have else {}
+    return {"train": train, **val, **({"test": have["test"]} if "test" in have else {})}
+
+
+def _listed(path: Path, root: Path) -> list[Path]:
+    """The annotation files a split list names (an image id a line); an id without its
+    Annotations/<id>.xml is a PassError naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise fail(str(path), f"cannot read it: {e}") from e
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        ident = line.split()[0] if line.split() else None
+        if ident is None:
+            continue
+        xml_path = root / "Annotations" / f"{ident}.xml"
+        if not xml_path.is_file():
+            raise fail(f"{path}:{n}", f"image id {ident!r} has no annotation {xml_path}")
+        out.append(xml_path)
+    return out
+
+
 def load(ds, root: Path) -> Loaded:
+    """Every annotation, one split the data stage cuts; or, with ImageSets/Main's lists, the
+    splits as they list them (train + val, or trainval; test)."""
     root = Path(root)
     names = list(ds.class_names)
-    paths = _annotations(root)
-    if not paths:
-        raise PassError(f"data: {root / 'Annotations'} holds no *.xml; expected {boxes.LAYOUTS['voc']}")
-    scenes, difficult = [], 0
-    for path in paths:
-        scene, d = read_annotation(path, root, names)
-        scenes.append(scene)
-        difficult += d
+    lists = split_lists(root)
+    paths = {s: _listed(p, root) for s, p in lists.items()} if lists else {"train": _annotations(root)}
+    if not paths["train"]:
+        raise PassError(f"data: {lists['train'] if lists else root / 'Annotations'} lists no annotation; "
+                        f"expected {boxes.LAYOUTS['voc']}")
+    scenes: dict[str, list[Scene]] = {}
+    difficult = 0
+    for split, files in paths.items():
+        scenes[split] = []
+        for path in files:
+            scene, d = read_annotation(path, root, names)
+            scenes[split].append(scene)
+            difficult += d
     marker = root / MARKER
     source = {"format": "voc", "synthetic": read_json(marker) if marker.is_file() else None,
-              "test_source": "split of the scenes"}
-    return boxes.load_scenes(ds, root, {"train": scenes}, source, {"difficult_objects": difficult})
+              "test_source": f"{SETS / 'test.txt'} as shipped" if "test" in scenes else "split of the scenes"}
+    return boxes.load_scenes(ds, root, scenes, source, {"difficult_objects": difficult,
+                                                        "split_lists": {s: str(p) for s, p in (lists or {}).items()}})
 
 
 def _xml(name: str, w: int, h: int, objs, names) -> str:

@@ -397,3 +397,22 @@ def test_the_synth_stage_reruns_when_the_listed_classes_change():
               for fmt, c in (("yolo", ["stop", "yield"]), ("yolo", ["stop"]), ("gtsdb", [14]), ("gtsdb", [17]))]
     assert recipe[0] != recipe[1] and recipe[2] != recipe[3]
     assert recipe[0]["classes"] == 4  # synthetic.classes is kept beside them
+
+
+def test_voc_split_lists_are_the_splits_as_shipped(trees, tmp_path):
+    from passes.formats import voc
+
+    root = copy_tree(trees, "voc", tmp_path)
+    sets = root / "ImageSets" / "Main"
+    sets.mkdir(parents=True)
+    (sets / "trainval.txt").write_text("".join(f"{i:05d}\n" for i in range(7)))
+    (sets / "test.txt").write_text("00007\n00008\n00009\n")
+    ds = dataset("voc", root)
+    ds._inferred.update(voc.infer(ds, root))
+    loaded = voc.load(ds, root)
+    assert loaded.val is None and loaded.sources["test"] == ["JPEGImages/00007.jpg", "JPEGImages/00008.jpg",
+                                                              "JPEGImages/00009.jpg"]
+    assert len(loaded.train[1]) == 7 and loaded.source["test_source"].endswith("test.txt as shipped")
+    (sets / "test.txt").write_text("00007\n\n00042\n")
+    with pytest.raises(PassError, match=r"test.txt:3: image id '00042' has no annotation .*00042.xml"):
+        voc.load(ds, root)
