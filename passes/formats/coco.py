@@ -3,9 +3,11 @@ image_id, category_id, ``bbox`` [x, y, width, height] in pixels; ``categories``:
 a folder of the images, as COCO, CVAT, Label Studio and Roboflow export them.
 
 The JSON is ``dataset.annotations`` (relative to ``dataset.path``), else the one ``*.json`` in
-``dataset.path`` or ``dataset.path/annotations/``. The images are ``dataset.images``, else
-``images/``, else the JSON's folder, else ``dataset.path``: the first that holds the first image
-listed. The classes are the categories' names in id order, or ``dataset.classes`` (then
+``dataset.path``, ``dataset.path/annotations/`` or Roboflow's ``<split>/`` folders, else one per
+split named by its path (``instances_train2017.json``, ``instances_val2017.json``;
+``train/_annotations.coco.json``, ``valid/...``, ``test/...``): the splits as shipped. A split's
+images are ``dataset.images``, else ``images/``, else the JSON's folder, else ``dataset.path``,
+else COCO's ``<split>2017/`` beside ``annotations/``: the first that holds its first image. The classes are the categories' names in id order, or ``dataset.classes`` (then
 annotations of the other categories are left out and counted: COCO declares its categories, so
 such a name is a real category, not a typo). An annotation naming no listed category or image,
 a malformed bbox or one off the image is a PassError naming the file and the annotation
@@ -29,8 +31,8 @@ def _candidates(ds, root: Path) -> list[Path]:
     if ds.annotations:
         p = root / ds.annotations
         return [p] if p.is_file() else []
-    return sorted(p for d in (root, root / "annotations") if d.is_dir() for p in d.glob("*.json")
-                  if not p.name.startswith("."))
+    folders = (root, root / "annotations", *(root / d for d in ("train", "valid", "val", "test")))
+    return sorted(p for d in folders if d.is_dir() for p in d.glob("*.json") if not p.name.startswith("."))
 
 
 def locate(ds, layout) -> tuple[Path, bool]:
@@ -40,13 +42,37 @@ def locate(ds, layout) -> tuple[Path, bool]:
     return boxes.locate(ds, layout, "coco", lambda p: bool(_candidates(ds, p)))
 
 
-def annotations_file(ds, root: Path) -> Path:
-    found = _candidates(ds, Path(root))
-    if len(found) != 1:
+def _split_of(rel: str) -> str | None:
+    """The split a JSON file's path names (instances_val2017.json, valid/_annotations.coco.json)."""
+    low = rel.lower()
+    for word, split in (("test", "test"), ("val", "val"), ("train", "train")):
+        if word in low:
+            return split
+    return None
+
+
+def annotation_files(ds, root: Path) -> dict[str, Path]:
+    """{split: instances JSON}: dataset.annotations, or the one JSON, or several whose paths
+    name their splits (train, val/valid, test: COCO's instances_<split>2017.json, Roboflow's
+    <split>/_annotations.coco.json); anything else is a ManifestError asking for
+    dataset.annotations."""
+    root = Path(root)
+    found = _candidates(ds, root)
+    if len(found) == 1:
+        return {"train": found[0]}
+    rels = [p.relative_to(root).as_posix() for p in found]
+    by_split: dict[str, Path] = {}
+    for p, rel in zip(found, rels):
+        split = _split_of(rel)
+        if split is None or split in by_split:
+            by_split = {}
+            break
+        by_split[split] = p
+    if "train" not in by_split:
         raise ManifestError(f"field 'dataset.annotations': {root} holds {len(found)} JSON files "
-                            f"({', '.join(p.relative_to(root).as_posix() for p in found[:4])}); name the instances "
-                            "file in dataset.annotations")
-    return found[0]
+                            f"({', '.join(rels[:4])}{', ...' if len(rels) > 4 else ''}) that are not one per split "
+                            "(train, val, test in their names); name the instances file in dataset.annotations")
+    return by_split
 
 
 def read_coco(path: Path) -> dict:
@@ -75,7 +101,7 @@ def infer(ds, root: Path) -> dict:
     if not _candidates(ds, root):
         synthetic_or_refuse(ds, root, None, "holds no COCO instances file to read the classes from")
         return {"classes": detection_synth.names_and_ids(ds)[0]}
-    path = annotations_file(ds, root)
+    path = annotation_files(ds, root)["train"]
     names = list(_categories(path, read_coco(path)).values())
     if not names:
         raise ManifestError(f"field 'dataset.classes': {path} lists no categories; list dataset.classes")
@@ -85,7 +111,8 @@ def infer(ds, root: Path) -> dict:
 def _images_dir(ds, root: Path, path: Path, first: str | None) -> Path:
     if ds.images:
         return root / ds.images
-    dirs = [root / "images", path.parent, root]
+    stem = path.stem.removeprefix("instances_")  # COCO's instances_train2017.json: images in train2017/
+    dirs = [root / "images", path.parent, root, *([root / stem] if stem != path.stem else [])]
     if first is None:
         return dirs[0]
     for d in dirs:
@@ -97,7 +124,21 @@ def _images_dir(ds, root: Path, path: Path, first: str | None) -> Path:
 
 def load(ds, root: Path) -> Loaded:
     root = Path(root)
-    path = annotations_file(ds, root)
+    files = annotation_files(ds, root)
+    scenes, counts = {}, {"crowd_left_out": 0, "left_out_objects": 0}
+    for split in ("train", "val", "test"):
+        if split in files:
+            scenes[split] = _scenes(ds, root, files[split], counts)
+    marker = root / MARKER
+    source = {"format": "coco", "synthetic": read_json(marker) if marker.is_file() else None,
+              "test_source": f"{files['test']} as shipped" if "test" in files else "split of the scenes",
+              "annotations": {s: str(p) for s, p in files.items()}}
+    return boxes.load_scenes(ds, root, scenes, source, counts)
+
+
+def _scenes(ds, root: Path, path: Path, counts: dict) -> list[Scene]:
+    """The scenes of one instances file, each object checked; ``counts`` gets the crowd
+    regions and the objects of categories not in dataset.classes that were left out."""
     doc = read_coco(path)
     categories = _categories(path, doc)
     names = list(ds.class_names)
@@ -141,12 +182,10 @@ def load(ds, root: Path) -> Loaded:
     if not images:
         raise PassError(f"data: {path} lists no images")
     if left_out:
-        boxes.log.info("data: %d annotation(s) of categories not in dataset.classes left out", left_out)
-    marker = root / MARKER
-    source = {"format": "coco", "synthetic": read_json(marker) if marker.is_file() else None,
-              "test_source": "split of the scenes", "annotations": str(path)}
-    scenes = sorted(images.values(), key=lambda s: str(s.image))
-    return boxes.load_scenes(ds, root, {"train": scenes}, source, {"crowd_left_out": crowd, "left_out_objects": left_out})
+        boxes.log.info("data: %s: %d annotation(s) of categories not in dataset.classes left out", path, left_out)
+    counts["crowd_left_out"] += crowd
+    counts["left_out_objects"] += left_out
+    return sorted(images.values(), key=lambda s: str(s.image))
 
 
 def synthesize(ds, dest: Path) -> dict:

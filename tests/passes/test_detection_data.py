@@ -416,3 +416,25 @@ def test_voc_split_lists_are_the_splits_as_shipped(trees, tmp_path):
     (sets / "test.txt").write_text("00007\n\n00042\n")
     with pytest.raises(PassError, match=r"test.txt:3: image id '00042' has no annotation .*00042.xml"):
         voc.load(ds, root)
+
+
+def test_coco_split_files_are_the_splits_as_shipped_and_other_json_pairs_are_asked_about(tmp_path):
+    from PIL import Image
+
+    from passes.formats import coco
+
+    root = tmp_path / "coco2017"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / f"{split}2017").mkdir()
+        Image.new("RGB", (50, 40)).save(root / f"{split}2017" / "a.png")
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco_doc()))
+    ds = dataset("coco", root)
+    ds._inferred.update(coco.infer(ds, root))
+    loaded = coco.load(ds, root)
+    assert loaded.test is None and loaded.sources["val"] == ["val2017/a.png"] and loaded.sources["train"] == [
+        "train2017/a.png"]
+    np.testing.assert_allclose(loaded.val[1][0, 0], [0, 0.4, 0.5, 0.4, 0.5], atol=1e-6)  # bbox [10, 10, 20, 20]
+    (root / "annotations" / "instances_val2017.json").rename(root / "annotations" / "more.json")
+    with pytest.raises(ManifestError, match=r"field 'dataset.annotations': .* holds 2 JSON files .*name the instances"):
+        coco.load(ds, root)
