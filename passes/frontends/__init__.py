@@ -9,8 +9,8 @@ graph for training. A front end module has
 * ``module(fe, layout, raw_shape, stats, sample_rate) -> torch.nn.Module``: float32 input
   (B, *raw_shape) holding the RAW values (int16 audio values as floats, 0..255 pixels), float32
   output (B, C, H, W) = ``fe.output_shape(layout, raw_shape, sample_rate)``. Built only from ops
-  TVM 0.27's ONNX frontend imports (mfcc/logmel: ReduceMean, Sub, Conv, Mul, Add, Transpose,
-  MatMul, Log, Unsqueeze; normalize: Sub, Mul, Transpose, Unsqueeze; ``build`` adds a Cast): no
+  TVM 0.27's ONNX frontend imports (mfcc/logmel: ReduceMean, Sub, Gather, Reshape, Mul, Add,
+  MatMul, Log, Transpose, Unsqueeze; normalize: Sub, Mul, Transpose, Unsqueeze; ``build`` adds a Cast): no
   STFT or DFT; exported with ``torch.onnx.export(dynamo=False, opset 17)`` at batch 1.
 * ``reference(fe, layout, raw, stats, sample_rate) -> np.ndarray``: float64 (N, C, H, W), an
   independent numpy implementation (np.fft.rfft, np.hanning, ...) the tests check ``module`` by.
