@@ -438,3 +438,16 @@ def test_coco_split_files_are_the_splits_as_shipped_and_other_json_pairs_are_ask
     (root / "annotations" / "instances_val2017.json").rename(root / "annotations" / "more.json")
     with pytest.raises(ManifestError, match=r"field 'dataset.annotations': .* holds 2 JSON files .*name the instances"):
         coco.load(ds, root)
+
+
+def test_roboflow_exports_are_recognized_in_a_wrong_layout_error(tmp_path):
+    from passes.formats import voc
+
+    (tmp_path / "r" / "train" / "images").mkdir(parents=True)
+    (tmp_path / "r" / "train" / "labels").mkdir()
+    with pytest.raises(ManifestError, match=r"is not a voc data set.*looks like the yolo layout"):
+        voc.locate(dataset("voc", tmp_path / "r"), None)
+    (tmp_path / "c" / "valid").mkdir(parents=True)
+    (tmp_path / "c" / "valid" / "_annotations.coco.json").write_text("{}")
+    with pytest.raises(ManifestError, match=r"is not a voc data set.*looks like the coco layout"):
+        voc.locate(dataset("voc", tmp_path / "c"), None)

@@ -221,11 +221,13 @@ def sniff(path: Path) -> str | None:
         return None
     if {"Annotations", "JPEGImages"} <= names:
         return "voc"
-    if {"images", "labels"} <= names:
+    split = next((Path(path) / d for d in ("train", "valid", "val", "test") if d in names), None)  # Roboflow's
+    if {"images", "labels"} <= names or (split and (split / "images").is_dir() and (split / "labels").is_dir()):
         return "yolo"
     if "gt.txt" in names:
         return "gtsdb"
-    if any(n.endswith(".json") for n in names) or (Path(path) / "annotations").is_dir():
+    if (any(n.endswith(".json") for n in names) or (Path(path) / "annotations").is_dir()
+            or (split and any(split.glob("*.json")))):
         return "coco"
     return None
 
