@@ -439,14 +439,15 @@ def _emit(prev: splits.Previous, name: str, how: str | None, write, transform: s
 
 
 def _features(fe, layout, sr, stats, part: "_Part", reuse, step: int):
-    """``chunks`` of the front end's features of ``part``: rows the last run computed with the
-    same transform (``reuse``: (open its x, {key: row})) are copied from its file."""
+    """``rows(lo, hi)``: chunks of the front end's features of rows lo..hi of ``part``: rows the
+    last run computed with the same transform (``reuse``: (open its x, {key: row})) are copied
+    from its file."""
     from passes import frontends
 
-    def chunks():
+    def chunks(lo, hi):
         copied = 0
-        for i in range(0, len(part), step):
-            at = np.arange(i, min(i + step, len(part)))
+        for i in range(lo, hi, step):
+            at = np.arange(i, min(i + step, hi))
             if reuse is None or part.keys is None:
                 yield frontends.features(fe, layout, part[at], stats, sr)
                 continue
@@ -460,7 +461,7 @@ def _features(fe, layout, sr, stats, part: "_Part", reuse, step: int):
                 out[~hit] = frontends.features(fe, layout, part[at[~hit]], stats, sr)
             copied += int(hit.sum())
             yield out
-        log.info("data: front end: %d of %d samples' features copied from the last run's file", copied, len(part))
+        log.info("data: front end: %d of %d samples' features copied from the last run's file", copied, hi - lo)
     return chunks
 
 
@@ -489,9 +490,11 @@ def _apply_front_end(front_end: dict, parts: dict, out_dir: Path, prev: splits.P
     if front_end.get("raw_train") is not None:  # training augments raw samples, then runs the front end
         path = Layout.split_file(out_dir, Layout.RAW_TRAIN)
         extras = {k: np.asarray(v) for k, v in front_end["raw_train"].items()}
-        _emit(prev, path.name, _how(path.name, train, *(a for kv in sorted(extras.items()) for a in kv)),
-              lambda: _write_npz(path, x=train, y=train.y, **extras))
-        train = splits.memmap_member(path, "x")  # the fit reads it from there
+        how = _how(path.name, train, *(a for kv in sorted(extras.items()) for a in kv))
+        splits.write_split(prev, Layout.RAW_TRAIN, how, (train.shape, train.dtype, splits.row_chunks(train)),
+                           {n: (a.shape, a.dtype, splits.in_chunks(a)) for n, a in {"y": train.y, **extras}.items()},
+                           train.keys)
+        train = splits.open_x(out_dir, Layout.RAW_TRAIN)  # the fit reads it from there
     impl = implementation(fe)
     stats = impl.fit(fe, layout, train)
     raw_shape = tuple(front_end["raw_shape"])
@@ -551,16 +554,12 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
         writers, transform = made["writers"], made["transform"]
         write_json(out_dir / Layout.FRONT_END_JSON, fe_info)
     else:
-        writers = {n: (p.shape, p.dtype, splits.in_chunks(p)) for n, p in parts.items()}
+        writers = {n: (p.shape, p.dtype, splits.row_chunks(p)) for n, p in parts.items()}
         transform = "raw samples"
     for name, part in parts.items():
-        path = Layout.split_file(out_dir, name)
-
-        def write(path=path, name=name, part=part):
-            log.info("data: writing %s split: %d samples", name, len(part))
-            splits.write_npz(path, {"x": writers[name], "y": (part.y.shape, label_dtype, splits.in_chunks(part.y))})
-
-        _emit(prev, path.name, _how(path.name, transform, part), write, transform, part.keys)
+        path = Layout.split_file(out_dir, name)  # sharded when large (passes/support/splits.py write_split)
+        splits.write_split(prev, name, _how(path.name, transform, part), writers[name],
+                           {"y": (part.y.shape, label_dtype, splits.in_chunks(part.y))}, part.keys, transform)
     y = parts["test"].y
     if not len(y):
         log.warning("data: the test split is empty (test=%s and no labelled test set)", test)
@@ -591,7 +590,7 @@ def prepare(loaded: Loaded, out_dir: Path, image_size, val: float, test: float, 
         **({"target": target_stats(parts["train"].y)} if numeric else {}),
         "test_inputs": test_inputs, "front_end": fe_info, "groups": _group_report(rule, groups),
         "load": report,
-        "files": {f: prev.sha256(f) if f in prev.new else sha256_file(out_dir / f) for f in files},
+        "files": {f: prev.sha256(f) if f in prev.new else sha256_file(out_dir / f) for f in [*files, *prev.shards()]},
         "params": {**(params or {}), "image_size": list(size), "val": val, "test": test, "seed": seed,
                    "group_by": rule, "split_version": SPLIT_VERSION,
                    "front_end": None if front_end is None else front_end["settings"].model_dump()},

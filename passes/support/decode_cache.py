@@ -10,10 +10,12 @@ removed one only leaves an entry that is dropped when its pack is compacted.
 Storage (``<folder>/<settings hash>/``): packs of decoded rows (``pack-*.npy``, one per chunk
 of decoded files, written by the worker that decoded them) and ``index.sqlite``: key -> (pack,
 row) or the reason the file could not be read (so an unreadable file is not retried until it
-changes), and path -> (size, mtime_ns, inode, sha256) so that an unchanged file is not hashed
-again (git's index does the same; a rewrite within the same nanosecond mtime and size would
-be missed). sqlite (stdlib) rather than a JSON index: lookups of 50,000+ keys and updates
-that commit atomically.
+changes), and path -> (size, mtime_ns, inode, sha256, extra, key) so that an unchanged file
+read with the same extra is neither read nor hashed again (git's index does the same; a
+rewrite within the same nanosecond mtime and size would be missed). sqlite (stdlib) rather
+than a JSON index: lookups of 50,000+ keys and updates that commit atomically. A clean run
+also leaves ``listing.npz``, that index's rows as columns, which the next run reads instead of
+querying sqlite (a second saved over 50,000 files; a rerun's cost is then the files' stat).
 
 Outside ``active`` (a format loaded directly, as tests do), ``decode`` reads every file in
 this process into one array, as the loaders always did. Inside it the samples come back as
@@ -34,6 +36,7 @@ import os
 import sqlite3
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -70,6 +73,7 @@ class _Active:
     workers: int
     stats: Stats = field(default_factory=Stats)
     live: dict[str, set[str]] = field(default_factory=dict)  # settings hash -> keys used this run
+    listings: dict[str, dict] = field(default_factory=dict)  # settings hash -> _Store.listing(), read once a run
 
 
 _ACTIVE: _Active | None = None
@@ -97,7 +101,10 @@ def active(folder: str | os.PathLike, workers: int | None = None) -> Iterator[St
     try:
         yield ctx.stats
         for settings_hash, keys in ctx.live.items():
-            _Store(ctx.folder / settings_hash).compact(keys)
+            moved = _Store(ctx.folder / settings_hash).compact(keys)
+            listing = ctx.listings.get(settings_hash)
+            if listing is not None and not moved:  # (rows moved: the next run reads the index instead)
+                _save_listing(ctx.folder / settings_hash / LISTING, [r for r in listing.values() if r[5] in keys])
     finally:
         _ACTIVE = None
 
@@ -144,33 +151,63 @@ class _Store:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(folder / "index.sqlite", timeout=60)
+        # files: a path's stat when last read, its sha256, and the extra and key it was last read with
         self.db.executescript(
-            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime INT, ino INT, sha TEXT);"
+            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime INT, ino INT, sha TEXT, "
+            "extra TEXT, key TEXT);"
             "CREATE TABLE IF NOT EXISTS samples (key TEXT PRIMARY KEY, pack TEXT, row INT, error TEXT);")
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
+        for c in ("extra", "key"):  # a cache written before they were kept: its files are hashed once again
+            if c not in columns:
+                self.db.execute(f"ALTER TABLE files ADD COLUMN {c} TEXT")
 
     def close(self) -> None:
         self.db.close()
 
-    def shas(self) -> dict[str, tuple[int, int, int, str]]:
-        return {p: (s, m, i, h) for p, s, m, i, h in self.db.execute("SELECT path, size, mtime, ino, sha FROM files")}
+    def listing(self) -> dict[str, tuple]:
+        """path -> (path, size, mtime_ns, inode, extra, key, pack, row, error) of every file whose
+        sample is stored: from the snapshot the last clean run left (LISTING: the index's query
+        costs a second over 50,000 files; it is removed as it is read, so a run that does not end
+        cleanly leaves none behind), else from the index."""
+        snapshot = self.folder / LISTING
+        try:
+            rows = _load_listing(snapshot)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            rows = None
+        finally:
+            snapshot.unlink(missing_ok=True)
+        if rows is None:
+            rows = self.db.execute("SELECT f.path, f.size, f.mtime, f.ino, f.extra, f.key, s.pack, s.row, s.error "
+                                   "FROM files f JOIN samples s ON s.key = f.key")
+        return {r[0]: r for r in rows}
 
-    def samples(self) -> dict[str, tuple[str | None, int | None, str | None]]:
-        return {k: (p, r, e) for k, p, r, e in self.db.execute("SELECT key, pack, row, error FROM samples")}
+    def keys(self) -> set[str]:
+        return {k for (k,) in self.db.execute("SELECT key FROM samples")}
+
+    def samples(self, keys=None) -> dict[str, tuple[str | None, int | None, str | None]]:
+        """key -> (pack, row, error), of ``keys`` (None: of every stored sample)."""
+        if keys is None:
+            return {k: (p, r, e) for k, p, r, e in self.db.execute("SELECT key, pack, row, error FROM samples")}
+        q = "SELECT key, pack, row, error FROM samples WHERE key = ?"
+        return {k: (p, r, e) for key in keys for k, p, r, e in self.db.execute(q, (key,))}
 
     def record(self, files: list[tuple], samples: list[tuple]) -> None:
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", files)
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", files)
             self.db.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?)", samples)
 
-    def compact(self, live: set[str]) -> None:
+    def compact(self, live: set[str]) -> bool:
         """Drop the entries no sample of this run used; a pack left without a used row is
         deleted, and when half the stored rows are unused the used ones are copied into one
-        new pack (so a data set that keeps changing does not grow the cache without bound)."""
-        rows = self.samples()
-        dead = [k for k in rows if k not in live]
+        new pack (so a data set that keeps changing does not grow the cache without bound).
+        True when rows moved to a new pack."""
+        # every key used this run is stored: as many stored as used means none is dead (a count, not 50,000 keys)
+        stored = self.db.execute("SELECT count(*) FROM samples").fetchone()[0]
+        dead = self.keys() - live if stored > len(live) else set()
         if not dead:
             self.close()
-            return
+            return False
+        rows = self.samples()
         used: dict[str, list[tuple[str, int]]] = {}
         for k in live:
             if k in rows and rows[k][0] is not None:
@@ -204,6 +241,37 @@ class _Store:
                 p.unlink()
         log.info("data: decode cache: dropped %d unused entr%s%s", len(dead), "y" if len(dead) == 1 else "ies",
                  f", compacted {in_use} rows into one pack" if moves else "")
+        return bool(moves)
+
+
+LISTING = "listing.npz"  # the last clean run's listing, a column per field (np.load, no pickle)
+_NUMBERS, _TEXT = ("size", "mtime", "ino", "row"), ("path", "extra", "key", "pack", "error")
+
+
+def _save_listing(path: Path, rows: list[tuple]) -> None:
+    """The listing's columns: numbers as int64 arrays, text as one NUL-joined UTF-8 blob a column
+    (50,000 paths as a numpy str array cost a second each way; a path holds no NUL)."""
+    cols = dict(zip(("path", "size", "mtime", "ino", "extra", "key", "pack", "row", "error"), zip(*rows)))
+    if not rows:
+        return
+    failed = [e is not None for e in cols["error"]]
+    cols.update(pack=[p or "" for p in cols["pack"]], row=[-1 if r is None else r for r in cols["row"]],
+                error=[e or "" for e in cols["error"]])
+    arrays = {k: np.asarray(cols[k], np.int64) for k in _NUMBERS}
+    arrays.update({k: np.frombuffer("\0".join(cols[k]).encode("utf-8", "surrogateescape"), np.uint8) for k in _TEXT})
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, failed=np.asarray(failed, bool), **arrays)
+
+
+def _load_listing(path: Path) -> list[tuple]:
+    with np.load(path, allow_pickle=False) as z:
+        c = {k: z[k].tolist() for k in (*_NUMBERS, "failed")}
+        c.update({k: z[k].tobytes().decode("utf-8", "surrogateescape").split("\0") for k in _TEXT})
+    if len({len(v) for v in c.values()}) != 1:
+        raise ValueError(f"{path}: columns of different lengths")
+    return [(p, s, m, i, x, k, None if f else pk, None if f else r, e if f else None)
+            for p, s, m, i, x, k, pk, r, e, f in zip(c["path"], c["size"], c["mtime"], c["ino"], c["extra"], c["key"],
+                                                     c["pack"], c["row"], c["error"], c["failed"])]
 
 
 def _key(sha: str, extra: Any) -> str:
@@ -218,7 +286,7 @@ def _sha(path: str) -> str:
     return h.hexdigest()
 
 
-# what forked workers inherit: (read, shape, dtype, catch, reason, store folder, known keys)
+# what forked workers inherit: (read, shape, dtype, catch, reason, store folder)
 _JOB: tuple | None = None
 
 
@@ -234,12 +302,17 @@ def _work(chunk: list[tuple[int, str, Any]]) -> list[tuple]:
     """Hash and decode ``chunk`` [(i, path, extra)] into one pack; -> [(i, sha, key, pack, row,
     error, decoded)]. A file whose content turns out to be cached (touched, not changed) is
     not decoded."""
-    read, shape, dtype, catch, reason, folder, known = _JOB
+    read, shape, dtype, catch, reason, folder = _JOB
     out, rows = [], []
-    for i, path, extra in chunk:
-        sha = _sha(path)
-        key = _key(sha, extra)
-        if key in known:
+    shas = [_sha(path) for _, path, _ in chunk]
+    keys = [_key(sha, extra) for sha, (_, _, extra) in zip(shas, chunk)]
+    db = sqlite3.connect(folder / "index.sqlite", timeout=60)  # this process's own: which keys are stored
+    try:
+        stored = {k for k in keys if db.execute("SELECT 1 FROM samples WHERE key = ?", (k,)).fetchone()}
+    finally:
+        db.close()
+    for (i, path, extra), sha, key in zip(chunk, shas, keys):
+        if key in stored:
             out.append((i, sha, key, None, None, None, False))
             continue
         x, err = _decode_one(path, extra, read, catch, reason)
@@ -273,45 +346,54 @@ def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int,
                                  "version": CACHE_VERSION})[:20]
     store = _Store(ctx.folder / settings_hash)
     try:
-        known_files, known = store.shas(), store.samples()
+        listing = ctx.listings.get(settings_hash)
+        if listing is None:
+            listing = ctx.listings[settings_hash] = store.listing()
         keys: list[str | None] = [None] * n
+        known: dict[str, tuple] = {}  # key -> (pack, row, error) of the samples this call uses
         todo: list[tuple[int, str, Any]] = []
         files: list[tuple] = []
         errors: dict[int, str] = {}
         stats: dict[int, os.stat_result] = {}
+        isabs, stat = os.path.isabs, os.stat
         for i, (p, extra) in enumerate(zip(paths, extras)):
             p = os.fspath(p)
-            p = p if os.path.isabs(p) else os.path.abspath(p)
+            p = p if isabs(p) else os.path.abspath(p)
             try:
-                st = os.stat(p)
+                st = stat(p)
             except OSError:  # missing: the reader says so in its own words, nothing to cache
                 _, err = _decode_one(p, extra, read, catch, reason)
                 if err is None:  # gone between the stat and the read, then back
                     raise PassError(f"data: {p} changed while the data stage read it; run it again")
                 errors[i] = err
                 continue
+            have = listing.get(p)
+            # unchanged since it was last read (git's index: size, mtime, inode), with the same extra:
+            # its key and sample as then, its bytes not read again
+            if have is not None and have[1] == st.st_size and have[2] == st.st_mtime_ns and have[3] == st.st_ino \
+                    and have[4] == repr(extra):
+                keys[i] = k = have[5]
+                known[k] = have[6:]
+                continue
             stats[i] = st
-            have = known_files.get(p)
-            if have is not None and have[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
-                k = _key(have[3], extra)
-                if k in known:
-                    keys[i] = k
-                    continue
             todo.append((i, p, extra))
         new_samples: list[tuple] = []
-        todo_path = {i: p for i, p, _ in todo}
+        todo_path = {i: (p, extra) for i, p, extra in todo}
         if todo:
             for i, sha, key, pack, row, err, decoded in _run(todo, read, shape, dtype, catch, reason, store.folder,
-                                                              set(known), ctx.workers):
+                                                              ctx.workers):
                 st = stats[i]
-                files.append((todo_path[i], st.st_size, st.st_mtime_ns, st.st_ino, sha))
+                p, extra = todo_path[i]
+                files.append((p, st.st_size, st.st_mtime_ns, st.st_ino, sha, repr(extra), key))
                 keys[i] = key
                 ctx.stats.hashed += 1
                 if decoded:
                     ctx.stats.decoded += 1
                     new_samples.append((key, pack, row, err))
                     known[key] = (pack, row, err)
-        ctx.stats.cached += sum(1 for i in range(n) if keys[i] is not None) - sum(1 for s in new_samples)
+            known.update(store.samples([k for k in {keys[i] for i in todo_path} if k not in known]))
+        listing.update((f[0], (*f[:4], *f[5:], *known[f[6]])) for f in files)
+        ctx.stats.cached += sum(1 for i in range(n) if keys[i] is not None) - len(new_samples)
         store.record(files, new_samples)
     finally:
         store.close()
@@ -319,10 +401,10 @@ def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int,
     packs: dict[str, int] = {}
     pack_of, row_of, row_keys = [], [], []
     ok = np.zeros(n, bool)
+    live.update(k for k in keys if k is not None)
     for i, k in enumerate(keys):
         if k is None:
             continue
-        live.add(k)
         pack, row, err = known[k]
         if err is not None:
             errors[i] = err
@@ -337,15 +419,18 @@ def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int,
     return rows, ok, errors
 
 
-def _run(todo, read, shape, dtype, catch, reason, folder: Path, known: set[str], workers: int) -> Iterator[tuple]:
+POOL_MIN = 64  # fewer files to decode than this: in this process (forking workers costs more)
+
+
+def _run(todo, read, shape, dtype, catch, reason, folder: Path, workers: int) -> Iterator[tuple]:
     """_work over ``todo`` in chunks, on ``workers`` forked processes (in this one for a single
-    worker or a single chunk)."""
+    worker, a single chunk or under POOL_MIN files)."""
     global _JOB
     per = max(1, min(CHUNK, -(-len(todo) // (workers * 4))))
     chunks = [todo[i:i + per] for i in range(0, len(todo), per)]
-    _JOB = (read, shape, dtype, catch, reason, folder, known)
+    _JOB = (read, shape, dtype, catch, reason, folder)
     try:
-        if workers <= 1 or len(chunks) == 1:
+        if workers <= 1 or len(chunks) == 1 or len(todo) < POOL_MIN:
             for c in chunks:
                 yield from _work(c)
             return
