@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from passes.support import int8_intrin_arm
+from passes.support import int8_depthwise, int8_intrin_arm
 
 VNNI = "dot_16x4_vnni"  # the name MetaSchedule's DefaultX86("vnni") asks for
 AVX2 = "kiln_dot_16x4_avx2"
@@ -256,6 +256,8 @@ def schedule_packed_convs(mod, target):
     for gv, f in mod.functions_items():
         if isinstance(f, tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_scheduled")):
             g = schedule_packed(f, target)
+            if g.same_as(f):  # the packed depthwise conv: its own schedule, vectorized over channels
+                g = int8_depthwise.schedule(f, PARALLEL_MACS)
             if not g.same_as(f):
                 done[gv] = g
     for gv, g in done.items():

@@ -16,7 +16,10 @@ asymmetric; weights are symmetric ``int8`` per output channel.
   multiplier ``M = s_x * s_w / s_out`` per output channel. With zero point 0 (uint8), padding
   with 0 is exact: the conv's own padding is used, and legalization puts it inside the conv
   kernel. An input with a nonzero zero point (int8) is first padded explicitly with it (a
-  separate pad kernel) and ``B'`` is the int32 bias minus ``zp_x * sum(Wq)``;
+  separate pad kernel) and ``B'`` is the int32 bias minus ``zp_x * sum(Wq)``. A uint8 (zero
+  point 0) conv is one packed kernel instead: the dot-product tile (:meth:`_emit_packed`), or
+  for a depthwise conv (groups == channels) passes/support/int8_depthwise.py's, channels
+  innermost, the requantization fused in both;
 * dense: ``matmul(dequantize(xq), permute_dims(dequantize(Wq))) + bias`` -> ``matmul(xq, Wq^T,
   out_dtype=int32) + B'``, requantized to 8 bits, or to float logits (``* s_x * s_w``);
 * add / sub: ``quantize(relu?(add | subtract(dequantize(a), dequantize(b))))`` -> integer
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from passes.support import int8_depthwise
 from passes.support.int8 import ACT_RANGE, act_range, add_multipliers, lut, mul_multiplier, requant_multiplier
 
 # data-movement ops of the ONNX frontend that work on codes unchanged (Slice, Squeeze, Reshape,
@@ -240,6 +244,8 @@ class _Rewrites:
             mult = requant_multiplier(s_x, s_w, s_out)
             if int(attrs.groups) == 1 and _dtype(data) == "uint8" and zp_x == 0:
                 return self._packed_conv(data, wq, bias, mult, attrs, padding, zp_out, relu in m, out_dtype)
+            if int8_depthwise.is_depthwise(attrs, wq) and _dtype(data) == "uint8" and zp_x == 0:
+                return self._depthwise_conv(data, wq, bias, mult, attrs, padding, zp_out, relu in m, out_dtype)
             if zp_x != 0 and any(padding):  # pad with the zero point, the code of 0.0 (int8 only)
                 top, left, bottom, right = padding
                 data = relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zp_x))
@@ -259,6 +265,18 @@ class _Rewrites:
                 "strides": [int(v) for v in attrs.strides], "dilation": [int(v) for v in attrs.dilation],
                 "padding": padding, "zp_out": zp_out, "relu": relu, "out_dtype": out_dtype}
         return self._emit_packed(spec, None)
+
+    def _depthwise_conv(self, data, wq: np.ndarray, bias: np.ndarray, mult: np.ndarray, attrs, padding: list[int],
+                        zp_out: int, relu: bool, out_dtype: str):
+        """A depthwise conv (uint8 input, zero point 0) as one packed kernel with its
+        requantization fused (passes/support/int8_depthwise.py)."""
+        from tvm import relax
+
+        compute, consts = int8_depthwise.kernel(wq, bias, mult, attrs.strides, attrs.dilation, padding, zp_out,
+                                                relu, out_dtype)
+        args = [data, relax.const(consts[0], "int8"), relax.const(consts[1], "int32"), relax.const(consts[2], "float32")]
+        prim, call_args, out_ty = relax.utils.gen_call_tir_inputs(compute, *args)
+        return relax.call_tir(self.bb.add_func(prim, int8_depthwise.NAME), call_args, out_ty)
 
     def _emit_packed(self, spec: dict, pool: tuple[int, int, int, int] | None):
         """One kernel: uint8 x int8 conv in the blocked layout of the x86/ARM dot-product

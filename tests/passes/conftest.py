@@ -99,8 +99,10 @@ def randomize_bn(model) -> None:
 def int8_convs(mod) -> list[dict]:
     """Every int8 convolution of a lowered module, as the relax functions call it: a
     ``relax.nn.conv2d`` op or one of relax_int8's packed conv kernels (``conv2d_int8_packed*``,
-    a call_tir). Each: the activation and weight dtypes, the accumulator dtype, the weight
-    constant's shape (packed: [O/16, C/4, KH, KW, 16, 4]) and whether it is packed."""
+    a call_tir) or the packed depthwise kernel (``conv2d_int8_depthwise*``). Each: the activation
+    and weight dtypes, the accumulator dtype, the weight constant's shape (packed: [O/16, C/4, KH,
+    KW, 16, 4]; depthwise: [C/16, KH, KW, 16]), whether it is packed (the dot-product tile) and
+    whether it is the depthwise kernel."""
     import re
 
     from tvm import relax
@@ -113,14 +115,18 @@ def int8_convs(mod) -> list[dict]:
         if getattr(e.op, "name", "") == "relax.nn.conv2d":
             out.append({"data": str(e.args[0].ty.dtype), "weight": str(e.args[1].ty.dtype),
                         "acc": str(e.attrs.out_dtype), "shape": tuple(int(d) for d in e.args[1].ty.shape),
-                        "packed": False, "call": e})
-        elif getattr(e.op, "name", "") == "relax.call_tir" and e.args[0].name_hint.startswith("conv2d_int8_packed"):
+                        "packed": False, "depthwise": False, "call": e})
+        elif getattr(e.op, "name", "") == "relax.call_tir" and e.args[0].name_hint.startswith(
+                ("conv2d_int8_packed", "conv2d_int8_depthwise")):
+            depthwise = e.args[0].name_hint.startswith("conv2d_int8_depthwise")
+            block = "depthwise_packed_int8" if depthwise else "conv2d_packed_int8"
             # the accumulator's buffer, as the kernel declares it
-            acc = re.search(r'conv2d_packed_int8 = T\.sblock_alloc_buffer\(.*, "(\w+)"\)$', mod[e.args[0]].script(),
+            acc = re.search(rf'{block} = T\.sblock_alloc_buffer\(.*, "(\w+)"\)$', mod[e.args[0]].script(),
                             re.MULTILINE)
             data, weight = e.args[1].fields[:2]
             out.append({"data": str(data.ty.dtype), "weight": str(weight.ty.dtype), "acc": acc and acc.group(1),
-                        "shape": tuple(int(d) for d in weight.ty.shape), "packed": True, "call": e})
+                        "shape": tuple(int(d) for d in weight.ty.shape), "packed": not depthwise,
+                        "depthwise": depthwise, "call": e})
 
     for _, f in mod.functions_items():
         if isinstance(f, relax.Function):
