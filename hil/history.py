@@ -9,7 +9,7 @@ on the write lock (the busy timeout waits for it) and a reader never blocks them
 killed mid-record leaves no half night (the transaction rolls back when the file is next opened).
 
 Metrics, one value per job and night (the contract's names):
-  accuracy, auc          higher is better
+  accuracy, auc, f1      higher is better (f1: a detector's, of object centres)
   latency_ms             lower is better; latency_ms_median_of_windows, else the p50
   model_bytes            lower is better
   mae                    a regressor's, lower is better (floor: 1 % of its baseline)
@@ -47,10 +47,10 @@ from kiln.errors import KilnError, ValidationError
 
 SCHEMA_VERSION = 1
 NIGHTLY_SCHEMA = "kiln-nightly/1"
-HIGHER_IS_BETTER = ("accuracy", "auc")
+HIGHER_IS_BETTER = ("accuracy", "auc", "f1")
 LOWER_IS_BETTER = ("latency_ms", "model_bytes", "mae")
 COMPARED = HIGHER_IS_BETTER + LOWER_IS_BETTER
-FLOORS = {"latency_ms": 0.05, "accuracy": 0.01, "auc": 0.01, "model_bytes": 0.0, "mae": 0.01}
+FLOORS = {"latency_ms": 0.05, "accuracy": 0.01, "auc": 0.01, "model_bytes": 0.0, "mae": 0.01, "f1": 0.01}
 MAD_TO_SIGMA = 1.4826  # MAD x this = the standard deviation, for normal noise
 BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another nightly's transaction
 
@@ -114,7 +114,7 @@ def job_metrics(job: dict) -> dict[str, float]:
     lat = m.get("latency_ms_median_of_windows")
     if lat is None and isinstance(m.get("latency_ms"), dict):
         lat = m["latency_ms"].get("p50")
-    out = {"accuracy": m.get("accuracy"), "auc": m.get("auc"), "mae": m.get("mae"), "latency_ms": lat,
+    out = {"accuracy": m.get("accuracy"), "auc": m.get("auc"), "mae": m.get("mae"), "f1": m.get("f1"), "latency_ms": lat,
            "model_bytes": m.get("model_bytes"), "memory_kb": m.get("memory_kb")}
     out["passed"] = 1.0 if job["status"] == "pass" else 0.0
     return {k: float(v) for k, v in out.items() if v is not None}

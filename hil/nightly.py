@@ -307,7 +307,8 @@ class Night:
 
 NO_METRICS = {"accuracy": None, "auc": None, "latency_ms": None, "latency_windows_ms": None,
               "latency_ms_median_of_windows": None, "model_bytes": None, "memory_kb": None, "emulated": False,
-              "macro_f1": None, "per_class": None, "confusion": None, "mae": None, "rmse": None, "r2": None}
+              "macro_f1": None, "per_class": None, "confusion": None, "mae": None, "rmse": None, "r2": None,
+              "f1": None, "precision": None, "recall": None, "postprocess_ms": None}
 
 
 def metrics(record: dict, result: dict) -> dict:
@@ -324,7 +325,10 @@ def metrics(record: dict, result: dict) -> dict:
             "macro_f1": result.get("macro_f1"), "per_class": result.get("per_class"),
             "confusion": result.get("confusion"),
             # a regressor's figures, in the label's units (kiln/tasks/regression.py)
-            "mae": result.get("mae"), "rmse": result.get("rmse"), "r2": result.get("r2")}
+            "mae": result.get("mae"), "rmse": result.get("rmse"), "r2": result.get("r2"),
+            # a detector's centre figures and the host's post-processing per frame (kiln/tasks/detection.py)
+            "f1": result.get("f1"), "precision": result.get("precision"), "recall": result.get("recall"),
+            "postprocess_ms": result.get("postprocess_ms")}
 
 
 def exit_code(night: dict) -> int:

@@ -71,11 +71,13 @@ def _day(iso: str) -> str:
 
 
 def _quality(job: dict) -> tuple[str, float | None]:
-    """The job's quality metric: an anomaly detector's AUC, a regressor's MAE, else a classifier's
-    accuracy."""
+    """The job's quality metric: an anomaly detector's AUC, a regressor's MAE, a detector's F1 of
+    centres, else a classifier's accuracy."""
     m = job["metrics"]
     if m.get("auc") is not None:
         return "auc", m["auc"]
+    if m.get("f1") is not None:
+        return "f1", m["f1"]
     return ("mae", m["mae"]) if m.get("mae") is not None else ("accuracy", m.get("accuracy"))
 
 
@@ -202,7 +204,7 @@ def _trend_plot(app: str, jobs: list[dict], nightly: dict, history, prefix: str)
     colour from one app's plot to the next."""
     boards = sorted(nightly["boards"])
     emulated = _emulated_boards(nightly)
-    metric = next((k for k in ("auc", "mae") if any(j["metrics"].get(k) is not None for j in jobs)), "accuracy")
+    metric = next((k for k in ("auc", "mae", "f1") if any(j["metrics"].get(k) is not None for j in jobs)), "accuracy")
     with matplotlib.rc_context(RC):
         fig = _figure(7.0, 2.2)
         axq, axl = fig.subplots(1, 2)
@@ -326,7 +328,7 @@ def _cell(job: dict | None) -> str:
     q_name, q = _quality(job)
     lat = _latency(job)
     f1 = job["metrics"].get("macro_f1")
-    shown = "" if q is None else f"MAE {q:.4g}" if q_name == "mae" else f"{'auc' if q_name == 'auc' else 'acc'} {q:.3f}"
+    shown = "" if q is None else f"MAE {q:.4g}" if q_name == "mae" else f"{ {'auc': 'auc', 'f1': 'F1'}.get(q_name, 'acc')} {q:.3f}"
     bits = [shown,
             f"R² {job['metrics']['r2']:.3f}" if job["metrics"].get("r2") is not None else "",
             f"F1 {f1:.3f}" if f1 is not None else "",

@@ -122,6 +122,9 @@ METRICS = obj({
     "confusion": optional(null_or(CONFUSION)),
     # a regressor's figures on the board, in the label's units (kiln/tasks/regression.py)
     "mae": optional(null_or(NUM)), "rmse": optional(null_or(NUM)), "r2": optional(null_or(NUM)),
+    # a detector's centre figures and the host's post-processing per frame (kiln/tasks/detection.py)
+    "f1": optional(null_or(NUM)), "precision": optional(null_or(NUM)), "recall": optional(null_or(NUM)),
+    "postprocess_ms": optional(null_or(NUM)),
 })
 JOB = obj({
     "app": STR, "board": STR, "type": STR, "status": enum(*STATUSES), "flaky": BOOL,

@@ -279,3 +279,23 @@ def test_int8_fomo_library_computes_its_twin_bit_for_bit(trained, tmp_path):
     s = scoring.Scorer(("a", "b"), (4, 4), 0.5, 1.5, 1.5)
     found = s.detect(got)
     assert found == s.detect(ref) and sum(map(len, found)) > 0
+
+
+def test_the_nightly_carries_a_detectors_figures_and_flags_a_falling_f1():
+    from hil import history, nightly
+    from hil.reports import html, schema
+
+    lat = {k: 0.1 for k in ("p50", "p90", "p99", "mean", "min", "max")}
+    s = scoring.Scorer(("a", "b"), (6, 6), 0.5, 1.5, 1.5)
+    runner = {"outputs": [_map({(1, 1): (0, 0.9)}).ravel().tolist()], "predictions": [0]}
+    got, _ = s.quality(Project.model_validate(manifest()).requirements, runner, [[[0, 0.25, 0.25, 0.1, 0.1]]], None)
+    result = {**got, "latency_ms": lat, "model_bytes": 1000, "memory_kb": None, "latency_emulated": False}
+    m = nightly.metrics({"runner": {}}, result)
+    assert (m["f1"], m["precision"], m["recall"]) == (1.0, 1.0, 1.0) and m["per_class"] is None
+    schema.METRICS(m, "metrics", "a night")  # the kiln-nightly/1 contract takes them
+    job = {"app": "signs", "board": "x86-host", "status": "pass", "flaky": False, "metrics": m,
+           "requirements": [{"name": "f1", "measured": 1.0, "op": ">=", "limit": 0.5, "verdict": "pass"}]}
+    assert "F1 1.000" in html._cell(job)
+    assert history.job_metrics(job)["f1"] == 1.0
+    assert history.judge("f1", 0.80, [0.9] * 5)["flagged"]  # lower is worse
+    assert not history.judge("f1", 0.95, [0.9] * 5)["flagged"]
