@@ -148,6 +148,13 @@ def anomaly_slice(u: Unit) -> dict:
     return {"anomaly": u.p.anomaly.model_dump()} if u.p.anomaly is not None else {}
 
 
+def detection_slice(u: Unit) -> dict:
+    """A detector's settings (threshold, radius, match distance, object weight): train and
+    compress judge by the F1 they define, and validate decodes with them (absent for other apps,
+    so their recorded configuration is unchanged)."""
+    return {"detection": u.p.detection.model_dump()} if u.p.detection is not None else {}
+
+
 def raw_train_slice(u: Unit) -> dict:
     """What the data stage keeps for training that augments raw samples (raw_train.npz: the raw
     training split, and the background noise folder it read); empty otherwise, so other apps'
@@ -210,7 +217,7 @@ PIPELINE: list[Stage] = [
           checks=lambda u: [matches_record(u.lay.metrics, {u.lay.model_pt: "model_sha256"})],
           uses=lambda u: [module_name(u.p.architecture)],
           config=lambda u: {"training": u.p.training.model_dump(), "architecture": u.p.architecture.model_dump(),
-                            "augment": u.p.dataset.augment.model_dump(), **anomaly_slice(u)}),
+                            "augment": u.p.dataset.augment.model_dump(), **anomaly_slice(u), **detection_slice(u)}),
     Stage("compress", "Run the manifest's compression passes within its accuracy and size budgets.",
           "passes.compress:run", lambda u: [u.p, u.lay, library_board(u)], lambda u: f"compress {u.app.name}",
           inputs=lambda u: [u.lay.model_pt, u.lay.split("train"), u.lay.split("val"), *arch_inputs(u)],
@@ -218,7 +225,8 @@ PIPELINE: list[Stage] = [
           checks=lambda u: [matches_record(u.lay.compress_json, {u.lay.compressed_pt: "compressed_sha256"})],
           uses=lambda u: [module_name(u.p.architecture), *(module_name(s) for s in u.p.compression.passes)],
           config=lambda u: {"compression": u.p.compression.model_dump(),
-                            "board": b.model_dump() if (b := library_board(u)) else None, **anomaly_slice(u)}),
+                            "board": b.model_dump() if (b := library_board(u)) else None, **anomaly_slice(u),
+                            **detection_slice(u)}),
     Stage("export", "Export the compressed model to ONNX and check its outputs against torch.",
           "passes.export_onnx:run", lambda u: [u.p, u.lay], lambda u: f"export {u.app.name} to ONNX",
           inputs=lambda u: [u.lay.compressed_pt, u.lay.split("val"),
@@ -264,7 +272,7 @@ PIPELINE: list[Stage] = [
           inputs=lambda u: [*(u.lay.last_run(n) for n in _deployed(u)), u.lay.test_labels,
                             *(u.lay.compile_json(t) for t in u.app.built_only)],
           outputs=lambda u: [u.lay.report],
-          config=lambda u: {"requirements": u.p.requirements.model_dump(), "boards": _deployed(u)},
+          config=lambda u: {"requirements": u.p.requirements.model_dump(), "boards": _deployed(u), **detection_slice(u)},
           teardown=("hil.lab:close_opened",), goal=True),
 ]
 

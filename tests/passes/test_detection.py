@@ -299,3 +299,22 @@ def test_the_nightly_carries_a_detectors_figures_and_flags_a_falling_f1():
     assert history.job_metrics(job)["f1"] == 1.0
     assert history.judge("f1", 0.80, [0.9] * 5)["flagged"]  # lower is worse
     assert not history.judge("f1", 0.95, [0.9] * 5)["flagged"]
+
+
+def test_the_detection_settings_are_in_the_recorded_configuration_of_train_compress_and_deploy():
+    """Changing detection.threshold (or the radius, match distance, object weight) reruns the
+    stages that judge or score by it; a classifier's recorded configuration has no such key."""
+    from types import SimpleNamespace
+
+    from passes.pipeline import PIPELINE
+
+    stages = {s.name: s for s in PIPELINE}
+    for m in (manifest(), manifest(detection={"threshold": 0.7})):
+        u = SimpleNamespace(p=Project.model_validate(m), app=SimpleNamespace(instances=[], boards={}))
+        for name in ("train", "compress", "deploy"):
+            assert stages[name].config(u)["detection"] == u.p.detection.model_dump()
+    classifier = manifest(dataset={"format": "synthetic", "classes": 2}, detection=None,
+                          architecture={"family": "cnn", "widths": [8], "max_macs": 10**7},
+                          requirements={"accuracy": {"min": 0.5}})
+    u = SimpleNamespace(p=Project.model_validate(classifier), app=SimpleNamespace(instances=[], boards={}))
+    assert all("detection" not in stages[n].config(u) for n in ("train", "compress", "deploy"))
