@@ -16,7 +16,7 @@ from kiln.artifacts import Layout
 from kiln.schema import GtsrbDataset, Project
 from passes import data, tasks
 from passes.formats import gtsrb, image_folders
-from passes.support import decode_cache
+from passes.support import decode_cache, splits
 from passes.support.splits import open_split
 
 CLASSES = ("cat", "dog", "owl")
@@ -175,3 +175,73 @@ def test_a_rerun_after_a_change_writes_what_a_cold_run_writes(tmp_path, kiln_env
     assert "raw_train.npz" in again["files"] and again["files"] == fresh["files"]
     same = data.run(project("warm"), warm)  # nothing changed: every file kept
     assert same["files"] == again["files"]
+
+
+def _shard_files(data_dir) -> dict[str, tuple[int, int]]:
+    """Each shard file of the training split: (inode, mtime_ns)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (data_dir / "train.shards").glob("*.npz")}
+
+
+def test_one_added_file_rewrites_only_the_shard_it_lands_in(tmp_path, kiln_env, monkeypatch):
+    """A training split over two shards' worth is sharded by content-defined cuts: a file added
+    rewrites the shard its row falls in (and, should its row be a cut, the one it splits off);
+    every other shard file is the same file (inode and mtime), every old sample keeps its split,
+    and the split reads back as one array through open_split."""
+    monkeypatch.setattr(splits, "SHARD_BYTES", 8 * 8 * 3 * 5)  # about 5 rows a shard
+    root = tmp_path / "imgs"
+    _tree(root, n=30)
+    project, lay = _project(root), Layout("sharded")
+    first = data.run(project, lay)
+    before, old = _membership(first), _shard_files(lay.data)
+    assert len(old) >= 5 and all(f"train.shards/{n}" in first["files"] for n in old)
+    _image(root / "dog" / "dog_102.png", 999)  # a name whose hash draws the training split
+    again = data.run(project, lay)
+    after, new = _membership(again), _shard_files(lay.data)
+    assert {f: after[f] for f in before} == before and after["dog/dog_102.png"] == "train"
+    kept = set(old) & set(new)
+    assert 1 <= len(set(old) - kept) <= 2 and 1 <= len(set(new) - kept) <= 2, (len(old), len(new), len(kept))
+    assert all(new[n] == old[n] for n in kept)  # not written again
+    x, y = open_split(lay.data, "train")
+    assert isinstance(x, splits.Shards) and len(x) == len(y) == again["counts"]["train"]
+    want = np.asarray(Image.open(root / "dog" / "dog_102.png").convert("RGB"))
+    hit = [i for i in range(len(x)) if np.array_equal(x[i], want)]
+    assert len(hit) == 1 and np.array_equal(np.asarray(x)[hit[0]], want)
+    with np.load(lay.data / "train.npz") as z:  # the index: the shards in order, their row counts
+        names, rows = z["shards"].tolist(), z["shard_rows"]
+    assert sorted(n.split("/")[1] for n in names) == sorted(new) and rows.sum() == len(y)
+    lo = int(np.searchsorted(np.cumsum(rows), hit[0], "right"))  # the shard holding the new row was written
+    assert names[lo].split("/")[1] in set(new) - kept
+    assert again["files"] == data.run(project, Layout("sharded")).get("files")  # a no-op keeps every file
+
+
+def test_training_on_shards_equals_training_on_one_file(tmp_path, kiln_env, monkeypatch):
+    """The same rows sharded or in one file, and the same seed: the same weights, bit for bit,
+    read in the loop or by a background worker (Shards is the DataLoader's array-like)."""
+    import torch
+
+    from kiln.nets import build
+    from passes.support.training import fit
+
+    root = tmp_path / "imgs"
+    _tree(root, n=30)
+    project = _project(root)
+    data.run(project, Layout("one"))
+    monkeypatch.setattr(splits, "SHARD_BYTES", 8 * 8 * 3 * 5)
+    data.run(project, Layout("many"))
+    one, many = open_split(Layout("one").data, "train"), open_split(Layout("many").data, "train")
+    assert isinstance(one[0], np.memmap) and isinstance(many[0], splits.Shards) and len(many[0].parts) >= 5
+    assert np.array_equal(one[0], np.asarray(many[0])) and np.array_equal(one[1], many[1])
+    xva, yva = open_split(Layout("one").data, "val", mode="c")
+
+    def trained(x, y, workers):
+        torch.manual_seed(0)
+        model = build(project.architecture, 3, 3, (8, 8))
+        history = fit(model, x, y, epochs=2, batch=8, lr=0.01, aug=project.dataset.augment,
+                      gen=torch.Generator().manual_seed(0), xva=xva, yva=yva, keep_best=True, recipe=project.training,
+                      workers=workers)
+        return model.state_dict(), [r["loss"] for r in history]
+
+    ref, ref_loss = trained(*one, 0)
+    for workers in (0, 1):
+        weights, loss = trained(*many, workers)
+        assert loss == ref_loss and all(torch.equal(v, weights[k]) for k, v in ref.items()), workers
