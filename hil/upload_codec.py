@@ -108,6 +108,9 @@ def _host_xz_has_arm64(host_xz: str) -> bool:
     return r.returncode == 0
 
 
+XZ_MAX_DELTA = 256  # xz --delta=dist=N: N in 1..256
+
+
 def _byte_strides(sample: bytes) -> tuple[int, int] | None:
     """For data laid out as rows of interleaved channels (uint8 pixels H x W x C, int16 audio):
     (channel stride, row stride), the distances at which bytes repeat best; None for data
@@ -122,7 +125,9 @@ def _byte_strides(sample: bytes) -> tuple[int, int] | None:
     c = min(near, key=near.get)
     if near[c] > 0.8 * 85.0:  # 85: the mean |x - y| of two random bytes; nothing to predict
         return None
-    rows = {r: mad(r) for r in range(2 * c, min(4096, len(a) // 4) + 1, c)}
+    # xz's delta filter takes distances 1..256 only: a longer row (a 128-wide float32 image's 512
+    # bytes) is predicted from the largest multiple of the channel stride that xz allows
+    rows = {r: mad(r) for r in range(2 * c, min(XZ_MAX_DELTA, len(a) // 4) + 1, c)}
     return c, min(rows, key=rows.get)
 
 

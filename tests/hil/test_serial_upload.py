@@ -145,3 +145,22 @@ def test_incompressible_file_goes_as_it_is(boards, tmp_path, caplog):
     out, ups, tr = _deploy(b, {"kiln-runner": tmp_path / "kiln-runner", "inputs.bin": noise}, caplog)
     assert ups["inputs.bin"]["codec"] == "raw" and ups["inputs.bin"]["sent_bytes"] == 50_000
     assert out["runner"]["bytes"] == 50_000
+
+
+def test_rows_longer_than_xz_delta_allows_still_pack(tmp_path):
+    """float32 images 128 pixels wide (512-byte rows, a detector's 96x128 input): the row stride
+    the codec picks stays within xz's delta distances (1..256), and the file packs."""
+    from hil.upload_codec import XZ_MAX_DELTA, _best_xz_chain, _byte_strides
+
+    host_xz = shutil.which("xz")
+    if host_xz is None:
+        pytest.skip("no xz on this host")
+    y, x = np.mgrid[0:96, 0:128]
+    img = (np.sin(x / 9.0) * np.cos(y / 7.0) + 1) / 2
+    frames = np.stack([img * (0.5 + 0.1 * k) for k in range(8)]).astype(np.float32)
+    path = tmp_path / "inputs.bin"
+    path.write_bytes(frames.tobytes())
+    c, row = _byte_strides(path.read_bytes()[: 1 << 16])
+    assert row <= XZ_MAX_DELTA
+    chain = _best_xz_chain(host_xz, path)  # raised "dist must be in the range [1, 256]" before
+    assert all(int(f.split("=")[-1]) <= XZ_MAX_DELTA for f in chain)
