@@ -91,8 +91,10 @@ def kiln_train(name: str, manifest: dict, projects: Path, build: Path) -> dict:
 
 
 def _split(build: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(build / name / "data" / f"{split}.npz") as z:
-        x, y = z["x"], z["y"]
+    from passes.support.splits import open_split  # a large training split is sharded (passes/support/splits.py)
+
+    x, y = open_split(build / name / "data", split)
+    x = np.asarray(x)
     scale = 255.0 if x.dtype == np.uint8 else 1.0  # pixels when the format has no front end
     return (x.astype(np.float32) / scale).reshape(len(x), -1), y
 

@@ -14,6 +14,7 @@ the child imported torch and Kiln: that import, the same in every phase, is its 
 * cold: a fresh build folder (no decode cache);
 * +20: 20 images added as a new track of the largest class (the data stage reruns, as doit's
   tree check asks it to); every old track (a group: its frames) must keep its split (asserted);
+  the round's line names the training split's shard files that are new (the others were kept);
 * no-op: the same tree again (what ``doit forget data:<app>`` would cost; doit itself skips the
   task: its up-to-date check, the tree fingerprint, is timed too).
 
@@ -178,7 +179,8 @@ def measure(kind: str, path: str, build: str) -> dict:
     groups = {g: s for s in ("train", "val", "test") for g in info["groups"][s]["names"] or []}
     out = {"seconds": seconds, "imports": imports, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-           "decode": info["load"]["decode"], "counts": info["counts"], "groups": groups}
+           "decode": info["load"]["decode"], "counts": info["counts"], "groups": groups,
+           "shards": sorted(f for f in info["files"] if "/" in f)}  # the training split's shard files
     return out
 
 
@@ -267,8 +269,10 @@ def main(argv=None) -> None:
             finally:
                 remove_track(tree, added)
             shutil.rmtree(build, ignore_errors=True)
+            fresh = sorted(set(inc["shards"]) - set(cold["shards"]))
             print(f"round {r + 1}/{rounds}: cold {cold['seconds']:.2f} s, +20 {inc['seconds']:.2f} s "
-                  f"({inc['decode']['decoded']} decoded, {len(cold['groups'])} old tracks: none moved)", flush=True)
+                  f"({inc['decode']['decoded']} decoded, {len(cold['groups'])} old tracks: none moved; "
+                  f"{len(fresh)} of {len(inc['shards'])} shard files new: {', '.join(fresh)})", flush=True)
         c = statistics.median(x["seconds"] for x in runs["cold"])
         print("\n" + COLUMNS)
         for name, rs in runs.items():
