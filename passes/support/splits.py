@@ -131,7 +131,8 @@ def write_split(prev: "Previous", split: str, how: str | None, x: tuple, arrays:
             made = fingerprint("shard", transform, dtype.str, tuple(shape[1:]), np.asarray(keys[lo:hi]))
             shard = f"{folder.name}/{made[:32]}.npz"
             if not prev.unchanged(shard, made):
-                write_npz(prev.out_dir / shard, {"x": ((hi - lo, *shape[1:]), dtype, lambda lo=lo, hi=hi: rows(lo, hi))})
+                part = ((hi - lo, *shape[1:]), dtype, lambda lo=lo, hi=hi: rows(lo, hi))
+                write_npz(prev.out_dir / shard, {"x": part})
                 prev.wrote(shard, made)
                 written += 1
             names.append(shard)
