@@ -3,7 +3,8 @@ and reported. One settings model per task, listed in ``TASKS``; the task is chos
 ``objective`` (a family's class variable, family module's field): "classification" is the task
 ``classification``, "reconstruction" the task ``anomaly_detection``, whose settings are the
 manifest's ``anomaly`` section, and a classification family with a ``regression`` section has
-the objective "regression", the task ``regression``. A task names its torch side (``implementation``,
+the objective "regression", the task ``regression``; "detection" (family fomo) is the task
+``detection``, whose settings are the manifest's ``detection`` section. A task names its torch side (``implementation``,
 passes/tasks/<task>.py: loss, training metric, the compress judge, the samples stages fit on) and
 holds its torch-free side in ``scoring`` (kiln/tasks/<task>.py: how validate scores the board's
 outputs, the report's column), as a front end names passes/frontends/<kind>.py and holds

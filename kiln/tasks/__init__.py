@@ -3,7 +3,7 @@
 ends' torch-free code; the torch side (loss, training metric, the compress judge, which samples
 the stages fit on) is passes/tasks/<task>.py. A module has
 
-* ``METRIC``: the result's figure that says how right a board is (``accuracy``, ``auc``, ``mae``), and
+* ``METRIC``: the result's figure that says how right a board is (``accuracy``, ``auc``, ``mae``, ``f1``), and
   ``COLUMN``, ``NOTE``: its column in the report table and the line that explains it (or None);
 * ``RUNNER_OUTPUTS``: the runner's ``--outputs`` value (``"1"``: every output value comes back,
   as an anomaly detector's scores must);
