@@ -63,11 +63,17 @@ def net(tmp_path_factory):
             "x": x, "ref": ref, "shape": [ckpt["channels"], *ckpt["image_size"]]}
 
 
-def test_depthwise_convs_on_uint8_become_the_packed_kernel(net):
+def test_depthwise_convs_on_uint8_become_the_packed_kernel(net, monkeypatch):
     """The two depthwise convs after a ReLU are the packed depthwise kernel (weights [C/16, KH,
-    KW, 16] int8, int32 accumulator), the pointwise ones the dot-product kernel, and the one on
-    an int8 tensor stays a grouped conv2d; the kernel gets its fixed, vectorized schedule."""
+    KW, 16] int8, int32 accumulator, 8-bit codes out: the requantization inside), the pointwise
+    ones the dot-product kernel, and the one on an int8 tensor stays a grouped conv2d. With the
+    parallel threshold lowered to 1 MAC, the kernels' fixed schedule is vectorized and
+    parallel, and the library still computes the twin bit for bit (the default, one thread, is
+    the x86 and aarch64 tests below)."""
     import tvm
+    from tvm import relax
+
+    from passes.support import int8_intrin
 
     mod = import_onnx(net["onnx"], [1, *net["shape"]])
     convs = int8_convs(mod)
@@ -77,13 +83,16 @@ def test_depthwise_convs_on_uint8_become_the_packed_kernel(net):
         assert c["weight"] == "int8" and c["acc"] == "int32"
         if c["depthwise"]:
             assert c["shape"] == (2, 3, 3, int8_depthwise.LANES)  # 20 channels: two blocks of 16
-    # the requantization is inside the kernel: its output is the 8-bit codes
-    assert all(str(c["call"].ty.dtype) == "uint8" for c in convs if c["depthwise"])
+            assert str(c["call"].ty.dtype) == "uint8"
+    monkeypatch.setattr(int8_intrin, "PARALLEL_MACS", 1)
     target = tvm.target.Target(resolve_target(load_board("x86-host")))
-    done = [f for gv, f in prepare(mod, target).functions_items() if int8_depthwise.NAME in gv.name_hint]
+    prepared = prepare(mod, target)
+    done = [f for gv, f in prepared.functions_items() if int8_depthwise.NAME in gv.name_hint]
     assert len(done) == 2
     for f in done:
-        assert f.attrs["tirx.is_scheduled"] and "T.vectorized(" in f.script()
+        assert f.attrs["tirx.is_scheduled"] and "T.vectorized(" in f.script() and "T.parallel(" in f.script()
+    got = g._run_vm(relax.build(prepared, target=target), net["x"].numpy())
+    np.testing.assert_array_equal(got, net["ref"])
 
 
 @pytest.mark.parametrize("board_name", ["x86-host", "x86-avx2"])
@@ -94,24 +103,6 @@ def test_x86_library_with_depthwise_kernels_computes_the_twin_bit_for_bit(net, t
     so = tmp_path / "model.so"
     compile_onnx(load_board(board_name), net["onnx"], [1, *net["shape"]], so, tmp_path / "compile.json")
     got = g._run_vm(tvm.runtime.load_module(str(so)), net["x"].numpy())
-    np.testing.assert_array_equal(got, net["ref"])
-
-
-def test_depthwise_kernel_in_parallel_computes_the_twin_bit_for_bit(net, tmp_path, monkeypatch):
-    """Past the parallel threshold (lowered here to 1: every depthwise kernel) its outer loops
-    run in parallel, and the result does not change."""
-    import tvm
-
-    from passes.support import int8_intrin
-
-    monkeypatch.setattr(int8_intrin, "PARALLEL_MACS", 1)
-    target = tvm.target.Target(resolve_target(load_board("x86-host")))
-    mod = prepare(import_onnx(net["onnx"], [1, *net["shape"]]), target)
-    done = [f for gv, f in mod.functions_items() if int8_depthwise.NAME in gv.name_hint]
-    assert done and all("T.parallel(" in f.script() for f in done)
-    from tvm import relax
-
-    got = g._run_vm(relax.build(mod, target=target), net["x"].numpy())
     np.testing.assert_array_equal(got, net["ref"])
 
 
