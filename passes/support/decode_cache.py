@@ -73,7 +73,6 @@ class _Active:
     workers: int
     stats: Stats = field(default_factory=Stats)
     live: dict[str, set[str]] = field(default_factory=dict)  # settings hash -> keys used this run
-    listings: dict[str, dict] = field(default_factory=dict)  # settings hash -> _Store.listing(), read once a run
 
 
 _ACTIVE: _Active | None = None
@@ -101,10 +100,7 @@ def active(folder: str | os.PathLike, workers: int | None = None) -> Iterator[St
     try:
         yield ctx.stats
         for settings_hash, keys in ctx.live.items():
-            moved = _Store(ctx.folder / settings_hash).compact(keys)
-            listing = ctx.listings.get(settings_hash)
-            if listing is not None and not moved:  # (rows moved: the next run reads the index instead)
-                _save_listing(ctx.folder / settings_hash / LISTING, [r for r in listing.values() if r[5] in keys])
+            _Store(ctx.folder / settings_hash).compact(keys)
     finally:
         _ACTIVE = None
 
@@ -166,16 +162,14 @@ class _Store:
 
     def listing(self) -> dict[str, tuple]:
         """path -> (path, size, mtime_ns, inode, extra, key, pack, row, error) of every file whose
-        sample is stored: from the snapshot the last clean run left (LISTING: the index's query
-        costs a second over 50,000 files; it is removed as it is read, so a run that does not end
-        cleanly leaves none behind), else from the index."""
-        snapshot = self.folder / LISTING
+        sample is stored: from the snapshot ``decode`` leaves (LISTING: the index's query costs a
+        second over 50,000 files), else from the index. The snapshot may lack what a run that
+        failed added (those files are hashed again); compaction removes it before it drops or
+        moves a sample, and writes it again after dropping only."""
         try:
-            rows = _load_listing(snapshot)
+            rows = _load_listing(self.folder / LISTING)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             rows = None
-        finally:
-            snapshot.unlink(missing_ok=True)
         if rows is None:
             rows = self.db.execute("SELECT f.path, f.size, f.mtime, f.ino, f.extra, f.key, s.pack, s.row, s.error "
                                    "FROM files f JOIN samples s ON s.key = f.key")
@@ -207,6 +201,12 @@ class _Store:
         if not dead:
             self.close()
             return False
+        snapshot = self.folder / LISTING
+        try:
+            listed = _load_listing(snapshot)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            listed = None
+        snapshot.unlink(missing_ok=True)  # (a compaction cut short leaves none that names a dropped sample)
         rows = self.samples()
         used: dict[str, list[tuple[str, int]]] = {}
         for k in live:
@@ -241,10 +241,12 @@ class _Store:
                 p.unlink()
         log.info("data: decode cache: dropped %d unused entr%s%s", len(dead), "y" if len(dead) == 1 else "ies",
                  f", compacted {in_use} rows into one pack" if moves else "")
+        if listed is not None and not moves:  # (rows moved: the next run reads the index)
+            _save_listing(snapshot, [r for r in listed if r[5] in live])
         return bool(moves)
 
 
-LISTING = "listing.npz"  # the last clean run's listing, a column per field (np.load, no pickle)
+LISTING = "listing.npz"  # the files index's rows as decode last left them, a column per field (no pickle)
 _NUMBERS, _TEXT = ("size", "mtime", "ino", "row"), ("path", "extra", "key", "pack", "error")
 
 
@@ -346,9 +348,7 @@ def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int,
                                  "version": CACHE_VERSION})[:20]
     store = _Store(ctx.folder / settings_hash)
     try:
-        listing = ctx.listings.get(settings_hash)
-        if listing is None:
-            listing = ctx.listings[settings_hash] = store.listing()
+        listing = store.listing()
         keys: list[str | None] = [None] * n
         known: dict[str, tuple] = {}  # key -> (pack, row, error) of the samples this call uses
         todo: list[tuple[int, str, Any]] = []
@@ -392,9 +392,12 @@ def decode(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int,
                     new_samples.append((key, pack, row, err))
                     known[key] = (pack, row, err)
             known.update(store.samples([k for k in {keys[i] for i in todo_path} if k not in known]))
-        listing.update((f[0], (*f[:4], *f[5:], *known[f[6]])) for f in files)
         ctx.stats.cached += sum(1 for i in range(n) if keys[i] is not None) - len(new_samples)
         store.record(files, new_samples)
+        if files or not (store.folder / LISTING).is_file():
+            listing.update((f[0], (*f[:4], *f[5:], *known[f[6]])) for f in files)
+            _save_listing(store.folder / LISTING, list(listing.values()))
+        del listing  # (not kept: 50,000 files' rows are some 30 MB)
     finally:
         store.close()
     live = ctx.live.setdefault(settings_hash, set())

@@ -245,3 +245,31 @@ def test_training_on_shards_equals_training_on_one_file(tmp_path, kiln_env, monk
     for workers in (0, 1):
         weights, loss = trained(*many, workers)
         assert loss == ref_loss and all(torch.equal(v, weights[k]) for k, v in ref.items()), workers
+
+
+def test_the_listing_snapshot_follows_what_compaction_drops_and_moves(tmp_path, kiln_env, counted):
+    """A rerun reads the files' stat and the decode cache's listing snapshot (no file is read
+    again); compaction drops files removed (the snapshot rewritten without them) or moves the
+    rows left into a new pack (the snapshot removed: the next run reads the index): the outputs
+    stay those of a fresh build."""
+    root = tmp_path / "imgs"
+    _tree(root, n=30)
+    project, lay = _project(root), Layout("snap")
+    data.run(project, lay)
+    (snapshot,) = (lay.data / "cache").glob(f"*/{decode_cache.LISTING}")
+    for gone in ("cat_004", "dog_007", "owl_011"):  # dropped: the snapshot is written again without them
+        (root / gone[:3] / f"{gone}.png").unlink()
+    counted.clear()
+    after = data.run(project, lay)
+    assert not counted and snapshot.is_file() and after["load"]["decode"]["hashed"] == 0
+    assert after["files"] == data.run(project, Layout("fresh1")).get("files")
+    for c in CLASSES:  # two thirds gone: the rows left move into one new pack, the snapshot is removed
+        for p in sorted((root / c).glob("*.png"))[:20]:
+            p.unlink()
+    counted.clear()
+    moved = data.run(project, lay)
+    assert not counted and not snapshot.is_file()
+    counted.clear()
+    again = data.run(project, lay)  # from the index, which writes the snapshot again
+    assert not counted and snapshot.is_file() and again["files"] == moved["files"]
+    assert moved["files"] == data.run(project, Layout("fresh2")).get("files")
