@@ -121,6 +121,12 @@ def so_builder(cc: str):
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build
 
+    from passes.support.tvm_build import import_cpu_tensor_intrinsics
+
+    # the CPU tables only, before the first build: it would otherwise import TVM's GPU tables too
+    # (minutes of TVMScript parsing on this machine; tvm_build.import_cpu_tensor_intrinsics)
+    import_cpu_tensor_intrinsics()
+
     @derived_object
     class SharedLibraryBuilder(PyBuilder):
         def build(self, build_inputs):

@@ -8,6 +8,7 @@ the board's ``cc`` (e.g. aarch64-linux-gnu-g++).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -122,6 +123,7 @@ def compile_onnx(board: Board, onnx_path: Path, input_shape: list[int], out_so: 
         mod, tuned = apply(mod, target, Path(tuning["database"]))
     else:
         mod = prepare(mod, target)  # fusion: without it each op is its own kernel
+    mod = share_constants(mod)  # an unrolled RNN's weights once, not once per step
     try:
         ex = relax.build(mod, target=target)
         with atomic_path(out_so) as tmp:
@@ -162,6 +164,34 @@ def prepare(mod, target):
         mod = relax.get_pipeline("zero")(mod)
     import_cpu_tensor_intrinsics()
     return int8_intrin.schedule_packed_convs(mod, target)  # a fixed schedule, never tuned
+
+
+def share_constants(mod):
+    """``mod`` with every constant tensor of equal dtype, shape and bytes made one object, which
+    the VM stores once. An unrolled RNN calls its layers at every step: the ONNX import and
+    constant folding make each call's weight (transposed, or lowered to int8) its own copy, and
+    the library would hold the weights once per time step. Relax has no pass for it (its
+    constant folding compares objects, not values)."""
+    import hashlib
+
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Share(PyExprMutator):
+        def __init__(self, m):
+            super().__init__(m)
+            self.seen = {}
+
+        def visit_generic_const_(self, op):
+            a = op.value.numpy()
+            return self.seen.setdefault((a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).digest()), op)
+
+    share = Share(mod)
+    for gv, f in list(mod.functions_items()):
+        if isinstance(f, relax.Function):
+            mod[gv] = share.visit_expr(f)
+    return mod
 
 
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
@@ -382,12 +412,51 @@ def apply(mod, target, db_dir: Path):
     return mod, {"tuned": len(tuned), "untuned": sorted(set(before) - set(tuned)), "held": faster_untuned}
 
 
+@contextlib.contextmanager
+def quick_tvmscript():
+    """Parse TVMScript (``@T.prim_func`` and friends) without ``inspect.stack()``'s cost.
+
+    TVM's script decorators take ``inspect.stack()`` for every function they parse; for each
+    frame whose file is not on disk (``<frozen importlib._bootstrap>`` during an import, the
+    ``<ast>`` of an evaluated annotation) ``inspect`` looks the file up by walking every module
+    in ``sys.modules`` -- thousands once torch is loaded -- so registering the CPU tensor
+    intrinsics took 30 s of CPU per process on a loaded 2-core machine (about 3 s with this).
+    TVM reads only each frame, its name and locals, and one caller's line of source
+    (``is_defined_in_class``): the stack below gives exactly those, the line from linecache.
+    ``inspect.stack`` is swapped only inside the block (the process's other callers keep
+    Python's own)."""
+    import inspect
+    import linecache
+
+    def stack(context: int = 1):
+        frame, out = sys._getframe(1), []
+        while frame is not None:
+            code = frame.f_code
+            line = linecache.getline(code.co_filename, frame.f_lineno) if context > 0 else ""
+            out.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name,
+                                         [line] if line else None, 0 if line else None))
+            frame = frame.f_back
+        return out
+
+    saved, inspect.stack = inspect.stack, stack
+    try:
+        yield
+    finally:
+        inspect.stack = saved
+
+
 def import_cpu_tensor_intrinsics() -> None:
     """Register the x86 and arm tensor intrinsics without importing the GPU tables.
 
     ``import tvm.s_tir.tensor_intrin`` (done by MetaSchedule's TuneContext) imports the CUDA and
     ROCm tables too, which takes 15-50 s on this machine; CPU targets only use x86 and arm ones.
+    The tables (TVM's and Kiln's) are parsed TVMScript: :func:`quick_tvmscript`.
     """
+    with quick_tvmscript():
+        _import_cpu_tensor_intrinsics()
+
+
+def _import_cpu_tensor_intrinsics() -> None:
     import importlib
 
     name = "tvm.s_tir.tensor_intrin"
