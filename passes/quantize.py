@@ -45,7 +45,7 @@ from kiln.schema import QuantizeSettings
 from passes.tasks import fit_split
 from passes.support.common import to_tensor
 from passes.support.int8 import (LUT_OUTPUT, TABLES, WEIGHTED, WMAX, act_range, bias_ints, bias_scale, fake_quant,
-                                 graph_plan, layer_bias, lut, snap_weights)
+                                 graph_plan, layer_bias, lut, recurrent_roles, snap_weights)
 
 log = logging.getLogger("kiln.quantize")
 
@@ -129,7 +129,9 @@ def calibrate(model, plan: list[dict], x: np.ndarray, params: QuantizeSettings) 
     Interpreter at each entry's tap node (the other kinds' parameters follow from these)."""
     import torch
 
-    taps = {e["tap"]: e["name"] for e in plan if e["kind"] in CALIBRATED}
+    # an unrolled recurrence: one range per part of the cell over all its steps (int8.recurrent_roles)
+    roles = recurrent_roles(plan)
+    taps = {e["tap"]: roles.get(e["name"], e["name"]) for e in plan if e["kind"] in CALIBRATED}
     seen: dict[str, list] = {name: [] for name in taps.values()}
 
     class Tap(torch.fx.Interpreter):
@@ -143,7 +145,8 @@ def calibrate(model, plan: list[dict], x: np.ndarray, params: QuantizeSettings) 
     with torch.no_grad():
         for i in range(0, len(x), 256):
             Tap(gm).run(to_tensor(x[i : i + 256]))
-    return {key: _range(torch.cat(vals), params) for key, vals in seen.items()}
+    ranges = {key: _range(torch.cat(vals), params) for key, vals in seen.items()}
+    return {e["name"]: ranges[roles.get(e["name"], e["name"])] for e in plan if e["kind"] in CALIBRATED}
 
 
 def _static(entry: dict) -> dict:

@@ -388,6 +388,50 @@ def graph_plan(model, input_shape: tuple[int, ...]) -> list[dict]:
     raise PassError("quantize: the traced graph has no output")
 
 
+def recurrent_roles(plan: list[dict]) -> dict[str, str]:
+    """The entries of an unrolled recurrence that play the same part at different time steps,
+    each mapped to its first occurrence (entries outside the recurrence are absent): calibration
+    measures one range per part over every step, so every step after the first carries the same
+    activation parameters, the exported steps are the same ops with the same constants and the
+    compiled library holds one set of kernels for them (its code no longer grows with the
+    sequence length).
+
+    The recurrence is found from the layer called most often (an unrolled cell's projections,
+    once per step): its last evenly spaced calls (at least 3; the first step may differ) give
+    the period P; the entry at ``first call + k*P + j`` plays the part of ``first call + j`` when
+    both have the same kind, module, fused ReLU and shape and read entries at the same
+    distances back (a read of an entry before the first call matches any: the input, the
+    first step's state). Sharing a range is a calibration choice: the twin and the library
+    compute with whatever parameters the record holds, so a wrong match costs accuracy, never
+    exactness. The matching stops at the first entry that differs (the head after the last step)."""
+    calls: dict[str, list[int]] = {}
+    for i, e in enumerate(plan):
+        if e["kind"] in WEIGHTED:
+            calls.setdefault(e["module"], []).append(i)
+    at = max(calls.values(), key=len, default=[])
+    while len(at) >= 3 and len({b - a for a, b in zip(at, at[1:])}) != 1:
+        at = at[1:]  # the first step may be shorter (no recurrent term): the evenly spaced calls after it
+    if len(at) < 3:
+        return {}
+    start, period = at[0], at[1] - at[0]
+    pos = {e["name"]: i for i, e in enumerate(plan)}
+
+    def sig(i: int) -> tuple:
+        e = plan[i]
+        reads = tuple("before" if pos[x] < start else i - pos[x] for x in e["inputs"])  # before: any
+        return e["kind"], e.get("module"), e.get("relu"), tuple(e["shape"]), reads
+
+    roles = {}
+    for i in range(start + period, len(plan)):
+        j = start + (i - start) % period
+        a, b = sig(i), sig(j)
+        if a[:4] != b[:4] or len(a[4]) != len(b[4]) or any(
+                "before" not in (x, y) and x != y for x, y in zip(a[4], b[4])):
+            break
+        roles[plan[i]["name"]] = roles.get(plan[j]["name"], plan[j]["name"])
+    return roles
+
+
 # ---------------------------------------------------------------------------------------------
 # the fake-quant twin: integer arithmetic in torch, exactly as the compiled library does it
 

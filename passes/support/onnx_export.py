@@ -152,6 +152,8 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
             nodes.append(helper.make_node("GlobalAveragePool", xs, [out], name=name))
         elif kind == "flatten":
             nodes.append(helper.make_node("Flatten", xs, [out], name=name, axis=1))
+        elif kind == "getitem" and _gathers(spec["index"], in_shape(spec)):
+            gather(name, spec, xs[0], out)
         elif kind == "getitem":
             sliced = [(d, it) for d, it in enumerate(spec["index"])
                       if d > 0 and (it[0] == "i" or it[1:] != [0, in_shape(spec)[d], 1])]
@@ -177,6 +179,19 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
     def in_shape(spec):
         return layers[spec["inputs"][0]]["shape"]
 
+    def gather(name, spec, x, out):
+        """x[..., i, ..., j] (integer indices, every other axis whole): one Gather per index,
+        last axis first, each index a scalar initializer. An unrolled RNN reads step t of its
+        input so: the index is a constant argument of one shared kernel, where a Slice's bounds
+        would be compiled into a kernel per step (a library growing with the sequence length)."""
+        picks = [(d, it[1]) for d, it in enumerate(spec["index"]) if it[0] == "i"][::-1]
+        for k, (d, i) in enumerate(picks):
+            last = k == len(picks) - 1
+            y = out if last else f"{name}.gather{d}"
+            nodes.append(helper.make_node("Gather", [x, ints(f"{name}.index{d}", i)], [y], axis=d,
+                                          name=name if last else f"{name}.gather{d}"))
+            x = qdq(y, spec["output"], y) if int8 and not last else y  # one op between DQ and Q
+
     names: dict[str, str] = {}
     out_name = quantization["output"]
     for name, spec in layers.items():
@@ -197,6 +212,14 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
     proto.ir_version = 8
     onnx.checker.check_model(proto)
     return proto
+
+
+def _gathers(index: list[list], shape: list[int]) -> bool:
+    """Whether a getitem index (int8.py's normalized form) only picks integer positions, every
+    other axis whole: it exports as Gathers (see qdq_model's gather)."""
+    ints = [d for d, it in enumerate(index) if it[0] == "i"]
+    whole = all(it[0] == "i" or d == 0 or it[1:] == [0, shape[d], 1] for d, it in enumerate(index))
+    return bool(ints) and whole
 
 
 def export_float(model, shape: tuple[int, ...], path: Path) -> None:
