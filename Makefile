@@ -8,7 +8,7 @@ APT_PACKAGES := gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user openssh-se
 .PHONY: deploy test setup system-packages list clean
 
 deploy: setup
-	$(VENV)/bin/doit deploy:traffic_signs deploy:traffic_sign_detection
+	$(VENV)/bin/doit deploy:traffic_signs
 
 test: setup
 	$(PY) -m pytest -q --durations=25 tests
