@@ -8,8 +8,14 @@ peak of live activation elements at batch 1; the board file gives its compute an
 (``compute``, ``runtime_overhead_kb``, ``memory_mb`` in targets/<board>.yaml).
 
 Latency. The runner calls the kernel library with ``--threads <board.cores>`` (hil/deploy.py),
-so a tuned library runs on every core: ``CALL_OVERHEAD_MS + macs / (per-core figure * cores)``,
-with the int8 figure when the manifest quantizes in mode int8, else fp32. Whether the library is tuned is what
+so a tuned library runs on every core: ``CALL_OVERHEAD_MS + kernels * per_kernel_us + macs /
+(per-core figure * cores)``, with the int8 figure when the manifest quantizes in mode int8, else
+fp32. ``kernels`` is what TVM's fusion leaves of the net (``Complexity.kernels``, counted by the
+family's plan: one per conv, dense, pool and gate product) plus the front end's; each costs a
+fixed ``compute.per_kernel_us`` however small it is (the VM's call, the thread pool's fork and
+join), measured once per board type by ``bench/sizing.py --calibrate`` (a library of 1 and of
+101 trivial kernels). Without that term a recurrent net (4-5 kernels per time step, each a few
+hundred MACs) was estimated 4-20x too fast. Whether the library is tuned is what
 this lab builds: a trial budget above 0 (``tuning.trials``, else the board's ``tune_trials``) on
 a board of this machine's arch (passes/tune.py never tunes on qemu timings). An untuned library
 (TVM's default pipeline) has no parallel loops: measured on x86-host, 2 threads ran no faster
@@ -99,6 +105,17 @@ def estimate(project, board) -> dict[str, Any] | None:
     return estimate_from(project, board, c)
 
 
+def front_end_kernels(project) -> int:
+    """Kernels the dataset's front end adds to the library (its module's ``KERNELS``); 0
+    without one."""
+    import importlib
+
+    fe = getattr(project.dataset, "front_end", None)
+    if fe is None:
+        return 0
+    return int(getattr(importlib.import_module(f"kiln.frontends.{fe.kind}"), "KERNELS", 1))
+
+
 def front_end_cost(project) -> tuple[int, int]:
     """(float32 constants, MACs) of the dataset's front end, which runs in float inside the
     library (an int8 one too); (0, 0) without one."""
@@ -115,12 +132,14 @@ def estimate_from(project, board, c) -> dict[str, Any]:
     prec = precision(project)
     fe_consts, fe_macs = front_end_cost(project)
     act_elems = int(getattr(c, "activations", 0) or 0)  # 0 until a family counts them
+    kernels = int(getattr(c, "kernels", 0) or 0) + front_end_kernels(project)  # 0: not counted
     weight_bytes = int(c.params) * weight_bytes_per_param(project) + 4 * fe_consts
     act_bytes = act_elems * (1 if prec == "int8" else 4)
     mem = {"runtime_kb": float(board.runtime_overhead_kb), "weights_kb": WEIGHT_COPIES * weight_bytes / 1024,
            "activations_kb": act_bytes / 1024}
     out: dict[str, Any] = {
         "macs": int(c.macs), "params": int(c.params), "weight_bytes": weight_bytes, "activations": act_elems,
+        "kernels": kernels,
         "front_end": {"constants": fe_consts, "macs": fe_macs} if fe_macs else None,
         "precision": prec, "peak_memory_kb": round(sum(mem.values()), 1), "memory_breakdown_kb": mem,
         "latency_ms": None, "threads": None, "tuned": is_tuned(project, board), "basis": None,
@@ -137,15 +156,20 @@ def estimate_from(project, board, c) -> dict[str, Any]:
             per_core = (f.int8_macs_per_s or f.fp32_macs_per_s) if prec == "int8" else f.fp32_macs_per_s
             threads, rate = board.cores, per_core * board.cores
             fe_rate = f.fp32_macs_per_s * board.cores
+            per_kernel = f.per_kernel_us
             out["basis"] = f"tuned {prec} kernels: {per_core:.3g} MAC/s per core x {threads} cores"
         else:
             rate = f.untuned_macs_per_s or f.fp32_macs_per_s * UNTUNED_RATIO
             threads, fe_rate = 1, rate
+            per_kernel = f.untuned_per_kernel_us
             out["basis"] = f"untuned kernels (no parallel loops): {rate:.3g} MAC/s on one core"
         if fe_macs:
             out["basis"] += f"; front end {fe_macs:,} float MACs"
+        if per_kernel and kernels:
+            out["basis"] += f"; {kernels} kernels x {per_kernel:g} us"
         out["threads"] = threads
-        out["latency_ms"] = CALL_OVERHEAD_MS + c.macs / rate * 1e3 + fe_macs / fe_rate * 1e3
+        out["latency_ms"] = (CALL_OVERHEAD_MS + kernels * per_kernel * 1e-3 + c.macs / rate * 1e3
+                             + fe_macs / fe_rate * 1e3)
     return out
 
 

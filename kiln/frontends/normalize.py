@@ -6,6 +6,9 @@ from __future__ import annotations
 from kiln.frontends import elementwise_cost
 
 
+KERNELS = 1  # one elementwise kernel (kiln/sizing.py's per-kernel cost)
+
+
 def output_shape(fe, layout: str, raw_shape: tuple[int, ...], sample_rate: float | None = None) -> tuple[int, int, int]:
     if layout == "image":
         h, w, c = raw_shape

@@ -5,6 +5,10 @@ and mel matmuls (their torch graph is passes/frontends/support/spectral.py)."""
 from __future__ import annotations
 
 
+# kernels of the library's log-mel graph (kiln/sizing.py's per-kernel cost): the mean, the
+# gather, the two DFT GEMMs, the mel GEMM with its log, the transpose out
+KERNELS = 6
+
 def window(fe, sample_rate: float) -> tuple[int, int]:
     """(window, hop) in samples."""
     return round(sample_rate * fe.window_ms / 1000), max(1, round(sample_rate * fe.hop_ms / 1000))

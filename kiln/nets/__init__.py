@@ -45,6 +45,9 @@ class Complexity:
     params: int
     macs: int
     activations: int = 0
+    # kernels of the compiled library as Plan counts them (0: not counted; ``measure`` does not,
+    # so they are left out of the comparison)
+    kernels: int = field(default=0, compare=False)
 
 
 def estimate(arch, image_size: tuple[int, int], in_ch: int, classes: int) -> Complexity:
@@ -135,6 +138,12 @@ class Plan:
     params: int = 0
     macs: int = 0
     bn_channels: int = 0  # BatchNorm channels (keras-style counts add 2 or 4 per channel)
+    # kernels TVM's fusion leaves (kiln/sizing.py's per-kernel cost): one per conv, dense, pool
+    # and product of two tensors (a recurrent gate's), one per BatchNorm of a dense layer (not
+    # folded), one for the input; activations, adds and BatchNorm after a conv fuse into them.
+    # Checked against the call_tir count of the built library for every family
+    # (tests/kiln/test_sizing.py)
+    kernels: int = 1
     sizes: list[int] = field(default_factory=list)
     uses: list[list[int]] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)
@@ -155,16 +164,19 @@ class Plan:
         ho, wo = conv_out(h, kh, sh, ph, "height"), conv_out(w, kw, sw, pw, "width")
         self.params += cout * (c // groups) * kh * kw + (cout if bias else 0)
         self.macs += cout * ho * wo * (c // groups) * kh * kw
+        self.kernels += 1
         return self.node((cout, ho, wo), x)
 
     def linear(self, x: T, out: int, bias: bool = True) -> T:
         (f,) = x.shape
         self.params += f * out + (out if bias else 0)
         self.macs += f * out
+        self.kernels += 1
         return self.node((out,), x)
 
     def bn(self, x: T) -> T:
         self.bn_channels += x.shape[0]
+        self.kernels += len(x.shape) == 1  # a dense layer's: TVM keeps it apart
         return self.node(x.shape, x)
 
     def same(self, x: T) -> T:
@@ -175,9 +187,11 @@ class Plan:
         c, h, w = x.shape
         kh, kw = _pair(kernel)
         sh, sw = _pair(stride if stride is not None else kernel)
+        self.kernels += 1
         return self.node((c, conv_out(h, kh, sh, 0, "height"), conv_out(w, kw, sw, 0, "width")), x)
 
     def gap(self, x: T) -> T:
+        self.kernels += 1
         return self.node((x.shape[0], 1, 1), x)
 
     def flatten(self, x: T) -> T:
@@ -194,6 +208,7 @@ class Plan:
 
     def mul(self, a: T, b: T) -> T:
         self.macs += a.numel
+        self.kernels += 1
         return self.node(a.shape, a, b)
 
     def output(self, x: T) -> None:
@@ -204,7 +219,7 @@ class Plan:
         return peak_live(self.sizes, self.uses, self.outputs)
 
     def complexity(self) -> Complexity:
-        return Complexity(params=self.params, macs=self.macs, activations=self.activations)
+        return Complexity(params=self.params, macs=self.macs, activations=self.activations, kernels=self.kernels)
 
 
 def _pair(v) -> tuple[int, int]:

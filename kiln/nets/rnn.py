@@ -32,10 +32,12 @@ def plan(arch: RnnArchitecture, image_size: tuple[int, int], in_ch: int, classes
 
     def ih(t: T) -> T:
         g.macs += in_ch * gates * H
+        g.kernels += 1
         return g.node((gates * H,), t)
 
     def hh(t: T) -> T:
         g.macs += H * gates * H
+        g.kernels += 1
         return g.node((gates * H,), t)
 
     def part(t: T) -> T:

@@ -40,6 +40,13 @@ class Compute(Strict):
         None, gt=0, description="multiply-accumulates per second of an untuned kernel library (TVM's default "
         "pipeline, which runs on one core); unset: fp32_macs_per_s / 20, the ratio measured on x86-host"
     )
+    per_kernel_us: float = Field(
+        0.0, ge=0, description="fixed cost of one kernel of a tuned library, whatever its size (the VM's call, "
+        "the thread pool's fork and join), microseconds; bench/sizing.py --calibrate measures it on the board"
+    )
+    untuned_per_kernel_us: float = Field(
+        0.0, ge=0, description="the same for an untuned library's kernels (serial loops), microseconds"
+    )
 
 
 class Board(Strict):

@@ -176,3 +176,59 @@ def test_families_sized_from_torch_are_not_estimated_at_load():
     fake = p.architecture.model_copy()
     object.__setattr__(fake, "family", "onnx")  # the family name alone decides; no torch imported
     assert sizing.estimate(p.model_copy(update={"architecture": fake}), load_board("x86-host")) is None
+
+
+def test_each_kernel_costs_the_boards_measured_per_kernel_figure():
+    host = load_board("x86-host")
+    assert host.compute.per_kernel_us > 0 and host.compute.untuned_per_kernel_us < host.compute.per_kernel_us
+    few, many = (Complexity(params=1000, macs=2_000_000, activations=0, kernels=k) for k in (10, 210))
+    for p, per_kernel in ((project(), host.compute.per_kernel_us),
+                          (project(tuning={"trials": 0}), host.compute.untuned_per_kernel_us)):
+        a, b = sizing.estimate_from(p, host, few), sizing.estimate_from(p, host, many)
+        assert b["kernels"] == 210 and b["latency_ms"] - a["latency_ms"] == pytest.approx(200 * per_kernel * 1e-3)
+        assert f"210 kernels x {per_kernel:g} us" in b["basis"]
+    # a board file without the figure: no per-kernel term
+    bare = host.model_copy(update={"compute": host.compute.model_copy(update={"per_kernel_us": 0.0})})
+    assert sizing.estimate_from(project(), bare, many)["latency_ms"] == pytest.approx(
+        sizing.estimate_from(project(), bare, few)["latency_ms"])
+
+
+def test_a_recurrent_net_is_estimated_by_its_kernels_and_a_front_end_adds_its_own():
+    from kiln.nets import estimate
+    from kiln.schema import parse_architecture
+
+    short, long = (estimate(parse_architecture({"family": "rnn", "cell": "gru", "hidden": 32}), (1, n), 6, 6)
+                   for n in (10, 50))
+    # 4 per step (ih, hh but the first step's, two gate products), the head, one for the input
+    assert (short.kernels, long.kernels) == (40, 200)
+    host = load_board("x86-host")
+    est = sizing.estimate_from(project(), host, long)
+    assert est["latency_ms"] > 201 * host.compute.per_kernel_us * 1e-3  # the kernels dominate a 180 k-MAC GRU
+    kws = load_project("keyword_spotting")
+    assert sizing.front_end_kernels(kws) == 7  # the MFCC graph: mean, gather, 2 DFT GEMMs, mel+log, DCT, transpose
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("d, c, size", [
+    ({"family": "cnn", "widths": [4, 8], "head": "flatten", "max_macs": 10**9}, 3, (16, 16)),
+    ({"family": "resnet", "stem": 4, "widths": [4, 8]}, 3, (9, 9)),
+    ({"family": "mlp", "widths": [16, 8], "batch_norm": True}, 1, (4, 4)),
+    ({"family": "rnn", "cell": "gru", "hidden": 5}, 2, (1, 4)),
+], ids=["cnn", "resnet", "mlp-bn", "gru"])
+def test_plan_counts_the_kernels_tvm_builds(d, c, size, tmp_path):
+    import torch
+    from tvm import relax
+    import tvm
+
+    from kiln.nets import build, estimate
+    from kiln.schema import parse_architecture
+    from passes.support.onnx_export import export_float
+    from passes.support.tvm_build import import_onnx, prepare
+
+    arch = parse_architecture(d)
+    path = tmp_path / "m.onnx"
+    with torch.no_grad():
+        export_float(build(arch, c, 3, size), (1, c, *size), path)
+    mod = prepare(import_onnx(path, [1, c, *size]), tvm.target.Target({"kind": "llvm"}))
+    built = sum(str(f).count("R.call_tir(") for _, f in mod.functions.items() if isinstance(f, relax.Function))
+    assert abs(estimate(arch, size, c, 3).kernels - built) <= 1, built  # the GRU: one more
