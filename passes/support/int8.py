@@ -61,7 +61,7 @@ LUT_OUTPUT = {
 # table-driven activations (:func:`lut`); those not in LUT_OUTPUT have a calibrated output
 TABLES = ("sigmoid", "tanh", "hardsigmoid", "hardswish")
 WEIGHTED = ("conv", "linear")
-MOVES = ("maxpool", "flatten", "getitem", "relu")  # on codes, parameters unchanged
+MOVES = ("maxpool", "flatten", "getitem", "reshape", "relu")  # on codes, parameters unchanged
 ADD_BITS = 30  # add/sub fixed point: the larger multiplier lies in (2^29, 2^30]
 FUSES_RELU = ("conv", "linear", "add", "sub", "mul")
 
@@ -183,10 +183,57 @@ def _module_kind(node, m) -> str:
     raise AssertionError  # unreachable
 
 
+SHAPE_OPS = ("view", "reshape", "unsqueeze", "squeeze")  # call_method / torch.* spellings of a "reshape" entry
+
+
+def _shape_arithmetic(node) -> bool:
+    """A node computing sizes, not a tensor (``x.shape``, ``x.size(0)``, ``n, c, _, _ = x.shape``):
+    the plan skips it; a reshape reading it takes its target shape from the traced output."""
+    return node.op in ("call_function", "call_method") and "tensor_meta" not in node.meta and (
+        node.target in (getattr, operator.getitem, "size") or getattr(node.target, "__module__", None) == "_operator")
+
+
+def _shape_kind(node) -> str | None:
+    """``reshape`` (view, reshape, unsqueeze, squeeze) or ``avgpool`` (a mean over H and W) for a
+    call that is one of them, else None. A reshape moves codes (parameters unchanged); its
+    target is the traced output shape, so sizes read from ``x.shape`` / ``x.size()`` work."""
+    import torch
+
+    t = node.target
+    name = t if node.op == "call_method" else getattr(t, "__name__", "")
+    if node.op == "call_function" and t not in (torch.reshape, torch.unsqueeze, torch.squeeze, torch.mean):
+        return None
+    if name in SHAPE_OPS:
+        return "reshape"
+    if name == "mean":
+        args = dict(zip(("dim", "keepdim"), node.args[1:]), **node.kwargs)
+        dims = args.get("dim")
+        dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+        if set(args) - {"dim", "keepdim"} or not all(isinstance(d, int) for d in dims) or \
+                sorted(d % 4 for d in dims) != [2, 3] or not isinstance(args.get("keepdim", False), bool):
+            _fail(node, f"{node.op} mean", "only a mean over H and W of a 4-D tensor (x.mean((2, 3)), "
+                                           "keepdim or not) is lowered: global average pooling")
+        return "avgpool"
+    return None
+
+
+def _reshape_to(node, in_shape: list[int], out_shape: list[int]) -> list[int]:
+    """The target shape of a ``reshape`` entry (batch dimension left out): PassError unless the
+    batch dimension stays where it is."""
+    if len(out_shape) < 1 or out_shape[0] != in_shape[0] or math.prod(out_shape) != math.prod(in_shape):
+        _fail(node, f"{node.op} {getattr(node.target, '__name__', node.target)}",
+              f"reshape {in_shape} -> {out_shape} must keep the batch dimension first: write "
+              "x.view(x.shape[0], ...), x.flatten(1), x[:, :, None, None] or x.unsqueeze(-1)")
+    return list(out_shape[1:])
+
+
 def _function_kind(node) -> str:
     import torch
     import torch.nn.functional as F
 
+    kind = _shape_kind(node)
+    if kind is not None:
+        return kind
     t = node.target
     table = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
              operator.mul: "mul", torch.mul: "mul", torch.sigmoid: "sigmoid", torch.tanh: "tanh",
@@ -197,8 +244,9 @@ def _function_kind(node) -> str:
         kind = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "flatten": "flatten"}.get(t)
     name = getattr(t, "__name__", str(t))
     if kind is None:
-        fix = ("a shape op: use nn.Flatten, or slice with constant indices" if name in
-               ("view", "reshape", "size", "shape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze")
+        fix = ("moves data across dimensions: only reshapes that keep the order (view, reshape, flatten(1), "
+               "unsqueeze, squeeze, x[:, :, None, None]) and constant slices are lowered" if name in
+               ("size", "shape", "permute", "transpose", "contiguous", "expand", "repeat", "t")
                else "has no int8 lowering in Kiln; use the op vocabulary (Conv2d, Linear, add, sub, mul, sigmoid, "
                     "tanh, relu, constant slices, nn.Flatten)")
         _fail(node, f"{node.op} {name}", fix)
@@ -255,6 +303,21 @@ def _index(node, idx, shape) -> list[list]:
     return out
 
 
+def _adds_unit_dims(node, shape) -> bool:
+    """A getitem whose index has ``None`` items (new unit dimensions) and otherwise takes every
+    element (``s[:, :, None, None]``, ``s[..., None]``): a ``reshape`` entry. PassError naming
+    the node for None mixed with slicing or integer indexing."""
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if not any(i is None for i in idx):
+        return False
+    rest = tuple(i for i in idx if i is not None)
+    if any(i is not Ellipsis and i != slice(None) for i in rest):
+        _fail(node, "getitem", f"index {idx}: None (a new unit dimension) mixed with slicing or integer indexing has "
+                               "no int8 lowering; slice first, then add the dimensions in a second step "
+                               "(y = x[:, 2:5]; y[:, :, None, None])")
+    return True
+
+
 def getitem_key(index: list[list]) -> tuple:
     """The torch index of a normalized :func:`_index`."""
     return tuple(item[1] if item[0] == "i" else slice(item[1], item[2], item[3]) for item in index)
@@ -288,7 +351,7 @@ def graph_plan(model, input_shape: tuple[int, ...]) -> list[dict]:
     called: set[str] = set()
 
     def src(node, arg) -> str:
-        if not hasattr(arg, "op"):
+        if not hasattr(arg, "op") or arg.name not in of:
             _fail(node, "an argument", f"{arg!r} is not a tensor of the graph")
         return of[arg.name]
 
@@ -314,6 +377,8 @@ def graph_plan(model, input_shape: tuple[int, ...]) -> list[dict]:
         for u in n.users:
             if u.op == "call_module" and isinstance(mods[u.target], (torch.nn.Identity, torch.nn.Dropout)):
                 out += readers(u)
+            elif _shape_arithmetic(u):  # reads the sizes only
+                continue
             else:
                 out.append(u)
         return out
@@ -371,15 +436,28 @@ def graph_plan(model, input_shape: tuple[int, ...]) -> list[dict]:
                            "module": node.target})
             else:  # relu (not fusable), sigmoid, tanh
                 add(node, {"name": node.name, "kind": kind, "inputs": [x]})
+        elif _shape_arithmetic(node):
+            continue  # sizes, read by a reshape whose target is its traced output shape
         elif node.op in ("call_function", "call_method"):
             kind = _function_kind(node)
             ins = [src(node, a) for a in (node.args if kind in ("add", "sub", "mul") else node.args[:1])]
             if kind == "relu" and fusable(node, plan[ins[0]], FUSES_RELU):
                 plan[ins[0]].update(relu=True, tap=node.name)
                 of[node.name] = ins[0]
+            elif kind == "getitem" and _adds_unit_dims(node, plan[ins[0]]["shape"]):
+                add(node, {"name": node.name, "kind": "reshape", "inputs": ins,
+                           "to": _reshape_to(node, plan[ins[0]]["shape"], shape(node))})
             elif kind == "getitem":
                 add(node, {"name": node.name, "kind": kind, "inputs": ins,
                            "index": _index(node, node.args[1], plan[ins[0]]["shape"])})
+            elif kind == "reshape":
+                add(node, {"name": node.name, "kind": kind, "inputs": ins,
+                           "to": _reshape_to(node, plan[ins[0]]["shape"], shape(node))})
+            elif kind == "avgpool":  # x.mean((2, 3)): keepdim False drops H and W
+                if len(plan[ins[0]]["shape"]) != 4:
+                    _fail(node, f"{node.op} mean", "only a mean over H and W of a 4-D tensor is lowered")
+                add(node, {"name": node.name, "kind": kind, "inputs": ins,
+                           "keepdim": len(shape(node)) == 4})
             else:
                 entry = {"name": node.name, "kind": kind, "inputs": ins}
                 if kind in FUSES_RELU:
@@ -529,7 +607,7 @@ def _avgpool(twin, spec, xs):
 
     x, qi, qo = xs[0], spec["input"], spec["output"]
     n = x.shape[2] * x.shape[3]
-    s = (x - qi["zero_point"]).double().sum((2, 3), keepdim=True)
+    s = (x - qi["zero_point"]).double().sum((2, 3), keepdim=spec.get("keepdim", True))
     m = requant_multiplier(qi["scale"], [1.0], qo["scale"], n)[0]
     q = torch.round(np.float32(m) * s.float()) + qo["zero_point"]
     return torch.clamp(q, *act_range(act_dtype(qo)))
@@ -575,6 +653,7 @@ KERNELS = {
     "sigmoid": _table, "tanh": _table, "hardsigmoid": _table, "hardswish": _table, "maxpool": _maxpool, "relu": _relu,
     "flatten": lambda twin, spec, xs: xs[0].flatten(1),
     "getitem": lambda twin, spec, xs: xs[0][getitem_key(spec["index"])],
+    "reshape": lambda twin, spec, xs: xs[0].reshape(xs[0].shape[0], *spec["to"]),
 }
 
 

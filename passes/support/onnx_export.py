@@ -148,8 +148,13 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
             k, s, p = (v if isinstance(v, (tuple, list)) else (v, v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
             nodes.append(helper.make_node("MaxPool", xs, [out], name=name, kernel_shape=list(k), strides=list(s),
                                           pads=[p[0], p[1], p[0], p[1]], ceil_mode=int(m.ceil_mode)))
+        elif kind == "avgpool" and not spec.get("keepdim", True):  # x.mean((2, 3))
+            nodes.append(helper.make_node("ReduceMean", xs, [out], name=name, axes=[2, 3], keepdims=0))
         elif kind == "avgpool":
             nodes.append(helper.make_node("GlobalAveragePool", xs, [out], name=name))
+        elif kind == "reshape":  # unit dimensions added or dropped (x[:, :, None, None], view, squeeze)
+            nodes.append(helper.make_node("Reshape", [xs[0], ints(f"{name}.shape", [-1, *spec["to"]])], [out],
+                                          name=name))
         elif kind == "flatten":
             nodes.append(helper.make_node("Flatten", xs, [out], name=name, axis=1))
         elif kind == "getitem" and _gathers(spec["index"], in_shape(spec)):
