@@ -369,6 +369,13 @@ def job(project, board, live, layout, lab_dir: Path, run_id: str, latency_window
         try:
             rdir = runner_dir(board.arch)
             files = {n: rdir / n for n in ("kiln-runner", "libtvm_runtime.so", "libtvm_ffi.so")}
+            cuda = board.tvm_target.get("kind") == "cuda"  # an x86-cuda board: kernels on its GPU
+            if cuda:
+                have = [n for n in ("libtvm_runtime_cuda.so", "libcudart.so.13") if (rdir / n).is_file()]
+                if "libtvm_runtime_cuda.so" not in have:
+                    raise KilnError(f"board '{live.name}' (type {board.name}): the runner bundle {rdir} has no "
+                                    "libtvm_runtime_cuda.so (this machine's TVM lacks its CUDA runtime)")
+                files.update({n: rdir / n for n in have})
             files["model.so"] = layout.library(board.name)
             samples = requested = project.validation.samples
             cap = board.emulation.max_samples if live.emulated and board.emulation else None
@@ -383,6 +390,7 @@ def job(project, board, live, layout, lab_dir: Path, run_id: str, latency_window
             dtype = read_json(layout.data_json)["test_inputs"].get("dtype", "float32")
             runner = [*(launcher(board) if live.emulated else []), "./kiln-runner"]
             common = ["--shape", ",".join(map(str, shape)), "--dtype", dtype, "--threads", str(board.cores)]
+            common += ["--device", "cuda"] if cuda else []
             argv = [*runner, "--model", "model.so", "--input", "inputs.bin", *common, "--warmup",
                     str(project.validation.warmup), "--outputs", project.task.scoring.RUNNER_OUTPUTS]  # the task's
             if latency_windows:
@@ -405,6 +413,8 @@ def job(project, board, live, layout, lab_dir: Path, run_id: str, latency_window
         except DeployError as e:
             blog.error("%s", e)
             record["error"] = e.as_error()
+            if "no CUDA device" in record["error"]["message"]:  # say which board lacks the GPU
+                record["error"]["message"] = f"board '{live.name}' (type {board.name}): {record['error']['message']}"
             for line in (e.console or {}).get("lines", [])[-5:]:
                 blog.error("console: %s", line)
         except KilnError as e:

@@ -38,6 +38,11 @@ ARCHES = ("x86_64", "aarch64")
 # pip distribution name -> import package that carries its files.
 PACKAGES = {"apache-tvm": "tvm", "apache-tvm-ffi": "tvm_ffi"}
 # Where the needed files sit inside the packages (same in the installed tree and the wheels).
+# TVM's CUDA device API (an x86-cuda board: kiln-runner --device cuda dlopens it) and the CUDA
+# runtime it needs (the driver's libcuda.so.1 comes from the GPU machine): put in the host
+# bundle when this machine has them, so that a bundle built here runs on a GPU machine.
+CUDA_LIBS = {"libtvm_runtime_cuda.so": "tvm/lib/libtvm_runtime_cuda.so"}
+CUDART_DIRS = ("/usr/local/cuda/lib64", "/usr/local/cuda/lib", "/usr/local/cuda-13.0/lib", "/usr/local/cuda-13.0/lib64")
 LIB_PATHS = {
     "libtvm_runtime.so": "tvm/lib/libtvm_runtime.so",  # includes the Relax VM
     "libtvm_ffi.so": "tvm_ffi/lib/libtvm_ffi.so",
@@ -92,6 +97,12 @@ def _layout(roots: dict[str, Path]) -> dict:
         return roots[rel.split("/", 1)[0]] / rel  # first component is the package name
     libs: dict = {name: at(rel) for name, rel in LIB_PATHS.items()}
     libs["include_dirs"] = [at(rel) for rel in INCLUDE_PATHS]
+    libs["cuda"] = {name: at(rel) for name, rel in CUDA_LIBS.items() if rel.split("/", 1)[0] in roots
+                    and at(rel).is_file()}
+    if libs["cuda"]:
+        cudart = next((Path(d) / "libcudart.so.13" for d in CUDART_DIRS if (Path(d) / "libcudart.so.13").is_file()), None)
+        if cudart is not None:
+            libs["cuda"]["libcudart.so.13"] = cudart
     return libs
 
 
@@ -198,7 +209,7 @@ def _compile(arch: str, libs: dict, bundle: Path) -> str:
         cmd += ["-isystem", str(inc)]  # -isystem: TVM's headers are not ours to warn about
     cmd += [str(RUNNER_SOURCE), "-o", str(bundle / RUNNER_NAME),
             # Link against the copies in the bundle; $ORIGIN makes the bundle relocatable.
-            "-L", str(bundle), "-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN"]
+            "-L", str(bundle), "-ltvm_runtime", "-ltvm_ffi", "-ldl", "-Wl,-rpath,$ORIGIN"]
     _check_call(cmd, f"compiling {RUNNER_SOURCE.name} for {arch}", timeout=600)
     return cxx
 
@@ -219,11 +230,14 @@ def build_runner(arch: str, out_dir: str | os.PathLike, cache_dir: str | os.Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         if _intact(cached):
-            for name in (RUNNER_NAME, *RUNTIME_LIBS, "runner.json"):
+            for name in (RUNNER_NAME, *RUNTIME_LIBS, *_cuda_names(cached), "runner.json"):
                 shutil.copy2(cached / name, tmp / name)
         else:
             for name in RUNTIME_LIBS:
                 shutil.copyfile(libs[name], tmp / name)
+                os.chmod(tmp / name, 0o755)
+            for name, src in libs["cuda"].items() if arch == host_arch() else ():
+                shutil.copyfile(src, tmp / name)
                 os.chmod(tmp / name, 0o755)
             _compile(arch, libs, tmp)
             write_json(tmp / "runner.json", {
@@ -233,7 +247,7 @@ def build_runner(arch: str, out_dir: str | os.PathLike, cache_dir: str | os.Path
                 "tvm_versions": tvm_versions(),
                 "source_sha256": sha256_file(RUNNER_SOURCE),
                 "rpc_source_sha256": sha256_file(RPC_SOURCE),
-                "files": {name: sha256_file(tmp / name) for name in (RUNNER_NAME, *RUNTIME_LIBS)},
+                "files": {name: sha256_file(tmp / name) for name in (RUNNER_NAME, *RUNTIME_LIBS, *_cuda_names(tmp))},
             })
             _store(tmp, cached)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -254,8 +268,14 @@ def _bundle_key(arch: str, cxx: str, libs: dict) -> str:
     version = _compiler_version(cxx) if shutil.which(cxx) else "missing"  # _compile says what is missing
     parts = {"arch": arch, "compiler": cxx, "compiler_version": version, "tvm": tvm_versions(),
              "sources": [sha256_file(RUNNER_SOURCE), sha256_file(RPC_SOURCE)],
-             "libs": [sha256_file(libs[name]) for name in RUNTIME_LIBS], "build": sha256_file(Path(__file__))}
+             "libs": [sha256_file(libs[name]) for name in RUNTIME_LIBS], "build": sha256_file(Path(__file__)),
+             "cuda": sorted(libs["cuda"]) if arch == host_arch() else []}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _cuda_names(bundle: Path) -> list[str]:
+    """The CUDA runtime files a bundle holds (none in an aarch64 bundle or without TVM's CUDA runtime)."""
+    return [n for n in (*CUDA_LIBS, "libcudart.so.13") if (bundle / n).is_file()]
 
 
 def _intact(cached: Path) -> bool:
@@ -263,7 +283,7 @@ def _intact(cached: Path) -> bool:
     half-copied entry is compiled again)."""
     try:
         files = json.loads((cached / "runner.json").read_text())["files"]
-        return set(files) == {RUNNER_NAME, *RUNTIME_LIBS} and all(
+        return set(files) == {RUNNER_NAME, *RUNTIME_LIBS, *_cuda_names(cached)} and all(
             sha256_file(cached / name) == digest for name, digest in files.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -278,7 +298,7 @@ def _store(bundle: Path, cached: Path) -> None:
     except OSError:
         return  # a read-only cache only costs the next build a compile
     try:
-        for name in (RUNNER_NAME, *RUNTIME_LIBS, "runner.json"):
+        for name in (RUNNER_NAME, *RUNTIME_LIBS, *_cuda_names(bundle), "runner.json"):
             shutil.copy2(bundle / name, staging / name)
         if _intact(cached):
             return

@@ -1,7 +1,7 @@
 // kiln-runner: runs a TVM Relax model.so on a board, with no Python there.
 //
 //   kiln-runner --model model.so --input inputs.bin --shape 3,32,32 [--dtype float32]
-//               [--warmup 10] [--threads N] [--outputs 0|1] [--windows N [--window-size M]]
+//               [--warmup 10] [--threads N] [--outputs 0|1] [--windows N [--window-size M]] [--device cpu|cuda]
 //
 // inputs.bin holds N raw little-endian samples of `shape` (no batch dim) in `dtype` (float32,
 // or the raw int16 audio / uint8 pixels a model with a front end takes); each is run once at
@@ -21,8 +21,10 @@
 // and runs until SIGTERM/SIGINT.
 //
 // Links only libtvm_runtime.so + libtvm_ffi.so (the Relax VM lives in libtvm_runtime.so).
+// --device cuda (an x86-cuda board) loads libtvm_runtime_cuda.so from the bundle at run time.
 
 #include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/module.h>
@@ -30,7 +32,9 @@
 
 #include "rpc_server.h"
 
+#include <dlfcn.h>
 #include <elf.h>
+#include <unistd.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 
@@ -74,6 +78,7 @@ struct Options {
   bool outputs = false;
   int64_t windows = 0;      // 0: no windows
   int64_t window_size = 0;  // 0: the number of samples
+  std::string device = "cpu";  // cpu, or cuda: the kernels on GPU 0 (TVM's CUDA runtime, loaded on demand)
 };
 
 // The input dtypes a model may take: float32 features, or a front end's raw samples.
@@ -123,7 +128,7 @@ Options ParseArgs(int argc, char** argv) {
       throw UsageError(
           "usage: kiln-runner --model model.so --input inputs.bin --shape 3,32,32 "
           "[--dtype float32|int16|uint8|int8] [--warmup 10] [--threads N] [--outputs 0|1] "
-          "[--windows N [--window-size M]]");
+          "[--windows N [--window-size M]] [--device cpu|cuda]");
     }
     if (i + 1 >= argc) throw UsageError(flag + ": missing value");
     std::string value = argv[++i];
@@ -145,13 +150,16 @@ Options ParseArgs(int argc, char** argv) {
       opt.windows = ParseInt(flag, value, 1);
     } else if (flag == "--window-size") {
       opt.window_size = ParseInt(flag, value, 1);
+    } else if (flag == "--device") {
+      if (value != "cpu" && value != "cuda") throw UsageError("--device: expected cpu or cuda, got '" + value + "'");
+      opt.device = value;
     } else if (flag == "--outputs") {
       if (value != "0" && value != "1") throw UsageError("--outputs: expected 0 or 1, got '" + value + "'");
       opt.outputs = value == "1";
     } else {
       throw UsageError("unknown argument '" + flag +
                        "' (expected --model, --input, --shape, --dtype, --warmup, --threads, --outputs, --windows, "
-                       "--window-size)");
+                       "--window-size, --device)");
     }
   }
   if (opt.model.empty()) throw UsageError("--model: required (path to a TVM model.so)");
@@ -245,7 +253,33 @@ struct LoadedModel {
   ffi::Module vm;
 };
 
-LoadedModel LoadModel(const std::string& path) {
+// --device cuda: TVM's CUDA runtime (libtvm_runtime_cuda.so, beside this program in the bundle)
+// is loaded here rather than linked, so that the one runner binary starts on machines without a
+// GPU driver; a machine without a GPU (no libcuda.so.1, or no device 0) is one clear error.
+void RequireCuda() {
+  std::string dir = ".";
+  char exe[4096];
+  ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (n > 0) {
+    exe[n] = '\0';
+    std::string path(exe);
+    dir = path.substr(0, path.rfind('/'));
+  }
+  const std::string lib = dir + "/libtvm_runtime_cuda.so";
+  if (dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    const char* why = dlerror();
+    throw UsageError(std::string("--device cuda: no CUDA device: cannot load TVM's CUDA runtime ") + lib +
+                     " (" + (why ? why : "unknown") + "; a GPU driver provides libcuda.so.1)");
+  }
+  constexpr int kExist = 0;  // tvm::runtime::DeviceAttrKind::kExist
+  ffi::Any exist = ffi::Function::GetGlobalRequired("runtime.GetDeviceAttr")(static_cast<int>(kDLCUDA), 0, kExist);
+  if (exist.cast<int64_t>() == 0) {
+    throw UsageError("--device cuda: no CUDA device: the CUDA runtime loaded but found no GPU 0 "
+                     "(cudaGetDeviceCount found none, or the driver is older than the runtime)");
+  }
+}
+
+LoadedModel LoadModel(const std::string& path, DLDeviceType device) {
   // dlopen() treats a name without '/' as a library to look up on the search path, not a file in
   // the working directory, so hand TVM an absolute path.
   char* resolved = realpath(path.c_str(), nullptr);
@@ -259,7 +293,7 @@ LoadedModel LoadModel(const std::string& path) {
         RequireFunction(lib, "vm_load_executable", "--model " + path)().cast<ffi::Module>();
     // (device_type, device_id, allocator) for the device, then the same for the host.
     RequireFunction(vm, "vm_initialization", "--model " + path)(
-        static_cast<int>(kDLCPU), 0, kPooledAllocator, static_cast<int>(kDLCPU), 0,
+        static_cast<int>(device), 0, kPooledAllocator, static_cast<int>(kDLCPU), 0,
         kPooledAllocator);
     return LoadedModel{lib, vm};
   } catch (const ffi::Error& e) {
@@ -328,7 +362,9 @@ std::string Run(const Options& opt) {
 
   int64_t threads = opt.threads > 0 ? ConfigureThreads(opt.threads) : 0;
 
-  LoadedModel model = LoadModel(opt.model);
+  const bool cuda = opt.device == "cuda";
+  if (cuda) RequireCuda();
+  LoadedModel model = LoadModel(opt.model, cuda ? kDLCUDA : kDLCPU);
   ffi::Function main_fn = RequireFunction(model.vm, "main", "--model " + opt.model);
 
   std::vector<int64_t> in_shape{1};
@@ -336,8 +372,20 @@ std::string Run(const Options& opt) {
   ffi::Tensor input =
       ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(in_shape.data(), in_shape.size()),
                                in_dtype, DLDevice{kDLCPU, 0});
+  ffi::Function copy_from_bytes, copy_to_bytes;  // host <-> GPU copies (TVM's device API)
+  if (cuda) {
+    copy_from_bytes = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyFromBytes");
+    copy_to_bytes = ffi::Function::GetGlobalRequired("runtime.TVMTensorCopyToBytes");
+    input = ffi::Function::GetGlobalRequired("runtime.TVMTensorAllocWithScope")(
+                ffi::Shape(in_shape), in_dtype, DLDevice{kDLCUDA, 0}, ffi::Optional<ffi::String>())
+                .cast<ffi::Tensor>();
+  }
   auto load_sample = [&](int64_t i) {
-    std::memcpy(input.data_ptr(), inputs.data() + i * sample_bytes, sample_bytes);
+    if (cuda) {
+      copy_from_bytes(input, static_cast<void*>(inputs.data() + i * sample_bytes), sample_bytes);
+    } else {
+      std::memcpy(input.data_ptr(), inputs.data() + i * sample_bytes, sample_bytes);
+    }
   };
 
   // One inference: call main and copy the logits out. Both are inside the timed region.
@@ -347,8 +395,13 @@ std::string Run(const Options& opt) {
     ffi::Tensor out = OutputTensor(result);
     DLDataType dt = out.dtype();
     if (dt.code != kDLFloat || dt.bits != 32 || dt.lanes != 1 ||
-        out.device().device_type != kDLCPU) {
-      throw UsageError("--model: main returned a tensor that is not float32 on CPU");
+        out.device().device_type != (cuda ? kDLCUDA : kDLCPU)) {
+      throw UsageError(std::string("--model: main returned a tensor that is not float32 on ") + (cuda ? "CUDA" : "CPU"));
+    }
+    if (cuda) {  // the logits back to the host (a synchronizing copy: the GPU's work is inside the timing)
+      logits.resize(out.numel());
+      copy_to_bytes(out, static_cast<void*>(logits.data()), static_cast<int64_t>(out.numel() * sizeof(float)));
+      return;
     }
     // VM results are compact, so the (1,K) logits are numel() consecutive floats.
     const char* base = static_cast<const char*>(out.data_ptr()) + out.byte_offset();
