@@ -16,6 +16,10 @@ Run after a build (``make deploy`` or ``doit deploy:<app>``), with nothing else 
     .venv/bin/python bench/latency.py [--apps traffic_signs keyword_spotting] [--threads 2]
 ``--smoke``: the same tables for a tiny app it builds first (bench/_smoke.py), no
 tuning trials, 2 rounds x 5 calls: seconds, numbers meaningless (tests/test_benches.py runs it).
+``--all`` (bench/_latency_all.py): every shipped app and every MLPerf Tiny preset, built from
+synthetic weights at their deployed widths, fp32 and int8, TVM (tuned where the database holds
+their kernels) against ONNX Runtime fp32 and int8 and PyTorch eager, with int8/fp32, int8/best-ORT
+and the share of the machine's int8 peak; ``--all --smoke``: the mlperf_ad preset alone.
 """
 
 from __future__ import annotations
@@ -40,10 +44,16 @@ def parse_args():
     ap.add_argument("--trials", type=int, default=None,
                     help="MetaSchedule trials for kernels the database lacks (default: the x86-host board's tune_trials)")
     ap.add_argument("--smoke", action="store_true", help="a tiny app built first, 0 trials, 2 rounds x 5 calls")
+    ap.add_argument("--all", action="store_true",
+                    help="every shipped app and MLPerf Tiny preset from synthetic weights, fp32 and int8 (bench/_latency_all.py)")
+    ap.add_argument("--presets", nargs="+", default=None, help="with --all: these presets (default: every one)")
+    ap.add_argument("--train-steps", type=int, default=30, help="with --all: Adam steps on synthetic data per net")
     args = ap.parse_args()
     if args.smoke:
         args.rounds, args.calls = 2, 5
         args.trials = 0 if args.trials is None else args.trials
+        if args.all:  # one preset, no app: the --all table in seconds
+            args.apps, args.presets, args.train_steps = args.apps or [], args.presets or ["mlperf_ad"], 2
     return args
 
 
@@ -201,12 +211,49 @@ def fp32_of_deployed(lay: Layout, out_dir: Path):
     return out, load_checkpoint(lay.compressed_pt)[0]
 
 
+def front_end_macs(app: str) -> int:
+    """The app's front end MACs as kiln counts them (kiln/frontends/); 0 where unknown."""
+    from kiln import sizing
+    from kiln.config import load_project
+
+    try:
+        return sizing.front_end_cost(load_project(app))[1]
+    except Exception:  # noqa: BLE001 - the smoke app lives outside projects/: GOP/s left at 0
+        return 0
+
+
+def estimated_us(app: str, board, label: str) -> float | None:
+    """kiln/sizing.py's latency estimate of the app on ``board`` in µs (int8 as the manifest
+    quantizes it, fp32 rows as the same design without the quantize pass); None where it makes
+    none (a family sized from torch, a smoke app outside projects/)."""
+    from kiln import sizing
+    from kiln.config import load_project
+
+    try:
+        project = load_project(app)
+    except Exception:  # noqa: BLE001 - the smoke app lives outside projects/; no estimate is no row
+        return None
+    if label.startswith("fp32"):
+        comp = project.compression.model_copy(update={"passes": [s for s in project.compression.passes
+                                                                  if s.name != "quantize"]})
+        project = project.model_copy(update={"compression": comp})
+    est = sizing.estimate(project, board)
+    return None if est is None or est["latency_ms"] is None else est["latency_ms"] * 1e3
+
+
 def main() -> int:
     from kiln.nets import measure
     from passes.support.common import load_checkpoint
     from passes.support.onnx_export import export_float
 
     args = ARGS
+    if args.all:
+        from bench import _latency_all
+
+        print(f"# bench/latency.py --all: batch 1, {args.threads} threads, x86-host; medians of {args.rounds} "
+              f"interleaved rounds x {args.calls} calls; spread: range of the round medians / median (worst engine)")
+        _latency_all.run(args, load_board("x86-host"), timed, spread, ort_engine, torch_engine)
+        return 0
     if args.smoke:
         from bench._smoke import tiny_app
 
@@ -245,6 +292,8 @@ def main() -> int:
                 models.append(("int8 deployed", lay.onnx, None, deployed_macs))
             else:
                 models.append(("fp32 deployed", lay.onnx, deployed, deployed_macs))
+            if lay.front_end_onnx.exists():  # the front end alone: its share of the time
+                models.append(("front end alone", lay.front_end_onnx, None, front_end_macs(app)))
             for label, onnx_path, tmodel, macs in models:
                 tune_info, res = bench_model(onnx_path, shape, tmodel, args, board,
                                              Path(tmp) / f"{app}-{label.replace(' ', '-')}-tune.json")
@@ -261,6 +310,17 @@ def main() -> int:
                 if "TVM tuned" in res:
                     summary.append((app, label, res["TVM tuned"][0] / ort_med))
                     tuned[(app, label)] = res["TVM tuned"][0]
+                est = estimated_us(app, board, label)
+                if est and label != "front end alone" and "TVM tuned" in res:
+                    best = res["TVM tuned"][0] * 1e6
+                    print(f"# kiln/sizing.py estimate on x86-host: {est:.1f} µs; measured / estimated {best / est:.2f}x")
+    fronts = [(app, t, tuned[(app, "int8 deployed" if (app, "int8 deployed") in tuned else "fp32 deployed")])
+              for (app, label), t in tuned.items() if label == "front end alone"
+              and ((app, "int8 deployed") in tuned or (app, "fp32 deployed") in tuned)]
+    if fronts:
+        print("# front end alone / the deployed library, TVM tuned, median:")
+        for app, tf, tall in fronts:
+            print(f"#   {app}: {tf * 1e6:.1f} / {tall * 1e6:.1f} µs = {tf / tall:.2f}")
     print("\n# TVM tuned / ONNX Runtime, median:")
     for app, label, ratio in summary:
         print(f"#   {app} {label}: {ratio:.2f}x")
