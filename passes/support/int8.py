@@ -59,7 +59,8 @@ LUT_OUTPUT = {
     "hardsigmoid": {"scale": 1.0 / 255, "zero_point": 0, "dtype": "uint8"},
 }
 # table-driven activations (:func:`lut`); those not in LUT_OUTPUT have a calibrated output
-TABLES = ("sigmoid", "tanh", "hardsigmoid", "hardswish")
+TABLES = ("sigmoid", "tanh", "hardsigmoid", "hardswish", "relu6")
+RELU6_TOP = 6.0  # ReLU6's upper bound (nn.ReLU6, F.relu6, clamp(x, 0, 6), hardtanh(x, 0, 6))
 WEIGHTED = ("conv", "linear")
 MOVES = ("maxpool", "flatten", "getitem", "reshape", "relu")  # on codes, parameters unchanged
 ADD_BITS = 30  # add/sub fixed point: the larger multiplier lies in (2^29, 2^30]
@@ -116,13 +117,20 @@ def lut(kind: str, in_qp: dict, out_qp: dict | None = None) -> list[int]:
         return np.clip(v + 3.0, 0.0, 6.0) / 6.0
 
     f = {"sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)), "tanh": np.tanh, "hardsigmoid": hsig,
-         "hardswish": lambda v: v * hsig(v)}[kind]
+         "hardswish": lambda v: v * hsig(v), "relu6": lambda v: np.clip(v, 0.0, RELU6_TOP)}[kind]
     out_qp = out_qp or LUT_OUTPUT[kind]
     lo, hi = act_range(act_dtype(in_qp))
     codes = np.arange(lo, hi + 1, dtype=np.float64)
     y = f((codes - in_qp["zero_point"]) * _f32(in_qp["scale"]))
     q = np.round(y / _f32(out_qp["scale"])) + out_qp["zero_point"]
     return [int(v) for v in np.clip(q, *act_range(act_dtype(out_qp)))]
+
+
+def relu6_top(qp: dict) -> int:
+    """The code of 6.0 on the grid ``qp`` (round(6 / scale) + zp, float64): a fused ReLU6's
+    upper clip, below the dtype's top code only where the range reaches past 6 (parameters
+    given by a quantized model file; a calibrated range, measured after the ReLU6, never does)."""
+    return int(np.round(RELU6_TOP / _f32(qp["scale"]))) + int(qp["zero_point"])
 
 
 def act_dtype(qp: dict) -> str:
@@ -153,6 +161,10 @@ def _module_kind(node, m) -> str:
         return "bn"
     if isinstance(m, nn.ReLU):
         return "relu"
+    if isinstance(m, nn.Hardtanh):  # nn.ReLU6 is Hardtanh(0, 6)
+        if (m.min_val, m.max_val) != (0.0, RELU6_TOP):
+            _fail(node, what, f"Hardtanh({m.min_val}, {m.max_val}): only ReLU6 = Hardtanh(0, 6) is lowered")
+        return "relu6"
     if isinstance(m, nn.MaxPool2d):
         if m.dilation not in (1, (1, 1)) or m.return_indices:
             _fail(node, what, "a max pool with dilation or indices has no int8 lowering")
@@ -179,7 +191,7 @@ def _module_kind(node, m) -> str:
         _fail(node, what, "TVM's ONNX import has no LSTM/GRU/RNN: use family rnn (cells unrolled into Linear, "
                           "sigmoid, tanh, mul and add)")
     _fail(node, what, "has no int8 lowering in Kiln; use Conv2d, Linear, BatchNorm, ReLU, MaxPool2d, "
-                      "AdaptiveAvgPool2d(1), Flatten, Dropout, Identity, Sigmoid, Tanh, Hardsigmoid, Hardswish")
+                      "AdaptiveAvgPool2d(1), Flatten, Dropout, Identity, Sigmoid, Tanh, Hardsigmoid, Hardswish, ReLU6")
     raise AssertionError  # unreachable
 
 
@@ -217,6 +229,34 @@ def _shape_kind(node) -> str | None:
     return None
 
 
+def _relu6_kind(node) -> str | None:
+    """``relu6`` for F.relu6(x), F.hardtanh(x, 0, 6), torch.clamp/clip(x, 0, 6) and
+    x.clamp/clip(0, 6) (bounds by position or keyword); PassError naming the node for other
+    bounds; None for any other call."""
+    import torch
+    import torch.nn.functional as F
+
+    t = node.target
+    if node.op == "call_method":
+        name = t if t in ("clamp", "clip") else None
+    else:
+        name = {F.relu6: "relu6", F.hardtanh: "hardtanh", torch.clamp: "clamp", torch.clip: "clip"}.get(t)
+    if name is None:
+        return None
+    keys = {"relu6": ("inplace",), "hardtanh": ("min_val", "max_val", "inplace"),
+            "clamp": ("min", "max"), "clip": ("min", "max")}[name]
+    args = dict(zip(keys, node.args[1:]), **node.kwargs)
+    if name == "relu6":
+        args.update(min=0.0, max=RELU6_TOP)
+    bounds = (args.get("min", args.get("min_val", -1.0 if name == "hardtanh" else None)),
+              args.get("max", args.get("max_val", 1.0 if name == "hardtanh" else None)))
+    if args.get("inplace") or any(isinstance(b, torch.fx.Node) for b in bounds) or \
+            tuple(None if b is None else float(b) for b in bounds) != (0.0, RELU6_TOP):
+        _fail(node, f"{node.op} {name}", f"bounds {bounds}: only a clamp to [0, 6] (ReLU6: F.relu6, clamp(x, 0, 6), "
+                                         "hardtanh(x, 0, 6), nn.ReLU6; not in place) is lowered; for [0, inf) use relu")
+    return "relu6"
+
+
 def _reshape_to(node, in_shape: list[int], out_shape: list[int]) -> list[int]:
     """The target shape of a ``reshape`` entry (batch dimension left out): PassError unless the
     batch dimension stays where it is."""
@@ -231,7 +271,7 @@ def _function_kind(node) -> str:
     import torch
     import torch.nn.functional as F
 
-    kind = _shape_kind(node)
+    kind = _shape_kind(node) or _relu6_kind(node)
     if kind is not None:
         return kind
     t = node.target
@@ -421,8 +461,8 @@ def graph_plan(model, input_shape: tuple[int, ...]) -> list[dict]:
                           f"a BatchNorm folds only into the {want} right before it (whose output nothing else uses)")
                 prev.update(bn=node.target, tap=node.name)
                 of[node.name] = x
-            elif kind == "relu" and fusable(node, prev, FUSES_RELU):
-                prev.update(relu=True, tap=node.name)
+            elif kind in ("relu", "relu6") and fusable(node, prev, FUSES_RELU):
+                prev.update(relu=True, tap=node.name, **({"relu6": True} if kind == "relu6" else {}))
                 of[node.name] = x
             elif kind in WEIGHTED:
                 # a layer called again (an unrolled RNN's shared weights) is one more entry, named
@@ -441,8 +481,8 @@ def graph_plan(model, input_shape: tuple[int, ...]) -> list[dict]:
         elif node.op in ("call_function", "call_method"):
             kind = _function_kind(node)
             ins = [src(node, a) for a in (node.args if kind in ("add", "sub", "mul") else node.args[:1])]
-            if kind == "relu" and fusable(node, plan[ins[0]], FUSES_RELU):
-                plan[ins[0]].update(relu=True, tap=node.name)
+            if kind in ("relu", "relu6") and fusable(node, plan[ins[0]], FUSES_RELU):
+                plan[ins[0]].update(relu=True, tap=node.name, **({"relu6": True} if kind == "relu6" else {}))
                 of[node.name] = ins[0]
             elif kind == "getitem" and _adds_unit_dims(node, plan[ins[0]]["shape"]):
                 add(node, {"name": node.name, "kind": "reshape", "inputs": ins,
@@ -562,7 +602,8 @@ def _clip(q, spec: dict):
 
     qmin, qmax = act_range(act_dtype(spec["output"]))
     lo = max(qmin, spec["output"]["zero_point"]) if spec.get("relu") else qmin
-    return torch.clamp(q, lo, qmax)
+    hi = min(qmax, relu6_top(spec["output"])) if spec.get("relu6") else qmax  # a fused ReLU6
+    return torch.clamp(q, lo, hi)
 
 
 def _requant(acc, spec: dict, mult):
@@ -573,7 +614,7 @@ def _requant(acc, spec: dict, mult):
 
     y = acc.float() * torch.from_numpy(np.asarray(mult, dtype=np.float32)).reshape(1, -1, *([1] * (acc.dim() - 2)))
     if spec["output"] is None:
-        return torch.relu(y) if spec["relu"] else y
+        return (torch.clamp(y, 0.0, RELU6_TOP) if spec.get("relu6") else torch.relu(y)) if spec["relu"] else y
     return _clip(torch.round(y) + spec["output"]["zero_point"], spec)
 
 
@@ -650,7 +691,7 @@ def _relu(twin, spec, xs):
 
 KERNELS = {
     "conv": _conv, "linear": _linear, "avgpool": _avgpool, "add": _add_sub, "sub": _add_sub, "mul": _mul,
-    "sigmoid": _table, "tanh": _table, "hardsigmoid": _table, "hardswish": _table, "maxpool": _maxpool, "relu": _relu,
+    "sigmoid": _table, "tanh": _table, "hardsigmoid": _table, "hardswish": _table, "relu6": _table, "maxpool": _maxpool, "relu": _relu,
     "flatten": lambda twin, spec, xs: xs[0].flatten(1),
     "getitem": lambda twin, spec, xs: xs[0][getitem_key(spec["index"])],
     "reshape": lambda twin, spec, xs: xs[0].reshape(xs[0].shape[0], *spec["to"]),

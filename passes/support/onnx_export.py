@@ -26,7 +26,8 @@ import numpy as np
 from kiln.artifacts import Layout, atomic_path, sha256_file, write_json
 from kiln.errors import PassError
 from passes.support.common import load_checkpoint, load_split, to_tensor
-from passes.support.int8 import act_dtype, act_range, bias_ints, bias_scale, fake_quant, layer_bias, upgrade, weight_ints
+from passes.support.int8 import (act_dtype, act_range, bias_ints, bias_scale, fake_quant, layer_bias, relu6_top, upgrade,
+                                 weight_ints)
 
 log = logging.getLogger("kiln.export")
 
@@ -99,6 +100,9 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
     def ints(name, values):
         return init(name, np.asarray(values, dtype=np.int64))
 
+    def relu6_bounds(name):
+        return [init(f"{name}.relu6_min", np.array(0.0, np.float32)), init(f"{name}.relu6_max", np.array(6.0, np.float32))]
+
     def emit(name, spec, xs, out):
         kind = spec["kind"]
         m = model.get_submodule(spec["module"]) if "module" in spec else None
@@ -119,7 +123,7 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
             nodes.append(helper.make_node(kind.capitalize(), xs, [y], name=name))
         elif kind in ("sigmoid", "tanh"):
             nodes.append(helper.make_node(kind.capitalize(), xs, [out], name=name))
-        elif kind in ("hardsigmoid", "hardswish") and int8:
+        elif kind in ("hardsigmoid", "hardswish", "relu6") and int8:
             # the table itself, on the input's codes (Cast, Sub, Gather, then dequantized):
             # exact in ONNX Runtime and, once imported, plain integer ops for the Relax lowering
             # (TVM's frontend would spell HardSwish as several float ops between Q and DQ)
@@ -144,6 +148,8 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
             nodes.append(helper.make_node("HardSwish", xs, [out], name=name))
         elif kind == "relu":
             nodes.append(helper.make_node("Relu", xs, [out], name=name))
+        elif kind == "relu6":  # float (int8: its table, above)
+            nodes.append(helper.make_node("Clip", [xs[0], *relu6_bounds(name)], [out], name=name))
         elif kind == "maxpool":
             k, s, p = (v if isinstance(v, (tuple, list)) else (v, v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
             nodes.append(helper.make_node("MaxPool", xs, [out], name=name, kernel_shape=list(k), strides=list(s),
@@ -178,7 +184,16 @@ def qdq_model(model, quantization: dict, shape: tuple[int, ...]):
                                               name=f"{name}.squeeze"))
         else:
             raise PassError(f"export: node '{name}' of kind {kind!r} has no QDQ export")
-        if relu and kind not in ("sigmoid", "tanh", "relu", "hardsigmoid", "hardswish"):
+        if relu and spec.get("relu6") and int8 and spec["output"] is not None:
+            # a fused ReLU6 on 8-bit codes: the requantization's clip to the top code is its upper
+            # bound, so the Relax lowering sees the Relu it fuses (exact where 6 is at or past the top)
+            if relu6_top(spec["output"]) < act_range(act_dtype(spec["output"]))[1]:
+                raise PassError(f"export: node '{name}': a fused ReLU6 on output parameters {spec['output']} "
+                                "whose 6.0 lies below the top code has no int8 lowering; give the layer the range [0, 6]")
+            nodes.append(helper.make_node("Relu", [y], [out], name=f"{name}.relu"))
+        elif relu and spec.get("relu6"):
+            nodes.append(helper.make_node("Clip", [y, *relu6_bounds(name)], [out], name=f"{name}.relu6"))
+        elif relu and kind not in ("sigmoid", "tanh", "relu", "hardsigmoid", "hardswish", "relu6"):
             nodes.append(helper.make_node("Relu", [y], [out], name=f"{name}.relu"))
 
     def in_shape(spec):
