@@ -271,3 +271,136 @@ def digits_cnn(path: Path, int8: bool = False, softmax: bool = True) -> Path:
         w.op(SOFTMAX, [lg], [out], (O_SOFTMAX, {"Beta": 1.0}))
     w.save(path, [x_in], [out])
     return path
+
+
+# the MobileNet-ish model's operators (tflite.BuiltinOperator) and the fused activation RELU6
+AVERAGE_POOL_2D, RELU6_OP, RESHAPE, TANH, SUB, CUSTOM = 1, 21, 22, 28, 41, 32
+F_RELU6 = 3
+
+
+def mobilenet_ish(path: Path, int8: bool = False, seed: int = 0) -> tuple[Path, np.ndarray]:
+    """A MobileNet-ish TFLite file with random (seeded) weights, float32 or full-integer int8
+    (activation parameters from the ranges on the returned calibration images, (64, 1, 8, 8) in
+    [0, 1]), written with every operator the converter knows beyond :func:`digits_cnn`'s:
+    CONV_2D + RELU6 (fused), DEPTHWISE_CONV_2D + RELU6 (fused), a linear 1x1 CONV_2D, ADD
+    (residual), HARD_SWISH, a squeeze-and-excitation gate (global AVERAGE_POOL_2D, 1x1 CONV_2D,
+    RELU6 as an operator, 1x1 CONV_2D, LOGISTIC, MUL broadcast over H x W), TANH, SUB, a second
+    global AVERAGE_POOL_2D, RESHAPE to (1, features), FULLY_CONNECTED."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    # images of different brightness (a power of uniform noise), so the pooled features differ
+    xs = torch.from_numpy((rng.uniform(0, 1, size=(64, 1, 8, 8)) ** rng.uniform(0.2, 5, size=(64, 1, 1, 1)))
+                          .astype(np.float32))
+    w = Writer()
+    val: dict[int, torch.Tensor] = {}  # tensor index -> its float value (NCHW) on the images
+    q: dict[int, tuple[float, int]] = {}  # tensor index -> int8 (scale, zero point)
+
+    def act(name, v: torch.Tensor, qp: tuple[float, int] | None = None) -> int:
+        shape = [v.shape[0] and 1, *v.shape[2:], v.shape[1]] if v.dim() == 4 else [1, v.shape[1]]
+        if int8:
+            qp = qp or _act(float(v.min()), float(v.max()))
+            i = w.tensor(name, shape, I8, scale=qp[0], zero_point=qp[1])
+            q[i] = qp
+        else:
+            i = w.tensor(name, shape)
+        val[i] = v
+        return i
+
+    def conv(name, x: int, cin: int, cout: int, k: int, depthwise: bool = False, relu6: bool = False) -> int:
+        wt = rng.normal(0, 1.5 / np.sqrt(k * k * (1 if depthwise else cin)), size=(cout, 1 if depthwise else cin, k, k))
+        wt = wt.astype(np.float32)
+        bias = rng.normal(0, 0.2, size=cout).astype(np.float32)
+        with torch.no_grad():
+            y = F.conv2d(val[x], torch.from_numpy(wt), torch.from_numpy(bias), padding=k // 2,
+                         groups=cin if depthwise else 1)
+            if relu6:
+                y = torch.clamp(y, 0, 6)
+        # TFLite layouts: conv OHWI (per-channel axis 0), depthwise 1HWC (axis 3)
+        tw = wt.transpose(1, 2, 3, 0) if depthwise else wt.transpose(0, 2, 3, 1)
+        axis = 3 if depthwise else 0
+        if int8:
+            amax = np.abs(wt.reshape(cout, -1)).max(1)
+            s = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
+            wq = np.clip(np.round(tw / s.reshape([-1 if d == axis else 1 for d in range(4)])), -127, 127)
+            bs = (np.float32(q[x][0]) * s).astype(np.float32)
+            zeros = np.zeros(cout, np.int64)
+            wi = w.tensor(f"{name}/weights", tw.shape, I8, wq.astype(np.int8), scale=s, zero_point=zeros, axis=axis)
+            bi = w.tensor(f"{name}/bias", [cout], I32, np.round(bias / bs).astype(np.int32), scale=bs, zero_point=zeros)
+        else:
+            wi = w.tensor(f"{name}/weights", tw.shape, F32, np.ascontiguousarray(tw))
+            bi = w.tensor(f"{name}/bias", [cout], F32, bias)
+        out = act(name, y)
+        opts = {"Padding": SAME if k > 1 else VALID, "StrideW": 1, "StrideH": 1,
+                "FusedActivationFunction": F_RELU6 if relu6 else 0}
+        if depthwise:
+            opts["DepthMultiplier"] = 1
+        w.op(DEPTHWISE_CONV_2D if depthwise else CONV_2D, [x, wi, bi], [out], (O_DW if depthwise else O_CONV, opts))
+        return out
+
+    def unary(code, name, x, fn, qp=None) -> int:
+        with torch.no_grad():
+            out = act(name, fn(val[x]), qp)
+        w.op(code, [x], [out])
+        return out
+
+    def binary(code, name, a, b, fn) -> int:
+        with torch.no_grad():
+            out = act(name, fn(val[a], val[b]))
+        w.op(code, [a, b], [out])
+        return out
+
+    def gap(name, x) -> int:
+        h = val[x].shape[2]
+        with torch.no_grad():
+            out = act(name, val[x].mean((2, 3), keepdim=True), q.get(x))  # a pool keeps its input's parameters
+        w.op(AVERAGE_POOL_2D, [x], [out], (O_POOL, {"Padding": VALID, "StrideW": 1, "StrideH": 1, "FilterWidth": h,
+                                                    "FilterHeight": h}))
+        return out
+
+    x_in = w.tensor("input", [1, 8, 8, 1])
+    val[x_in] = xs
+    x = x_in
+    if int8:
+        x = act("x", xs, (1 / 255, -128))
+        w.op(QUANTIZE, [x_in], [x])
+    a = conv("stem", x, 1, 8, 3, relu6=True)
+    d = conv("dw", a, 8, 8, 3, depthwise=True, relu6=True)
+    p = conv("project", d, 8, 8, 1)
+    r = binary(ADD, "residual", a, p, torch.add)
+    h = unary(HARD_SWISH, "hswish", r, F.hardswish)
+    g = gap("squeeze", h)
+    g = unary(RELU6_OP, "se_relu6", conv("se1", g, 8, 4, 1), lambda v: torch.clamp(v, 0, 6),
+              None)  # its own parameters here; the converter keeps the input's (a clamp on codes)
+    s = unary(LOGISTIC, "gate", conv("se2", g, 4, 8, 1), torch.sigmoid, (1 / 256, -128))
+    m = binary(MUL, "excite", h, s, torch.mul)
+    t = unary(TANH, "tanh", m, torch.tanh, (1 / 128, 0))
+    u = binary(SUB, "sub", m, t, torch.sub)
+    v = gap("pool", u)
+    shape = w.tensor("flat/shape", [2], I32, np.array([1, 8], np.int32))
+    with torch.no_grad():
+        f = act("flat", val[v].flatten(1), q.get(v))
+    w.op(RESHAPE, [v, shape], [f])
+    wt = rng.normal(0, 3.0, size=(10, 8)).astype(np.float32)
+    bias = rng.normal(0, 0.1, size=10).astype(np.float32)
+    with torch.no_grad():
+        lg_v = val[f] @ torch.from_numpy(wt).t() + torch.from_numpy(bias)
+    lg = act("lg", lg_v)
+    if int8:
+        amax = np.abs(wt).max(1)
+        sw = (amax / 127).astype(np.float32)
+        bs = (np.float32(q[f][0]) * sw).astype(np.float32)
+        zeros = np.zeros(10, np.int64)
+        wi = w.tensor("fc/weights", wt.shape, I8, np.clip(np.round(wt / sw[:, None]), -127, 127).astype(np.int8),
+                      scale=sw, zero_point=zeros)
+        bi = w.tensor("fc/bias", [10], I32, np.round(bias / bs).astype(np.int32), scale=bs, zero_point=zeros)
+    else:
+        wi, bi = w.tensor("fc/weights", wt.shape, F32, wt), w.tensor("fc/bias", [10], F32, bias)
+    w.op(FULLY_CONNECTED, [f, wi, bi], [lg], (O_FC, {}))
+    out = lg
+    if int8:
+        out = w.tensor("logits", [1, 10])
+        w.op(DEQUANTIZE, [lg], [out])
+    w.save(path, [x_in], [out])
+    return path, xs.numpy()

@@ -165,3 +165,95 @@ def test_tflite_app_deploys_and_passes_on_x86_host_and_rpi4(int8, tmp_path):
     assert metrics["trained"] is False and metrics["tflite_quantized"] is int8 and metrics["tvm_tflite_import"] == "ok"
     calibration = json.loads((build / "compress.json").read_text())
     assert calibration["passes"][-1]["pass"] == "quantize"
+
+
+MOBILENET_ISH_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "HARD_SWISH", "AVERAGE_POOL_2D", "RELU6", "LOGISTIC", "MUL",
+                     "TANH", "SUB", "RESHAPE", "FULLY_CONNECTED"}
+
+
+def test_mobilenet_ish_float_file_converts_op_for_op_as_tvm_imports_it(tmp_path):
+    """Every operator the converter knows beyond the digits CNN's (tests/tflite_builder.py
+    mobilenet_ish: fused RELU6 on CONV_2D and DEPTHWISE_CONV_2D, ADD, HARD_SWISH, a gate of
+    AVERAGE_POOL_2D, RELU6, LOGISTIC and a broadcast MUL, TANH, SUB, RESHAPE), float32: the
+    converted torch module computes what TVM's own TFLite frontend builds from the file."""
+    from tests.tflite_builder import mobilenet_ish
+
+    path, x = mobilenet_ish(tmp_path / "mbv.tflite")
+    model = tflite.load(path)
+    sg = model.Subgraphs(0)
+    assert {tflite._opcode(model, sg.Operators(k)) for k in range(sg.OperatorsLength())} == MOBILENET_ISH_OPS
+    assert tflite.problems(model, vocabulary=True) == []
+    module, source = tflite.convert(model, str(path))
+    assert source is None
+    kinds = {type(m).__name__ for m in module.modules()} - {"GraphModule", "Module"}
+    assert kinds == {"Conv2d", "ReLU6", "Hardswish", "AdaptiveAvgPool2d", "Flatten", "Linear"}
+    assert next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 8)  # depthwise
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    theirs = _tvm_run(path, x)
+    assert np.abs(theirs).max() > 0.1 and np.ptp(theirs.argmax(1)) > 0  # the logits depend on the input
+    np.testing.assert_allclose(got, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_mobilenet_ish_int8_file_keeps_its_grids_and_computes_as_tvm_imports_it(tmp_path):
+    """The same model full-integer int8: Kiln's plan (RELU6 fused into the convs, LOGISTIC and
+    TANH tables on TFLite's fixed grids, the file's activation parameters and weight scales kept)
+    and its fake-quant twin against TVM's import of the file (dequantize-op-quantize in float
+    per operator): the same classes, logits within 8 steps of the file's output grid (TVM's
+    float requantization of each operator is not Kiln's float32 multiplier and integer add:
+    close, not bit for bit; Kiln's own library is its twin's bit for bit, the deploy tests)."""
+    from kiln.schema import QuantizeSettings
+    from passes.quantize import describe
+    from passes.support.int8 import fake_quant, graph_plan
+    from tests.tflite_builder import mobilenet_ish
+
+    path, x = mobilenet_ish(tmp_path / "mbv_int8.tflite", int8=True)
+    model = tflite.load(path)
+    assert tflite.problems(model, vocabulary=True) == [] and tflite.is_quantized(model)
+    module, source = tflite.convert(model, str(path))
+    record = describe(module, graph_plan(module, (1, 1, 8, 8)), {}, QuantizeSettings(mode="int8"), 0, source)
+    layers = record["layers"]
+    sg = model.Subgraphs(0)
+    by_name = {tflite._name(sg, i): sg.Tensors(i) for i in range(sg.TensorsLength())}
+
+    def grid(name):
+        q = by_name[name].Quantization()
+        return float(q.ScaleAsNumpy()[0]), int(q.ZeroPointAsNumpy()[0])
+
+    kinds = [s["kind"] for s in layers.values()]
+    assert kinds == ["input", "conv", "conv", "conv", "add", "hardswish", "avgpool", "conv", "conv", "sigmoid", "mul",
+                     "tanh", "sub", "avgpool", "flatten", "linear"], kinds
+    convs = [s for s in layers.values() if s["kind"] == "conv"]
+    assert [bool(s.get("relu6")) for s in convs] == [True, True, False, True, False]  # stem, dw, se1 + RELU6 op
+    assert convs[1]["shape"] == [1, 8, 8, 8] and module.get_submodule(convs[1]["module"]).groups == 8
+    # the file's grids kept (int8 zero point z -> Kiln's uint8 z + 128 where the range has no negative part)
+    for spec, name in ((convs[0], "stem"), (layers["add"], "residual"), (layers["mul"], "excite"),
+                       (layers["sub"], "sub"), (convs[3], "se_relu6")):
+        s, z = grid(name)
+        assert spec["output"]["scale"] == np.float32(s) and spec["output"]["zero_point"] in (z, z + 128), name
+    assert layers["sigmoid"]["output"]["scale"] == grid("gate")[0] == 1 / 256
+    assert layers["tanh"]["output"] == {"scale": grid("tanh")[0], "zero_point": 0, "dtype": "int8"}
+    twin = fake_quant(module, record)
+    with torch.no_grad():
+        mine = twin(torch.from_numpy(x)).numpy()
+    theirs = _tvm_run(path, x)
+    step = grid("lg")[0]
+    assert np.ptp(theirs, axis=0).max() > 20 * step  # the logits move with the input
+    assert (mine.argmax(1) == theirs.argmax(1)).mean() >= 0.95
+    # measured: 5.2 steps at most over a chain of 12 requantizing operators
+    assert np.abs(mine - theirs).max() <= 8 * step
+
+
+def test_a_custom_operator_is_named_with_its_node(tmp_path):
+    w = Writer()
+    x = w.tensor("input", [1, 4, 4, 2])
+    h = w.tensor("my_custom_out", [1, 4, 4, 2])
+    w.op(Op.RELU, [x], [w.tensor("r", [1, 4, 4, 2])])
+    w.op(Op.CUSTOM, [1], [h])
+    path = tmp_path / "custom.tflite"
+    w.save(path, [x], [h])
+    model = tflite.load(path)
+    text = "\n".join(tflite.problems(model, vocabulary=True))
+    assert "operator 1 'my_custom_out' (CUSTOM): TVM's TFLite frontend has no converter for CUSTOM" in text, text
+    with pytest.raises(ManifestError, match=r"cannot be built for the boards:\n  operator 1 'my_custom_out' \(CUSTOM\)"):
+        tflite.check(model, str(path))
