@@ -7,8 +7,10 @@ The unit is a *graph plan* (:func:`graph_plan`): the model traced by torch.fx, i
 topological order, each with its kind and inputs, BatchNorm folded into the conv/linear before
 it and a following ReLU fused into the conv/linear/add/sub/mul before it. Any model in Kiln's op
 vocabulary has one (convs of any kernel, stride, padding, dilation and groups; linear; max and
-global average pooling; flatten; residual add, sub, mul (a channel gate broadcast over H x W too); sigmoid, tanh, hard-sigmoid,
-hard-swish; slicing by constants);
+global average pooling (nn.AdaptiveAvgPool2d(1) or x.mean((2, 3))); flatten; reshapes that keep the
+batch dimension first (s[:, :, None, None], view, reshape, unsqueeze, squeeze); residual add, sub, mul
+(a channel gate broadcast over H x W too); ReLU6; sigmoid, tanh, hard-sigmoid, hard-swish; slicing by
+constants);
 anything else is refused with a PassError naming the node and what to do instead.
 
 Integer semantics, one formula per kind, computed bit for bit alike by the torch twin below and
@@ -31,8 +33,11 @@ by the compiled library (x86 and aarch64):
   calibrated like a conv's;
 * mul broadcasts: a (N, C, 1, 1) gate times a (N, C, H, W) tensor (squeeze-and-excitation) is
   the same exact product per element;
-* data movement (slices, flatten, max pool, a ReLU that could not be fused) works on the codes
-  and keeps the parameters.
+* ReLU6 fused into the conv/linear/add/sub/mul before it: the range is measured after it, so
+  the clip to the top code is the clip to 6 (:func:`relu6_top`); with nothing to fuse into, a
+  table on the codes (parameters kept);
+* data movement (slices, flatten, reshapes, max pool, a ReLU that could not be fused) works on
+  the codes and keeps the parameters.
 
 The record these functions read is ``ckpt["quantization"]`` (passes/quantize.py ``describe``):
 ``layers`` holds one spec per plan node, in topological order.
