@@ -257,3 +257,36 @@ def test_a_custom_operator_is_named_with_its_node(tmp_path):
     assert "operator 1 'my_custom_out' (CUSTOM): TVM's TFLite frontend has no converter for CUSTOM" in text, text
     with pytest.raises(ManifestError, match=r"cannot be built for the boards:\n  operator 1 'my_custom_out' \(CUSTOM\)"):
         tflite.check(model, str(path))
+
+
+def test_mobilenet_ish_int8_file_compiles_to_its_twin_bit_for_bit(tmp_path):
+    """Where the file's operators are quantized Kiln computes them exactly: the int8 file,
+    converted, keeps its grids, exported as QDQ and compiled for x86-host (the compile stage's
+    own path), computes the fake-quant twin's outputs bit for bit (fused RELU6 on the file's
+    parameters, depthwise conv, residual add, hard-swish and sigmoid/tanh tables, broadcast mul)."""
+    import tvm
+
+    from kiln.config import load_board
+    from kiln.schema import QuantizeSettings
+    from passes.quantize import describe, quantize_weights_inplace
+    from passes.support.int8 import fake_quant, graph_plan
+    from passes.support.onnx_export import export_model
+    from passes.support.tvm_build import compile_onnx
+    from tests.passes.test_int8_graphs import _data, _run_vm
+    from tests.tflite_builder import mobilenet_ish
+
+    path, x = mobilenet_ish(tmp_path / "mbv_int8.tflite", int8=True)
+    module, source = tflite.convert(tflite.load(path), str(path))
+    record = describe(module, graph_plan(module, (1, 1, 8, 8)), {}, QuantizeSettings(mode="int8"), 0, source)
+    quantize_weights_inplace(module, record)
+    ckpt = {"architecture": {"family": "tflite"}, "channels": 1, "num_classes": 10, "image_size": [8, 8],
+            "quantization": record}
+    data = tmp_path / "data"
+    data.mkdir()
+    _data(data, (1, 8, 8), 0)
+    export_model(module, ckpt, data, tmp_path / "q.onnx", tmp_path / "q.json")
+    with torch.no_grad():
+        want = fake_quant(module, record)(torch.from_numpy(x)).numpy()
+    so = tmp_path / "model.so"
+    compile_onnx(load_board("x86-host"), tmp_path / "q.onnx", [1, 1, 8, 8], so, tmp_path / "compile.json")
+    np.testing.assert_array_equal(_run_vm(tvm.runtime.load_module(str(so)), x), want)
