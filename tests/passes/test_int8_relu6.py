@@ -24,7 +24,8 @@ from passes.support.int8 import act_dtype, act_range, graph_plan, relu6_top
 from passes.support.onnx_export import export_model
 from passes.support.tvm_build import compile_onnx
 from tests.passes.conftest import small_project
-from tests.passes.test_int8_graphs import CLASSES, _bn, _data, _fit_head, _run_vm
+from tests.passes.test_int8_graphs import (CLASSES, _bn, _byte_reader, _data, _decode, _fit_head, _run_vm,  # noqa: F401
+                                         _selector_inputs, a64_runner)
 
 
 class InvertedResidual(nn.Module):
@@ -106,3 +107,41 @@ class _Body(nn.Module):
 def test_other_clamps_are_refused_naming_the_node(body, match):
     with pytest.raises(PassError, match=match):
         graph_plan(_Body(body).eval(), (1, 1, 8, 8))
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_block_with_relu6_on_rpi4_under_qemu_computes_the_twin_bit_for_bit(a64_runner, tmp_path):
+    """The same block built for rpi4 (the board's target and cross compiler) and run by
+    kiln-runner under qemu-aarch64: every output bit of 6 samples equals the twin's."""
+    import json
+    import subprocess
+
+    import tvm
+    from tvm import relax
+
+    from hil.qemu import launcher
+    from passes.support.tvm_build import import_onnx, prepare, resolve_target
+
+    torch.manual_seed(1)
+    model = InvertedResidual().eval()
+    data = _data(tmp_path, (2, 8, 8), 5)
+    _fit_head(model, data)
+    ckpt = {"architecture": {"family": "module"}, "channels": 2, "num_classes": CLASSES, "image_size": [8, 8]}
+    ctx = compress.PassContext(small_project(), data, 0, 0, "quantize")
+    twin, ckpt = quantize.run(model, ckpt, QuantizeSettings(mode="int8", calibration="minmax"), ctx)
+    export_model(model, ckpt, data, tmp_path / "q.onnx", tmp_path / "q.json")
+    x = to_tensor(load_split(data, "val")[0][:6])
+    with torch.no_grad():
+        ref = twin(x).numpy()
+    wrapped = _byte_reader(import_onnx(tmp_path / "q.onnx", [1, 2, 8, 8]), [2, 8, 8], CLASSES)
+    inputs = _selector_inputs(x.numpy(), CLASSES)
+    board = load_board("rpi4")
+    target = tvm.target.Target(resolve_target(board))
+    so = tmp_path / "model.so"
+    relax.build(prepare(wrapped, target), target=target).export_library(str(so), cc=board.cc)
+    (tmp_path / "inputs.bin").write_bytes(inputs.tobytes())
+    argv = [*launcher(board), str(a64_runner), "--model", str(so), "--input", str(tmp_path / "inputs.bin"),
+            "--shape", str(inputs.shape[1]), "--warmup", "0"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(_decode(json.loads(proc.stdout)["predictions"], len(x), CLASSES), ref)
