@@ -179,7 +179,7 @@ def run(args, board, timed, spread, ort_engine, torch_engine) -> None:
                 fp32, int8, ort8 = (Path(tmp) / f"{name}-{k}.onnx" for k in ("fp32", "int8", "ort-int8"))
                 with contextlib.redirect_stdout(io.StringIO()):
                     export_float(model, shape, fp32)
-                    int8_onnx(model, shape, int8, samples)
+                    int8_onnx(model, shape, int8, samples.transpose(0, 2, 3, 1))  # calibrate takes NHWC
                     ort_int8_onnx(fp32, ort8, samples)
                 tvm32, how32 = tvm_call(fp32, board, shape, db)
                 tvm8, how8 = tvm_call(int8, board, shape, db)
