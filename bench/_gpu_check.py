@@ -111,13 +111,25 @@ def run_libraries(meta: dict) -> None:
           f"{np.median(cpu['latencies_us']) / np.median(gpu['latencies_us']):.2f}x")
 
 
+def _project(app: str):
+    """The app's manifest as kiln.config.load_project reads it, less its board checks: those load
+    the board files, which check their targets against TVM's LLVM, and the GPU machine has no TVM."""
+    from kiln import config
+    from kiln.schema import Project
+
+    path = config.project_path(app)
+    project = config.load_model(path, Project)
+    config._resolve_arch_files(path, project)
+    config._infer_data(path, project)
+    return project
+
+
 def _train(app: str, device: str, epochs: int, nproc: int = 0) -> dict:
     """Kiln's train stage (passes.train.run) on the carried data, on ``device``; wall seconds and metrics."""
     import passes.train as train
     from kiln.artifacts import Layout
-    from kiln.config import load_project
 
-    project = load_project(app)
+    project = _project(app)
     tr = project.training.model_copy(update={"device": device, "epochs": epochs, "early_stopping": None})
     if nproc:
         tr = type(tr).model_validate({**tr.model_dump(), "distributed": {"nproc_per_node": nproc, "backend": "nccl"}})
