@@ -11,10 +11,11 @@ Latency. The runner calls the kernel library with ``--threads <board.cores>`` (h
 so a tuned library runs on every core: ``CALL_OVERHEAD_MS + kernels * per_kernel_us + macs /
 (per-core figure * cores)``, with the int8 figure when the manifest quantizes in mode int8, else
 fp32. ``kernels`` is what TVM's fusion leaves of the net (``Complexity.kernels``, counted by the
-family's plan: one per conv, dense, pool and gate product) plus the front end's; each costs a
-fixed ``compute.per_kernel_us`` however small it is (the VM's call, the thread pool's fork and
-join), measured once per board type by ``bench/sizing.py --calibrate`` (a library of 1 and of
-101 trivial kernels). Without that term a recurrent net (4-5 kernels per time step, each a few
+family's plan: one per conv, dense, pool and gate product) plus the front end's; each tuned one
+costs a fixed ``compute.per_kernel_us`` however small it is (the VM's call, the thread pool's
+fork and join), and each kernel under the tuning floor (``small_kernels``: never tuned, serial)
+``untuned_per_kernel_us``, both measured once per board type by ``bench/sizing.py --calibrate``
+(a library of 1 and of 101 trivial kernels). Without that term a recurrent net (4-5 kernels per time step, each a few
 hundred MACs) was estimated 4-20x too fast. Whether the library is tuned is what
 this lab builds: a trial budget above 0 (``tuning.trials``, else the board's ``tune_trials``) on
 a board of this machine's arch (passes/tune.py never tunes on qemu timings). An untuned library
@@ -133,6 +134,7 @@ def estimate_from(project, board, c) -> dict[str, Any]:
     fe_consts, fe_macs = front_end_cost(project)
     act_elems = int(getattr(c, "activations", 0) or 0)  # 0 until a family counts them
     kernels = int(getattr(c, "kernels", 0) or 0) + front_end_kernels(project)  # 0: not counted
+    small = int(getattr(c, "small_kernels", 0) or 0)  # never tuned: serial, the untuned figure
     weight_bytes = int(c.params) * weight_bytes_per_param(project) + 4 * fe_consts
     act_bytes = act_elems * (1 if prec == "int8" else 4)
     mem = {"runtime_kb": float(board.runtime_overhead_kb), "weights_kb": WEIGHT_COPIES * weight_bytes / 1024,
@@ -156,7 +158,7 @@ def estimate_from(project, board, c) -> dict[str, Any]:
             per_core = (f.int8_macs_per_s or f.fp32_macs_per_s) if prec == "int8" else f.fp32_macs_per_s
             threads, rate = board.cores, per_core * board.cores
             fe_rate = f.fp32_macs_per_s * board.cores
-            per_kernel = f.per_kernel_us
+            per_kernel = ((kernels - small) * f.per_kernel_us + small * f.untuned_per_kernel_us) / max(kernels, 1)
             out["basis"] = f"tuned {prec} kernels: {per_core:.3g} MAC/s per core x {threads} cores"
         else:
             rate = f.untuned_macs_per_s or f.fp32_macs_per_s * UNTUNED_RATIO
@@ -166,7 +168,7 @@ def estimate_from(project, board, c) -> dict[str, Any]:
         if fe_macs:
             out["basis"] += f"; front end {fe_macs:,} float MACs"
         if per_kernel and kernels:
-            out["basis"] += f"; {kernels} kernels x {per_kernel:g} us"
+            out["basis"] += f"; {kernels} kernels x {per_kernel:.3g} us"
         out["threads"] = threads
         out["latency_ms"] = (CALL_OVERHEAD_MS + kernels * per_kernel * 1e-3 + c.macs / rate * 1e3
                              + fe_macs / fe_rate * 1e3)

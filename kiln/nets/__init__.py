@@ -40,6 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# passes/support/tvm_build.py MIN_TUNE_FLOPS (20 k FLOPs) in MACs: smaller kernels are not tuned
+SMALL_KERNEL_MACS = 10_000
+
+
 @dataclass(frozen=True)
 class Complexity:
     params: int
@@ -48,6 +52,9 @@ class Complexity:
     # kernels of the compiled library as Plan counts them (0: not counted; ``measure`` does not,
     # so they are left out of the comparison)
     kernels: int = field(default=0, compare=False)
+    # of which small: under passes/support/tvm_build.py's tuning floor (SMALL_KERNEL_MACS), never
+    # tuned, so serial loops without the thread pool's fork and join
+    small_kernels: int = field(default=0, compare=False)
 
 
 def estimate(arch, image_size: tuple[int, int], in_ch: int, classes: int) -> Complexity:
@@ -144,6 +151,12 @@ class Plan:
     # Checked against the call_tir count of the built library for every family
     # (tests/kiln/test_sizing.py)
     kernels: int = 1
+    small_kernels: int = 1  # the input's (a cast or reshape)
+
+    def kernel(self, macs: int) -> None:
+        """Count one kernel of ``macs`` multiply-accumulates (small under SMALL_KERNEL_MACS)."""
+        self.kernels += 1
+        self.small_kernels += macs < SMALL_KERNEL_MACS
     sizes: list[int] = field(default_factory=list)
     uses: list[list[int]] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)
@@ -164,19 +177,20 @@ class Plan:
         ho, wo = conv_out(h, kh, sh, ph, "height"), conv_out(w, kw, sw, pw, "width")
         self.params += cout * (c // groups) * kh * kw + (cout if bias else 0)
         self.macs += cout * ho * wo * (c // groups) * kh * kw
-        self.kernels += 1
+        self.kernel(cout * ho * wo * (c // groups) * kh * kw)
         return self.node((cout, ho, wo), x)
 
     def linear(self, x: T, out: int, bias: bool = True) -> T:
         (f,) = x.shape
         self.params += f * out + (out if bias else 0)
         self.macs += f * out
-        self.kernels += 1
+        self.kernel(f * out)
         return self.node((out,), x)
 
     def bn(self, x: T) -> T:
         self.bn_channels += x.shape[0]
-        self.kernels += len(x.shape) == 1  # a dense layer's: TVM keeps it apart
+        if len(x.shape) == 1:  # a dense layer's: TVM keeps it apart
+            self.kernel(x.numel)
         return self.node(x.shape, x)
 
     def same(self, x: T) -> T:
@@ -187,11 +201,11 @@ class Plan:
         c, h, w = x.shape
         kh, kw = _pair(kernel)
         sh, sw = _pair(stride if stride is not None else kernel)
-        self.kernels += 1
+        self.kernel(x.numel)
         return self.node((c, conv_out(h, kh, sh, 0, "height"), conv_out(w, kw, sw, 0, "width")), x)
 
     def gap(self, x: T) -> T:
-        self.kernels += 1
+        self.kernel(x.numel)
         return self.node((x.shape[0], 1, 1), x)
 
     def flatten(self, x: T) -> T:
@@ -208,7 +222,7 @@ class Plan:
 
     def mul(self, a: T, b: T) -> T:
         self.macs += a.numel
-        self.kernels += 1
+        self.kernel(a.numel)
         return self.node(a.shape, a, b)
 
     def output(self, x: T) -> None:
@@ -219,7 +233,8 @@ class Plan:
         return peak_live(self.sizes, self.uses, self.outputs)
 
     def complexity(self) -> Complexity:
-        return Complexity(params=self.params, macs=self.macs, activations=self.activations, kernels=self.kernels)
+        return Complexity(params=self.params, macs=self.macs, activations=self.activations, kernels=self.kernels,
+                          small_kernels=self.small_kernels)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -32,12 +32,12 @@ def plan(arch: RnnArchitecture, image_size: tuple[int, int], in_ch: int, classes
 
     def ih(t: T) -> T:
         g.macs += in_ch * gates * H
-        g.kernels += 1
+        g.kernel(in_ch * gates * H)
         return g.node((gates * H,), t)
 
     def hh(t: T) -> T:
         g.macs += H * gates * H
-        g.kernels += 1
+        g.kernel(H * gates * H)
         return g.node((gates * H,), t)
 
     def part(t: T) -> T:

@@ -201,9 +201,15 @@ def test_a_recurrent_net_is_estimated_by_its_kernels_and_a_front_end_adds_its_ow
                    for n in (10, 50))
     # 4 per step (ih, hh but the first step's, two gate products), the head, one for the input
     assert (short.kernels, long.kernels) == (40, 200)
+    # hidden 32: every kernel under the tuning floor (serial, never tuned): the untuned figure
+    assert long.small_kernels == long.kernels
     host = load_board("x86-host")
     est = sizing.estimate_from(project(), host, long)
-    assert est["latency_ms"] > 201 * host.compute.per_kernel_us * 1e-3  # the kernels dominate a 180 k-MAC GRU
+    rate = host.compute.fp32_macs_per_s * host.cores
+    assert est["latency_ms"] == pytest.approx(sizing.CALL_OVERHEAD_MS + 200 * host.compute.untuned_per_kernel_us * 1e-3
+                                              + long.macs / rate * 1e3)
+    wide = estimate(parse_architecture({"family": "rnn", "cell": "gru", "hidden": 128}), (1, 50), 6, 6)
+    assert 0 < wide.small_kernels < wide.kernels  # its hh GEMMs (49 k MACs) are tuned
     kws = load_project("keyword_spotting")
     assert sizing.front_end_kernels(kws) == 7  # the MFCC graph: mean, gather, 2 DFT GEMMs, mel+log, DCT, transpose
 
