@@ -199,7 +199,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, (cx, built, before, after) in rows.items():
         m = med[name] * 1e3
-        print(f"| {name} | {cx.macs:,} | {cx.kernels} / {built} | {m * 1e3:.1f} | {before * 1e3:.1f} | {m / before:.2f}x | "
+        print(f"| {name} | {cx.macs:,} | {cx.kernels} ({cx.small_kernels} small) / {built} | {m * 1e3:.1f} | {before * 1e3:.1f} | {m / before:.2f}x | "
               f"{after * 1e3:.1f} | {m / after:.2f}x |")
     return 0
 
