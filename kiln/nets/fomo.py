@@ -19,18 +19,14 @@ at its end, exactly as the twin does. Only Conv2d, BatchNorm2d (folded), ReLU an
 from __future__ import annotations
 
 from kiln.nets import Complexity, Plan
-from kiln.nets.mobilenet_v1 import BLOCKS, STEM, scaled
+from kiln.nets.mobilenet_v1 import build_trunk, plan_trunk
 from kiln.schema import FomoArchitecture
 from kiln.tasks.detection import STRIDE, grid  # noqa: F401  (the grid is 1/8 of the input, each side rounded up)
 
 
 def plan(arch: FomoArchitecture, image_size: tuple[int, int], in_ch: int, classes: int) -> Plan:
     g = Plan()
-    x = g.input((in_ch, *image_size))
-    x = g.same(g.bn(g.conv(x, scaled(STEM, arch.alpha), 3, 2)))
-    for width, s in BLOCKS[:arch.blocks]:
-        x = g.same(g.bn(g.conv(x, x.shape[0], 3, s, groups=x.shape[0])))
-        x = g.same(g.bn(g.conv(x, scaled(width, arch.alpha), 1)))
+    x = plan_trunk(g, arch.alpha, arch.blocks, image_size, in_ch)
     if arch.head_width:
         x = g.same(g.conv(x, arch.head_width, 1))
     g.output(g.flatten(g.conv(x, classes + 1, 1)))
@@ -44,15 +40,8 @@ def estimate(arch: FomoArchitecture, image_size: tuple[int, int], in_ch: int, cl
 def build(arch: FomoArchitecture, in_ch: int, classes: int, image_size: tuple[int, int]):
     import torch.nn as nn
 
-    from kiln.nets.ds_cnn import conv_bn_relu, separable
-
     plan(arch, image_size, in_ch, classes)  # a too-small input is a ManifestError, not a torch error
-    c = scaled(STEM, arch.alpha)
-    layers, size = conv_bn_relu(in_ch, c, 3, 2, tuple(image_size))
-    for width, s in BLOCKS[:arch.blocks]:
-        block, size = separable(c, scaled(width, arch.alpha), s, size)
-        layers += block
-        c = scaled(width, arch.alpha)
+    layers, c = build_trunk(arch.alpha, arch.blocks, image_size, in_ch)
     if arch.head_width:
         layers += [nn.Conv2d(c, arch.head_width, 1), nn.ReLU()]
         c = arch.head_width

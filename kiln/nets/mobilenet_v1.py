@@ -20,13 +20,31 @@ def scaled(base: int, alpha: float) -> int:
     return max(1, int(base * alpha))
 
 
+def plan_trunk(g: Plan, alpha: float, blocks: int, image_size: tuple[int, int], in_ch: int):
+    """The stem and the first ``blocks`` separable blocks in ``g`` (this family's and fomo's
+    backbone); returns the last node."""
+    x = g.input((in_ch, *image_size))
+    x = g.same(g.bn(g.conv(x, scaled(STEM, alpha), 3, 2)))
+    for width, s in BLOCKS[:blocks]:
+        x = g.same(g.bn(g.conv(x, x.shape[0], 3, s, groups=x.shape[0])))
+        x = g.same(g.bn(g.conv(x, scaled(width, alpha), 1)))
+    return x
+
+
+def build_trunk(alpha: float, blocks: int, image_size: tuple[int, int], in_ch: int) -> tuple[list, int]:
+    """The torch layers of :func:`plan_trunk`; returns (layers, their output channels)."""
+    c = scaled(STEM, alpha)
+    layers, size = conv_bn_relu(in_ch, c, 3, 2, tuple(image_size))
+    for width, s in BLOCKS[:blocks]:
+        block, size = separable(c, scaled(width, alpha), s, size)
+        layers += block
+        c = scaled(width, alpha)
+    return layers, c
+
+
 def plan(arch: MobilenetV1Architecture, image_size: tuple[int, int], in_ch: int, classes: int) -> Plan:
     g = Plan()
-    x = g.input((in_ch, *image_size))
-    x = g.same(g.bn(g.conv(x, scaled(STEM, arch.alpha), 3, 2)))
-    for width, s in BLOCKS[:arch.blocks]:
-        x = g.same(g.bn(g.conv(x, x.shape[0], 3, s, groups=x.shape[0])))
-        x = g.same(g.bn(g.conv(x, scaled(width, arch.alpha), 1)))
+    x = plan_trunk(g, arch.alpha, arch.blocks, image_size, in_ch)
     if arch.dropout:
         x = g.same(x)
     g.output(g.linear(g.flatten(g.gap(x)), classes))
@@ -41,10 +59,5 @@ def build(arch: MobilenetV1Architecture, in_ch: int, classes: int, image_size: t
     import torch.nn as nn
 
     plan(arch, image_size, in_ch, classes)  # a too-small input is a ManifestError, not a torch error
-    c = scaled(STEM, arch.alpha)
-    layers, size = conv_bn_relu(in_ch, c, 3, 2, tuple(image_size))
-    for width, s in BLOCKS[:arch.blocks]:
-        block, size = separable(c, scaled(width, arch.alpha), s, size)
-        layers += block
-        c = scaled(width, arch.alpha)
+    layers, c = build_trunk(arch.alpha, arch.blocks, image_size, in_ch)
     return nn.Sequential(*layers, *head(c, classes, arch.dropout))
