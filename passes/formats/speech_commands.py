@@ -9,7 +9,8 @@ Layout (``<root>`` is ``dataset.path``)::
 
 The classes are MLPerf Tiny's keyword-spotting setup: ``_silence_``, ``_unknown_``, then
 ``dataset.words`` (default the ten MLPerf words). Each split holds its word clips; ``_unknown_``
-clips are drawn (seeded) from that split's clips of every other word, and ``_silence_`` clips are
+clips are picked from that split's clips of every other word (those with the lowest seeded hash
+of their name: a clip added or removed moves at most one other pick), and ``_silence_`` clips are
 one-second slices of ``_background_noise_`` at a random gain (each recording's first 80 % for
 train, the next 10 % for val, the last for test: no noise heard in two splits), each as many as
 ``unknown_percentage`` / ``silence_percentage`` of the split's word clips (10 % each, as MLPerf
@@ -17,6 +18,12 @@ and TensorFlow's speech_commands ``input_data`` do). Without the two list files 
 is the data set's own hash of its speaker (``which_set``: sha1 of the name before
 ``_nohash_``), so a speaker is never in two splits. Groups for data.json are speakers (the
 silence clips: their noise file).
+
+The clips go through the data stage's decode cache (passes/support/decode_cache.py: per file by
+its bytes, decoded on every core), so a rerun decodes only the clips added or changed; the
+silence clips are cut here on every run from the noise recordings (read whole, a handful of
+files) and joined to the cached rows with keys of their own (``decode_cache.join``), so the
+training split is sharded as audio_folders' is.
 
 ``synthesize`` writes the same layout (speaker-hashed names, a noise folder, both list files)
 from audio_folders' keyword-like tones, so the stage runs without the 2.3 GB download.
@@ -35,8 +42,9 @@ import numpy as np
 from kiln.errors import ManifestError, PassError
 from kiln.artifacts import read_json
 from passes.formats import MARKER, Loaded, synthetic_or_refuse, write_tree
-from passes.formats.audio_folders import clip, fit_length, read_wav, wav_bytes
+from passes.formats.audio_folders import DECODER_VERSION, clip, fit_length, read_wav, wav_bytes
 from passes.formats.support.folders import Unreadable, resolve
+from passes.support import decode_cache
 
 log = logging.getLogger("kiln.data")
 
@@ -120,11 +128,15 @@ def _split_files(ds, root: Path) -> tuple[dict[str, list[str]], str]:
     return out, "the hash of each speaker (no list files)"
 
 
-def _noise(root: Path, sample_rate: int, skipped: list[str]) -> list[tuple[str, np.ndarray]]:
+def _noise(root: Path, sample_rate: int, skipped: list[str]) -> list[tuple[str, np.ndarray, str]]:
+    """(name, samples, sha256 of the file's bytes) of each readable noise recording. Read here on
+    every run, not through the decode cache: a handful of files of any length (the cache keeps
+    samples of one shape)."""
     out = []
     for p in sorted((root / NOISE).glob("*.wav")) if (root / NOISE).is_dir() else []:
         try:
-            out.append((p.relative_to(root).as_posix(), read_wav(p, sample_rate)))
+            out.append((p.relative_to(root).as_posix(), read_wav(p, sample_rate),
+                        hashlib.sha256(p.read_bytes()).hexdigest()))
         except Unreadable as e:
             skipped.append(f"{p}: {e}")
     return out
@@ -136,26 +148,43 @@ def _noise(root: Path, sample_rate: int, skipped: list[str]) -> list[tuple[str, 
 NOISE_REGIONS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
 
 
-def _silence(noise, split: str, n: int, length: int, rng) -> tuple[list[np.ndarray], list[str]]:
+def _silence(noise, split: str, n: int, length: int, rng) -> tuple[np.ndarray, list[str], list[str]]:
     """``n`` one-second slices of the split's region of the background noise at a random gain
-    (0..1); each named by its recording and region (its group)."""
+    (0..1); each named by its recording and region (its group); each one's key (what decides
+    it: its recording's bytes, where it starts, its gain), for the decode cache's ``join``.
+    Drawn one after another from ``rng``: one more clip leaves the others as they were."""
     lo, hi = NOISE_REGIONS[split]
-    regions = [(name, x[int(lo * len(x)):int(hi * len(x))]) for name, x in noise]
-    usable = [(name, x) for name, x in regions if len(x) >= length]
+    regions = [(name, x[int(lo * len(x)):int(hi * len(x))], sha, int(lo * len(x))) for name, x, sha in noise]
+    usable = [r for r in regions if len(r[1]) >= length]
     if n and not usable:
         raise PassError(f"data: {NOISE}/ holds no noise recording long enough to cut one-second {SILENCE} clips "
                         f"from its {split} region ({100 * (hi - lo):.0f} % of it; set dataset.silence_percentage: 0 "
                         "to go without)")
-    clips, names = [], []
-    for _ in range(n):
-        name, x = usable[int(rng.integers(len(usable)))]
+    clips, names, keys = np.empty((n, length), np.int16), [], []
+    for i in range(n):
+        name, x, sha, offset = usable[int(rng.integers(len(usable)))]
         start = int(rng.integers(0, len(x) - length + 1))
-        clips.append(np.clip(np.rint(x[start:start + length] * rng.uniform(0, 1)), -32768, 32767).astype(np.int16))
+        gain = float(rng.uniform(0, 1))
+        clips[i] = np.clip(np.rint(x[start:start + length] * gain), -32768, 32767)
         names.append(f"{name}#{split}")
-    return clips, names
+        keys.append("silence:" + hashlib.sha256(f"{sha}\0{offset + start}\0{length}\0{gain!r}".encode()).hexdigest())
+    return clips, names, keys
+
+
+def _pick_unknown(unknown: list[str], n: int, seed: int) -> list[int]:
+    """The ``n`` clips of ``unknown`` whose seeded hash of their name is lowest, in file order. A
+    clip's pick depends on its own name and on ``n`` alone, so a clip added or removed changes at
+    most one other pick (and the decode cache decodes only it); a draw from the whole list (as
+    before the decode cache) picked anew whenever the list changed."""
+    if not n:
+        return []
+    rank = [hashlib.blake2b(f"{seed}\0{f}".encode(), digest_size=8).digest() for f in unknown]
+    return sorted(sorted(range(len(unknown)), key=rank.__getitem__)[:n])
 
 
 def load(ds, root: Path) -> Loaded:
+    """The three splits of the tree; the clips through the data stage's decode cache (keyed by
+    each file's bytes, decoded on every core) when it has one open, the silence clips cut here."""
     root = Path(root)
     length = int(ds.raw_shape()[0])
     names = ds.class_names
@@ -163,38 +192,39 @@ def load(ds, root: Path) -> Loaded:
     split_files, how = _split_files(ds, root)
     skipped: list[str] = []
     noise = _noise(root, ds.sample_rate, skipped)
+    settings = {"format": "speech_commands", "sample_rate": ds.sample_rate, "length": length,
+                "decoder": DECODER_VERSION}
+
+    def read(path: Path) -> np.ndarray:
+        return fit_length(read_wav(path, ds.sample_rate), length)
+
     arrays, sources, counts = {}, {}, {}
     for split, files in split_files.items():
         rng = np.random.default_rng([ds.split.seed, ("train", "val", "test").index(split)])
         words = [f for f in files if f.split("/")[0] in index]
         unknown = [f for f in files if f.split("/")[0] not in index]
         n_unknown = min(len(unknown), math.ceil(len(words) * ds.unknown_percentage / 100))
-        picked = sorted(rng.choice(len(unknown), n_unknown, replace=False).tolist()) if n_unknown else []
+        picked = _pick_unknown(unknown, n_unknown, ds.split.seed)
         chosen = [(f, index[f.split("/")[0]]) for f in words] + [(unknown[i], index[UNKNOWN]) for i in picked]
-        xs, ys, srcs = [], [], []
-        for f, label in chosen:
-            try:
-                xs.append(fit_length(read_wav(root / f, ds.sample_rate), length))
-            except Unreadable as e:
-                skipped.append(f"{root / f}: {e}")
-                continue
-            ys.append(label)
-            srcs.append(f)
+        x, ok, errors = decode_cache.decode([root / f for f, _ in chosen], read, (length,), np.int16, settings,
+                                            catch=(Unreadable,))
+        skipped += [f"{root / chosen[i][0]}: {e}" for i, e in sorted(errors.items())]
+        ys = [label for (_, label), good in zip(chosen, ok) if good]
+        srcs = [f for (f, _), good in zip(chosen, ok) if good]
         n_silence = math.ceil(len(words) * ds.silence_percentage / 100)
-        sil, sil_src = _silence(noise, split, n_silence, length, rng)
-        xs += sil
+        sil, sil_src, sil_keys = _silence(noise, split, n_silence, length, rng)
         ys += [index[SILENCE]] * len(sil)
         srcs += sil_src
         if not ys:
             raise PassError(f"data: the {split} split of {root} holds no readable clip of {', '.join(ds.words)}")
-        arrays[split] = (np.stack(xs).astype(np.int16), np.asarray(ys, np.int64))
+        arrays[split] = (decode_cache.join([(x, None), (sil, sil_keys)]), np.asarray(ys, np.int64))
         sources[split] = srcs
         counts[split] = {"words": len(words), "unknown": len(picked), "silence": len(sil)}
     if skipped:
         log.warning("data: skipped %d file(s) under %s, first: %s", len(skipped), root, "; ".join(skipped[:5]))
     report = {"source": str(root), "samples": sum(len(a[1]) for a in arrays.values()), "split_by": how,
               "counts": counts, "skipped": len(skipped), "skipped_examples": skipped[:5],
-              "noise_files": [n for n, _ in noise]}
+              "noise_files": [n for n, _, _ in noise]}
     log.info("data: Speech Commands at %s split by %s: %s", root, how,
              ", ".join(f"{s} {c['words']} words + {c['unknown']} unknown + {c['silence']} silence" for s, c in counts.items()))
     source = {"format": "speech_commands", "num_classes": len(names), "channels": ds.channels, "classes": names,

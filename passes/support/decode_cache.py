@@ -20,7 +20,9 @@ querying sqlite (a second saved over 50,000 files; a rerun's cost is then the fi
 Outside ``active`` (a format loaded directly, as tests do), ``decode`` reads every file in
 this process into one array, as the loaders always did. Inside it the samples come back as
 ``Rows``: an array-like over the packs that reads only the rows asked for (memory-mapped, one
-chunk at a time), so the data stage's memory does not grow with the data set.
+chunk at a time), so the data stage's memory does not grow with the data set. ``join`` puts
+``Rows`` and samples a loader makes in memory (Speech Commands' silence clips) into one
+array-like (``Joined``), each row still with a key.
 
 Workers are forked processes (``multiprocessing``'s fork context): the loaders' read
 functions are closures, which fork inherits and a spawned process could not unpickle.
@@ -138,6 +140,52 @@ class Rows:
     def __array__(self, dtype=None, copy=None):
         a = self[slice(None)]
         return a if dtype is None else a.astype(dtype)
+
+
+class Joined:
+    """Parts read as one array-like, as ``Rows`` is: the cache's ``Rows`` and samples made in
+    memory (Speech Commands' silence clips, cut from noise recordings), each part with a key
+    per row (``keys``, S85 like Rows'), so that a split that mixes them is still sharded and
+    its rows reused by key. ``rows[i]`` with an integer array or a slice gives an ndarray."""
+
+    def __init__(self, parts: list, keys: np.ndarray):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.keys = keys
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.dtype = np.dtype(parts[0].dtype)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        idx = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index, np.int64)
+        if idx.ndim == 0:
+            return self[idx[None]][0]
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        part = np.searchsorted(self.starts, idx, "right") - 1
+        for p in np.unique(part):
+            at = np.flatnonzero(part == p)
+            out[at] = self.parts[p][idx[at] - self.starts[p]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[slice(None)]
+        return a if dtype is None else a.astype(dtype)
+
+
+def join(parts: Sequence[tuple[Any, Sequence[str] | None]]):
+    """``[(samples, keys)]`` as one array-like, in order: ``samples`` is what ``decode``
+    returned (its keys: None, Rows carry their own) or an ndarray made in memory with a key per
+    row (what decides its content, at most 85 bytes). Outside ``active`` (no part is Rows):
+    one concatenated ndarray, as the loaders always made."""
+    if not any(isinstance(x, Rows) for x, _ in parts):
+        return np.concatenate([np.asarray(x) for x, _ in parts])
+    keyed = [x.keys if isinstance(x, Rows) else None if k is None else np.asarray(k, "S85") for x, k in parts]
+    if any(k is None for k in keyed):
+        raise ValueError("decode_cache.join: an in-memory part without keys beside the cache's Rows")
+    return Joined([x for x, _ in parts], np.concatenate(keyed))
 
 
 class _Store:

@@ -5,6 +5,7 @@ layout and on hand-made trees."""
 from __future__ import annotations
 
 import math
+import shutil
 import re
 from pathlib import Path
 
@@ -125,3 +126,108 @@ def test_silence_needs_noise_long_enough(tmp_path):
     (root / sc.NOISE / "short.wav").write_bytes(audio_folders.wav_bytes(np.zeros(9000, "<i2"), 16000))
     with pytest.raises(PassError, match="no noise recording long enough"):
         sc.load(ds_of(root, words=["yes", "no"], split={"val": 0.3, "test": 0.3}), root)
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[str]:
+    """The clips speech_commands decodes (the noise recordings are read on every run: not counted)."""
+    seen: list[str] = []
+    real = sc.read_wav
+
+    def read_wav(path, sample_rate):
+        if sc.NOISE not in Path(path).parts:
+            seen.append(Path(path).relative_to(path.parents[1]).as_posix())
+        return real(path, sample_rate)
+
+    monkeypatch.setattr(sc, "read_wav", read_wav)
+    return seen
+
+
+def _files(loaded) -> dict[str, str]:
+    """Each clip file's split (the silence clips left out)."""
+    return {f: s for s in ("train", "val", "test") for f in loaded.sources[s] if "#" not in f}
+
+
+def _assert_same(a, b) -> None:
+    for split in ("train", "val", "test"):
+        (xa, ya), (xb, yb) = getattr(a, split), getattr(b, split)
+        assert np.array_equal(np.asarray(xa), np.asarray(xb)) and np.array_equal(ya, yb)
+        assert a.sources[split] == b.sources[split]
+
+
+def test_a_rerun_decodes_only_the_clips_added_or_changed_and_keeps_every_split(tree, tmp_path, counted):
+    """Through the decode cache: the arrays the direct load gives, each split's rows keyed (the
+    silence clips too); a rerun decodes nothing; after a clip is added, one changed and one
+    removed, only the added and the changed are decoded and every other clip keeps its split."""
+    from passes.support import decode_cache
+
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    ds = ds_of(root)
+
+    def cached() -> tuple:
+        counted.clear()
+        with decode_cache.active(tmp_path / "cache", 1) as stats:
+            loaded = sc.load(ds, root)
+        assert stats.decoded == len(counted)
+        return loaded, sorted(counted)
+
+    first, decoded = cached()
+    before = _files(first)
+    assert decoded == sorted(before)  # every clip used, once
+    x = first.train[0]
+    assert isinstance(x, decode_cache.Joined) and len(set(x.keys.tolist())) == len(x) == len(first.train[1])
+    assert sum(k.startswith(b"silence:") for k in x.keys.tolist()) == first.report["counts"]["train"]["silence"] > 0
+    _assert_same(first, sc.load(ds, root))  # the load outside the cache: the same arrays
+    with decode_cache.active(tmp_path / "cache2", 2) as two:  # forked workers: the same arrays
+        _assert_same(first, sc.load(ds, root))
+    assert two.workers == 2 and two.decoded == len(before)
+    assert cached()[1] == []
+
+    train = [f for f, s in before.items() if s == "train" and f.split("/")[0] in WORDS]
+    removed, changed = next(f for f in train if f.startswith("no/")), next(f for f in train if f.startswith("up/"))
+    added = "yes/fedcba98_nohash_0.wav"  # a speaker in neither list: train
+    (root / removed).unlink()  # one word clip out, one in: as many _unknown_ and _silence_ clips as before
+    rng = np.random.default_rng(7)
+    (root / changed).write_bytes(audio_folders.wav_bytes(rng.normal(0, 900, 8000).astype("<i2"), 16000))
+    (root / added).write_bytes(audio_folders.wav_bytes(rng.normal(0, 900, 8000).astype("<i2"), 16000))
+    again, decoded = cached()
+    assert decoded == sorted([added, changed])
+    after = _files(again)
+    assert after[added] == "train" and removed not in after
+    assert {f: s for f, s in after.items() if f != added} == {f: s for f, s in before.items() if f != removed}
+    x, _ = again.train
+    row = again.sources["train"].index(changed)
+    assert np.array_equal(x[[row]][0], audio_folders.read_wav(root / changed, 16000)[:8000])  # the new bytes
+    silence = lambda loaded: [k for k in loaded.train[0].keys.tolist() if k.startswith(b"silence:")]  # noqa: E731
+    assert silence(again) == silence(first)
+    _assert_same(again, sc.load(ds, root))
+
+
+def test_a_cached_training_split_is_sharded(tree, tmp_path, monkeypatch):
+    """The clips' rows and the silence clips joined carry keys: the training split is sharded,
+    and reads back as the direct load writes it in one file (features equal to rounding)."""
+    from passes.support import decode_cache, splits
+
+    ds = ds_of(tree)
+    fe = data.front_end_of(ds)
+    data.prepare(sc.load(ds, tree), tmp_path / "one", ds.image_size, ds.split.val, ds.split.test, ds.split.seed,
+                 front_end=fe)
+    monkeypatch.setattr(splits, "SHARD_BYTES", 24 * 10 * 4 * 8)  # about 8 rows of features a shard
+    with decode_cache.active(tmp_path / "cache", 1):
+        data.prepare(sc.load(ds, tree), tmp_path / "many", ds.image_size, ds.split.val, ds.split.test,
+                     ds.split.seed, front_end=fe)
+    (x1, y1), (xn, yn) = splits.open_split(tmp_path / "one", "train"), splits.open_split(tmp_path / "many", "train")
+    assert isinstance(xn, splits.Shards) and len(xn.parts) >= 3
+    # the features of a shard are computed in its own batches: equal to float32 rounding
+    assert np.allclose(np.asarray(x1), np.asarray(xn), rtol=0, atol=1e-5) and np.array_equal(y1, yn)
+
+
+def test_an_unknown_pick_moves_only_with_its_own_clip():
+    names = [f"cat/{i:08x}_nohash_0.wav" for i in range(200)]
+    picked = {names[i] for i in sc._pick_unknown(names, 20, 0)}
+    grown = names + ["cat/ffffffff_nohash_9.wav"]
+    assert len({grown[i] for i in sc._pick_unknown(grown, 20, 0)} - picked) <= 1
+    gone = [n for n in names if n != sorted(picked)[0]]
+    assert len({gone[i] for i in sc._pick_unknown(gone, 20, 0)} - picked) == 1
+    assert {names[i] for i in sc._pick_unknown(names, 20, 1)} != picked  # seeded
