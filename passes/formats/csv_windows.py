@@ -19,6 +19,12 @@ after the previous one is a PassError naming file and line. Steps that disagree 
 ends the segment. Files that are not CSV (a stray text file, a binary) are reported and skipped.
 Raw samples: float32 N x window x C (C = ``len(columns)``), as the board receives them.
 
+Each recording goes through the data stage's decode cache (passes/support/decode_cache.py
+``decode_each``: per file by its bytes, read on every core): its windows and what else it gave
+(their labels, its notes) are that file's entry, so a rerun parses and cuts only the recordings
+added or changed. A PassError in a file (timestamps that go back, a missing column) is raised
+as before (the files of its split read in that run are not recorded).
+
 ``synthesize`` writes a three-axis accelerometer recording of a few activities (this module's
 second half) as the same CSV files, ``train/`` and ``test/`` being different recordings.
 """
@@ -29,6 +35,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +43,7 @@ from kiln.errors import ManifestError, PassError
 from passes.formats import Loaded, synthetic_or_refuse
 from passes.formats.support.csvio import (SPLITS, locate_csv, UnreadableCsv, cached_infer, check_classes, has_splits, label_values,
                                   read_marker, read_table, scan, warn_skipped, write_csv, write_tree)
+from passes.support import decode_cache
 
 log = logging.getLogger("kiln.data")
 GAP = 1.5       # a step over GAP sample periods is a gap: reported, and it ends the segment
@@ -96,7 +104,7 @@ def infer(ds, root: Path) -> dict:
 class _Split:
     """Windows cut from one split's files, labelled by class name."""
 
-    x: list[np.ndarray] = field(default_factory=list)
+    x: Any = field(default_factory=list)  # _cut: one file's windows, a list; _read: the split's (ndarray or Rows)
     labels: list[str] = field(default_factory=list)
     files: int = 0
     unused_rows: int = 0  # rows in segments shorter than a window or of unlisted classes
@@ -190,32 +198,70 @@ def _cut_numeric(ds, x: np.ndarray, values: np.ndarray, breaks: np.ndarray, out:
         out.sources += [path] * len(w)
 
 
-def _read(ds, path: Path, label: str | None, listed: set[str] | None, skipped: list[str],
-          warnings: list[str], out: _Split) -> None:
-    """One file: its channels (float32), labels, timestamps, then its windows into ``out``."""
+HERE = "\0path\0"  # a file's path in its cached notes: the notes name it where it is now
+DECODER_VERSION = 1  # bump whenever reading or cutting changes, so the data stage's decode cache is not used
+
+
+def _recording(ds, listed: set[str] | None, path: Path, label: str | None = None) -> tuple[np.ndarray, dict]:
+    """One file: its channels (float32), labels, timestamps, then its windows -> (windows, meta):
+    each window's label, the file's notes (its path as HERE), the labels seen, the rows no
+    window used; ``unreadable`` (why) for a file that is not CSV. What the decode cache keeps
+    of a recording (passes/support/decode_cache.py ``decode_each``)."""
+    meta = {"labels": [], "notes": [], "seen": [], "unused_rows": 0, "empty": False, "unreadable": None}
+    empty = np.empty((0, ds.window, len(ds.columns)), np.float32)
     try:
         table = read_table(path)
     except UnreadableCsv as e:
-        skipped.append(str(e).removeprefix("data: "))
-        return
-    out.files += 1
+        meta["unreadable"] = str(e).removeprefix("data: ").replace(str(path), HERE)
+        return empty, meta
     if not table.rows:
-        log.warning("data: %s has a header and no rows", path)
-        return
+        meta["empty"] = True
+        return empty, meta
     if ds.timestamp is not None and ds.timestamp not in table.header:
         raise PassError(f"data: {path}:1: missing column {ds.timestamp!r} (dataset.timestamp; set it to null when "
                         f"the files have no timestamps; header: {','.join(table.header)!r})")
     x = table.numbers(list(ds.columns)).astype(np.float32)
+    out, notes = _Split(), []
     if ds._numeric:  # a regressor's: each window's target is its last row's value
-        _cut_numeric(ds, x, table.numbers([ds.label])[:, 0], _timestamps(ds, table, warnings), out, path)
-        return
-    labels = table.strings(ds.label) if label is None else [label] * len(table.rows)
-    unlisted = sorted({v for v in labels if listed is not None and v not in listed})
-    if unlisted:
-        warnings.append(f"{path}: rows of label(s) {', '.join(unlisted)} skipped (not in dataset.classes)")
-        labels = [v if v in listed else None for v in labels]
-    out.seen.update(v for v in set(labels) if v is not None)
-    _cut(ds, x, labels, _timestamps(ds, table, warnings), out, path)
+        _cut_numeric(ds, x, table.numbers([ds.label])[:, 0], _timestamps(ds, table, notes), out, path)
+    else:
+        labels = table.strings(ds.label) if label is None else [label] * len(table.rows)
+        unlisted = sorted({v for v in labels if listed is not None and v not in listed})
+        if unlisted:
+            notes.append(f"{path}: rows of label(s) {', '.join(unlisted)} skipped (not in dataset.classes)")
+            labels = [v if v in listed else None for v in labels]
+        out.seen.update(v for v in set(labels) if v is not None)
+        _cut(ds, x, labels, _timestamps(ds, table, notes), out, path)
+    meta.update(labels=out.labels, notes=[n.replace(str(path), HERE) for n in notes], seen=sorted(out.seen),
+                unused_rows=out.unused_rows)
+    return (np.concatenate(out.x) if out.x else empty), meta
+
+
+def _read(ds, files: list[tuple[Path, str | None]], listed: set[str] | None, skipped: list[str],
+          warnings: list[str], out: _Split) -> None:
+    """The windows of ``files`` [(path, its class or None: the label column's)] into ``out``,
+    through the data stage's decode cache when one is open (per file by its bytes, on every
+    core: a rerun cuts only the recordings added or changed)."""
+    settings = {"format": "csv_windows", "window": ds.window, "stride": ds.stride, "columns": list(ds.columns),
+                "timestamp": ds.timestamp, "sample_rate": ds.sample_rate, "label": ds.label,
+                "numeric": bool(ds._numeric), "listed": sorted(listed) if listed is not None else None,
+                "gap": GAP, "fast": FAST, "rate_tol": RATE_TOL, "decoder": DECODER_VERSION}
+    x, counts, metas, errors = decode_cache.decode_each(
+        [p for p, _ in files], lambda p, label=None: _recording(ds, listed, p, label), (ds.window, len(ds.columns)),
+        np.float32, settings, extras=[label for _, label in files], catch=())
+    for i, ((path, _), n, meta) in enumerate(zip(files, counts, metas)):
+        if i in errors or meta["unreadable"] is not None:  # (errors: a file gone since the scan)
+            skipped.append(errors[i] if i in errors else meta["unreadable"].replace(HERE, str(path)))
+            continue
+        out.files += 1
+        if meta["empty"]:
+            log.warning("data: %s has a header and no rows", path)
+        warnings += [note.replace(HERE, str(path)) for note in meta["notes"]]
+        out.labels += meta["labels"]
+        out.seen.update(meta["seen"])
+        out.unused_rows += meta["unused_rows"]
+        out.sources += [path] * n
+    out.x = x
 
 
 def _load_split(ds, folder: Path, listed: set[str] | None, skipped: list[str], warnings: list[str]) -> _Split:
@@ -224,24 +270,24 @@ def _load_split(ds, folder: Path, listed: set[str] | None, skipped: list[str], w
         raise PassError(f"data: {folder} is a file; with dataset.label null the data is <class>/*.csv or "
                         "<class>.csv files in a folder")
     if ds.label is not None:
-        for path in scan(folder, skipped) if folder.is_dir() else [folder]:
-            _read(ds, path, None, listed, skipped, warnings, out)
+        _read(ds, [(p, None) for p in (scan(folder, skipped) if folder.is_dir() else [folder])], listed, skipped,
+              warnings, out)
         return out
+    files = []
     for name, paths in _class_files(folder, skipped).items():
         if not paths:
             raise PassError(f"data: class folder {folder / name} holds no CSV files (an empty class)")
         if listed is not None and name not in listed:
             warnings.append(f"{folder / name}: class {name!r} skipped (not in dataset.classes)")
             continue
-        for path in paths:
-            _read(ds, path, name, listed, skipped, warnings, out)
+        files += [(p, name) for p in paths]
+    _read(ds, files, listed, skipped, warnings, out)
     return out
 
 
 def _arrays(ds, split: _Split, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     index = {n: i for i, n in enumerate(names)}
-    x = np.concatenate(split.x) if split.x else np.empty((0, ds.window, len(ds.columns)), np.float32)
-    return np.ascontiguousarray(x, np.float32), np.asarray([index[v] for v in split.labels], np.int64)
+    return split.x, np.asarray([index[v] for v in split.labels], np.int64)
 
 
 def load(ds, root: Path) -> Loaded:
@@ -286,9 +332,7 @@ def _numeric_loaded(ds, root: Path, splits: dict, skipped: list[str], warnings: 
     if not splits["train"].labels:
         raise PassError(f"data: no training window under {root} (window {ds.window}, stride {ds.stride}; segments "
                         "shorter than a window give none)")
-    empty = np.empty((0, ds.window, len(ds.columns)), np.float32)
-    arrays = {name: (np.ascontiguousarray(np.concatenate(s.x) if s.x else empty, np.float32),
-                     np.asarray(s.labels, np.float64)) for name, s in splits.items()}
+    arrays = {name: (s.x, np.asarray(s.labels, np.float64)) for name, s in splits.items()}
     n = sum(len(y) for _, y in arrays.values())
     report = {"source": str(root), "samples": n, "images": n, "skipped": len(skipped), "skipped_examples": skipped[:5],
               "files": {k: s.files for k, s in splits.items()}, "windows": {k: len(a[1]) for k, a in arrays.items()},

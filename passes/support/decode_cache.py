@@ -22,7 +22,10 @@ this process into one array, as the loaders always did. Inside it the samples co
 ``Rows``: an array-like over the packs that reads only the rows asked for (memory-mapped, one
 chunk at a time), so the data stage's memory does not grow with the data set. ``join`` puts
 ``Rows`` and samples a loader makes in memory (Speech Commands' silence clips) into one
-array-like (``Joined``), each row still with a key.
+array-like (``Joined``), each row still with a key. ``decode_each`` is ``decode`` for files
+that give any number of samples (csv_windows' recordings, cut into windows) and JSON-able notes
+with them: a pack per file in its own folder (``each-<settings hash>/``), the same keys by
+content and stat-keyed shortcut, decoded on the same forked workers.
 
 Workers are forked processes (``multiprocessing``'s fork context): the loaders' read
 functions are closures, which fork inherits and a spawned process could not unpickle.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -102,7 +106,7 @@ def active(folder: str | os.PathLike, workers: int | None = None) -> Iterator[St
     try:
         yield ctx.stats
         for settings_hash, keys in ctx.live.items():
-            _Store(ctx.folder / settings_hash).compact(keys)
+            (_EachStore if settings_hash.startswith(EACH) else _Store)(ctx.folder / settings_hash).compact(keys)
     finally:
         _ACTIVE = None
 
@@ -506,3 +510,179 @@ def _decode_here(paths, read, shape, dtype, extras, catch, reason) -> tuple[np.n
         ok[i] = True
         n += 1
     return x[:n].copy(), ok, errors  # copy: don't keep the over-allocated buffer alive
+
+
+# --- files that decode to any number of samples (a recording cut into windows) -------------------
+
+EACH = "each-"  # the prefix of decode_each's store folders (their own tables and a pack per file)
+
+
+class _EachStore:
+    """decode_each's folder: a pack per file (its samples, ``pack-<key>.npy``) and
+    ``index.sqlite``: key -> (samples, meta JSON, error), path -> (size, mtime_ns, inode, extra,
+    key) as ``_Store``'s. Few files, many samples each: no listing snapshot, no repacking."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(folder / "index.sqlite", timeout=60)
+        self.db.executescript(
+            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INT, mtime INT, ino INT, extra TEXT, "
+            "key TEXT);"
+            "CREATE TABLE IF NOT EXISTS recordings (key TEXT PRIMARY KEY, count INT, meta TEXT, error TEXT);")
+
+    def close(self) -> None:
+        self.db.close()
+
+    def compact(self, live: set[str]) -> bool:
+        """Drop the entries and packs no file of this run used."""
+        dead = {k for (k,) in self.db.execute("SELECT key FROM recordings")} - live
+        with self.db:
+            self.db.executemany("DELETE FROM recordings WHERE key = ?", [(k,) for k in dead])
+            self.db.executemany("DELETE FROM files WHERE key = ?", [(k,) for k in dead])
+        self.close()
+        for p in self.folder.glob("pack-*.npy"):  # (and any a failed run left unrecorded)
+            if p.name[5:-4] not in live:
+                p.unlink()
+        if dead:
+            log.info("data: decode cache: dropped %d unused recording(s)", len(dead))
+        return False
+
+
+# what forked workers inherit: (read, shape, dtype, catch, reason, store folder)
+_EACH_JOB: tuple | None = None
+
+
+def _work_each(chunk: list[tuple[int, str, Any]]) -> list[tuple]:
+    """Hash and decode ``chunk`` [(i, path, extra)], each file's samples into its own pack;
+    -> [(i, key, count, meta JSON, error, decoded)]; a file whose content is stored is not decoded."""
+    read, shape, dtype, catch, reason, folder = _EACH_JOB
+    out = []
+    db = sqlite3.connect(folder / "index.sqlite", timeout=60)
+    try:
+        for i, path, extra in chunk:
+            key = _key(_sha(path), extra)
+            have = db.execute("SELECT count, meta, error FROM recordings WHERE key = ?", (key,)).fetchone()
+            if have is not None:
+                out.append((i, key, *have, False))
+                continue
+            got, err = _decode_one(path, extra, read, catch, reason)
+            if err is not None:
+                out.append((i, key, 0, None, err, True))
+                continue
+            x, meta = got
+            x = np.asarray(x).astype(dtype, copy=False).reshape(-1, *shape)
+            with atomic_path(folder / f"pack-{key}.npy") as tmp, open(tmp, "wb") as f:
+                np.lib.format.write_array(f, x)
+            out.append((i, key, len(x), json.dumps(meta), None, True))
+    finally:
+        db.close()
+    return out
+
+
+def decode_each(paths: Sequence[os.PathLike | str], read: Callable, shape: tuple[int, ...], dtype,
+                settings: dict, extras: Sequence[Any] | None = None, catch: tuple = (Exception,),
+                reason: Callable[[Exception], str] = str) -> tuple[Any, list[int], list[Any], dict[int, str]]:
+    """``decode`` for files that each give any number of samples: ``read(path)`` (``read(path,
+    extra)``) -> (samples (k, *shape), meta: what else the file gave, JSON-able: labels, notes)
+    -> (x, counts, metas, errors): ``x`` every file's samples in order (an ndarray outside
+    ``active``, else ``Rows``, a row's key its file's key and its place in the file), ``counts``
+    and ``metas`` per file (0 and None for a file in ``errors``). Cached per file by content as
+    ``decode`` is; an exception ``read`` raises outside ``catch`` is raised (nothing cached)."""
+    shape = tuple(int(v) for v in shape)
+    n = len(paths)
+    extras = [None] * n if extras is None else list(extras)
+    counts, metas, errors = [0] * n, [None] * n, {}
+    if _ACTIVE is None:
+        parts = []
+        for i, (p, extra) in enumerate(zip(paths, extras)):
+            got, err = _decode_one(p, extra, read, catch, reason)
+            if err is not None:
+                errors[i] = err
+                continue
+            x, metas[i] = got
+            parts.append(np.asarray(x).astype(dtype, copy=False).reshape(-1, *shape))
+            counts[i] = len(parts[-1])
+        return np.concatenate([np.empty((0, *shape), dtype), *parts]), counts, metas, errors
+    start = time.perf_counter()
+    ctx = _ACTIVE
+    settings_hash = sha256_json({"settings": settings, "shape": list(shape), "dtype": np.dtype(dtype).str,
+                                 "version": CACHE_VERSION})[:20]
+    name = EACH + settings_hash
+    store = _EachStore(ctx.folder / name)
+    keys: list[str | None] = [None] * n
+    try:
+        listing = {r[0]: r for r in store.db.execute(
+            "SELECT f.path, f.size, f.mtime, f.ino, f.extra, f.key, r.count, r.meta, r.error "
+            "FROM files f JOIN recordings r ON r.key = f.key")}
+        todo, stats, got = [], {}, {}
+        for i, (p, extra) in enumerate(zip(paths, extras)):
+            p = os.path.abspath(os.fspath(p))
+            try:
+                st = os.stat(p)
+            except OSError:
+                _, err = _decode_one(p, extra, read, catch, reason)
+                if err is None:  # gone between the stat and the read, then back
+                    raise PassError(f"data: {p} changed while the data stage read it; run it again")
+                errors[i] = err
+                continue
+            have = listing.get(p)
+            if have is not None and have[1:4] == (st.st_size, st.st_mtime_ns, st.st_ino) and have[4] == repr(extra):
+                keys[i], got[i] = have[5], have[6:]
+                continue
+            stats[i] = (p, st, extra)
+            todo.append((i, p, extra))
+        files, new = [], []
+        if todo:
+            for i, key, count, meta, err, decoded in _run_each(todo, read, shape, dtype, catch, reason, store.folder,
+                                                              ctx.workers):
+                p, st, extra = stats[i]
+                files.append((p, st.st_size, st.st_mtime_ns, st.st_ino, repr(extra), key))
+                keys[i], got[i] = key, (count, meta, err)
+                ctx.stats.hashed += 1
+                if decoded:
+                    ctx.stats.decoded += 1
+                    new.append((key, count, meta, err))
+        with store.db:
+            store.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)", files)
+            store.db.executemany("INSERT OR REPLACE INTO recordings VALUES (?, ?, ?, ?)", new)
+        ctx.stats.cached += len(got) - len(new)
+    finally:
+        store.close()
+    ctx.live.setdefault(name, set()).update(k for k in keys if k is not None)
+    packs, pack_of, row_of, row_keys = [], [], [], []
+    for i in sorted(got):
+        count, meta, err = got[i]
+        if err is not None:
+            errors[i] = err
+            continue
+        counts[i], metas[i] = int(count), json.loads(meta)
+        if counts[i]:
+            pack_of += [len(packs)] * counts[i]
+            row_of += range(counts[i])
+            row_keys += [f"{settings_hash}:{hashlib.sha256(f'{keys[i]}:{j}'.encode()).hexdigest()}"
+                         for j in range(counts[i])]
+            packs.append(f"pack-{keys[i]}.npy")
+    ctx.stats.seconds += time.perf_counter() - start
+    rows = Rows(store.folder, packs, np.asarray(pack_of, np.int32), np.asarray(row_of, np.int64), shape, dtype,
+                np.asarray(row_keys, dtype="S85"))
+    return rows, counts, metas, errors
+
+
+def _run_each(todo, read, shape, dtype, catch, reason, folder: Path, workers: int) -> Iterator[tuple]:
+    """_work_each over ``todo`` in chunks of a few files, on ``workers`` forked processes (in
+    this one for a single worker or a single chunk)."""
+    global _EACH_JOB
+    per = max(1, min(16, -(-len(todo) // (workers * 4))))
+    chunks = [todo[i:i + per] for i in range(0, len(todo), per)]
+    _EACH_JOB = (read, shape, dtype, catch, reason, folder)
+    try:
+        if workers <= 1 or len(chunks) == 1:
+            for c in chunks:
+                yield from _work_each(c)
+            return
+        with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+            for part in pool.imap_unordered(_work_each, chunks):
+                yield from part
+    finally:
+        _EACH_JOB = None

@@ -116,6 +116,56 @@ def test_no_timestamp_column_needs_timestamp_null(tmp_path):
     assert np.bincount(y).tolist() == [2, 2]
 
 
+def test_a_rerun_cuts_only_the_recordings_added_or_changed(tmp_path, monkeypatch):
+    """Through the decode cache (per recording by its bytes): the windows, labels, sources and
+    notes of the direct load; a rerun reads no CSV; after a recording is added, one changed and
+    one removed, only the added and the changed are read, and every other window keeps its key."""
+    from passes.support import decode_cache
+
+    root = tmp_path / "rec"
+    for k in range(5):
+        recording(root / f"r{k}.csv", ["a"] * (9 + k) + ["b"] * 8 + ["zz"] * 4, start=100 * k)
+    write(root / "notes.csv", "\x00\x01 not text")  # unreadable: reported each run, from the cache
+    ds = windows_ds(root, classes=["a", "b"])  # zz: a note naming its file
+    seen: list[str] = []
+    real = csv_windows.read_table
+    monkeypatch.setattr(csv_windows, "read_table", lambda p: seen.append(Path(p).name) or real(p))
+
+    def cached():
+        seen.clear()
+        with decode_cache.active(tmp_path / "cache", 1) as stats:
+            loaded = csv_windows.load(ds, root)
+        read = sorted(seen)
+        direct = csv_windows.load(ds, root)  # outside the cache: the same windows, in order
+        assert np.array_equal(np.asarray(loaded.train[0]), direct.train[0]) and len(loaded.train[0]) > 0
+        assert np.array_equal(loaded.train[1], direct.train[1]) and loaded.sources == direct.sources
+        assert loaded.report == direct.report and loaded.report["skipped"] == 1 and loaded.report["notes"] >= 3
+        keys = dict(zip(loaded.train[0].keys.tolist(), loaded.sources["train"]))
+        assert len(keys) == len(loaded.train[0])
+        assert stats.decoded == len(read)
+        return keys, read, stats
+
+    first, read, stats = cached()
+    assert read == ["notes.csv", "r0.csv", "r1.csv", "r2.csv", "r3.csv", "r4.csv"]
+    again, read, stats = cached()
+    assert again == first and read == [] and stats.cached == 6
+    recording(root / "r5.csv", ["b"] * 12, start=500)  # added
+    recording(root / "r1.csv", ["b"] * 12, start=700)  # changed
+    (root / "r2.csv").unlink()  # removed
+    after, read, stats = cached()
+    assert read == ["r1.csv", "r5.csv"] and stats.cached == 4
+    assert {k: f for k, f in after.items() if f not in ("r1.csv", "r5.csv")} == \
+        {k: f for k, f in first.items() if f not in ("r1.csv", "r2.csv")}
+    assert {f for f in after.values()} == {"r0.csv", "r1.csv", "r3.csv", "r4.csv", "r5.csv"}
+    with decode_cache.active(tmp_path / "cache2", 2) as two:  # forked workers: the same windows
+        assert np.array_equal(np.asarray(csv_windows.load(ds, root).train[0]), csv_windows.load(ds, root).train[0])
+    assert two.workers == 2 and two.decoded == 6
+    recording(root / "r3.csv", ["a"] * 12, times=[0.0, 0.02, 0.01] + [0.1 + i / 50 for i in range(9)])
+    with pytest.raises(PassError, match=r"r3\.csv:4: column 'timestamp'.*not after"), \
+            decode_cache.active(tmp_path / "cache2", 2):  # a worker's error is the load's, naming file and line
+        csv_windows.load(ds, root)
+
+
 # --- csv_windows: bad inputs ---------------------------------------------------------------------
 
 
