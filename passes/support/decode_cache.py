@@ -572,8 +572,9 @@ def _work_each(chunk: list[tuple[int, str, Any]]) -> list[tuple]:
                 continue
             x, meta = got
             x = np.asarray(x).astype(dtype, copy=False).reshape(-1, *shape)
-            with atomic_path(folder / f"pack-{key}.npy") as tmp, open(tmp, "wb") as f:
-                np.lib.format.write_array(f, x)
+            if len(x):  # (a file that gave no sample has no pack)
+                with atomic_path(folder / f"pack-{key}.npy") as tmp, open(tmp, "wb") as f:
+                    np.lib.format.write_array(f, x)
             out.append((i, key, len(x), json.dumps(meta), None, True))
     finally:
         db.close()

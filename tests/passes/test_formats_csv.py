@@ -157,6 +157,7 @@ def test_a_rerun_cuts_only_the_recordings_added_or_changed(tmp_path, monkeypatch
     assert {k: f for k, f in after.items() if f not in ("r1.csv", "r5.csv")} == \
         {k: f for k, f in first.items() if f not in ("r1.csv", "r2.csv")}
     assert {f for f in after.values()} == {"r0.csv", "r1.csv", "r3.csv", "r4.csv", "r5.csv"}
+    assert len(list((tmp_path / "cache").glob("each-*/pack-*.npy"))) == 5  # r1's old and r2's dropped
     with decode_cache.active(tmp_path / "cache2", 2) as two:  # forked workers: the same windows
         assert np.array_equal(np.asarray(csv_windows.load(ds, root).train[0]), csv_windows.load(ds, root).train[0])
     assert two.workers == 2 and two.decoded == 6
