@@ -111,6 +111,22 @@ def _block(func):
     return sch
 
 
+def stages(sch, block: str):
+    """The blocks of a packed int8 kernel (this depthwise one, int8_intrin's packed convs): the
+    accumulation ``block``, its requantization, the input's packing and the gather behind (back
+    to NCHW, or a max pool); ops fused behind the gather (a cast) are inlined into it."""
+    conv = sch.get_sblock(block)
+    rq = sch.get_consumers(conv)[0]
+    (pack,) = [p for p in sch.get_producers(conv) if sch.get(p).name_hint == "data_packed"]
+    gather = sch.get_consumers(rq)[0]
+    for c in sch.get_consumers(gather):  # a cast fused behind: computed where the gather writes
+        try:
+            sch.reverse_compute_inline(c)
+        except Exception:  # noqa: BLE001 - left as a loop of its own
+            pass
+    return conv, rq, pack, gather
+
+
 def schedule(func, parallel_macs: int):
     """``func`` (a depthwise kernel, possibly with ops fused behind it) scheduled: output rows x
     tiles of up to PIXEL_TILE pixels outermost; in each, the tile's accumulators, the taps, the
@@ -121,15 +137,7 @@ def schedule(func, parallel_macs: int):
     sch = _block(func)
     if sch is None:
         return func
-    conv = sch.get_sblock(BLOCK)
-    rq = sch.get_consumers(conv)[0]
-    (pack,) = [p for p in sch.get_producers(conv) if sch.get(p).name_hint == "data_packed"]
-    gather = sch.get_consumers(rq)[0]
-    for c in sch.get_consumers(gather):  # a cast fused behind: computed where the gather writes
-        try:
-            sch.reverse_compute_inline(c)
-        except Exception:  # noqa: BLE001 - left as a loop of its own
-            pass
+    conv, rq, pack, gather = stages(sch, BLOCK)
     b, cb, y, x, lane, rkh, rkw = sch.get_loops(conv)
     ow = int(sch.get(x).extent)
     tile = max(t for t in range(1, min(PIXEL_TILE, ow) + 1) if ow % t == 0)

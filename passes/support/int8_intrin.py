@@ -206,15 +206,7 @@ def schedule_packed(func, target):
     if sch is None:
         return func
     register()
-    conv = sch.get_sblock(PACKED_BLOCK)
-    rq = sch.get_consumers(conv)[0]
-    (pack,) = [p for p in sch.get_producers(conv) if sch.get(p).name_hint == "data_packed"]
-    gather = sch.get_consumers(rq)[0]
-    for c in sch.get_consumers(gather):  # a cast fused behind: computed where the gather writes
-        try:
-            sch.reverse_compute_inline(c)
-        except Exception:  # noqa: BLE001 - left as a loop of its own
-            pass
+    conv, rq, pack, gather = int8_depthwise.stages(sch, PACKED_BLOCK)
     b, o, y, x, o16, rco, rkh, rkw, rc4 = sch.get_loops(conv)
     ow = int(sch.get(x).extent)
     tile = max(t for t in range(1, min(PIXEL_TILE, ow) + 1) if ow % t == 0)
